@@ -1,0 +1,1 @@
+"""Cloud-config for guest nodes: templates, rendering and the NoCloud config drive."""

@@ -1,0 +1,188 @@
+"""HTTP <-> NodeService. Handlers only translate; errors map to status codes in one place."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from hostagent import __version__
+from hostagent.errors import (
+    Conflict,
+    HostAgentError,
+    Invalid,
+    MalformedRequest,
+    NotFound,
+    OutOfCapacity,
+    Unauthorized,
+)
+from hostagent.nodes import NodeService, parse_key, parse_spec
+from hostagent.openapi import openapi_document
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    MalformedRequest: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    Conflict: 409,
+    Invalid: 422,
+    OutOfCapacity: 507,
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SERVICE = web.AppKey("service", NodeService)
+TOKEN = web.AppKey("token", str)
+HOST_INFO: web.AppKey[Callable[[], Awaitable[dict[str, Any]]]] = web.AppKey("host_info")
+HEALTHY: web.AppKey[Callable[[], Awaitable[bool]]] = web.AppKey("healthy")
+METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics")
+IMAGES: web.AppKey[Callable[[], list[str]]] = web.AppKey("images")
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except HostAgentError as exc:
+        status = STATUS.get(type(exc), 500)
+        if status == 500:
+            log.error("%s %s: %s", request.method, request.path, exc)
+        return error_response(status, exc.code, str(exc))
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        raise
+
+
+@web.middleware
+async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    path = request.path
+    if path.startswith("/v1/") and not path.startswith("/v1/phone-home/"):
+        given = _bearer(request)
+        if given is None or not hmac.compare_digest(given, request.app[TOKEN]):
+            raise Unauthorized("missing or wrong bearer token (see <state_dir>/api-token)")
+    return await handler(request)
+
+
+def _bearer(request: web.Request) -> str | None:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def _json(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(
+        text=model.model_dump_json(), status=status, content_type="application/json"
+    )
+
+
+def _key(request: web.Request) -> Any:
+    return parse_key(request.match_info["cluster"], request.match_info["node"])
+
+
+async def healthz(request: web.Request) -> web.Response:
+    ok = await request.app[HEALTHY]()
+    return web.json_response(
+        {"status": "ok" if ok else "degraded", "libvirt": ok}, status=200 if ok else 503
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS]()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def host(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[HOST_INFO]())
+
+
+async def images(request: web.Request) -> web.Response:
+    return web.json_response({"items": [{"name": n} for n in request.app[IMAGES]()]})
+
+
+async def put_node(request: web.Request) -> web.Response:
+    key = _key(request)
+    spec = parse_spec(await request.read())
+    node, created = request.app[SERVICE].put(key, spec)
+    return _json(node, 201 if created else 200)
+
+
+async def get_node(request: web.Request) -> web.Response:
+    return _json(request.app[SERVICE].get(_key(request)))
+
+
+async def node_events(request: web.Request) -> web.Response:
+    key = _key(request)
+    service = request.app[SERVICE]
+    service.get(key)
+    items = [
+        {"phase": t.phase.value, "message": t.message, "at": t.at}
+        for t in service.store.transitions(key)
+    ]
+    return web.json_response({"items": items})
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    items = [node.model_dump(mode="json") for node in request.app[SERVICE].all()]
+    return web.json_response({"items": items})
+
+
+async def delete_node(request: web.Request) -> web.Response:
+    return _json(request.app[SERVICE].delete(_key(request)), 202)
+
+
+async def phone_home(request: web.Request) -> web.Response:
+    key = _key(request)
+    node = request.app[SERVICE].phone_home(key, _bearer(request), await request.read())
+    log.info("%s phoned home", key)
+    return _json(node)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(__version__))
+
+
+def phone_home_app(service: NodeService) -> web.Application:
+    """The app served on each cluster's gateway address: phone-home and nothing else."""
+    app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
+    app[SERVICE] = service
+    app.router.add_post("/v1/phone-home/{cluster}/{node}", phone_home)
+    return app
+
+
+def api_app(
+    service: NodeService,
+    token: str,
+    *,
+    host_info: Callable[[], Awaitable[dict[str, Any]]],
+    healthy: Callable[[], Awaitable[bool]],
+    metrics_text: Callable[[], bytes],
+    image_names: Callable[[], list[str]],
+) -> web.Application:
+    app = web.Application(middlewares=[errors, auth])
+    app[SERVICE] = service
+    app[TOKEN] = token
+    app[HOST_INFO] = host_info
+    app[HEALTHY] = healthy
+    app[METRICS] = metrics_text
+    app[IMAGES] = image_names
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_get("/v1/host", host)
+    app.router.add_get("/v1/images", images)
+    app.router.add_get("/v1/nodes", list_nodes)
+    node = "/v1/clusters/{cluster}/nodes/{node}"
+    app.router.add_put(node, put_node)
+    app.router.add_get(node, get_node)
+    app.router.add_delete(node, delete_node)
+    app.router.add_get(node + "/events", node_events)
+    app.router.add_post("/v1/phone-home/{cluster}/{node}", phone_home)
+    return app

@@ -1,0 +1,209 @@
+"""`hostagent`: the daemon (`serve`), the lab image, and client verbs for the HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hostagent.client import ApiError, Client
+from hostagent.config import Config, load_config
+from hostagent.errors import HostAgentError
+
+COLUMNS = ("CLUSTER", "NODE", "ROLE", "PHASE", "AGE", "ADDRESS", "MESSAGE")
+
+
+def _age(stamp: str) -> str:
+    then = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    seconds = int((datetime.now(UTC) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def table(nodes: list[dict[str, Any]]) -> str:
+    rows = [COLUMNS] + [
+        (
+            n["cluster"],
+            n["name"],
+            n["spec"]["role"],
+            n["status"]["phase"],
+            _age(n["status"]["updated_at"]),
+            n["spec"]["network"]["address"],
+            n["status"]["message"][:60],
+        )
+        for n in nodes
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def emit(data: Any, output: str, as_table: Callable[[], str]) -> None:
+    if output == "json":
+        print(json.dumps(data, indent=2))
+    elif output == "yaml":
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    else:
+        print(as_table())
+
+
+def read_nodes(path: Path) -> list[dict[str, Any]]:
+    """Nodes from a YAML/JSON file: {cluster, name, spec}, a list of those, or {items: [...]}."""
+    text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    nodes: list[dict[str, Any]] = []
+    for doc in yaml.safe_load_all(text):
+        if doc is None:
+            continue
+        items = doc.get("items", [doc]) if isinstance(doc, dict) else doc
+        nodes.extend(items)
+    for node in nodes:
+        if not isinstance(node, dict) or {"cluster", "name", "spec"} - set(node):
+            raise SystemExit(f"{path}: every node needs cluster, name and spec")
+    return nodes
+
+
+def client_for(args: argparse.Namespace, config: Config) -> Client:
+    url = args.url or os.environ.get("HOSTAGENT_URL") or f"http://{config.api.listen}"
+    token = args.token or os.environ.get("HOSTAGENT_TOKEN")
+    if token is None:
+        try:
+            token = config.token_file.read_text().strip()
+        except OSError as exc:
+            raise SystemExit(
+                f"no API token: pass --token or make {config.token_file} readable ({exc.strerror})"
+            ) from exc
+    return Client(url, token)
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> None:
+    from hostagent.daemon import serve
+
+    asyncio.run(serve(config))
+
+
+def cmd_image_build(args: argparse.Namespace, config: Config) -> None:
+    from hostagent.labimage.build import build_lab_image
+
+    folder = build_lab_image(config.images, force=args.force)
+    print(f"image lab is ready in {folder}")
+
+
+def cmd_apply(args: argparse.Namespace, config: Config) -> None:
+    client = client_for(args, config)
+    nodes = read_nodes(Path(args.file))
+    for node in nodes:
+        result = client.put_node(node["cluster"], node["name"], node["spec"])
+        print(f"{node['cluster']}/{node['name']}: {result['status']['phase']}")
+    if args.wait:
+        client.wait(
+            [(n["cluster"], n["name"]) for n in nodes], timeout_s=args.timeout, progress=print
+        )
+        cmd_list(args, config)
+
+
+def cmd_get(args: argparse.Namespace, config: Config) -> None:
+    node = client_for(args, config).get_node(args.cluster, args.node)
+    emit(node, args.output, lambda: table([node]))
+
+
+def cmd_list(args: argparse.Namespace, config: Config) -> None:
+    nodes = client_for(args, config).nodes()
+    emit({"items": nodes}, args.output, lambda: table(nodes))
+
+
+def cmd_delete(args: argparse.Namespace, config: Config) -> None:
+    client = client_for(args, config)
+    client.delete_node(args.cluster, args.node)
+    print(f"{args.cluster}/{args.node}: Deleting")
+    if args.wait:
+        client.wait(
+            [(args.cluster, args.node)], until="Gone", timeout_s=args.timeout, progress=print
+        )
+
+
+def cmd_host(args: argparse.Namespace, config: Config) -> None:
+    info = client_for(args, config).host()
+    emit(info, args.output if args.output != "table" else "yaml", lambda: "")
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> None:
+    from hostagent.demo import run_demo
+
+    run_demo(config, client_for)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="hostagent", description=__doc__)
+    top.add_argument(
+        "-c", "--config", type=Path, help="TOML file (default /etc/hostagent/hostagent.toml)"
+    )
+    top.add_argument("--url", help="agent API URL (default from api.listen; env HOSTAGENT_URL)")
+    top.add_argument(
+        "--token", help="API token (default <state_dir>/api-token; env HOSTAGENT_TOKEN)"
+    )
+    top.add_argument("-v", "--verbose", action="store_true")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("serve", help="run the agent").set_defaults(func=cmd_serve)
+    image = sub.add_parser("image", help="base images").add_subparsers(dest="image", required=True)
+    build = image.add_parser("build", help="build an image (only 'lab')")
+    build.add_argument("name", choices=["lab"])
+    build.add_argument("--force", action="store_true", help="rebuild even when cached")
+    build.set_defaults(func=cmd_image_build)
+
+    def with_output(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+        return p
+
+    def with_wait(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--wait", action="store_true", help="show progress until done")
+        p.add_argument("--timeout", type=float, default=900.0, help="seconds --wait waits")
+        return p
+
+    apply = with_output(with_wait(sub.add_parser("apply", help="create or update nodes")))
+    apply.add_argument("-f", "--file", required=True, help="YAML or JSON file, - for stdin")
+    apply.set_defaults(func=cmd_apply)
+    get = with_output(sub.add_parser("get", help="show one node"))
+    get.add_argument("cluster")
+    get.add_argument("node")
+    get.set_defaults(func=cmd_get)
+    with_output(sub.add_parser("list", help="list nodes")).set_defaults(func=cmd_list)
+    delete = with_wait(sub.add_parser("delete", help="delete a node"))
+    delete.add_argument("cluster")
+    delete.add_argument("node")
+    delete.set_defaults(func=cmd_delete)
+    with_output(sub.add_parser("host", help="host capacity and allocation")).set_defaults(
+        func=cmd_host
+    )
+    sub.add_parser("demo", help="create a demo cluster of lab VMs").set_defaults(func=cmd_demo)
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_config(args.config)
+        args.func(args, config)
+    except HostAgentError as exc:
+        raise SystemExit(f"hostagent: {exc}") from exc
+    except ApiError as exc:
+        raise SystemExit(f"hostagent: {exc}") from exc
+    except TimeoutError as exc:
+        raise SystemExit(f"hostagent: {exc}") from exc

@@ -1,0 +1,148 @@
+"""The agent's configuration: one typed object, loaded once from TOML, passed down.
+
+Every key, its default and its meaning is documented in docs/configuration.md; the
+defaults alone give a working single-host setup.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hostagent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/hostagent/hostagent.toml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiConfig(_Section):
+    listen: str = "127.0.0.1:8470"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        return parse_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_listen(self.listen)[1]
+
+
+class PhoneHomeConfig(_Section):
+    port: Annotated[int, Field(ge=1, le=65535)] = 8472
+
+
+class LibvirtConfig(_Section):
+    uri: str = "qemu:///system"
+    domain_type: Literal["auto", "kvm", "qemu"] = "auto"
+    kvm_probe_timeout_s: Annotated[float, Field(gt=0)] = 15.0
+    shutdown_timeout_s: Annotated[float, Field(ge=0)] = 30.0
+    qemu_user: str = "libvirt-qemu"
+
+
+class CapacityConfig(_Section):
+    reserved_vcpus: Annotated[int, Field(ge=0)] = 1
+    reserved_memory_mib: Annotated[int, Field(ge=0)] = 1024
+    reserved_disk_gib: Annotated[int, Field(ge=0)] = 10
+    vcpu_ratio: Annotated[float, Field(gt=0, le=16)] = 4.0
+    qemu_overhead_base_mib: Annotated[int, Field(ge=0)] = 192
+    qemu_overhead_per_gib_mib: Annotated[int, Field(ge=0)] = 16
+
+
+class ReconcilerConfig(_Section):
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    max_attempts: Annotated[int, Field(ge=1)] = 5
+    backoff_initial_s: Annotated[float, Field(gt=0)] = 1.0
+    backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
+    resync_interval_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class CloudConfigConfig(_Section):
+    template_dir: Path | None = None
+
+
+class Config(_Section):
+    host_id: str = Field(default_factory=socket.gethostname)
+    state_dir: Path = Path("/var/lib/hostagent")
+    image_dir: Path | None = None
+    api: ApiConfig = ApiConfig()
+    phone_home: PhoneHomeConfig = PhoneHomeConfig()
+    libvirt: LibvirtConfig = LibvirtConfig()
+    capacity: CapacityConfig = CapacityConfig()
+    reconciler: ReconcilerConfig = ReconcilerConfig()
+    cloudconfig: CloudConfigConfig = CloudConfigConfig()
+
+    @property
+    def images(self) -> Path:
+        return self.image_dir or self.state_dir / "images"
+
+    @property
+    def nodes_dir(self) -> Path:
+        return self.state_dir / "nodes"
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "state.db"
+
+    @property
+    def token_file(self) -> Path:
+        return self.state_dir / "api-token"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    ipaddress.ip_address(host.strip("[]"))
+    return host.strip("[]"), int(port)
+
+
+def load_config(path: Path | None) -> Config:
+    """Load the configuration; a missing default file means all defaults.
+
+    Raises ConfigError with the dotted key path of the first bad key.
+    """
+    data: dict[str, object] = {}
+    if path is not None or DEFAULT_CONFIG_PATH.exists():
+        source = path or DEFAULT_CONFIG_PATH
+        try:
+            data = tomllib.loads(source.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration {source}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"])
+            problems.append(f"{key}: {error['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from exc
+    _check_tls(config)
+    return config
+
+
+def _check_tls(config: Config) -> None:
+    host = ipaddress.ip_address(config.api.host)
+    has_tls = config.api.tls_cert is not None and config.api.tls_key is not None
+    if not host.is_loopback and not has_tls:
+        raise ConfigError(
+            f"api.listen: {config.api.listen} is not a loopback address, which requires "
+            "api.tls_cert and api.tls_key"
+        )

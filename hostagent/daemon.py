@@ -1,0 +1,212 @@
+"""`hostagent serve`: wires the store, libvirt, network, reconciler and HTTP servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import ssl
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psutil
+from aiohttp import web
+
+from hostagent import __version__, capacity
+from hostagent.api import api_app, phone_home_app
+from hostagent.config import Config
+from hostagent.errors import HostAgentError
+from hostagent.images import ImageCatalog
+from hostagent.kvmprobe import resolve_domain_type
+from hostagent.metrics import Metrics
+from hostagent.model import NodeKey, Phase
+from hostagent.nodes import NodeService
+from hostagent.provisioner import Provisioner
+from hostagent.reconciler import Reconciler
+from hostagent.store import Store
+from hostagent.virt.libvirt import Libvirt, LibvirtUnavailable
+from network.netlink import Netlink
+from network.plan import BridgeWanted
+
+log = logging.getLogger(__name__)
+
+
+def ensure_token(path: Path) -> str:
+    """The API token: created once with mode 0600, never logged."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32) + "\n")
+    return path.read_text().strip()
+
+
+def physical_resources(state_dir: Path) -> capacity.Resources:
+    return capacity.Resources(
+        vcpus=psutil.cpu_count() or 1,
+        memory_mib=psutil.virtual_memory().total // 2**20,
+        disk_gib=psutil.disk_usage(str(state_dir)).total // 2**30,
+    )
+
+
+class PhoneHomeSites:
+    """One listener per cluster gateway address, so guests reach only phone-home."""
+
+    def __init__(self, runner: web.AppRunner, port: int) -> None:
+        self.runner = runner
+        self.port = port
+        self.sites: dict[str, web.TCPSite] = {}
+
+    async def update(self, bridges: list[BridgeWanted]) -> None:
+        wanted = {bridge.address.split("/")[0] for bridge in bridges}
+        for address in set(self.sites) - wanted:
+            await self.sites.pop(address).stop()
+        for address in wanted - set(self.sites):
+            site = web.TCPSite(self.runner, address, self.port, reuse_address=True)
+            await site.start()
+            self.sites[address] = site
+            log.info("phone-home listening on %s:%d", address, self.port)
+
+
+class Agent:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        config.state_dir.chmod(0o711)
+        self.token = ensure_token(config.token_file)
+        self.store = Store(config.database)
+        config.database.chmod(0o600)
+        self.images = ImageCatalog(config.images)
+        self.physical = physical_resources(config.state_dir)
+        self.virt = Libvirt(
+            config.libvirt.uri,
+            workers=config.reconciler.concurrency + 2,
+            on_lifecycle=self._on_lifecycle,
+            on_reconnect=self._on_reconnect,
+        )
+        self.metrics = Metrics(self._phase_counts, lambda: self.virt.reconnects)
+        self.service = NodeService(config, self.store, self.images, self.physical, self._notify)
+        self.netlink = Netlink()
+        self.domain_type = "qemu"
+        self.reconciler: Reconciler | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _phase_counts(self) -> dict[Phase, int]:
+        return dict(Counter(record.phase for record in self.store.all()))
+
+    def _notify(self, key: NodeKey) -> None:
+        if self.reconciler is not None:
+            self.reconciler.enqueue(key)
+
+    def _on_lifecycle(self, domain: str) -> None:
+        if self.reconciler is not None:
+            self.reconciler.enqueue_domain(domain)
+
+    def _on_reconnect(self) -> None:
+        if self.reconciler is not None:
+            asyncio.get_running_loop().create_task(self.reconciler.resync())
+
+    async def host_info(self) -> dict[str, Any]:
+        offer = capacity.allocatable(self.physical, self.config.capacity)
+        used = self.service.allocated()
+        return {
+            "host_id": self.config.host_id,
+            "capacity": _resources(self.physical),
+            "allocatable": _resources(offer),
+            "allocated": _resources(used),
+            "domain_type": self.domain_type,
+            "version": __version__,
+            "libvirt_uri": self.config.libvirt.uri,
+        }
+
+    async def start(self) -> None:
+        try:
+            await self.virt.connect()
+        except LibvirtUnavailable as exc:
+            log.error("%s; starting anyway and retrying in the background", exc)
+            self.virt.mark_lost()
+        if self.virt.connected.is_set():
+            self.domain_type = await resolve_domain_type(self.config, self.virt, self.images)
+        phone_runner = web.AppRunner(phone_home_app(self.service), access_log=None)
+        await phone_runner.setup()
+        self.sites = PhoneHomeSites(phone_runner, self.config.phone_home.port)
+        provisioner = Provisioner(
+            self.config, self.images, self.virt, self.netlink, self.domain_type, self.sites.update
+        )
+        self.reconciler = Reconciler(
+            self.store,
+            provisioner,
+            self.config.reconciler,
+            self.metrics,
+            self.config.host_id,
+            self.config.libvirt.shutdown_timeout_s,
+        )
+        await provisioner.ensure_networks(self.store.all())
+        await self._serve_api()
+        self._tasks = [
+            asyncio.create_task(self.virt.supervise()),
+            asyncio.create_task(self.reconciler.run()),
+        ]
+        await self.reconciler.resync()
+        log.info(
+            "hostagent %s serving on %s (host %s, domain type %s)",
+            __version__,
+            self.config.api.listen,
+            self.config.host_id,
+            self.domain_type,
+        )
+
+    async def _serve_api(self) -> None:
+        app = api_app(
+            self.service,
+            self.token,
+            host_info=self.host_info,
+            healthy=self.virt.alive,
+            metrics_text=self.metrics.render,
+            image_names=self.images.names,
+        )
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        tls = None
+        if self.config.api.tls_cert and self.config.api.tls_key:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(self.config.api.tls_cert, self.config.api.tls_key)
+        site = web.TCPSite(self.runner, self.config.api.host, self.config.api.port, ssl_context=tls)
+        await site.start()
+
+    async def stop(self) -> None:
+        """Stop serving; running VMs are left alone (they are adopted at the next start)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.runner.cleanup()
+        await self.sites.runner.cleanup()
+        await self.virt.close()
+        self.netlink.close()
+        self.store.close()
+
+
+def _resources(r: capacity.Resources) -> dict[str, float]:
+    return {"vcpus": r.vcpus, "memory_mib": r.memory_mib, "disk_gib": r.disk_gib}
+
+
+async def serve(config: Config) -> None:
+    agent = Agent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.start()
+    except HostAgentError:
+        await agent.stop()
+        raise
+    await stop.wait()
+    log.info("stopping; VMs keep running")
+    await agent.stop()

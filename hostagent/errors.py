@@ -1,0 +1,43 @@
+"""One exception hierarchy; api.py maps each class to its HTTP status in one place."""
+
+
+class HostAgentError(Exception):
+    """Base of every error the agent reports to a caller."""
+
+    code = "internal"
+
+
+class MalformedRequest(HostAgentError):
+    code = "malformed"
+
+
+class Unauthorized(HostAgentError):
+    code = "unauthorized"
+
+
+class NotFound(HostAgentError):
+    code = "not_found"
+
+
+class Conflict(HostAgentError):
+    code = "conflict"
+
+
+class Invalid(HostAgentError):
+    code = "invalid"
+
+
+class OutOfCapacity(HostAgentError):
+    code = "out_of_capacity"
+
+
+class ConfigError(HostAgentError):
+    """The agent's own configuration is wrong; the message names the key."""
+
+    code = "config"
+
+
+class ProvisioningError(HostAgentError):
+    """A step of making a node failed; the message says what and what to do."""
+
+    code = "provisioning"

@@ -1,0 +1,80 @@
+"""domain_type = "auto": prove KVM works by booting a kernel under it (see virt/probe.py).
+
+The answer is cached per boot of the host (keyed by /proc/sys/kernel/random/boot_id),
+since whether KVM works does not change while the host runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+
+from hostagent.config import Config
+from hostagent.images import ImageCatalog
+from hostagent.virt.libvirt import Libvirt
+from hostagent.virt.probe import MARKER, probe_xml
+
+log = logging.getLogger(__name__)
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def _probe_kernel(images: ImageCatalog) -> Path | None:
+    image = images.get("lab")
+    if image is not None:
+        return image.kernel
+    candidates = sorted(Path("/boot").glob("vmlinuz-*"))
+    return candidates[-1] if candidates else None
+
+
+async def resolve_domain_type(config: Config, virt: Libvirt, images: ImageCatalog) -> str:
+    wanted = config.libvirt.domain_type
+    if wanted != "auto":
+        return wanted
+    if not Path("/dev/kvm").exists():
+        log.info("domain type: qemu (no /dev/kvm)")
+        return "qemu"
+    cache = config.state_dir / "kvm-probe.json"
+    boot_id = BOOT_ID.read_text().strip()
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("boot_id") == boot_id:
+            return str(cached["domain_type"])
+    except (OSError, ValueError):
+        pass
+    kernel = _probe_kernel(images)
+    if kernel is None:
+        log.warning("domain type: qemu (no kernel to prove KVM with; build the lab image)")
+        return "qemu"
+    result = "kvm" if await _kvm_boots(config, virt, kernel) else "qemu"
+    cache.write_text(json.dumps({"boot_id": boot_id, "domain_type": result}))
+    return result
+
+
+async def _kvm_boots(config: Config, virt: Libvirt, kernel: Path) -> bool:
+    folder = config.state_dir / "probe"
+    folder.mkdir(mode=0o711, exist_ok=True)
+    console = folder / "console.log"
+    console.unlink(missing_ok=True)
+    name = await virt.run_transient(
+        probe_xml(f"hostagent-kvm-probe-{os.getpid()}", kernel, console)
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + config.libvirt.kvm_probe_timeout_s
+    stopped = False
+    while loop.time() < deadline and not stopped:
+        stopped = not await virt.is_active(name)
+        if not stopped:
+            await asyncio.sleep(0.5)
+    if not stopped:
+        await virt.destroy(name)
+    booted = stopped and console.exists() and MARKER in console.read_text(errors="replace")
+    log.info(
+        "domain type: %s (a kernel under KVM %s within %.0fs)",
+        "kvm" if booted else "qemu",
+        "booted" if booted else "did not finish booting",
+        config.libvirt.kvm_probe_timeout_s,
+    )
+    return booted

@@ -1,0 +1,188 @@
+"""The agent's vocabulary: NodeSpec, Node, phases. Validation of user input lives here, once."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import ipaddress
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+KUBERNETES_VERSION = re.compile(r"^1\.\d{1,3}\.\d{1,3}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Return value when it is a DNS-1123 label, else raise ValueError naming the kind."""
+    if not DNS1123_LABEL.fullmatch(value):
+        raise ValueError(
+            f"{kind} {value[:80]!r} is not a DNS-1123 label: lowercase a-z, 0-9 and '-', "
+            "at most 63 characters, starting and ending with a letter or digit"
+        )
+    return value
+
+
+class Phase(enum.StrEnum):
+    PENDING = "Pending"
+    PROVISIONING = "Provisioning"
+    RUNNING = "Running"
+    READY = "Ready"
+    DELETING = "Deleting"
+    FAILED = "Failed"
+
+
+class Role(enum.StrEnum):
+    MASTER = "master"
+    WORKER = "worker"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkSpec(_Strict):
+    vni: Annotated[int, Field(ge=1, le=16_777_215)]
+    address: str = Field(description="The node's address with prefix length, e.g. 10.42.0.11/24")
+    gateway: str = Field(description="The cluster network's gateway on this host")
+    mtu: Annotated[int, Field(ge=576, le=9000)] = 1450
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        iface = ipaddress.ip_interface(value)
+        if iface.version != 4 or "/" not in value:
+            raise ValueError(
+                "address must be an IPv4 address with prefix length, e.g. 10.42.0.11/24"
+            )
+        if iface.ip in (iface.network.network_address, iface.network.broadcast_address):
+            raise ValueError(f"address {value} is the network or broadcast address of its subnet")
+        return value
+
+    @field_validator("gateway")
+    @classmethod
+    def _gateway(cls, value: str) -> str:
+        if ipaddress.ip_address(value).version != 4:
+            raise ValueError("gateway must be an IPv4 address")
+        return value
+
+    @model_validator(mode="after")
+    def _gateway_in_subnet(self) -> NetworkSpec:
+        iface = self.interface
+        gateway = ipaddress.ip_address(self.gateway)
+        if gateway not in iface.network:
+            raise ValueError(f"gateway {self.gateway} is not inside {iface.network}")
+        if gateway == iface.ip:
+            raise ValueError("gateway and address must differ")
+        return self
+
+    @property
+    def interface(self) -> ipaddress.IPv4Interface:
+        return ipaddress.IPv4Interface(self.address)
+
+    @property
+    def gateway_interface(self) -> ipaddress.IPv4Interface:
+        """The gateway with the subnet's prefix: the address the host puts on the cluster bridge."""
+        return ipaddress.IPv4Interface(f"{self.gateway}/{self.interface.network.prefixlen}")
+
+
+class NodeSpec(_Strict):
+    role: Role
+    vcpus: Annotated[int, Field(ge=1, le=256)]
+    memory_mib: Annotated[int, Field(ge=64, le=4 * 1024 * 1024)]
+    disk_gib: Annotated[int, Field(ge=1, le=65_536)]
+    image: str
+    kubernetes_version: str
+    network: NetworkSpec
+    ssh_authorized_keys: list[Annotated[str, Field(max_length=16_384)]] = Field(
+        default_factory=list, max_length=64
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        return check_name("image", value)
+
+    @field_validator("kubernetes_version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        if not KUBERNETES_VERSION.fullmatch(value):
+            raise ValueError(f"kubernetes_version {value[:40]!r} must look like 1.31.2")
+        return value
+
+    @field_validator("ssh_authorized_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        for key in value:
+            if "\n" in key or "\r" in key:
+                raise ValueError("an SSH key must be a single line")
+        return value
+
+    def spec_hash(self) -> str:
+        """A stable hash of the spec: recorded in the domain's metadata to notice changes."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class NodeKey(_Strict):
+    cluster: str
+    name: str
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, value: str) -> str:
+        return check_name("cluster", value)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name("node", value)
+
+    @property
+    def domain(self) -> str:
+        """The libvirt domain name, fixed by the API contract."""
+        return f"{self.cluster}-{self.name}"
+
+    def __str__(self) -> str:
+        return f"{self.cluster}/{self.name}"
+
+
+class NodeStatus(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    phase: Phase
+    message: str = ""
+    domain: str
+    updated_at: str
+    guest: dict[str, Any] | None = Field(
+        default=None, description="What the guest reported when it phoned home"
+    )
+
+
+class Node(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cluster: str
+    name: str
+    spec: NodeSpec
+    status: NodeStatus
+
+
+class NodeList(BaseModel):
+    items: list[Node]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    libvirt: bool

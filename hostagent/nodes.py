@@ -1,0 +1,188 @@
+"""The agent's operations on nodes, between the HTTP layer and the store.
+
+Each write validates everything first and then persists in one transaction; a rejected
+request changes nothing. The reconciler is told after the change is committed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from hostagent import capacity
+from hostagent.config import Config
+from hostagent.errors import Conflict, Invalid, MalformedRequest, NotFound, Unauthorized
+from hostagent.images import ImageCatalog
+from hostagent.model import Node, NodeKey, NodeSpec, NodeStatus, Phase
+from hostagent.store import NodeRecord, Store
+
+
+def parse_key(cluster: str, name: str) -> NodeKey:
+    try:
+        return NodeKey(cluster=cluster, name=name)
+    except ValidationError as exc:
+        raise Invalid(_errors(exc)) from exc
+
+
+def parse_spec(body: bytes) -> NodeSpec:
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise MalformedRequest(f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MalformedRequest("the body must be a JSON object (a NodeSpec)")
+    try:
+        return NodeSpec.model_validate(data)
+    except ValidationError as exc:
+        raise Invalid(_errors(exc)) from exc
+
+
+def _errors(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+def to_node(record: NodeRecord) -> Node:
+    return Node(
+        cluster=record.key.cluster,
+        name=record.key.name,
+        spec=record.spec,
+        status=NodeStatus(
+            phase=record.phase,
+            message=record.message,
+            domain=record.key.domain,
+            updated_at=record.updated_at,
+            guest=record.guest,
+        ),
+    )
+
+
+class NodeService:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        images: ImageCatalog,
+        physical: capacity.Resources,
+        notify: Callable[[NodeKey], None],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.images = images
+        self.physical = physical
+        self.notify = notify
+
+    def get(self, key: NodeKey) -> Node:
+        return to_node(self._existing(key))
+
+    def all(self) -> list[Node]:
+        return [to_node(record) for record in self.store.all()]
+
+    def put(self, key: NodeKey, spec: NodeSpec) -> tuple[Node, bool]:
+        current = self.store.get(key)
+        others = [r for r in self.store.all() if r.key != key]
+        self._check(key, spec, current, others)
+        if current is None:
+            record = self.store.create(key, spec, secrets.token_hex(16))
+            self.notify(key)
+            return to_node(record), True
+        if current.spec != spec:
+            self.store.update_spec(key, spec)
+            self.notify(key)
+        elif current.phase is Phase.FAILED:
+            self.store.set_phase(key, Phase.PENDING, "retry requested")
+            self.notify(key)
+        return to_node(self._existing(key)), False
+
+    def delete(self, key: NodeKey) -> Node:
+        record = self._existing(key)
+        if not record.deleting or record.phase is Phase.FAILED:
+            self.store.mark_deleting(key)
+        self.notify(key)
+        return to_node(self._existing(key))
+
+    def phone_home(self, key: NodeKey, token: str | None, body: bytes) -> Node:
+        record = self.store.get(key)
+        if record is None or token is None or not hmac.compare_digest(token, record.token):
+            raise Unauthorized("wrong or missing node token")
+        if record.deleting:
+            raise Conflict(f"node {key} is being deleted")
+        try:
+            report: Any = json.loads(body or b"{}")
+        except ValueError as exc:
+            raise MalformedRequest(f"the phone-home body is not valid JSON: {exc}") from exc
+        if not isinstance(report, dict):
+            raise MalformedRequest("the phone-home body must be a JSON object")
+        self.store.set_ready(key, report)
+        return to_node(self._existing(key))
+
+    def allocated(self) -> capacity.Resources:
+        return capacity.allocated((r.spec for r in self.store.all()), self.config.capacity)
+
+    def _existing(self, key: NodeKey) -> NodeRecord:
+        record = self.store.get(key)
+        if record is None:
+            raise NotFound(f"node {key} does not exist on this host")
+        return record
+
+    def _check(
+        self, key: NodeKey, spec: NodeSpec, current: NodeRecord | None, others: list[NodeRecord]
+    ) -> None:
+        if current is not None:
+            _check_update(key, spec, current)
+        if self.images.get(spec.image) is None:
+            known = ", ".join(self.images.names()) or "none"
+            raise Invalid(f"image {spec.image!r} is not on this host (known: {known})")
+        _check_network(key, spec, others)
+        capacity.check_fits(spec, (r.spec for r in others), self.physical, self.config.capacity)
+
+
+def _check_update(key: NodeKey, spec: NodeSpec, current: NodeRecord) -> None:
+    if current.deleting:
+        raise Conflict(f"node {key} is being deleted; wait until it is gone, then PUT it again")
+    if current.spec.role != spec.role:
+        raise Conflict(
+            f"node {key} exists with role {current.spec.role.value}; a node cannot change "
+            "its role: delete it and create it again"
+        )
+    if spec.disk_gib < current.spec.disk_gib:
+        raise Invalid(
+            f"disk_gib cannot shrink (from {current.spec.disk_gib} to {spec.disk_gib}): "
+            "disks only grow"
+        )
+
+
+def _check_network(key: NodeKey, spec: NodeSpec, others: list[NodeRecord]) -> None:
+    net = spec.network
+    for other in others:
+        theirs = other.spec.network
+        same_cluster = other.key.cluster == key.cluster
+        if same_cluster and (theirs.vni, theirs.gateway_interface, theirs.mtu) != (
+            net.vni,
+            net.gateway_interface,
+            net.mtu,
+        ):
+            raise Conflict(
+                f"cluster {key.cluster} already uses vni {theirs.vni}, gateway "
+                f"{theirs.gateway_interface} and mtu {theirs.mtu} on this host (node "
+                f"{other.key.name}); every node of a cluster shares its network"
+            )
+        if not same_cluster and theirs.vni == net.vni:
+            raise Conflict(f"vni {net.vni} belongs to cluster {other.key.cluster} on this host")
+        if not same_cluster and net.interface.network.overlaps(theirs.interface.network):
+            raise Conflict(
+                f"{net.interface.network} overlaps {theirs.interface.network} of cluster "
+                f"{other.key.cluster} on this host"
+            )
+        if ipaddress.ip_interface(net.address).ip == theirs.interface.ip:
+            raise Conflict(f"address {net.address} is already used by node {other.key}")

@@ -1,0 +1,133 @@
+"""The API as an OpenAPI 3 document, schemas generated from the pydantic models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from hostagent.model import ErrorResponse, Health, Node, NodeList, NodeSpec
+
+REF = "#/components/schemas/{model}"
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": REF.format(model=name)}
+
+
+def _response(description: str, schema: str | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description}
+    if schema:
+        response["content"] = {"application/json": {"schema": _ref(schema)}}
+    return response
+
+
+ERRORS = {
+    str(code): _response(text, "ErrorResponse")
+    for code, text in (
+        (400, "malformed request"),
+        (401, "no or wrong token"),
+        (404, "no such node"),
+        (409, "conflicts with existing state"),
+        (422, "well-formed but invalid"),
+        (507, "host out of capacity"),
+    )
+}
+NAME_PARAMS = [
+    {"name": n, "in": "path", "required": True, "schema": {"type": "string", "maxLength": 63}}
+    for n in ("cluster", "node")
+]
+
+
+def _paths() -> dict[str, Any]:
+    node_path = {
+        "parameters": NAME_PARAMS,
+        "put": {
+            "summary": "Create or update the desired node",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("NodeSpec")}},
+            },
+            "responses": {
+                "200": _response("existed", "Node"),
+                "201": _response("created", "Node"),
+                **ERRORS,
+            },
+        },
+        "get": {
+            "summary": "The node",
+            "responses": {"200": _response("the node", "Node"), **ERRORS},
+        },
+        "delete": {
+            "summary": "Delete the node: Deleting, then gone",
+            "responses": {"202": _response("deleting", "Node"), **ERRORS},
+        },
+    }
+    plain = {
+        "200": {
+            "description": "ok",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    }
+    return {
+        "/healthz": {
+            "get": {
+                "summary": "Liveness",
+                "security": [],
+                "responses": {
+                    "200": _response("ok", "Health"),
+                    "503": _response("libvirt unreachable", "Health"),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "security": [],
+                "responses": {"200": {"description": "text format"}},
+            }
+        },
+        "/v1/host": {
+            "get": {"summary": "Host capacity and allocation", "responses": {**plain, **ERRORS}}
+        },
+        "/v1/images": {"get": {"summary": "Bootable images", "responses": {**plain, **ERRORS}}},
+        "/v1/nodes": {
+            "get": {
+                "summary": "All nodes",
+                "responses": {"200": _response("nodes", "NodeList"), **ERRORS},
+            }
+        },
+        "/v1/clusters/{cluster}/nodes/{node}": node_path,
+        "/v1/clusters/{cluster}/nodes/{node}/events": {
+            "parameters": NAME_PARAMS,
+            "get": {"summary": "Phase transitions of the node", "responses": {**plain, **ERRORS}},
+        },
+        "/v1/phone-home/{cluster}/{node}": {
+            "parameters": NAME_PARAMS,
+            "post": {
+                "summary": "Called by the guest when booted; bearer is the node token",
+                "security": [{"nodeToken": []}],
+                "responses": {"200": _response("ready", "Node"), **ERRORS},
+            },
+        },
+    }
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    _, schemas = models_json_schema(
+        [(m, "serialization") for m in (NodeSpec, Node, NodeList, ErrorResponse, Health)],
+        ref_template=REF,
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "hostagent", "version": version},
+        "components": {
+            "schemas": schemas["$defs"],
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "nodeToken": {"type": "http", "scheme": "bearer"},
+            },
+        },
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+    }

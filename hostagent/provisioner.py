@@ -1,0 +1,183 @@
+"""Side effects of making and removing one node: files, disks, config drive, network, domain.
+
+Each method is idempotent: running it again after a crash or a restart does the same
+thing or nothing. The reconciler decides which to call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pwd
+import shutil
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+from cloudconfig.configdrive import build_config_drive, config_drive_files
+from cloudconfig.context import NodeContext
+from hostagent.config import Config
+from hostagent.errors import ProvisioningError
+from hostagent.images import Image, ImageCatalog
+from hostagent.model import NodeKey, NodeSpec
+from hostagent.store import NodeRecord
+from hostagent.virt import disk
+from hostagent.virt.domain import DomainMeta, DomainParams, domain_xml
+from hostagent.virt.libvirt import Libvirt
+from network import names
+from network.netlink import Netlink
+from network.plan import BridgeWanted, NetworkError
+from pki import layout
+
+log = logging.getLogger(__name__)
+
+
+class NodeFiles:
+    """Where a node's files live on the host."""
+
+    def __init__(self, nodes_dir: Path, key: NodeKey) -> None:
+        self.root = nodes_dir / key.cluster / key.name
+        self.disk = self.root / "disk.qcow2"
+        self.config_drive = self.root / "cidata.iso"
+        self.pki = layout.host_dir(self.root)
+        self.console_log = self.root / "console.log"
+
+
+def wanted_bridges(records: Iterable[NodeRecord]) -> list[BridgeWanted]:
+    """One bridge per cluster network that still has a node on this host."""
+    wanted: dict[int, BridgeWanted] = {}
+    for record in records:
+        net = record.spec.network
+        wanted.setdefault(
+            net.vni,
+            BridgeWanted(
+                name=names.bridge_name(net.vni),
+                cluster=record.key.cluster,
+                vni=net.vni,
+                address=str(net.gateway_interface),
+                mtu=net.mtu,
+            ),
+        )
+    return sorted(wanted.values(), key=lambda bridge: bridge.vni)
+
+
+def phone_home_url(key: NodeKey, spec: NodeSpec, port: int) -> str:
+    return f"http://{spec.network.gateway}:{port}/v1/phone-home/{key.cluster}/{key.name}"
+
+
+class Provisioner:
+    def __init__(
+        self,
+        config: Config,
+        images: ImageCatalog,
+        virt: Libvirt,
+        netlink: Netlink,
+        domain_type: str,
+        on_networks: Callable[[list[BridgeWanted]], Awaitable[None]],
+    ) -> None:
+        self.config = config
+        self.images = images
+        self.virt = virt
+        self.netlink = netlink
+        self.domain_type = domain_type
+        self.on_networks = on_networks
+        self._network_lock = asyncio.Lock()
+
+    def files(self, key: NodeKey) -> NodeFiles:
+        return NodeFiles(self.config.nodes_dir, key)
+
+    def image(self, spec: NodeSpec) -> Image:
+        image = self.images.get(spec.image)
+        if image is None:
+            raise ProvisioningError(
+                f"image {spec.image!r} is not on this host (known: {self.images.names()}); "
+                "build or copy it into the image directory, then PUT the node again"
+            )
+        return image
+
+    async def ensure_networks(self, records: Iterable[NodeRecord]) -> None:
+        wanted = wanted_bridges(records)
+        async with self._network_lock:
+            try:
+                actions = await asyncio.to_thread(self.netlink.reconcile, wanted)
+            except NetworkError as exc:
+                raise ProvisioningError(f"cluster network: {exc}") from exc
+            for action in actions:
+                log.info("network: %s", action)
+            await self.on_networks(wanted)
+
+    async def prepare_files(self, record: NodeRecord) -> None:
+        files = self.files(record.key)
+        image = self.image(record.spec)
+        await asyncio.to_thread(self._make_dirs, files)
+        context = self.context(record)
+        contents = config_drive_files(context, self.config.cloudconfig.template_dir)
+        await asyncio.to_thread(build_config_drive, files.config_drive, contents)
+        await disk.ensure_overlay(files.disk, image.disk, record.spec.disk_gib)
+
+    def _make_dirs(self, files: NodeFiles) -> None:
+        # QEMU runs as its own user: it must traverse to the node's files and read the
+        # certificate share, which nobody else may read.
+        for directory in (
+            self.config.state_dir,
+            self.config.nodes_dir,
+            files.root.parent,
+            files.root,
+        ):
+            directory.mkdir(parents=True, exist_ok=True)
+            directory.chmod(0o711)
+        files.pki.mkdir(exist_ok=True)
+        qemu = pwd.getpwnam(self.config.libvirt.qemu_user)
+        os.chown(files.pki, qemu.pw_uid, qemu.pw_gid)
+        files.pki.chmod(0o700)
+
+    def context(self, record: NodeRecord) -> NodeContext:
+        spec, key = record.spec, record.key
+        return NodeContext(
+            cluster=key.cluster,
+            node=key.name,
+            role=spec.role.value,
+            hostname=key.name,
+            instance_id=f"{key.domain}-{spec.spec_hash()}",
+            mac=names.mac_address(key.cluster, key.name),
+            address=spec.network.address,
+            gateway=spec.network.gateway,
+            mtu=spec.network.mtu,
+            kubernetes_version=spec.kubernetes_version,
+            ssh_authorized_keys=tuple(spec.ssh_authorized_keys),
+            phone_home_url=phone_home_url(key, spec, self.config.phone_home.port),
+            phone_home_token=record.token,
+        )
+
+    def domain_params(self, record: NodeRecord) -> DomainParams:
+        spec, key, files = record.spec, record.key, self.files(record.key)
+        image = self.image(spec)
+        return DomainParams(
+            name=key.domain,
+            domain_type=self.domain_type,
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=image.cmdline,
+            disk=files.disk,
+            config_drive=files.config_drive,
+            pki_dir=files.pki,
+            pki_tag=layout.MOUNT_TAG,
+            console_log=files.console_log,
+            bridge=names.bridge_name(spec.network.vni),
+            tap=names.tap_name(key.cluster, key.name),
+            mac=names.mac_address(key.cluster, key.name),
+            mtu=spec.network.mtu,
+            meta=DomainMeta(key.cluster, key.name, self.config.host_id, spec.spec_hash()),
+        )
+
+    async def define(self, record: NodeRecord) -> None:
+        await self.virt.define(domain_xml(self.domain_params(record)))
+
+    async def remove_files(self, key: NodeKey) -> None:
+        files = self.files(key)
+        await asyncio.to_thread(shutil.rmtree, files.root, ignore_errors=True)
+        cluster_dir = files.root.parent
+        if cluster_dir.is_dir() and not any(cluster_dir.iterdir()):
+            cluster_dir.rmdir()

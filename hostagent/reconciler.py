@@ -1,0 +1,251 @@
+"""The loop that makes libvirt match the desired state, and back.
+
+plan_node() is pure: desired record + observed domain -> steps. The Reconciler owns the
+queue, bounded concurrency, retries with backoff and phases; the Provisioner does the
+side effects. A node is reconciled by at most one worker at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+
+from hostagent.config import ReconcilerConfig
+from hostagent.errors import ProvisioningError
+from hostagent.metrics import Metrics
+from hostagent.model import NodeKey, Phase, check_name
+from hostagent.provisioner import Provisioner
+from hostagent.store import NodeRecord, Store
+from hostagent.virt.libvirt import DomainInfo, LibvirtUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Step(enum.Enum):
+    SHUTDOWN = "shut down the domain"
+    DESTROY = "destroy the domain"
+    UNDEFINE = "undefine the domain"
+    REMOVE_FILES = "remove the node's files"
+    FORGET = "forget the node"
+    NETWORK = "set up the cluster network"
+    PREPARE = "prepare disk, config drive and certificate directory"
+    DEFINE = "define the domain"
+    START = "start the domain"
+    MARK_RUNNING = "record that the domain runs"
+
+
+CREATE = [Step.NETWORK, Step.PREPARE, Step.DEFINE, Step.START]
+
+
+def plan_node(record: NodeRecord | None, domain: DomainInfo | None) -> list[Step]:
+    """What to do for one node; [] when the world already matches."""
+    if record is None:
+        if domain is None:
+            return []
+        stop = [Step.DESTROY] if domain.running else []
+        return [*stop, Step.UNDEFINE, Step.REMOVE_FILES, Step.NETWORK]
+    if record.deleting:
+        stop = [Step.SHUTDOWN] if domain and domain.running else []
+        undefine = [Step.UNDEFINE] if domain else []
+        return [*stop, *undefine, Step.REMOVE_FILES, Step.FORGET, Step.NETWORK]
+    if domain is None:
+        return CREATE
+    if domain.meta.spec_hash != record.spec.spec_hash():
+        stop = [Step.SHUTDOWN] if domain.running else []
+        return [*stop, Step.UNDEFINE, *CREATE]
+    if not domain.running:
+        return [Step.NETWORK, Step.START]
+    if record.domain_id != domain.domain_id or record.phase not in (Phase.RUNNING, Phase.READY):
+        return [Step.MARK_RUNNING]
+    return []
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: Store,
+        provisioner: Provisioner,
+        config: ReconcilerConfig,
+        metrics: Metrics,
+        host_id: str,
+        shutdown_timeout_s: float,
+    ) -> None:
+        self.store = store
+        self.provisioner = provisioner
+        self.config = config
+        self.metrics = metrics
+        self.host_id = host_id
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self._queue: asyncio.Queue[NodeKey] = asyncio.Queue()
+        self._queued: set[NodeKey] = set()
+        self._active: set[NodeKey] = set()
+        self._again: set[NodeKey] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enqueue(self, key: NodeKey) -> None:
+        if key in self._active:
+            self._again.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._idle.clear()
+            self._queue.put_nowait(key)
+
+    def enqueue_domain(self, domain_name: str) -> None:
+        """A libvirt event for a domain; only ours matter, resync finds those by metadata."""
+        for record in self.store.all():
+            if record.key.domain == domain_name:
+                self.enqueue(record.key)
+                return
+        self.enqueue_orphans_later()
+
+    def enqueue_orphans_later(self) -> None:
+        asyncio.get_running_loop().create_task(self.resync())
+
+    async def resync(self) -> None:
+        """Queue every desired node and every domain of ours that has no desired node."""
+        records = self.store.all()
+        for record in records:
+            self.enqueue(record.key)
+        try:
+            domains = await self.provisioner.virt.owned_domains(self.host_id)
+        except LibvirtUnavailable as exc:
+            log.warning("resync: %s", exc)
+            return
+        desired = {record.key.domain for record in records}
+        for domain in domains:
+            if domain.name not in desired:
+                self.enqueue(_key_of(domain))
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        workers = [
+            asyncio.create_task(self._worker(), name=f"reconcile-{n}")
+            for n in range(self.config.concurrency)
+        ]
+        try:
+            while True:
+                await asyncio.sleep(self.config.resync_interval_s)
+                await self.resync()
+        finally:
+            for worker in workers:
+                worker.cancel()
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key)
+            self._active.add(key)
+            try:
+                await self._reconcile_with_retries(key)
+            except Exception:
+                log.exception("reconcile of %s crashed", key)
+            finally:
+                self._active.discard(key)
+                if key in self._again:
+                    self._again.discard(key)
+                    self.enqueue(key)
+                elif not self._queued and not self._active:
+                    self._idle.set()
+
+    async def _reconcile_with_retries(self, key: NodeKey) -> None:
+        delay = self.config.backoff_initial_s
+        attempt = 1
+        while True:
+            started = time.monotonic()
+            try:
+                await self.reconcile(key)
+                self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+                return
+            except LibvirtUnavailable as exc:
+                self.metrics.reconcile_errors.inc()
+                self._note(key, Phase.PENDING, f"waiting for libvirt: {exc}")
+                await self.provisioner.virt.connected.wait()
+                continue
+            except ProvisioningError as exc:
+                self.metrics.reconcile_errors.inc()
+                if attempt >= self.config.max_attempts:
+                    self._fail(key, str(exc), attempt)
+                    return
+                log.warning(
+                    "%s: attempt %d failed: %s; retrying in %.1fs", key, attempt, exc, delay
+                )
+                self._note(key, None, f"attempt {attempt} failed, retrying: {exc}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.config.backoff_max_s)
+            attempt += 1
+
+    def _note(self, key: NodeKey, phase: Phase | None, message: str) -> None:
+        record = self.store.get(key)
+        if record is not None and not record.deleting:
+            self.store.set_phase(key, phase or record.phase, message)
+
+    def _fail(self, key: NodeKey, error: str, attempts: int) -> None:
+        record = self.store.get(key)
+        if record is None:
+            log.error("cleaning up orphan domain %s failed: %s", key.domain, error)
+            return
+        what = "deleting" if record.deleting else "creating"
+        message = (
+            f"{what} the node failed after {attempts} attempts: {error}. Fix the cause, then "
+            + ("DELETE the node again" if record.deleting else "PUT the node again or DELETE it")
+        )
+        log.error("%s: %s", key, message)
+        self.store.set_phase(key, Phase.FAILED, message)
+
+    async def reconcile(self, key: NodeKey) -> None:
+        record = self.store.get(key)
+        if record is not None and record.phase is Phase.FAILED:
+            return
+        domain = await self.provisioner.virt.domain(key.domain, self.host_id)
+        steps = plan_node(record, domain)
+        if steps:
+            log.info("%s: %s", key, ", ".join(step.value for step in steps))
+        for step in steps:
+            await self._do(step, key)
+
+    async def _do(self, step: Step, key: NodeKey) -> None:
+        p = self.provisioner
+        if step is Step.NETWORK:
+            await p.ensure_networks(self.store.all())
+        elif step is Step.PREPARE:
+            self.store.set_phase(key, Phase.PROVISIONING, step.value)
+            await p.prepare_files(self._record(key))
+        elif step is Step.DEFINE:
+            await p.define(self._record(key))
+        elif step in (Step.START, Step.MARK_RUNNING):
+            domain_id = await p.virt.start(key.domain) if step is Step.START else None
+            if domain_id is None:
+                info = await p.virt.domain(key.domain, self.host_id)
+                domain_id = info.domain_id if info else None
+            self.store.set_phase(key, Phase.RUNNING, "", domain_id=domain_id)
+        else:
+            await self._teardown(step, key)
+
+    async def _teardown(self, step: Step, key: NodeKey) -> None:
+        p = self.provisioner
+        if step is Step.SHUTDOWN:
+            await p.virt.shutdown(key.domain, self.shutdown_timeout_s)
+        elif step is Step.DESTROY:
+            await p.virt.destroy(key.domain)
+        elif step is Step.UNDEFINE:
+            await p.virt.undefine(key.domain)
+        elif step is Step.REMOVE_FILES:
+            await p.remove_files(key)
+        elif step is Step.FORGET:
+            self.store.remove(key)
+
+    def _record(self, key: NodeKey) -> NodeRecord:
+        record = self.store.get(key)
+        if record is None:
+            raise ProvisioningError(f"node {key} vanished from the store while being created")
+        return record
+
+
+def _key_of(domain: DomainInfo) -> NodeKey:
+    """The node key of an orphan domain; names are re-validated before reaching a path."""
+    return NodeKey(cluster=check_name("cluster", domain.meta.cluster), name=domain.meta.node)

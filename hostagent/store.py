@@ -1,0 +1,207 @@
+"""Desired and observed node state in SQLite; nothing else in the agent touches SQL.
+
+Every accepted change is one transaction, committed before the reconciler acts on it.
+WAL keeps readers (the API) off the writers' lock; synchronous=FULL because a lost
+PUT is worse than a millisecond.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from hostagent.model import NodeKey, NodeSpec, Phase
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    cluster    TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    spec       TEXT NOT NULL,
+    token      TEXT NOT NULL,
+    phase      TEXT NOT NULL,
+    message    TEXT NOT NULL DEFAULT '',
+    updated_at TEXT NOT NULL,
+    deleting   INTEGER NOT NULL DEFAULT 0,
+    guest      TEXT,
+    domain_id  INTEGER,
+    PRIMARY KEY (cluster, name)
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL,
+    name    TEXT NOT NULL,
+    phase   TEXT NOT NULL,
+    message TEXT NOT NULL,
+    at      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transitions_node ON transitions (cluster, name, id);
+"""
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    key: NodeKey
+    spec: NodeSpec
+    token: str
+    phase: Phase
+    message: str
+    updated_at: str
+    deleting: bool
+    guest: dict[str, Any] | None
+    domain_id: int | None
+
+
+@dataclass(frozen=True)
+class Transition:
+    phase: Phase
+    message: str
+    at: str
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def get(self, key: NodeKey) -> NodeRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM nodes WHERE cluster = ? AND name = ?", (key.cluster, key.name)
+        ).fetchone()
+        return _record(row) if row else None
+
+    def all(self) -> list[NodeRecord]:
+        rows = self._db.execute("SELECT * FROM nodes ORDER BY cluster, name").fetchall()
+        return [_record(row) for row in rows]
+
+    def create(self, key: NodeKey, spec: NodeSpec, token: str) -> NodeRecord:
+        stamp = now()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO nodes (cluster, name, spec, token, phase, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (key.cluster, key.name, spec.model_dump_json(), token, Phase.PENDING, stamp),
+            )
+            _log(db, key, Phase.PENDING, "accepted", stamp)
+        record = self.get(key)
+        assert record is not None
+        return record
+
+    def update_spec(self, key: NodeKey, spec: NodeSpec) -> None:
+        stamp = now()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE nodes SET spec = ?, phase = ?, message = ?, updated_at = ? "
+                "WHERE cluster = ? AND name = ?",
+                (
+                    spec.model_dump_json(),
+                    Phase.PENDING,
+                    "spec changed",
+                    stamp,
+                    key.cluster,
+                    key.name,
+                ),
+            )
+            _log(db, key, Phase.PENDING, "spec changed", stamp)
+
+    def mark_deleting(self, key: NodeKey) -> None:
+        stamp = now()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE nodes SET deleting = 1, phase = ?, message = '', updated_at = ? "
+                "WHERE cluster = ? AND name = ?",
+                (Phase.DELETING, stamp, key.cluster, key.name),
+            )
+            _log(db, key, Phase.DELETING, "delete requested", stamp)
+
+    def set_phase(
+        self, key: NodeKey, phase: Phase, message: str = "", *, domain_id: int | None = None
+    ) -> bool:
+        """Record a phase; returns False (and writes nothing) when nothing changed."""
+        current = self.get(key)
+        if current is None:
+            return False
+        new_id = domain_id if domain_id is not None else current.domain_id
+        if (current.phase, current.message, current.domain_id) == (phase, message, new_id):
+            return False
+        stamp = now()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE nodes SET phase = ?, message = ?, domain_id = ?, updated_at = ? "
+                "WHERE cluster = ? AND name = ?",
+                (phase, message, new_id, stamp, key.cluster, key.name),
+            )
+            if (current.phase, current.message) != (phase, message):
+                _log(db, key, phase, message, stamp)
+        return True
+
+    def set_ready(self, key: NodeKey, guest: dict[str, Any]) -> None:
+        stamp = now()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE nodes SET phase = ?, message = '', guest = ?, updated_at = ? "
+                "WHERE cluster = ? AND name = ?",
+                (Phase.READY, json.dumps(guest), stamp, key.cluster, key.name),
+            )
+            _log(db, key, Phase.READY, "guest phoned home", stamp)
+
+    def remove(self, key: NodeKey) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM nodes WHERE cluster = ? AND name = ?", (key.cluster, key.name))
+            db.execute(
+                "DELETE FROM transitions WHERE cluster = ? AND name = ?", (key.cluster, key.name)
+            )
+
+    def transitions(self, key: NodeKey) -> list[Transition]:
+        rows = self._db.execute(
+            "SELECT phase, message, at FROM transitions WHERE cluster = ? AND name = ? ORDER BY id",
+            (key.cluster, key.name),
+        ).fetchall()
+        return [Transition(Phase(row["phase"]), row["message"], row["at"]) for row in rows]
+
+
+def _log(db: sqlite3.Connection, key: NodeKey, phase: Phase, message: str, stamp: str) -> None:
+    db.execute(
+        "INSERT INTO transitions (cluster, name, phase, message, at) VALUES (?, ?, ?, ?, ?)",
+        (key.cluster, key.name, phase, message, stamp),
+    )
+
+
+def _record(row: sqlite3.Row) -> NodeRecord:
+    return NodeRecord(
+        key=NodeKey(cluster=row["cluster"], name=row["name"]),
+        spec=NodeSpec.model_validate_json(row["spec"]),
+        token=row["token"],
+        phase=Phase(row["phase"]),
+        message=row["message"],
+        updated_at=row["updated_at"],
+        deleting=bool(row["deleting"]),
+        guest=json.loads(row["guest"]) if row["guest"] else None,
+        domain_id=row["domain_id"],
+    )
