@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 host (as root) for hostagent: packages, libvirt daemons, virtualenv.
+# Idempotent and quick when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+  qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
+  pkg-config gcc python3-venv python3-dev cloud-init busybox-static cpio
+  libxml2-utils iproute2 ca-certificates
+)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup-host: run as root (libvirt, bridges and the lab image need it)" >&2
+  exit 1
+fi
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup-host: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The lab image is built from Debian's packages with apt-get download: it needs package lists.
+if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then apt-get update -qq; fi
+
+start_daemon() {
+  if pgrep -x "$1" >/dev/null; then return; fi
+  echo "setup-host: starting $1"
+  if [ -d /run/systemd/system ]; then systemctl start "$1"; else "$1" -d; fi
+}
+start_daemon virtlogd
+start_daemon libvirtd
+for _ in $(seq 1 50); do
+  virsh -c qemu:///system version >/dev/null 2>&1 && break
+  sleep 0.2
+done
+
+stamp=.venv/.installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup-host: preparing the virtualenv in .venv"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
+fi
