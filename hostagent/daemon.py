@@ -121,6 +121,8 @@ class Agent:
             "domain_type": self.domain_type,
             "version": __version__,
             "libvirt_uri": self.config.libvirt.uri,
+            "libvirt_connected": self.virt.connected.is_set(),
+            "reconciler": self.reconciler.load() if self.reconciler else None,
         }
 
     async def start(self) -> None:

@@ -99,11 +99,9 @@ class Provisioner:
         wanted = wanted_bridges(records)
         async with self._network_lock:
             try:
-                actions = await asyncio.to_thread(self.netlink.reconcile, wanted)
+                await asyncio.to_thread(self.netlink.reconcile, wanted)
             except NetworkError as exc:
                 raise ProvisioningError(f"cluster network: {exc}") from exc
-            for action in actions:
-                log.info("network: %s", action)
             await self.on_networks(wanted)
 
     async def prepare_files(self, record: NodeRecord) -> None:

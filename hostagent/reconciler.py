@@ -82,15 +82,12 @@ class Reconciler:
         self._queued: set[NodeKey] = set()
         self._active: set[NodeKey] = set()
         self._again: set[NodeKey] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     def enqueue(self, key: NodeKey) -> None:
         if key in self._active:
             self._again.add(key)
         elif key not in self._queued:
             self._queued.add(key)
-            self._idle.clear()
             self._queue.put_nowait(key)
 
     def enqueue_domain(self, domain_name: str) -> None:
@@ -111,16 +108,17 @@ class Reconciler:
             self.enqueue(record.key)
         try:
             domains = await self.provisioner.virt.owned_domains(self.host_id)
-        except LibvirtUnavailable as exc:
-            log.warning("resync: %s", exc)
+        except ProvisioningError as exc:
+            log.warning("resync could not list domains, retrying at the next resync: %s", exc)
             return
         desired = {record.key.domain for record in records}
         for domain in domains:
             if domain.name not in desired:
                 self.enqueue(_key_of(domain))
 
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
+    def load(self) -> dict[str, int]:
+        """Nodes waiting for and in reconciliation: both 0 once the world matches."""
+        return {"queued": len(self._queued), "active": len(self._active)}
 
     async def run(self) -> None:
         workers = [
@@ -149,8 +147,6 @@ class Reconciler:
                 if key in self._again:
                     self._again.discard(key)
                     self.enqueue(key)
-                elif not self._queued and not self._active:
-                    self._idle.set()
 
     async def _reconcile_with_retries(self, key: NodeKey) -> None:
         delay = self.config.backoff_initial_s

@@ -158,7 +158,12 @@ class Libvirt:
         def collect() -> list[DomainInfo]:
             found = []
             for dom in conn.listAllDomains(0):
-                info = _info(dom)
+                try:
+                    info = _info(dom)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        continue  # went away between listing and reading it
+                    raise
                 if info is not None and info.meta.host == host:
                     found.append(info)
             return found

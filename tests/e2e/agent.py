@@ -1,0 +1,156 @@
+"""A real `hostagent serve` process for end-to-end tests, and cleanup of what it made."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libvirt
+from pyroute2 import IPRoute
+
+from hostagent.client import Client
+from hostagent.virt.domain import parse_meta
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def poll(check: Any, timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
+    """Call check() until it returns something truthy; fail with `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@dataclass
+class Agent:
+    state_dir: Path
+    image_dir: Path
+    host_id: str = field(default_factory=lambda: f"e2e-{secrets.token_hex(3)}")
+    api_port: int = field(default_factory=free_port)
+    phone_home_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.state_dir / "hostagent.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "agent.log"
+
+    def write_config(self, extra: str = "") -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(
+            f'host_id = "{self.host_id}"\n'
+            f'state_dir = "{self.state_dir}"\n'
+            f'image_dir = "{self.image_dir}"\n'
+            f'[api]\nlisten = "127.0.0.1:{self.api_port}"\n'
+            f"[phone_home]\nport = {self.phone_home_port}\n"
+            '[libvirt]\ndomain_type = "qemu"\nshutdown_timeout_s = 20\n'
+            "[reconciler]\nbackoff_initial_s = 0.5\n" + extra
+        )
+
+    def start(self) -> Client:
+        if not self.config_path.exists():
+            self.write_config()
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hostagent", "-c", str(self.config_path), "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        client = Client(f"http://127.0.0.1:{self.api_port}", "unused")
+        poll(lambda: self._up(client), 60, "the agent to answer /healthz")
+        token = (self.state_dir / "api-token").read_text().strip()
+        return Client(f"http://127.0.0.1:{self.api_port}", token)
+
+    def _up(self, client: Client) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"the agent exited: {self.log_path.read_text()[-3000:]}")
+        return client.healthy()
+
+    def kill(self) -> None:
+        """kill -9: no chance to clean up, as after a crash."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.process = None
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text()[-5000:] if self.log_path.exists() else ""
+
+
+def owned_domains(host_id: str) -> list[str]:
+    conn = libvirt.open("qemu:///system")
+    names = []
+    try:
+        for dom in conn.listAllDomains(0):
+            try:
+                meta = parse_meta(dom.XMLDesc(0))
+            except libvirt.libvirtError:
+                continue  # another test's domain went away meanwhile
+            if meta is not None and meta.host == host_id:
+                names.append(dom.name())
+        return sorted(names)
+    finally:
+        conn.close()
+
+
+def qemu_pid(domain: str) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path(f"/run/libvirt/qemu/{domain}.pid").read_text().strip())
+    return None
+
+
+def link_exists(name: str) -> bool:
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=name))
+
+
+def cleanup(agent: Agent, bridges: list[str]) -> None:
+    """Remove everything the agent under test may have left, whatever state the test ended in."""
+    agent.stop()
+    conn = libvirt.open("qemu:///system")
+    try:
+        for name in owned_domains(agent.host_id):
+            dom = conn.lookupByName(name)
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+            dom.undefine()
+    finally:
+        conn.close()
+    with IPRoute() as ipr:
+        for bridge in bridges:
+            for index in ipr.link_lookup(ifname=bridge):
+                ipr.link("del", index=index)
+    if os.environ.get("HOSTAGENT_KEEP_TEST_STATE") != "1":
+        shutil.rmtree(agent.state_dir, ignore_errors=True)

@@ -1,0 +1,232 @@
+"""A master and a worker of one cluster as real VMs (libvirtd + QEMU/TCG), end to end.
+
+One agent, one pair of VMs for the whole module: the checks run in order against them
+(bad input, Ready, domain XML, restart adoption, orphan clean-up, delete).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hostagent.client import ApiError, Client
+from network.names import bridge_name
+from tests.conftest import require_libvirt
+from tests.e2e.agent import Agent, cleanup, link_exists, owned_domains, poll, qemu_pid
+
+pytestmark = pytest.mark.e2e
+
+CLUSTER = f"e2e-{secrets.token_hex(3)}"
+VNI = 100_000 + secrets.randbelow(100_000)
+SUBNET = f"10.251.{secrets.randbelow(250)}"
+BRIDGE = bridge_name(VNI)
+PROBE_FILE = "probe-from-test.txt"
+
+
+def spec(role: str, host_part: int, **changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "role": role,
+        "vcpus": 1,
+        "memory_mib": 256,
+        "disk_gib": 2,
+        "image": "lab",
+        "kubernetes_version": "1.31.2",
+        "network": {
+            "vni": VNI,
+            "address": f"{SUBNET}.{host_part}/24",
+            "gateway": f"{SUBNET}.1",
+            "mtu": 1450,
+        },
+    }
+    body.update(changes)
+    return body
+
+
+@pytest.fixture(scope="module")
+def agent(lab_image_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    require_libvirt()
+    state = Path("/var/lib/hostagent-e2e") / CLUSTER
+    agent = Agent(state_dir=state, image_dir=lab_image_dir)
+    try:
+        yield agent
+    finally:
+        print(agent.log_tail())
+        cleanup(agent, [BRIDGE])
+
+
+@pytest.fixture(scope="module")
+def client(agent: Agent) -> Client:
+    return agent.start()
+
+
+def raw(client: Client, method: str, path: str, body: bytes | None = None) -> httpx.Response:
+    return client.http.request(method, path, content=body)
+
+
+def wait_settled(client: Client) -> None:
+    poll(lambda: client.host()["reconciler"] == {"queued": 0, "active": 0}, 60, "a settled agent")
+
+
+def test_bad_input_is_refused_and_changes_nothing(agent: Agent, client: Client) -> None:
+    before = client.nodes()
+    good = json.dumps(spec("master", 11)).encode()
+    cases = [
+        ("PUT", f"/v1/clusters/{CLUSTER}/nodes/m1", b"{not json", 400),
+        ("PUT", f"/v1/clusters/{CLUSTER}/nodes/m1", b"[1, 2]", 400),
+        (
+            "PUT",
+            f"/v1/clusters/{CLUSTER}/nodes/m1",
+            json.dumps({**spec("master", 11), "gpu": 1}).encode(),
+            422,
+        ),
+        ("PUT", f"/v1/clusters/{CLUSTER}/nodes/M1", good, 422),
+        ("PUT", f"/v1/clusters/{CLUSTER}/nodes/a..b", good, 422),
+        ("PUT", f"/v1/clusters/{CLUSTER}/nodes/a%2Fb", good, 422),
+        ("PUT", f"/v1/clusters/{CLUSTER}/nodes/{'n' * 64}", good, 422),
+        (
+            "PUT",
+            f"/v1/clusters/{CLUSTER}/nodes/m1",
+            json.dumps(spec("master", 11, image="nope")).encode(),
+            422,
+        ),
+        (
+            "PUT",
+            f"/v1/clusters/{CLUSTER}/nodes/m1",
+            json.dumps(spec("master", 11, memory_mib=4 * 1024 * 1024)).encode(),
+            422,
+        ),
+        ("PUT", f"/v1/clusters/{CLUSTER}/nodes/m1", json.dumps(spec("chief", 11)).encode(), 422),
+    ]
+    for method, path, body, status in cases:
+        response = raw(client, method, path, body)
+        assert response.status_code == status, (path, body[:60], response.text)
+        error = response.json()["error"]
+        assert error["code"] and error["message"], response.text
+    unauthenticated = httpx.get(f"http://127.0.0.1:{agent.api_port}/v1/nodes")
+    assert unauthenticated.status_code == 401
+    assert client.nodes() == before
+    assert owned_domains(agent.host_id) == []
+
+
+def test_master_and_worker_become_ready(agent: Agent, client: Client) -> None:
+    for node in ("m1", "w1"):
+        pki = agent.state_dir / "nodes" / CLUSTER / node / "pki"
+        pki.mkdir(parents=True)
+        (pki / PROBE_FILE).write_text(f"placed by the test for {node}\n")
+    created = client.put_node(CLUSTER, "m1", spec("master", 11))
+    assert created["status"]["phase"] == "Pending"
+    client.put_node(CLUSTER, "w1", spec("worker", 21))
+    phases = client.wait([(CLUSTER, "m1"), (CLUSTER, "w1")], timeout_s=420, progress=print)
+    assert phases == {(CLUSTER, "m1"): "Ready", (CLUSTER, "w1"): "Ready"}
+    for node, host_part in (("m1", 11), ("w1", 21)):
+        guest = client.get_node(CLUSTER, node)["status"]["guest"]
+        assert guest["hostname"] == node
+        assert f"{SUBNET}.{host_part}/24" in guest["addresses"]
+        assert PROBE_FILE in guest["pki_files"]
+        assert guest["disk_bytes"] == 2 * 1024**3
+    assert sorted(owned_domains(agent.host_id)) == [f"{CLUSTER}-m1", f"{CLUSTER}-w1"]
+    assert link_exists(BRIDGE)
+
+
+def test_same_node_with_another_role_is_a_conflict(client: Client) -> None:
+    with pytest.raises(ApiError) as error:
+        client.put_node(CLUSTER, "m1", spec("worker", 11))
+    assert error.value.status == 409
+    assert client.get_node(CLUSTER, "m1")["spec"]["role"] == "master"
+
+
+def test_same_spec_again_changes_nothing(client: Client) -> None:
+    before = client.get_node(CLUSTER, "m1")
+    response = raw(
+        client, "PUT", f"/v1/clusters/{CLUSTER}/nodes/m1", json.dumps(spec("master", 11)).encode()
+    )
+    assert response.status_code == 200
+    assert client.get_node(CLUSTER, "m1")["status"] == before["status"]
+
+
+def test_beyond_free_capacity_is_507(client: Client) -> None:
+    host = client.host()
+    free = host["allocatable"]["memory_mib"] - host["allocated"]["memory_mib"]
+    # Fits the host's allocatable memory but not what is left: overhead takes the rest.
+    too_much = spec("worker", 31, memory_mib=free - 64)
+    response = raw(client, "PUT", f"/v1/clusters/{CLUSTER}/nodes/w2", json.dumps(too_much).encode())
+    assert response.status_code == 507, response.text
+    assert response.json()["error"]["code"] == "out_of_capacity"
+    assert len(client.nodes()) == 2
+
+
+def test_domain_xml_validates(client: Client) -> None:
+    for node in ("m1", "w1"):
+        xml = subprocess.run(
+            ["virsh", "-c", "qemu:///system", "dumpxml", f"{CLUSTER}-{node}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        result = subprocess.run(
+            ["virt-xml-validate", "-", "domain"], input=xml, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr + result.stdout
+
+
+def test_phone_home_with_another_nodes_token_is_refused(agent: Agent, client: Client) -> None:
+    with sqlite3.connect(agent.state_dir / "state.db") as db:
+        (w1_token,) = db.execute(
+            "SELECT token FROM nodes WHERE cluster = ? AND name = 'w1'", (CLUSTER,)
+        ).fetchone()
+    url = f"http://127.0.0.1:{agent.api_port}/v1/phone-home/{CLUSTER}/m1"
+    refused = httpx.post(url, headers={"Authorization": f"Bearer {w1_token}"}, json={})
+    assert refused.status_code == 401
+    assert httpx.post(url, json={}).status_code == 401
+
+
+def test_kill_9_and_restart_adopts_running_vms(agent: Agent, client: Client) -> None:
+    domains = [f"{CLUSTER}-m1", f"{CLUSTER}-w1"]
+    pids = {name: qemu_pid(name) for name in domains}
+    assert all(pids.values()), pids
+    history = {
+        n: raw(client, "GET", f"/v1/clusters/{CLUSTER}/nodes/{n}/events").json()
+        for n in ("m1", "w1")
+    }
+    agent.kill()
+    # While the agent is down, w1 disappears from the desired state: its domain is an orphan.
+    with sqlite3.connect(agent.state_dir / "state.db") as db:
+        db.execute("DELETE FROM nodes WHERE cluster = ? AND name = 'w1'", (CLUSTER,))
+    client = agent.start()
+    wait_settled(client)
+    poll(lambda: owned_domains(agent.host_id) == [f"{CLUSTER}-m1"], 60, "the orphan w1 to go")
+    assert qemu_pid(f"{CLUSTER}-m1") == pids[f"{CLUSTER}-m1"]
+    assert client.get_node(CLUSTER, "m1")["status"]["phase"] == "Ready"
+    events = raw(client, "GET", f"/v1/clusters/{CLUSTER}/nodes/m1/events").json()
+    assert events == history["m1"], "the restart must not re-create or restart m1"
+    assert not (agent.state_dir / "nodes" / CLUSTER / "w1").exists()
+
+
+def test_delete_leaves_nothing_behind(agent: Agent) -> None:
+    client = (
+        agent.start()
+        if agent.process is None
+        else Client(
+            f"http://127.0.0.1:{agent.api_port}",
+            (agent.state_dir / "api-token").read_text().strip(),
+        )
+    )
+    node_dir = agent.state_dir / "nodes" / CLUSTER / "m1"
+    assert (node_dir / "disk.qcow2").exists() and (node_dir / "cidata.iso").exists()
+    response = raw(client, "DELETE", f"/v1/clusters/{CLUSTER}/nodes/m1")
+    assert response.status_code == 202
+    assert response.json()["status"]["phase"] == "Deleting"
+    client.wait([(CLUSTER, "m1")], until="Gone", timeout_s=120, progress=print)
+    assert raw(client, "GET", f"/v1/clusters/{CLUSTER}/nodes/m1").status_code == 404
+    assert owned_domains(agent.host_id) == []
+    assert not node_dir.exists()
+    assert not (agent.state_dir / "nodes" / CLUSTER).exists()
+    poll(lambda: not link_exists(BRIDGE), 30, f"bridge {BRIDGE} to go with the cluster's last node")
