@@ -77,15 +77,19 @@ def check_fits(
     need = cost(spec, config)
     offer = allocatable(physical, config)
     free = offer - allocated(others, config)
-    for field, unit in (("vcpus", ""), ("memory_mib", " MiB"), ("disk_gib", " GiB")):
-        wanted, total, left = (getattr(r, field) for r in (need, offer, free))
+    units = {"vcpus": "", "memory_mib": " MiB", "disk_gib": " GiB"}
+    note = {"memory_mib": " (QEMU overhead included)"}
+    for field, unit in units.items():
+        wanted, total = getattr(need, field), getattr(offer, field)
         if wanted > total:
             raise Invalid(
-                f"{field} {wanted:g}{unit} (QEMU overhead included) exceeds what this host "
-                f"can ever offer ({total:g}{unit} after the host's reserve)"
+                f"{field} {wanted:g}{unit}{note.get(field, '')} exceeds what this host can "
+                f"ever offer ({total:g}{unit} after the host's reserve)"
             )
+    for field, unit in units.items():
+        wanted, total, left = (getattr(r, field) for r in (need, offer, free))
         if wanted > left:
             raise OutOfCapacity(
-                f"{field}: the node needs {wanted:g}{unit} (QEMU overhead included) but only "
+                f"{field}: the node needs {wanted:g}{unit}{note.get(field, '')} but only "
                 f"{left:g}{unit} of {total:g}{unit} is free on this host"
             )

@@ -121,9 +121,11 @@ def load_config(path: Path | None) -> Config:
     if path is not None or DEFAULT_CONFIG_PATH.exists():
         source = path or DEFAULT_CONFIG_PATH
         try:
-            data = tomllib.loads(source.read_text())
+            data = tomllib.loads(source.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"cannot read configuration {source}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source} is not UTF-8: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
     try:

@@ -76,6 +76,8 @@ class NetworkSpec(_Strict):
             raise ValueError(f"gateway {self.gateway} is not inside {iface.network}")
         if gateway == iface.ip:
             raise ValueError("gateway and address must differ")
+        if gateway in (iface.network.network_address, iface.network.broadcast_address):
+            raise ValueError(f"gateway {self.gateway} is the network or broadcast address")
         return self
 
     @property

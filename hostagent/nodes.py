@@ -108,7 +108,7 @@ class NodeService:
         record = self._existing(key)
         if not record.deleting or record.phase is Phase.FAILED:
             self.store.mark_deleting(key)
-        self.notify(key)
+            self.notify(key)
         return to_node(self._existing(key))
 
     def phone_home(self, key: NodeKey, token: str | None, body: bytes) -> Node:
@@ -140,6 +140,12 @@ class NodeService:
     ) -> None:
         if current is not None:
             _check_update(key, spec, current)
+        for other in others:
+            if other.key.domain == key.domain:
+                raise Conflict(
+                    f"node {key} would get the libvirt domain name {key.domain}, which node "
+                    f"{other.key} already has; choose another cluster or node name"
+                )
         if self.images.get(spec.image) is None:
             known = ", ".join(self.images.names()) or "none"
             raise Invalid(f"image {spec.image!r} is not on this host (known: {known})")

@@ -51,7 +51,7 @@ def plan_node(record: NodeRecord | None, domain: DomainInfo | None) -> list[Step
         undefine = [Step.UNDEFINE] if domain else []
         return [*stop, *undefine, Step.REMOVE_FILES, Step.FORGET, Step.NETWORK]
     if domain is None:
-        return CREATE
+        return list(CREATE)
     if domain.meta.spec_hash != record.spec.spec_hash():
         stop = [Step.SHUTDOWN] if domain.running else []
         return [*stop, Step.UNDEFINE, *CREATE]

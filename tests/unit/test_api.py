@@ -1,0 +1,412 @@
+"""hostagent.api over real HTTP (aiohttp's test server): auth, status codes, error shape."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+
+from hostagent.api import api_app
+from hostagent.capacity import Resources
+from hostagent.config import CapacityConfig, Config
+from hostagent.images import ImageCatalog
+from hostagent.model import NodeKey
+from hostagent.nodes import NodeService
+from hostagent.store import Store
+
+TOKEN = "secret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+NODE = "/v1/clusters/alpha/nodes/m1"
+SPEC: dict[str, Any] = {
+    "role": "master",
+    "vcpus": 2,
+    "memory_mib": 2048,
+    "disk_gib": 20,
+    "image": "lab",
+    "kubernetes_version": "1.31.2",
+    "network": {"vni": 4242, "address": "10.42.0.11/24", "gateway": "10.42.0.1", "mtu": 1450},
+    "ssh_authorized_keys": [],
+}
+# Every path of the API contract (/work/shared/API.md).
+CONTRACT_PATHS = [
+    "/healthz",
+    "/metrics",
+    "/v1/host",
+    "/v1/images",
+    "/v1/clusters/{cluster}/nodes/{node}",
+    "/v1/nodes",
+    "/v1/phone-home/{cluster}/{node}",
+]
+HOST_INFO = {"host_id": "h1", "capacity": {"vcpus": 8, "memory_mib": 8192, "disk_gib": 100}}
+METRICS = b"# HELP hostagent_nodes Nodes\n# TYPE hostagent_nodes gauge\nhostagent_nodes 0\n"
+# Room for two SPECs, overhead included: vcpus 4, memory 2 * 2048 + 2 * 224 MiB.
+PHYSICAL = Resources(vcpus=1 + 2, memory_mib=1024 + 2 * 2272, disk_gib=10 + 100)
+
+
+class Health:
+    ok = True
+
+
+@pytest.fixture
+def health() -> type[Health]:
+    Health.ok = True
+    return Health
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store(tmp_path / "state.db")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def service(tmp_path: Path, store: Store) -> NodeService:
+    lab = tmp_path / "images" / "lab"
+    lab.mkdir(parents=True)
+    (lab / "image.json").write_text(
+        json.dumps(
+            {
+                "name": "lab",
+                "kernel": "vmlinuz",
+                "initrd": "initrd.img",
+                "disk": "disk.qcow2",
+                "cmdline": "x",
+                "recipe": "r",
+                "created_at": "t",
+            }
+        )
+    )
+    for name in ("vmlinuz", "initrd.img", "disk.qcow2"):
+        (lab / name).touch()
+    config = Config(
+        host_id="h1",
+        state_dir=tmp_path,
+        image_dir=tmp_path / "images",
+        capacity=CapacityConfig(vcpu_ratio=2.0),
+    )
+    images = ImageCatalog(tmp_path / "images")
+    return NodeService(config, store, images, PHYSICAL, lambda _key: None)
+
+
+@pytest.fixture
+async def client(service: NodeService, health: type[Health]) -> AsyncIterator[TestClient[Any, Any]]:
+    async def host_info() -> dict[str, Any]:
+        return HOST_INFO
+
+    async def healthy() -> bool:
+        return health.ok
+
+    app = api_app(
+        service,
+        TOKEN,
+        host_info=host_info,
+        healthy=healthy,
+        metrics_text=lambda: METRICS,
+        image_names=lambda: ["lab"],
+    )
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+async def error_of(response: ClientResponse, status: int, code: str) -> str:
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return str(body["error"]["message"])
+
+
+async def put(client: TestClient[Any, Any], path: str = NODE, **changes: Any) -> ClientResponse:
+    return await client.put(path, json={**SPEC, **changes}, headers=AUTH)
+
+
+# --- auth -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer "},
+        {"Authorization": TOKEN},
+    ],
+)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/nodes"),
+        ("GET", NODE),
+        ("PUT", NODE),
+        ("DELETE", NODE),
+        ("GET", "/v1/host"),
+        ("GET", "/v1/images"),
+        ("GET", "/v1/openapi.json"),
+        ("GET", "/v1/no-such-thing"),
+    ],
+)
+async def test_v1_needs_the_api_token(
+    client: TestClient[Any, Any], store: Store, headers: dict[str, str], method: str, path: str
+) -> None:
+    response = await client.request(method, path, headers=headers, json=SPEC)
+    await error_of(response, 401, "unauthorized")
+    assert store.all() == []
+
+
+async def test_bearer_scheme_is_case_insensitive(client: TestClient[Any, Any]) -> None:
+    response = await client.get("/v1/nodes", headers={"Authorization": f"bearer {TOKEN}"})
+    assert response.status == 200
+
+
+async def test_healthz_needs_no_token(client: TestClient[Any, Any], health: type[Health]) -> None:
+    response = await client.get("/healthz")
+    assert response.status == 200
+    assert (await response.json())["status"] == "ok"
+    health.ok = False
+    response = await client.get("/healthz")
+    assert response.status == 503
+    assert (await response.json())["status"] == "degraded"
+
+
+async def test_metrics_needs_no_token(client: TestClient[Any, Any]) -> None:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    assert await response.read() == METRICS
+
+
+async def test_host_and_images(client: TestClient[Any, Any]) -> None:
+    host = await client.get("/v1/host", headers=AUTH)
+    assert host.status == 200
+    assert await host.json() == HOST_INFO
+    images = await client.get("/v1/images", headers=AUTH)
+    assert images.status == 200
+    assert await images.json() == {"items": [{"name": "lab"}]}
+
+
+# --- nodes ------------------------------------------------------------------------------------
+
+
+async def test_put_creates_then_returns_200(client: TestClient[Any, Any]) -> None:
+    created = await put(client)
+    assert created.status == 201
+    node = await created.json()
+    assert (node["cluster"], node["name"]) == ("alpha", "m1")
+    assert node["spec"] == SPEC
+    assert node["status"]["phase"] == "Pending"
+    assert node["status"]["domain"] == "alpha-m1"
+    assert node["status"]["updated_at"]
+
+    again = await put(client)
+    assert again.status == 200
+    assert await again.json() == node
+
+
+async def test_get_and_list(client: TestClient[Any, Any]) -> None:
+    await put(client)
+    got = await client.get(NODE, headers=AUTH)
+    assert got.status == 200
+    node = await got.json()
+    assert node["spec"] == SPEC
+    listed = await client.get("/v1/nodes", headers=AUTH)
+    assert listed.status == 200
+    assert await listed.json() == {"items": [node]}
+
+
+async def test_empty_list(client: TestClient[Any, Any]) -> None:
+    response = await client.get("/v1/nodes", headers=AUTH)
+    assert await response.json() == {"items": []}
+
+
+async def test_delete_is_202_then_deleting(client: TestClient[Any, Any]) -> None:
+    await put(client)
+    response = await client.delete(NODE, headers=AUTH)
+    assert response.status == 202
+    assert (await response.json())["status"]["phase"] == "Deleting"
+    got = await client.get(NODE, headers=AUTH)
+    assert (await got.json())["status"]["phase"] == "Deleting"
+
+
+async def test_events(client: TestClient[Any, Any]) -> None:
+    await put(client)
+    await client.delete(NODE, headers=AUTH)
+    response = await client.get(NODE + "/events", headers=AUTH)
+    assert response.status == 200
+    items = (await response.json())["items"]
+    assert [item["phase"] for item in items] == ["Pending", "Deleting"]
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[]", b"", b'"spec"'])
+async def test_malformed_body_is_400(
+    client: TestClient[Any, Any], store: Store, body: bytes
+) -> None:
+    response = await client.put(NODE, data=body, headers=AUTH)
+    await error_of(response, 400, "malformed")
+    assert store.all() == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", NODE), ("DELETE", NODE), ("GET", NODE + "/events")],
+)
+async def test_unknown_node_is_404(client: TestClient[Any, Any], method: str, path: str) -> None:
+    response = await client.request(method, path, headers=AUTH)
+    message = await error_of(response, 404, "not_found")
+    assert "alpha/m1" in message
+
+
+async def test_unknown_route_is_404_in_the_same_shape(client: TestClient[Any, Any]) -> None:
+    await error_of(await client.get("/v1/nope", headers=AUTH), 404, "not_found")
+
+
+async def test_role_change_is_409(client: TestClient[Any, Any]) -> None:
+    await put(client)
+    message = await error_of(await put(client, role="worker"), 409, "conflict")
+    assert "role" in message
+
+
+@pytest.mark.parametrize(
+    ("path", "changes", "words"),
+    [
+        ("/v1/clusters/Alpha/nodes/m1", {}, "cluster"),
+        ("/v1/clusters/alpha/nodes/m..1", {}, "name"),
+        ("/v1/clusters/" + "a" * 64 + "/nodes/m1", {}, "cluster"),
+        (NODE, {"role": "boss"}, "role"),
+        (NODE, {"vcpus": 0}, "vcpus"),
+        (NODE, {"unknown": 1}, "unknown"),
+        (NODE, {"image": "nope"}, "nope"),
+        (NODE, {"memory_mib": 64 * 1024}, "memory_mib"),
+        (NODE, {"network": {"vni": 1, "address": "10.0.0.1", "gateway": "10.0.0.2"}}, "address"),
+    ],
+)
+async def test_invalid_is_422(
+    client: TestClient[Any, Any], store: Store, path: str, changes: dict[str, Any], words: str
+) -> None:
+    message = await error_of(await put(client, path, **changes), 422, "invalid")
+    assert words in message
+    assert store.all() == []
+
+
+async def test_out_of_capacity_is_507(client: TestClient[Any, Any], store: Store) -> None:
+    assert (await put(client)).status == 201
+    worker = {"role": "worker", "network": {**SPEC["network"], "address": "10.42.0.21/24"}}
+    assert (await put(client, "/v1/clusters/alpha/nodes/w1", **worker)).status == 201
+    before = store.all()
+    third = {"role": "worker", "network": {**SPEC["network"], "address": "10.42.0.22/24"}}
+    response = await put(client, "/v1/clusters/alpha/nodes/w2", **third)
+    await error_of(response, 507, "out_of_capacity")
+    assert store.all() == before
+
+
+async def test_method_not_allowed_is_an_error_document(client: TestClient[Any, Any]) -> None:
+    response = await client.post(NODE, headers=AUTH)
+    await error_of(response, 405, "method_not_allowed")
+
+
+# --- phone home -------------------------------------------------------------------------------
+
+
+async def test_phone_home_needs_the_node_token_not_the_api_token(
+    client: TestClient[Any, Any], store: Store
+) -> None:
+    await put(client)
+    path = "/v1/phone-home/alpha/m1"
+    await error_of(await client.post(path, json={}), 401, "unauthorized")
+    await error_of(await client.post(path, json={}, headers=AUTH), 401, "unauthorized")
+    record = store.get(NodeKey(cluster="alpha", name="m1"))
+    assert record is not None
+    report = {"hostname": "alpha-m1"}
+    response = await client.post(
+        path, json=report, headers={"Authorization": f"Bearer {record.token}"}
+    )
+    assert response.status == 200
+    node = await response.json()
+    assert node["status"]["phase"] == "Ready"
+    assert node["status"]["guest"] == report
+
+
+async def test_phone_home_for_unknown_node_is_401(client: TestClient[Any, Any]) -> None:
+    response = await client.post("/v1/phone-home/alpha/m1", json={}, headers=AUTH)
+    await error_of(response, 401, "unauthorized")
+
+
+async def test_node_token_does_not_open_the_api(client: TestClient[Any, Any], store: Store) -> None:
+    await put(client)
+    record = store.get(NodeKey(cluster="alpha", name="m1"))
+    assert record is not None
+    response = await client.get("/v1/nodes", headers={"Authorization": f"Bearer {record.token}"})
+    await error_of(response, 401, "unauthorized")
+
+
+@pytest.mark.parametrize("path", ["/v1/phone-home/../nodes", "/v1/phone-home/%2E%2E/nodes"])
+async def test_phone_home_prefix_does_not_bypass_auth(
+    client: TestClient[Any, Any], path: str
+) -> None:
+    """A raw request line, as an attacker would send it (the client would normalise '..')."""
+    server = client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    status_line = raw.split(b"\r\n", 1)[0]
+    assert b" 200 " not in status_line
+    assert b'"items"' not in raw
+
+
+# --- OpenAPI ----------------------------------------------------------------------------------
+
+
+async def test_openapi_document(client: TestClient[Any, Any]) -> None:
+    response = await client.get("/v1/openapi.json", headers=AUTH)
+    assert response.status == 200
+    document = await response.json()
+    assert document["openapi"].startswith("3.")
+    assert document["info"]["title"]
+    assert set(CONTRACT_PATHS) <= set(document["paths"])
+    schemas = document["components"]["schemas"]
+    assert {"NodeSpec", "Node"} <= set(schemas)
+    assert set(SPEC) <= set(schemas["NodeSpec"]["properties"])
+    node_ops = document["paths"]["/v1/clusters/{cluster}/nodes/{node}"]
+    assert {"put", "get", "delete"} <= set(node_ops)
+    assert {"200", "201", "400", "401", "409", "422", "507"} <= set(node_ops["put"]["responses"])
+    assert "202" in node_ops["delete"]["responses"]
+    assert "post" in document["paths"]["/v1/phone-home/{cluster}/{node}"]
+
+
+async def test_openapi_references_resolve(client: TestClient[Any, Any]) -> None:
+    document = await (await client.get("/v1/openapi.json", headers=AUTH)).json()
+    schemas = document["components"]["schemas"]
+    refs: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("$ref"), str):
+                refs.append(value["$ref"])
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(document)
+    assert refs
+    for ref in refs:
+        prefix, _, name = ref.rpartition("/")
+        assert prefix == "#/components/schemas"
+        assert name in schemas

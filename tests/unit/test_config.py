@@ -1,0 +1,217 @@
+"""hostagent.config: defaults, TOML loading, errors that name the dotted key."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from hostagent import config as config_module
+from hostagent.config import Config, load_config, parse_listen
+from hostagent.errors import ConfigError
+
+
+@pytest.fixture
+def no_default_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point DEFAULT_CONFIG_PATH at a file that does not exist, whatever this machine has."""
+    missing = tmp_path / "etc" / "hostagent.toml"
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", missing)
+    return missing
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "hostagent.toml"
+    path.write_text(text)
+    return path
+
+
+def config_error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text))
+    return str(exc.value)
+
+
+# --- defaults ---------------------------------------------------------------------------------
+
+
+def test_no_file_means_defaults(no_default_file: Path) -> None:
+    assert not no_default_file.exists()
+    config = load_config(None)
+    assert config == Config()
+    assert config.host_id == socket.gethostname()
+    assert config.api.listen == "127.0.0.1:8470"
+    assert (config.api.host, config.api.port) == ("127.0.0.1", 8470)
+    assert config.state_dir == Path("/var/lib/hostagent")
+    assert config.libvirt.domain_type == "auto"
+    assert config.libvirt.uri == "qemu:///system"
+    assert config.capacity.reserved_memory_mib == 1024
+    assert config.capacity.vcpu_ratio == 4.0
+    assert config.reconciler.concurrency == 4
+
+
+def test_none_reads_the_default_file_when_it_exists(no_default_file: Path, tmp_path: Path) -> None:
+    no_default_file.parent.mkdir()
+    no_default_file.write_text('host_id = "from-etc"\n')
+    assert load_config(None).host_id == "from-etc"
+
+
+def test_empty_file_means_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_derived_paths(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, f'state_dir = "{tmp_path}/state"\n'))
+    assert config.database == tmp_path / "state" / "state.db"
+    assert config.token_file == tmp_path / "state" / "api-token"
+    assert config.nodes_dir == tmp_path / "state" / "nodes"
+    assert config.images == tmp_path / "state" / "images"
+
+
+def test_image_dir_overrides_images(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, f'image_dir = "{tmp_path}/img"\n'))
+    assert config.images == tmp_path / "img"
+
+
+def test_explicit_values_are_loaded(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            """
+host_id = "h7"
+[api]
+listen = "[::1]:9000"
+[libvirt]
+domain_type = "qemu"
+[capacity]
+reserved_memory_mib = 0
+vcpu_ratio = 1.5
+[reconciler]
+concurrency = 1
+""",
+        )
+    )
+    assert config.host_id == "h7"
+    assert (config.api.host, config.api.port) == ("::1", 9000)
+    assert config.libvirt.domain_type == "qemu"
+    assert config.capacity.reserved_memory_mib == 0
+    assert config.capacity.vcpu_ratio == 1.5
+    assert config.reconciler.concurrency == 1
+
+
+# --- errors name the dotted key ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[capacity]\nreserved_memory_mib = -1\n", "capacity.reserved_memory_mib"),
+        ('[capacity]\nreserved_memory_mib = "lots"\n', "capacity.reserved_memory_mib"),
+        ("[capacity]\nvcpu_ratio = 0\n", "capacity.vcpu_ratio"),
+        ("[capacity]\nvcpu_ratio = 17\n", "capacity.vcpu_ratio"),
+        ('[libvirt]\ndomain_type = "xen"\n', "libvirt.domain_type"),
+        ("[libvirt]\nkvm_probe_timeout_s = 0\n", "libvirt.kvm_probe_timeout_s"),
+        ('[api]\nlisen = "127.0.0.1:8470"\n', "api.lisen"),
+        ('[api]\nlisten = "localhost:8470"\n', "api.listen"),
+        ('[api]\nlisten = "127.0.0.1"\n', "api.listen"),
+        ('[api]\nlisten = "127.0.0.1:0"\n', "api.listen"),
+        ('[api]\nlisten = "127.0.0.1:65536"\n', "api.listen"),
+        ("[phone_home]\nport = 0\n", "phone_home.port"),
+        ("[reconciler]\nconcurrency = 0\n", "reconciler.concurrency"),
+        ("[reconciler]\nconcurrency = 65\n", "reconciler.concurrency"),
+        ('unknown_top_level = "x"\n', "unknown_top_level"),
+        ("[nosuchsection]\nx = 1\n", "nosuchsection"),
+        ("api = 5\n", "api"),
+    ],
+)
+def test_invalid_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    message = config_error(tmp_path, text)
+    assert f"{key}:" in message
+
+
+def test_every_bad_key_is_reported(tmp_path: Path) -> None:
+    message = config_error(
+        tmp_path, '[capacity]\nreserved_vcpus = -1\n[libvirt]\ndomain_type = "xen"\n'
+    )
+    assert "capacity.reserved_vcpus" in message
+    assert "libvirt.domain_type" in message
+
+
+def test_bad_toml_syntax(tmp_path: Path) -> None:
+    path = write(tmp_path, "[api\nlisten = \n")
+    with pytest.raises(ConfigError, match="is not valid TOML") as exc:
+        load_config(path)
+    assert str(path) in str(exc.value)
+
+
+def test_missing_explicit_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="cannot read configuration") as exc:
+        load_config(path)
+    assert str(path) in str(exc.value)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    # A directory cannot be read as a file even by root, unlike a chmod 000 file.
+    path = tmp_path / "dir.toml"
+    path.mkdir()
+    with pytest.raises(ConfigError, match="cannot read configuration") as exc:
+        load_config(path)
+    assert str(path) in str(exc.value)
+
+
+def test_file_that_is_not_utf8(tmp_path: Path) -> None:
+    """TOML is UTF-8; a stray Latin-1 byte is a configuration error, not a crash."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('host_id = "h\xf6st"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(path) in str(exc.value)
+
+
+# --- TLS for non-loopback listen addresses ----------------------------------------------------
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8470", "192.0.2.1:8470", "[::]:8470"])
+def test_non_loopback_without_tls_is_refused(tmp_path: Path, listen: str) -> None:
+    message = config_error(tmp_path, f'[api]\nlisten = "{listen}"\n')
+    assert message.startswith("api.listen:")
+    assert "tls" in message
+
+
+def test_non_loopback_with_only_a_certificate_is_refused(tmp_path: Path) -> None:
+    message = config_error(
+        tmp_path, '[api]\nlisten = "0.0.0.0:8470"\ntls_cert = "/etc/hostagent/tls.crt"\n'
+    )
+    assert message.startswith("api.listen:")
+
+
+def test_non_loopback_with_tls_is_accepted(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            '[api]\nlisten = "0.0.0.0:8470"\n'
+            'tls_cert = "/etc/hostagent/tls.crt"\ntls_key = "/etc/hostagent/tls.key"\n',
+        )
+    )
+    assert config.api.host == "0.0.0.0"
+    assert config.api.tls_key == Path("/etc/hostagent/tls.key")
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:8470", "127.1.2.3:1", "[::1]:65535"])
+def test_loopback_needs_no_tls(tmp_path: Path, listen: str) -> None:
+    assert load_config(write(tmp_path, f'[api]\nlisten = "{listen}"\n')).api.listen == listen
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("127.0.0.1:8470", ("127.0.0.1", 8470)), ("[::1]:1", ("::1", 1))],
+)
+def test_parse_listen(value: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", ":8470", "127.0.0.1:", "127.0.0.1:x", "host:80"])
+def test_parse_listen_refuses(value: str) -> None:
+    with pytest.raises(ValueError):
+        parse_listen(value)

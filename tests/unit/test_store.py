@@ -1,0 +1,290 @@
+"""hostagent.store against a real SQLite file: records, transitions, transactions, WAL."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import hostagent.store as store_module
+from hostagent.model import NodeKey, NodeSpec, Phase
+from hostagent.store import NodeRecord, Store
+
+KEY = NodeKey(cluster="alpha", name="m1")
+OTHER = NodeKey(cluster="alpha", name="w1")
+
+
+def make_spec(**overrides: Any) -> NodeSpec:
+    data: dict[str, Any] = {
+        "role": "master",
+        "vcpus": 2,
+        "memory_mib": 2048,
+        "disk_gib": 20,
+        "image": "lab",
+        "kubernetes_version": "1.31.2",
+        "network": {"vni": 4242, "address": "10.42.0.11/24", "gateway": "10.42.0.1"},
+        **overrides,
+    }
+    return NodeSpec.model_validate(data)
+
+
+SPEC = make_spec()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "state.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    store = Store(db_path)
+    yield store
+    store.close()
+
+
+def record(store: Store, key: NodeKey = KEY) -> NodeRecord:
+    found = store.get(key)
+    assert found is not None
+    return found
+
+
+def phases(store: Store, key: NodeKey = KEY) -> list[tuple[Phase, str]]:
+    return [(t.phase, t.message) for t in store.transitions(key)]
+
+
+def snapshot(store: Store) -> tuple[list[NodeRecord], list[list[tuple[Phase, str]]]]:
+    return store.all(), [phases(store, key) for key in (KEY, OTHER)]
+
+
+# --- create / get / all -----------------------------------------------------------------------
+
+
+def test_create_returns_a_pending_record(store: Store) -> None:
+    created = store.create(KEY, SPEC, "tok")
+    assert created.key == KEY
+    assert created.spec == SPEC
+    assert created.token == "tok"
+    assert created.phase is Phase.PENDING
+    assert created.message == ""
+    assert created.deleting is False
+    assert created.guest is None
+    assert created.domain_id is None
+    assert created.updated_at.endswith("Z")
+    assert store.get(KEY) == created
+    assert phases(store) == [(Phase.PENDING, "accepted")]
+
+
+def test_get_unknown_is_none(store: Store) -> None:
+    assert store.get(KEY) is None
+    assert store.all() == []
+    assert store.transitions(KEY) == []
+
+
+def test_all_is_sorted_by_cluster_then_name(store: Store) -> None:
+    keys = [
+        NodeKey(cluster="beta", name="a"),
+        NodeKey(cluster="alpha", name="w1"),
+        NodeKey(cluster="alpha", name="m1"),
+    ]
+    for key in keys:
+        store.create(key, SPEC, "tok")
+    assert [r.key for r in store.all()] == sorted(keys, key=lambda k: (k.cluster, k.name))
+
+
+def test_create_of_an_existing_key_fails_and_changes_nothing(store: Store) -> None:
+    store.create(KEY, SPEC, "tok")
+    before = snapshot(store)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.create(KEY, make_spec(vcpus=4), "other-token")
+    assert snapshot(store) == before
+    assert record(store).token == "tok"
+    # The connection is usable afterwards: no transaction was left open.
+    store.create(OTHER, SPEC, "tok2")
+    assert record(store, OTHER).phase is Phase.PENDING
+
+
+def test_a_failure_inside_a_transaction_rolls_back_every_statement(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failure injection at one exact point: the transition insert after the node's update."""
+    store.create(KEY, SPEC, "tok")
+    before = snapshot(store)
+
+    def broken_log(*_args: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store_module, "_log", broken_log)
+    with pytest.raises(sqlite3.OperationalError):
+        store.create(OTHER, SPEC, "tok2")
+    with pytest.raises(sqlite3.OperationalError):
+        store.update_spec(KEY, make_spec(vcpus=4))
+    with pytest.raises(sqlite3.OperationalError):
+        store.mark_deleting(KEY)
+    with pytest.raises(sqlite3.OperationalError):
+        store.set_ready(KEY, {"ip": "10.42.0.11"})
+    assert snapshot(store) == before
+
+
+# --- update_spec ------------------------------------------------------------------------------
+
+
+def test_update_spec_stores_the_spec_and_records_a_transition(store: Store) -> None:
+    store.create(KEY, SPEC, "tok")
+    store.set_phase(KEY, Phase.RUNNING, domain_id=3)
+    bigger = make_spec(vcpus=4, disk_gib=30)
+    store.update_spec(KEY, bigger)
+    updated = record(store)
+    assert updated.spec == bigger
+    assert updated.phase is Phase.PENDING
+    assert updated.message == "spec changed"
+    assert updated.token == "tok"
+    assert phases(store)[-1] == (Phase.PENDING, "spec changed")
+    assert len(phases(store)) == 3
+
+
+# --- set_phase --------------------------------------------------------------------------------
+
+
+def test_set_phase_records_phase_message_and_transition(store: Store) -> None:
+    store.create(KEY, SPEC, "tok")
+    assert store.set_phase(KEY, Phase.PROVISIONING, "making the disk") is True
+    current = record(store)
+    assert (current.phase, current.message) == (Phase.PROVISIONING, "making the disk")
+    assert phases(store) == [
+        (Phase.PENDING, "accepted"),
+        (Phase.PROVISIONING, "making the disk"),
+    ]
+
+
+def test_set_phase_without_change_returns_false_and_writes_nothing(store: Store) -> None:
+    store.create(KEY, SPEC, "tok")
+    store.set_phase(KEY, Phase.RUNNING, "", domain_id=7)
+    before = record(store)
+    transitions = store.transitions(KEY)
+    assert store.set_phase(KEY, Phase.RUNNING, "") is False
+    assert store.set_phase(KEY, Phase.RUNNING, "", domain_id=7) is False
+    assert record(store) == before  # updated_at untouched too
+    assert store.transitions(KEY) == transitions
+
+
+def test_set_phase_message_change_is_a_change(store: Store) -> None:
+    store.create(KEY, SPEC, "tok")
+    store.set_phase(KEY, Phase.PENDING, "attempt 1 failed")
+    assert store.set_phase(KEY, Phase.PENDING, "attempt 2 failed") is True
+    assert phases(store)[-1] == (Phase.PENDING, "attempt 2 failed")
+
+
+def test_set_phase_on_unknown_node_is_false(store: Store) -> None:
+    assert store.set_phase(KEY, Phase.RUNNING) is False
+    assert store.all() == []
+    assert store.transitions(KEY) == []
+
+
+def test_domain_id_change_updates_without_a_transition(store: Store) -> None:
+    store.create(KEY, SPEC, "tok")
+    assert store.set_phase(KEY, Phase.RUNNING, domain_id=3) is True
+    assert record(store).domain_id == 3
+    count = len(store.transitions(KEY))
+    assert store.set_phase(KEY, Phase.RUNNING, domain_id=9) is True
+    assert record(store).domain_id == 9
+    assert len(store.transitions(KEY)) == count
+
+
+def test_set_phase_without_domain_id_keeps_the_known_one(store: Store) -> None:
+    store.create(KEY, SPEC, "tok")
+    store.set_phase(KEY, Phase.RUNNING, domain_id=3)
+    store.set_phase(KEY, Phase.FAILED, "broken")
+    assert record(store).domain_id == 3
+
+
+# --- set_ready / mark_deleting / remove -------------------------------------------------------
+
+
+def test_set_ready_stores_the_guest_report(store: Store) -> None:
+    store.create(KEY, SPEC, "tok")
+    store.set_phase(KEY, Phase.RUNNING, "something", domain_id=1)
+    report = {"hostname": "alpha-m1", "addresses": ["10.42.0.11"], "uptime": 3.5}
+    store.set_ready(KEY, report)
+    ready = record(store)
+    assert ready.phase is Phase.READY
+    assert ready.message == ""
+    assert ready.guest == report
+    assert ready.domain_id == 1
+    assert phases(store)[-1] == (Phase.READY, "guest phoned home")
+
+
+def test_mark_deleting(store: Store) -> None:
+    store.create(KEY, SPEC, "tok")
+    store.set_phase(KEY, Phase.FAILED, "broken")
+    store.mark_deleting(KEY)
+    deleting = record(store)
+    assert deleting.deleting is True
+    assert deleting.phase is Phase.DELETING
+    assert deleting.message == ""
+    assert phases(store)[-1] == (Phase.DELETING, "delete requested")
+
+
+def test_remove_deletes_the_node_and_its_transitions_only(store: Store) -> None:
+    store.create(KEY, SPEC, "tok")
+    store.create(OTHER, SPEC, "tok2")
+    store.set_phase(KEY, Phase.RUNNING)
+    store.remove(KEY)
+    assert store.get(KEY) is None
+    assert store.transitions(KEY) == []
+    assert [r.key for r in store.all()] == [OTHER]
+    assert phases(store, OTHER) == [(Phase.PENDING, "accepted")]
+
+
+def test_recreated_node_starts_a_fresh_history(store: Store) -> None:
+    store.create(KEY, SPEC, "tok")
+    store.set_phase(KEY, Phase.RUNNING)
+    store.remove(KEY)
+    store.create(KEY, SPEC, "tok")
+    assert phases(store) == [(Phase.PENDING, "accepted")]
+
+
+# --- the file ---------------------------------------------------------------------------------
+
+
+def test_creates_the_parent_directory(db_path: Path, store: Store) -> None:
+    assert db_path.is_file()
+
+
+def test_wal_mode_is_on(db_path: Path, store: Store) -> None:
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
+def test_data_survives_closing_and_reopening(db_path: Path) -> None:
+    first = Store(db_path)
+    first.create(KEY, SPEC, "tok")
+    first.set_phase(KEY, Phase.RUNNING, "up", domain_id=5)
+    first.set_ready(KEY, {"k": "v"})
+    before = first.all(), first.transitions(KEY)
+    first.close()
+
+    second = Store(db_path)
+    try:
+        assert (second.all(), second.transitions(KEY)) == before
+        assert record(second).guest == {"k": "v"}
+        assert record(second).domain_id == 5
+    finally:
+        second.close()
+
+
+def test_a_second_store_on_the_same_file_sees_commits(db_path: Path, store: Store) -> None:
+    store.create(KEY, SPEC, "tok")
+    reader = Store(db_path)
+    try:
+        assert reader.get(KEY) == store.get(KEY)
+        store.set_phase(KEY, Phase.RUNNING)
+        assert record(reader).phase is Phase.RUNNING
+    finally:
+        reader.close()
