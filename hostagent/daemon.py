@@ -17,6 +17,7 @@ import psutil
 from aiohttp import web
 
 from hostagent import __version__, capacity
+from hostagent.access import check_qemu_can_reach
 from hostagent.api import api_app, phone_home_app
 from hostagent.config import Config
 from hostagent.errors import HostAgentError
@@ -77,6 +78,9 @@ class Agent:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         config.state_dir.chmod(0o711)
+        check_qemu_can_reach(
+            config.libvirt.qemu_user, state_dir=config.state_dir, image_dir=config.images
+        )
         self.token = ensure_token(config.token_file)
         self.store = Store(config.database)
         config.database.chmod(0o600)

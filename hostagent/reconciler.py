@@ -159,9 +159,8 @@ class Reconciler:
                 return
             except LibvirtUnavailable as exc:
                 self.metrics.reconcile_errors.inc()
-                self._note(key, Phase.PENDING, f"waiting for libvirt: {exc}")
+                self._note(key, None, f"waiting for libvirt: {exc}")
                 await self.provisioner.virt.connected.wait()
-                continue
             except ProvisioningError as exc:
                 self.metrics.reconcile_errors.inc()
                 if attempt >= self.config.max_attempts:
@@ -171,9 +170,9 @@ class Reconciler:
                     "%s: attempt %d failed: %s; retrying in %.1fs", key, attempt, exc, delay
                 )
                 self._note(key, None, f"attempt {attempt} failed, retrying: {exc}")
+                attempt += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.config.backoff_max_s)
-            attempt += 1
 
     def _note(self, key: NodeKey, phase: Phase | None, message: str) -> None:
         record = self.store.get(key)

@@ -258,7 +258,7 @@ class Libvirt:
         try:
             return await self._call(fn)
         except libvirt.libvirtError as exc:
-            if self._conn is None or exc.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR:
+            if not await self.alive():
                 raise LibvirtUnavailable(f"{what}: libvirt is not reachable ({exc})") from exc
             raise ProvisioningError(f"{what}: {exc}") from exc
 

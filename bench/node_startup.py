@@ -1,0 +1,148 @@
+"""Time from PUT to Running and to Ready, for 1 node and for 8 at once, against a baseline.
+
+The baseline does the same work without the agent: bridge (pyroute2), qcow2 overlay,
+config drive, domain XML, defineXML + create through libvirt-python, timed to Running.
+Run as root with libvirtd up:  .venv/bin/python -m bench.node_startup [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from cloudconfig.configdrive import build_config_drive, config_drive_files
+from cloudconfig.context import NodeContext
+from hostagent.images import ImageCatalog
+from hostagent.labimage.build import build_lab_image
+from hostagent.virt import disk
+from hostagent.virt.domain import DomainMeta, DomainParams, domain_xml
+from network import names
+from network.netlink import Netlink
+from network.plan import BridgeWanted
+from tests.conftest import IMAGE_CACHE
+from tests.e2e.agent import Agent, cleanup
+
+VNI = 190_000 + secrets.randbelow(9_000)
+SUBNET = "10.252.7"
+
+
+def node_spec(index: int) -> dict[str, Any]:
+    return {
+        "role": "master" if index == 0 else "worker",
+        "vcpus": 1,
+        "memory_mib": 256,
+        "disk_gib": 2,
+        "image": "lab",
+        "kubernetes_version": "1.31.2",
+        "network": {"vni": VNI, "address": f"{SUBNET}.{10 + index}/24", "gateway": f"{SUBNET}.1"},
+    }
+
+
+def poll_phases(client: Any, keys: list[tuple[str, str]], started: float) -> dict[str, float]:
+    """Seconds from `started` until every node was Running (or beyond) and Ready."""
+    running: dict[tuple[str, str], float] = {}
+    ready: dict[tuple[str, str], float] = {}
+    while len(ready) < len(keys):
+        for key in keys:
+            phase = client.get_node(*key)["status"]["phase"]
+            now = time.monotonic() - started
+            if phase in ("Running", "Ready"):
+                running.setdefault(key, now)
+            if phase == "Ready":
+                ready.setdefault(key, now)
+            if phase == "Failed":
+                raise RuntimeError(f"{key} failed")
+        time.sleep(0.02)
+    return {"running": max(running.values()), "ready": max(ready.values())}
+
+
+def agent_round(agent: Agent, client: Any, count: int, cluster: str) -> dict[str, float]:
+    keys = [(cluster, f"n{i}") for i in range(count)]
+    started = time.monotonic()
+    for i, key in enumerate(keys):
+        client.put_node(*key, node_spec(i))
+    result = poll_phases(client, keys, started)
+    for key in keys:
+        client.delete_node(*key)
+    client.wait(keys, until="Gone", timeout_s=120)
+    return result
+
+
+async def baseline_once(image_dir: Path, work: Path) -> float:
+    image = ImageCatalog(image_dir).get("lab")
+    assert image is not None
+    cluster, node = f"base{secrets.token_hex(2)}", "n0"
+    conn = libvirt.open("qemu:///system")
+    netlink = Netlink()
+    name = f"{cluster}-{node}"
+    started = time.monotonic()
+    try:
+        bridge = BridgeWanted(names.bridge_name(VNI), cluster, VNI, f"{SUBNET}.1/24", 1450)
+        await asyncio.to_thread(netlink.reconcile, [bridge])
+        files = work / name
+        (files / "pki").mkdir(parents=True)
+        ctx = NodeContext(cluster, node, "master", node, name, names.mac_address(cluster, node),
+                          f"{SUBNET}.10/24", f"{SUBNET}.1", 1450, "1.31.2", (),
+                          f"http://{SUBNET}.1:1/x", "ab")  # fmt: skip
+        build_config_drive(files / "cidata.iso", config_drive_files(ctx))
+        await disk.ensure_overlay(files / "disk.qcow2", image.disk, 2)
+        params = DomainParams(name, "qemu", 1, 256, image.kernel, image.initrd, image.cmdline,
+                              files / "disk.qcow2", files / "cidata.iso", files / "pki",
+                              "hostagent-pki", files / "console.log", bridge.name,
+                              names.tap_name(cluster, node), names.mac_address(cluster, node),
+                              1450, DomainMeta(cluster, node, "bench", "x"))  # fmt: skip
+        conn.defineXML(domain_xml(params)).create()
+        return time.monotonic() - started
+    finally:
+        dom = conn.lookupByName(name)
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+        await asyncio.to_thread(netlink.reconcile, [])
+        conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    build_lab_image(IMAGE_CACHE, progress=lambda _: None)
+    state = Path(tempfile.mkdtemp(prefix="hostagent-bench-", dir="/var/tmp"))
+    state.chmod(0o711)  # QEMU's user must reach the node files below it
+    agent = Agent(state_dir=state / "agent", image_dir=IMAGE_CACHE)
+    try:
+        client = agent.start()
+        one = [
+            agent_round(agent, client, 1, f"b1-{secrets.token_hex(2)}") for r in range(args.repeat)
+        ]
+        eight = [
+            agent_round(agent, client, 8, f"b8-{secrets.token_hex(2)}") for r in range(args.repeat)
+        ]
+        agent.stop()
+        base = [
+            asyncio.run(baseline_once(IMAGE_CACHE, state / f"b{r}")) for r in range(args.repeat)
+        ]
+    finally:
+        cleanup(agent, [names.bridge_name(VNI)])
+    med = statistics.median
+    r1, y1 = med(x["running"] for x in one), med(x["ready"] for x in one)
+    r8, y8 = med(x["running"] for x in eight), med(x["ready"] for x in eight)
+    b = med(base)
+    print(f"median of {args.repeat} runs, seconds from PUT (baseline: from first step)")
+    print(f"  baseline (direct libvirt-python) to Running: {b:7.3f}")
+    print(f"  agent, 1 node   to Running: {r1:7.3f}   to Ready: {y1:7.3f}")
+    print(f"  agent, 8 nodes  to Running: {r8:7.3f}   to Ready: {y8:7.3f}")
+    print(f"  agent/baseline to Running (1 node): {r1 / b:5.2f}  (target <= 1.10)")
+    print(f"  8 nodes / 1 node to Running:        {r8 / r1:5.2f}  (target < 3)")
+
+
+if __name__ == "__main__":
+    main()
