@@ -13,6 +13,7 @@ import secrets
 import statistics
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,66 +47,73 @@ def node_spec(index: int) -> dict[str, Any]:
     }
 
 
-def poll_phases(client: Any, keys: list[tuple[str, str]], started: float) -> dict[str, float]:
-    """Seconds from `started` until every node was Running (or beyond) and Ready."""
-    running: dict[tuple[str, str], float] = {}
-    ready: dict[tuple[str, str], float] = {}
-    while len(ready) < len(keys):
-        for key in keys:
-            phase = client.get_node(*key)["status"]["phase"]
-            now = time.monotonic() - started
-            if phase in ("Running", "Ready"):
-                running.setdefault(key, now)
-            if phase == "Ready":
-                ready.setdefault(key, now)
-            if phase == "Failed":
-                raise RuntimeError(f"{key} failed")
-        time.sleep(0.02)
-    return {"running": max(running.values()), "ready": max(ready.values())}
+def phase_times(client: Any, keys: list[tuple[str, str]], put_at: float) -> dict[str, float]:
+    """Seconds from the PUT until every node was Running and Ready, read from the times the
+    agent recorded for each transition (so the benchmark's polling adds nothing)."""
+    client.wait(keys, timeout_s=600)
+    firsts: dict[str, list[float]] = {"Running": [], "Ready": []}
+    for cluster, node in keys:
+        events = client.http.get(f"/v1/clusters/{cluster}/nodes/{node}/events").json()["items"]
+        for phase, times in firsts.items():
+            stamp = next(e["at"] for e in events if e["phase"] == phase)
+            at = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+            times.append(at.timestamp() - put_at)
+    return {"running": max(firsts["Running"]), "ready": max(firsts["Ready"])}
 
 
 def agent_round(agent: Agent, client: Any, count: int, cluster: str) -> dict[str, float]:
     keys = [(cluster, f"n{i}") for i in range(count)]
-    started = time.monotonic()
+    put_at = time.time()
     for i, key in enumerate(keys):
         client.put_node(*key, node_spec(i))
-    result = poll_phases(client, keys, started)
+    result = phase_times(client, keys, put_at)
     for key in keys:
         client.delete_node(*key)
     client.wait(keys, until="Gone", timeout_s=120)
     return result
 
 
-async def baseline_once(image_dir: Path, work: Path) -> float:
+async def baseline(image_dir: Path, work: Path, count: int) -> float:
+    """Seconds until `count` nodes made directly (all at once) are running."""
     image = ImageCatalog(image_dir).get("lab")
     assert image is not None
-    cluster, node = f"base{secrets.token_hex(2)}", "n0"
+    cluster = f"base{secrets.token_hex(2)}"
     conn = libvirt.open("qemu:///system")
     netlink = Netlink()
-    name = f"{cluster}-{node}"
-    started = time.monotonic()
-    try:
-        bridge = BridgeWanted(names.bridge_name(VNI), cluster, VNI, f"{SUBNET}.1/24", 1450)
-        await asyncio.to_thread(netlink.reconcile, [bridge])
-        files = work / name
+    bridge = BridgeWanted(names.bridge_name(VNI), cluster, VNI, f"{SUBNET}.1/24", 1450)
+
+    async def one(index: int) -> None:
+        node = f"n{index}"
+        files = work / f"{cluster}-{node}"
         (files / "pki").mkdir(parents=True)
-        ctx = NodeContext(cluster, node, "master", node, name, names.mac_address(cluster, node),
-                          f"{SUBNET}.10/24", f"{SUBNET}.1", 1450, "1.31.2", (),
-                          f"http://{SUBNET}.1:1/x", "ab")  # fmt: skip
+        mac = names.mac_address(cluster, node)
+        address = f"{SUBNET}.{10 + index}/24"
+        ctx = NodeContext(cluster, node, "master", node, node, mac, address, f"{SUBNET}.1",
+                          1450, "1.31.2", (), f"http://{SUBNET}.1:1/x", "ab")  # fmt: skip
         build_config_drive(files / "cidata.iso", config_drive_files(ctx))
         await disk.ensure_overlay(files / "disk.qcow2", image.disk, 2)
-        params = DomainParams(name, "qemu", 1, 256, image.kernel, image.initrd, image.cmdline,
-                              files / "disk.qcow2", files / "cidata.iso", files / "pki",
-                              "hostagent-pki", files / "console.log", bridge.name,
-                              names.tap_name(cluster, node), names.mac_address(cluster, node),
-                              1450, DomainMeta(cluster, node, "bench", "x"))  # fmt: skip
-        conn.defineXML(domain_xml(params)).create()
+        params = DomainParams(f"{cluster}-{node}", "qemu", 1, 256, image.kernel, image.initrd,
+                              image.cmdline, files / "disk.qcow2", files / "cidata.iso",
+                              files / "pki", "hostagent-pki", files / "console.log", bridge.name,
+                              names.tap_name(cluster, node), mac, 1450,
+                              DomainMeta(cluster, node, "bench", "x"))  # fmt: skip
+        xml = domain_xml(params)
+        await asyncio.to_thread(lambda: conn.defineXML(xml).create())
+
+    started = time.monotonic()
+    try:
+        await asyncio.to_thread(netlink.reconcile, [bridge])
+        await asyncio.gather(*(one(i) for i in range(count)))
         return time.monotonic() - started
     finally:
-        dom = conn.lookupByName(name)
-        if dom.isActive():
-            dom.destroy()
-        dom.undefine()
+        for i in range(count):
+            try:
+                dom = conn.lookupByName(f"{cluster}-n{i}")
+            except libvirt.libvirtError:
+                continue
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
         await asyncio.to_thread(netlink.reconcile, [])
         conn.close()
 
@@ -118,6 +126,8 @@ def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="hostagent-bench-", dir="/var/tmp"))
     state.chmod(0o711)  # QEMU's user must reach the node files below it
     agent = Agent(state_dir=state / "agent", image_dir=IMAGE_CACHE)
+    # 8 one-vCPU lab VMs on a 2-core machine: allow the overcommit for the benchmark.
+    agent.write_config("[capacity]\nreserved_vcpus = 0\nvcpu_ratio = 8.0\n")
     try:
         client = agent.start()
         one = [
@@ -127,21 +137,23 @@ def main() -> None:
             agent_round(agent, client, 8, f"b8-{secrets.token_hex(2)}") for r in range(args.repeat)
         ]
         agent.stop()
-        base = [
-            asyncio.run(baseline_once(IMAGE_CACHE, state / f"b{r}")) for r in range(args.repeat)
-        ]
+        base = [asyncio.run(baseline(IMAGE_CACHE, state / f"b{r}", 1)) for r in range(args.repeat)]
+        base8 = [asyncio.run(baseline(IMAGE_CACHE, state / f"c{r}", 8)) for r in range(args.repeat)]
     finally:
         cleanup(agent, [names.bridge_name(VNI)])
     med = statistics.median
     r1, y1 = med(x["running"] for x in one), med(x["ready"] for x in one)
     r8, y8 = med(x["running"] for x in eight), med(x["ready"] for x in eight)
-    b = med(base)
+    b, b8 = med(base), med(base8)
     print(f"median of {args.repeat} runs, seconds from PUT (baseline: from first step)")
-    print(f"  baseline (direct libvirt-python) to Running: {b:7.3f}")
+    print(f"  baseline (direct libvirt-python), 1 node  to Running: {b:7.3f}")
+    print(f"  baseline (direct libvirt-python), 8 nodes to Running: {b8:7.3f}")
     print(f"  agent, 1 node   to Running: {r1:7.3f}   to Ready: {y1:7.3f}")
     print(f"  agent, 8 nodes  to Running: {r8:7.3f}   to Ready: {y8:7.3f}")
     print(f"  agent/baseline to Running (1 node): {r1 / b:5.2f}  (target <= 1.10)")
-    print(f"  8 nodes / 1 node to Running:        {r8 / r1:5.2f}  (target < 3)")
+    print(f"  agent/baseline to Running (8 nodes): {r8 / b8:5.2f}")
+    print(f"  8 nodes / 1 node to Running, agent:    {r8 / r1:5.2f}  (target < 3)")
+    print(f"  8 nodes / 1 node to Running, baseline: {b8 / b:5.2f}  (what this machine allows)")
 
 
 if __name__ == "__main__":

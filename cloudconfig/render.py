@@ -8,6 +8,7 @@ network-config are plain data, so they are dumped with PyYAML and never template
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -97,7 +98,10 @@ def to_json(value: object) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=_undefined) + "\n"
 
 
+@functools.lru_cache(maxsize=8)
 def _environment(template_dir: Path | None) -> jinja2.Environment:
+    # Cached: compiling the templates is most of a render's cost. Jinja's loaders check
+    # the files' mtimes (auto_reload), so an edited override template is still picked up.
     # The override dir comes first, file by file: an operator can replace one
     # template (say worker.yaml.j2) and keep the shipped common.yaml.j2.
     dirs = [SHIPPED_TEMPLATES] if template_dir is None else [template_dir, SHIPPED_TEMPLATES]

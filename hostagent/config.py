@@ -65,7 +65,7 @@ class CapacityConfig(_Section):
 
 
 class ReconcilerConfig(_Section):
-    concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 8
     max_attempts: Annotated[int, Field(ge=1)] = 5
     backoff_initial_s: Annotated[float, Field(gt=0)] = 1.0
     backoff_max_s: Annotated[float, Field(gt=0)] = 60.0

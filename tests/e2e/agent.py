@@ -154,3 +154,15 @@ def cleanup(agent: Agent, bridges: list[str]) -> None:
                 ipr.link("del", index=index)
     if os.environ.get("HOSTAGENT_KEEP_TEST_STATE") != "1":
         shutil.rmtree(agent.state_dir, ignore_errors=True)
+
+
+def restart_libvirtd() -> None:
+    """Stop libvirtd and start it again, the way this machine runs it."""
+    if Path("/run/systemd/system").is_dir():
+        subprocess.run(["systemctl", "restart", "libvirtd"], check=True)
+        return
+    subprocess.run(["pkill", "-x", "libvirtd"], check=True)
+    poll(
+        lambda: subprocess.run(["pgrep", "-x", "libvirtd"]).returncode != 0, 30, "libvirtd to stop"
+    )
+    subprocess.run(["libvirtd", "-d"], check=True)

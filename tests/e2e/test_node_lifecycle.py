@@ -10,6 +10,7 @@ import json
 import secrets
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,15 @@ import pytest
 from hostagent.client import ApiError, Client
 from network.names import bridge_name
 from tests.conftest import require_libvirt
-from tests.e2e.agent import Agent, cleanup, link_exists, owned_domains, poll, qemu_pid
+from tests.e2e.agent import (
+    Agent,
+    cleanup,
+    link_exists,
+    owned_domains,
+    poll,
+    qemu_pid,
+    restart_libvirtd,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -186,6 +195,46 @@ def test_phone_home_with_another_nodes_token_is_refused(agent: Agent, client: Cl
     refused = httpx.post(url, headers={"Authorization": f"Bearer {w1_token}"}, json={})
     assert refused.status_code == 401
     assert httpx.post(url, json={}).status_code == 401
+
+
+def test_metrics_count_nodes_by_phase(agent: Agent) -> None:
+    text = httpx.get(f"http://127.0.0.1:{agent.api_port}/metrics").text
+    assert 'hostagent_nodes{phase="Ready"} 2.0' in text
+    assert "hostagent_reconcile_duration_seconds_count" in text
+
+
+def test_cli_lists_and_gets_nodes(agent: Agent, client: Client) -> None:
+    base = [sys.executable, "-m", "hostagent", "-c", str(agent.config_path)]
+    table = subprocess.run([*base, "list"], check=True, capture_output=True, text=True).stdout
+    header, *rows = table.splitlines()
+    assert header.split()[:4] == ["CLUSTER", "NODE", "ROLE", "PHASE"]
+    assert sorted(row.split()[:4] for row in rows) == [
+        [CLUSTER, "m1", "master", "Ready"],
+        [CLUSTER, "w1", "worker", "Ready"],
+    ]
+    got = subprocess.run(
+        [*base, "get", CLUSTER, "w1", "-o", "json"], check=True, capture_output=True, text=True
+    ).stdout
+    assert json.loads(got)["status"]["guest"]["hostname"] == "w1"
+
+
+def test_agent_reconnects_when_libvirtd_restarts(agent: Agent, client: Client) -> None:
+    pid = qemu_pid(f"{CLUSTER}-m1")
+    restart_libvirtd()
+    health = f"http://127.0.0.1:{agent.api_port}/healthz"
+    poll(lambda: httpx.get(health).status_code == 200, 60, "healthz ok after libvirtd restart")
+    metric = "hostagent_libvirt_reconnects "
+    poll(
+        lambda: any(
+            line.startswith(metric) and float(line.split()[1]) >= 1
+            for line in httpx.get(f"http://127.0.0.1:{agent.api_port}/metrics").text.splitlines()
+        ),
+        60,
+        "the reconnect to show in /metrics",
+    )
+    assert qemu_pid(f"{CLUSTER}-m1") == pid, "a libvirtd restart must not restart VMs"
+    wait_settled(client)
+    assert client.get_node(CLUSTER, "m1")["status"]["phase"] == "Ready"
 
 
 def test_kill_9_and_restart_adopts_running_vms(agent: Agent, client: Client) -> None:

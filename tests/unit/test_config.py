@@ -47,7 +47,7 @@ def test_no_file_means_defaults(no_default_file: Path) -> None:
     assert config.libvirt.uri == "qemu:///system"
     assert config.capacity.reserved_memory_mib == 1024
     assert config.capacity.vcpu_ratio == 4.0
-    assert config.reconciler.concurrency == 4
+    assert config.reconciler.concurrency == 8
 
 
 def test_none_reads_the_default_file_when_it_exists(no_default_file: Path, tmp_path: Path) -> None:
