@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hostagent.client import Client
@@ -58,6 +59,7 @@ def run_demo(config: Config, client_for: Callable[..., Client]) -> None:
     client.wait([("demo", n) for n in NODES], timeout_s=600, progress=print)
     from hostagent.cli import table
 
+    cli = Path(sys.executable).with_name("hostagent")
     print()
     print(table([n for n in client.nodes() if n["cluster"] == "demo"]))
     print(
@@ -65,10 +67,10 @@ def run_demo(config: Config, client_for: Callable[..., Client]) -> None:
 Both nodes are Ready: each VM booted, read its config drive, and phoned home.
 Look at them:
   virsh list                                   the domains demo-m1 and demo-w1
-  hostagent get demo m1 -o yaml                the node, with what the guest reported
+  {cli} get demo m1 -o yaml   the node, with what the guest reported
   cat {config.nodes_dir}/demo/m1/console.log   the serial console of m1
 Delete them:
-  hostagent delete demo m1 --wait; hostagent delete demo w1 --wait
+  {cli} delete demo m1 --wait; {cli} delete demo w1 --wait
 The agent keeps running in the background (log: {config.state_dir / "agent.log"});
 stop it with: pkill -f 'hostagent serve'   (the VMs keep running; it adopts them on start)"""
     )

@@ -197,6 +197,28 @@ def test_phone_home_with_another_nodes_token_is_refused(agent: Agent, client: Cl
     assert httpx.post(url, json={}).status_code == 401
 
 
+def test_changed_spec_recreates_the_domain_and_grows_the_disk(agent: Agent, client: Client) -> None:
+    pid = qemu_pid(f"{CLUSTER}-w1")
+    changed = spec("worker", 21, memory_mib=320, disk_gib=3)
+    response = raw(client, "PUT", f"/v1/clusters/{CLUSTER}/nodes/w1", json.dumps(changed).encode())
+    assert response.status_code == 200
+    assert response.json()["status"]["phase"] == "Pending"
+    client.wait([(CLUSTER, "w1")], timeout_s=300, progress=print)
+    guest = client.get_node(CLUSTER, "w1")["status"]["guest"]
+    assert guest["disk_bytes"] == 3 * 1024**3
+    assert qemu_pid(f"{CLUSTER}-w1") != pid
+    info = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "dominfo", f"{CLUSTER}-w1"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "327680 KiB" in info  # 320 MiB
+    with pytest.raises(ApiError) as error:
+        client.put_node(CLUSTER, "w1", spec("worker", 21, memory_mib=320, disk_gib=2))
+    assert error.value.status == 422  # disks only grow
+
+
 def test_metrics_count_nodes_by_phase(agent: Agent) -> None:
     text = httpx.get(f"http://127.0.0.1:{agent.api_port}/metrics").text
     assert 'hostagent_nodes{phase="Ready"} 2.0' in text
