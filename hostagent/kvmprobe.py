@@ -48,18 +48,19 @@ async def resolve_domain_type(config: Config, virt: Libvirt, images: ImageCatalo
     if kernel is None:
         log.warning("domain type: qemu (no kernel to prove KVM with; build the lab image)")
         return "qemu"
-    result = "kvm" if await _kvm_boots(config, virt, kernel) else "qemu"
+    result = "kvm" if await kernel_boots(config, virt, kernel, "kvm") else "qemu"
     cache.write_text(json.dumps({"boot_id": boot_id, "domain_type": result}))
     return result
 
 
-async def _kvm_boots(config: Config, virt: Libvirt, kernel: Path) -> bool:
+async def kernel_boots(config: Config, virt: Libvirt, kernel: Path, domain_type: str) -> bool:
+    """Whether kernel boots to its end as a `domain_type` guest within the probe timeout."""
     folder = config.state_dir / "probe"
     folder.mkdir(mode=0o711, exist_ok=True)
     console = folder / "console.log"
     console.unlink(missing_ok=True)
     name = await virt.run_transient(
-        probe_xml(f"hostagent-kvm-probe-{os.getpid()}", kernel, console)
+        probe_xml(f"hostagent-probe-{os.getpid()}", kernel, console, domain_type)
     )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + config.libvirt.kvm_probe_timeout_s
@@ -72,8 +73,8 @@ async def _kvm_boots(config: Config, virt: Libvirt, kernel: Path) -> bool:
         await virt.destroy(name)
     booted = stopped and console.exists() and MARKER in console.read_text(errors="replace")
     log.info(
-        "domain type: %s (a kernel under KVM %s within %.0fs)",
-        "kvm" if booted else "qemu",
+        "probe: a kernel under %s %s within %.0fs",
+        domain_type,
         "booted" if booted else "did not finish booting",
         config.libvirt.kvm_probe_timeout_s,
     )

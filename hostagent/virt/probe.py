@@ -16,8 +16,8 @@ from pathlib import Path
 MARKER = "Kernel panic"
 
 
-def probe_xml(name: str, kernel: Path, log: Path) -> str:
-    root = ET.Element("domain", {"type": "kvm"})
+def probe_xml(name: str, kernel: Path, log: Path, domain_type: str = "kvm") -> str:
+    root = ET.Element("domain", {"type": domain_type})
     ET.SubElement(root, "name").text = name
     ET.SubElement(root, "memory", {"unit": "MiB"}).text = "128"
     ET.SubElement(root, "vcpu").text = "1"
