@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 KUBERNETES_VERSION = re.compile(r"^1\.\d{1,3}\.\d{1,3}$")
+DEFAULT_ETCD_DISK_GIB = 5
+API_ENDPOINT = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?:\d{1,5}$")
 
 
 def check_name(kind: str, value: str) -> str:
@@ -90,6 +92,61 @@ class NetworkSpec(_Strict):
         return ipaddress.IPv4Interface(f"{self.gateway}/{self.interface.network.prefixlen}")
 
 
+class MasterRef(_Strict):
+    """One master of the cluster: etcd's initial cluster and the workers' API servers."""
+
+    name: str
+    address: str = Field(description="IPv4 address without prefix length")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name("master name", value)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if ipaddress.ip_address(value).version != 4:
+            raise ValueError("a master's address must be an IPv4 address")
+        return value
+
+
+class ClusterSpec(_Strict):
+    """What a node must know about its guest cluster. With no masters listed, the agent
+    uses the masters of this cluster on this host (enough for a single-host cluster)."""
+
+    masters: list[MasterRef] = Field(default_factory=list, max_length=15)
+    api_endpoint: str | None = Field(
+        default=None, description="host:port of the cluster's API; default: first master:6443"
+    )
+    pod_cidr: str = "192.168.0.0/16"
+    service_cidr: str = "10.96.0.0/12"
+    cluster_domain: str = "cluster.local"
+
+    @field_validator("pod_cidr", "service_cidr")
+    @classmethod
+    def _cidr(cls, value: str) -> str:
+        network = ipaddress.ip_network(value)
+        if network.version != 4 or network.prefixlen > 28:
+            raise ValueError(f"{value} must be an IPv4 network of /28 or larger")
+        return str(network)
+
+    @field_validator("cluster_domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        labels = value.split(".")
+        if len(value) > 253 or not all(DNS1123_LABEL.fullmatch(label) for label in labels):
+            raise ValueError(f"cluster_domain {value[:80]!r} is not a DNS name")
+        return value
+
+    @field_validator("api_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not API_ENDPOINT.fullmatch(value):
+            raise ValueError(f"api_endpoint {value[:80]!r} must be HOST:PORT")
+        return value
+
+
 class NodeSpec(_Strict):
     role: Role
     vcpus: Annotated[int, Field(ge=1, le=256)]
@@ -101,6 +158,12 @@ class NodeSpec(_Strict):
     ssh_authorized_keys: list[Annotated[str, Field(max_length=16_384)]] = Field(
         default_factory=list, max_length=64
     )
+    etcd_disk_gib: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+        default=None,
+        description="masters: size of etcd's own data disk, kept when the root disk is "
+        "re-created (default 5)",
+    )
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
 
     @field_validator("image")
     @classmethod
@@ -122,9 +185,29 @@ class NodeSpec(_Strict):
                 raise ValueError("an SSH key must be a single line")
         return value
 
+    @model_validator(mode="after")
+    def _etcd_disk(self) -> NodeSpec:
+        if self.role is Role.WORKER and self.etcd_disk_gib is not None:
+            raise ValueError("etcd_disk_gib is for masters only")
+        return self
+
+    @property
+    def etcd_disk_size(self) -> int | None:
+        """GiB of the etcd data disk: masters always have one."""
+        if self.role is Role.MASTER:
+            return self.etcd_disk_gib or DEFAULT_ETCD_DISK_GIB
+        return None
+
+    @property
+    def kubernetes_minor(self) -> str:
+        return ".".join(self.kubernetes_version.split(".")[:2])
+
     def spec_hash(self) -> str:
         """A stable hash of the spec: recorded in the domain's metadata to notice changes."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # Fields left at their defaults are not hashed, so a new agent version that adds
+        # a defaulted field does not see every existing domain as changed.
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -210,7 +210,18 @@ def test_spec_example_from_the_api_contract_is_valid() -> None:
     spec = NodeSpec.model_validate(SPEC)
     assert spec.role is Role.MASTER
     assert spec.network.vni == 4242
-    assert spec.model_dump(mode="json") == SPEC
+    dumped = spec.model_dump(mode="json")
+    assert {key: dumped[key] for key in SPEC} == SPEC
+    assert dumped["cluster"]["service_cidr"] == "10.96.0.0/12"  # defaults filled in
+    assert spec.etcd_disk_size == 5
+
+
+def test_spec_hash_ignores_fields_left_at_their_default() -> None:
+    """An agent upgrade that adds a defaulted field must not re-create every VM."""
+    plain = NodeSpec.model_validate(SPEC)
+    explicit = NodeSpec.model_validate({**SPEC, "cluster": {"pod_cidr": "192.168.0.0/16"}})
+    other = NodeSpec.model_validate({**SPEC, "cluster": {"pod_cidr": "172.16.0.0/16"}})
+    assert plain.spec_hash() == explicit.spec_hash() != other.spec_hash()
 
 
 def test_spec_ssh_keys_default_to_empty() -> None:
