@@ -22,7 +22,7 @@ from hostagent.images import Image, ImageCatalog
 from hostagent.model import NodeKey, NodeSpec
 from hostagent.store import NodeRecord
 from hostagent.virt import disk
-from hostagent.virt.domain import DomainMeta, DomainParams, domain_xml
+from hostagent.virt.domain import DataDisk, DomainMeta, DomainParams, domain_xml
 from hostagent.virt.libvirt import Libvirt
 from network import names
 from network.netlink import Netlink
@@ -30,6 +30,7 @@ from network.plan import BridgeWanted, NetworkError
 from pki import layout
 
 log = logging.getLogger(__name__)
+ETCD_DISK_SERIAL = "etcd"  # the guest sees /dev/disk/by-id/virtio-etcd
 
 
 class NodeFiles:
@@ -38,6 +39,7 @@ class NodeFiles:
     def __init__(self, nodes_dir: Path, key: NodeKey) -> None:
         self.root = nodes_dir / key.cluster / key.name
         self.disk = self.root / "disk.qcow2"
+        self.etcd_disk = self.root / "etcd.qcow2"
         self.config_drive = self.root / "cidata.iso"
         self.pki = layout.host_dir(self.root)
         self.console_log = self.root / "console.log"
@@ -112,6 +114,11 @@ class Provisioner:
         contents = config_drive_files(context, self.config.cloudconfig.template_dir)
         await asyncio.to_thread(build_config_drive, files.config_drive, contents)
         await disk.ensure_overlay(files.disk, image.disk, record.spec.disk_gib)
+        etcd_size = record.spec.etcd_disk_size
+        if etcd_size is not None:
+            # etcd's data lives apart from the root disk, which may be re-created
+            # (a new image): losing etcd with it was Giantnetes' worst recurring failure.
+            await disk.ensure_blank(files.etcd_disk, etcd_size)
 
     def _make_dirs(self, files: NodeFiles) -> None:
         # QEMU runs as its own user: it must traverse to the node's files and read the
@@ -168,6 +175,9 @@ class Provisioner:
             mac=names.mac_address(key.cluster, key.name),
             mtu=spec.network.mtu,
             meta=DomainMeta(key.cluster, key.name, self.config.host_id, spec.spec_hash()),
+            data_disks=(
+                (DataDisk(files.etcd_disk, "vdb", ETCD_DISK_SERIAL),) if spec.etcd_disk_size else ()
+            ),
         )
 
     async def define(self, record: NodeRecord) -> None:

@@ -28,6 +28,17 @@ async def info(path: Path) -> dict[str, object]:
     return result
 
 
+async def ensure_blank(path: Path, size_gib: int) -> None:
+    """A disk of its own (no backing file): created once, grown, never re-created."""
+    if path.exists():
+        if int(str((await info(path))["virtual-size"])) < size_gib * GIB:
+            await _qemu_img("resize", "-f", "qcow2", str(path), f"{size_gib}G")
+        return
+    partial = path.with_suffix(".partial")
+    await _qemu_img("create", "-q", "-f", "qcow2", str(partial), f"{size_gib}G")
+    partial.replace(path)
+
+
 async def ensure_overlay(path: Path, base: Path, size_gib: int) -> None:
     """Create the overlay, or grow it; re-create it when its base image changed."""
     if path.exists():

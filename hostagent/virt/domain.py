@@ -33,6 +33,16 @@ class DomainMeta:
 
 
 @dataclass(frozen=True)
+class DataDisk:
+    """A disk of its own beside the root overlay; the guest finds it by serial
+    (/dev/disk/by-id/virtio-<serial>), whatever order the kernel probes disks in."""
+
+    path: Path
+    target: str
+    serial: str
+
+
+@dataclass(frozen=True)
 class DomainParams:
     name: str
     domain_type: str
@@ -51,6 +61,7 @@ class DomainParams:
     mac: str
     mtu: int
     meta: DomainMeta
+    data_disks: tuple[DataDisk, ...] = ()
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -100,6 +111,12 @@ def _devices(root: ET.Element, p: DomainParams) -> None:
     _sub(disk, "driver", name="qemu", type="qcow2", discard="unmap")
     _sub(disk, "source", file=str(p.disk))
     _sub(disk, "target", dev="vda", bus="virtio")
+    for data in p.data_disks:
+        element = _sub(devices, "disk", type="file", device="disk")
+        _sub(element, "driver", name="qemu", type="qcow2", discard="unmap")
+        _sub(element, "source", file=str(data.path))
+        _sub(element, "target", dev=data.target, bus="virtio")
+        _sub(element, "serial", data.serial)
 
     _sub(devices, "controller", type="scsi", index="0", model="virtio-scsi")
     cdrom = _sub(devices, "disk", type="file", device="cdrom")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -60,10 +61,15 @@ def spec(role: str, host_part: int, **changes: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def agent(lab_image_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+def agent(lab_image_dir: Path) -> Iterator[Agent]:
     require_libvirt()
     state = Path("/var/lib/hostagent-e2e") / CLUSTER
-    agent = Agent(state_dir=state, image_dir=lab_image_dir)
+    # Two images with the same content under two names: changing a node's image
+    # re-creates its root disk, which must leave its etcd disk alone.
+    images = state / "images"
+    for name in ("lab", "lab-b"):
+        shutil.copytree(lab_image_dir / "lab", images / name)
+    agent = Agent(state_dir=state, image_dir=images)
     try:
         yield agent
     finally:
@@ -217,6 +223,27 @@ def test_changed_spec_recreates_the_domain_and_grows_the_disk(agent: Agent, clie
     with pytest.raises(ApiError) as error:
         client.put_node(CLUSTER, "w1", spec("worker", 21, memory_mib=320, disk_gib=2))
     assert error.value.status == 422  # disks only grow
+
+
+def test_new_image_recreates_the_root_disk_but_keeps_etcds(agent: Agent, client: Client) -> None:
+    files = agent.state_dir / "nodes" / CLUSTER / "m1"
+    etcd_before = (files / "etcd.qcow2").stat()
+    root_before = (files / "disk.qcow2").stat().st_ino
+    client.put_node(CLUSTER, "m1", spec("master", 11, image="lab-b"))
+    client.wait([(CLUSTER, "m1")], timeout_s=300, progress=print)
+    assert (files / "disk.qcow2").stat().st_ino != root_before, "root disk not re-created"
+    etcd_after = (files / "etcd.qcow2").stat()
+    assert (etcd_after.st_ino, etcd_after.st_mtime_ns) == (
+        etcd_before.st_ino,
+        etcd_before.st_mtime_ns,
+    )
+    xml = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "dumpxml", f"{CLUSTER}-m1"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "<serial>etcd</serial>" in xml and "lab-b" in xml
 
 
 def test_metrics_count_nodes_by_phase(agent: Agent) -> None:

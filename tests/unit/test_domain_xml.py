@@ -209,3 +209,19 @@ FOREIGN = [
 @pytest.mark.parametrize("xml", FOREIGN)
 def test_parse_meta_ignores_foreign_domains(xml: str) -> None:
     assert parse_meta(xml) is None
+
+
+def test_data_disks_are_virtio_with_their_serial() -> None:
+    from dataclasses import replace
+
+    from hostagent.virt.domain import DataDisk
+
+    params = replace(PARAMS, data_disks=(DataDisk(Path("/n/etcd.qcow2"), "vdb", "etcd"),))
+    root = ET.fromstring(domain_xml(params))
+    disks = root.findall("devices/disk[@device='disk']")
+    assert [d.find("target").get("dev") for d in disks] == ["vda", "vdb"]  # type: ignore[union-attr]
+    etcd = disks[1]
+    assert etcd.find("source").get("file") == "/n/etcd.qcow2"  # type: ignore[union-attr]
+    assert etcd.findtext("serial") == "etcd"
+    assert etcd.find("backingStore") is None
+    assert ET.fromstring(domain_xml(PARAMS)).findall("devices/disk[@device='disk']")[1:] == []
