@@ -70,6 +70,8 @@ class ReconcilerConfig(_Section):
     backoff_initial_s: Annotated[float, Field(gt=0)] = 1.0
     backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
     resync_interval_s: Annotated[float, Field(gt=0)] = 60.0
+    crash_loop_starts: Annotated[int, Field(ge=1)] = 5
+    crash_loop_window_s: Annotated[float, Field(gt=0)] = 600.0
 
 
 class CloudConfigConfig(_Section):

@@ -62,6 +62,29 @@ def plan_node(record: NodeRecord | None, domain: DomainInfo | None) -> list[Step
     return []
 
 
+class StartHistory:
+    """Starts per node in a sliding window: a VM that keeps stopping is not started forever."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._starts: dict[NodeKey, list[float]] = {}
+
+    def note(self, key: NodeKey) -> None:
+        now = time.monotonic()
+        recent = [t for t in self._starts.get(key, []) if now - t < self.window_s]
+        if len(recent) >= self.limit:
+            raise ProvisioningError(
+                f"the VM was started {len(recent)} times in the last {self.window_s:.0f}s and "
+                "stopped again each time; look at its serial console log "
+                "(<state_dir>/nodes/<cluster>/<node>/console.log)"
+            )
+        self._starts[key] = [*recent, now]
+
+    def forget(self, key: NodeKey) -> None:
+        self._starts.pop(key, None)
+
+
 class Reconciler:
     def __init__(
         self,
@@ -82,6 +105,7 @@ class Reconciler:
         self._queued: set[NodeKey] = set()
         self._active: set[NodeKey] = set()
         self._again: set[NodeKey] = set()
+        self._starts = StartHistory(config.crash_loop_starts, config.crash_loop_window_s)
 
     def enqueue(self, key: NodeKey) -> None:
         if key in self._active:
@@ -180,6 +204,7 @@ class Reconciler:
             self.store.set_phase(key, phase or record.phase, message)
 
     def _fail(self, key: NodeKey, error: str, attempts: int) -> None:
+        self._starts.forget(key)  # a retry (PUT again) starts with a clean history
         record = self.store.get(key)
         if record is None:
             log.error("cleaning up orphan domain %s failed: %s", key.domain, error)
@@ -213,6 +238,8 @@ class Reconciler:
         elif step is Step.DEFINE:
             await p.define(self._record(key))
         elif step in (Step.START, Step.MARK_RUNNING):
+            if step is Step.START:
+                self._starts.note(key)
             domain_id = await p.virt.start(key.domain) if step is Step.START else None
             if domain_id is None:
                 info = await p.virt.domain(key.domain, self.host_id)
@@ -233,6 +260,7 @@ class Reconciler:
             await p.remove_files(key)
         elif step is Step.FORGET:
             self.store.remove(key)
+            self._starts.forget(key)
 
     def _record(self, key: NodeKey) -> NodeRecord:
         record = self.store.get(key)

@@ -246,6 +246,18 @@ def test_new_image_recreates_the_root_disk_but_keeps_etcds(agent: Agent, client:
     assert "<serial>etcd</serial>" in xml and "lab-b" in xml
 
 
+def test_a_vm_stopped_behind_the_agents_back_is_started_again(agent: Agent, client: Client) -> None:
+    pid = qemu_pid(f"{CLUSTER}-w1")
+    subprocess.run(["virsh", "-c", "qemu:///system", "destroy", f"{CLUSTER}-w1"], check=True)
+    poll(lambda: qemu_pid(f"{CLUSTER}-w1") not in (None, pid), 60, "w1 to be started again")
+    client.wait([(CLUSTER, "w1")], timeout_s=300, progress=print)
+    phases = [
+        e["phase"]
+        for e in raw(client, "GET", f"/v1/clusters/{CLUSTER}/nodes/w1/events").json()["items"]
+    ]
+    assert phases[-2:] == ["Running", "Ready"], phases
+
+
 def test_metrics_count_nodes_by_phase(agent: Agent) -> None:
     text = httpx.get(f"http://127.0.0.1:{agent.api_port}/metrics").text
     assert 'hostagent_nodes{phase="Ready"} 2.0' in text

@@ -185,3 +185,21 @@ def test_plan_is_repeatable_and_leaves_the_record_alone() -> None:
 def test_step_descriptions_are_unique() -> None:
     values = [step.value for step in Step]
     assert len(values) == len(set(values))
+
+
+def test_start_history_stops_a_crash_loop() -> None:
+    from hostagent.errors import ProvisioningError
+    from hostagent.model import NodeKey
+    from hostagent.reconciler import StartHistory
+
+    key = NodeKey(cluster="c", name="n")
+    history = StartHistory(limit=3, window_s=600)
+    for _ in range(3):
+        history.note(key)
+    with pytest.raises(ProvisioningError, match="started 3 times"):
+        history.note(key)
+    history.forget(key)
+    history.note(key)  # a retry starts clean
+    aging = StartHistory(limit=1, window_s=1e-9)
+    aging.note(key)
+    aging.note(key)  # the first start has left the window: no error
