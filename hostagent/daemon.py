@@ -95,7 +95,8 @@ class Agent:
         self.metrics = Metrics(self._phase_counts, lambda: self.virt.reconnects)
         self.service = NodeService(config, self.store, self.images, self.physical, self._notify)
         self.netlink = Netlink()
-        self.domain_type = "qemu"
+        configured = config.libvirt.domain_type
+        self.domain_type: str | None = None if configured == "auto" else configured
         self.reconciler: Reconciler | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -112,7 +113,19 @@ class Agent:
 
     def _on_reconnect(self) -> None:
         if self.reconciler is not None:
-            asyncio.get_running_loop().create_task(self.reconciler.resync())
+            asyncio.get_running_loop().create_task(self._after_reconnect())
+
+    async def _after_reconnect(self) -> None:
+        await self._resolve_domain_type()
+        if self.reconciler is not None:
+            await self.reconciler.resync()
+
+    async def _resolve_domain_type(self) -> None:
+        """auto: probe once libvirt answers; nodes wait for it (define refuses meanwhile)."""
+        if self.domain_type is None:
+            self.domain_type = await resolve_domain_type(self.config, self.virt, self.images)
+            if self.reconciler is not None:
+                self.reconciler.provisioner.domain_type = self.domain_type
 
     async def host_info(self) -> dict[str, Any]:
         offer = capacity.allocatable(self.physical, self.config.capacity)
@@ -136,7 +149,7 @@ class Agent:
             log.error("%s; starting anyway and retrying in the background", exc)
             self.virt.mark_lost()
         if self.virt.connected.is_set():
-            self.domain_type = await resolve_domain_type(self.config, self.virt, self.images)
+            await self._resolve_domain_type()
         phone_runner = web.AppRunner(phone_home_app(self.service), access_log=None)
         await phone_runner.setup()
         self.sites = PhoneHomeSites(phone_runner, self.config.phone_home.port)

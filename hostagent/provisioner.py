@@ -23,7 +23,7 @@ from hostagent.model import NodeKey, NodeSpec
 from hostagent.store import NodeRecord
 from hostagent.virt import disk
 from hostagent.virt.domain import DataDisk, DomainMeta, DomainParams, domain_xml
-from hostagent.virt.libvirt import Libvirt
+from hostagent.virt.libvirt import Libvirt, LibvirtUnavailable
 from network import names
 from network.netlink import Netlink
 from network.plan import BridgeWanted, NetworkError
@@ -74,7 +74,7 @@ class Provisioner:
         images: ImageCatalog,
         virt: Libvirt,
         netlink: Netlink,
-        domain_type: str,
+        domain_type: str | None,
         on_networks: Callable[[list[BridgeWanted]], Awaitable[None]],
     ) -> None:
         self.config = config
@@ -155,6 +155,8 @@ class Provisioner:
         )
 
     def domain_params(self, record: NodeRecord) -> DomainParams:
+        if self.domain_type is None:
+            raise LibvirtUnavailable("the domain type is not known until libvirt answers")
         spec, key, files = record.spec, record.key, self.files(record.key)
         image = self.image(spec)
         return DomainParams(
