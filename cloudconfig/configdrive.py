@@ -17,7 +17,7 @@ from pathlib import Path
 import pycdlib
 
 from cloudconfig.context import NodeContext
-from cloudconfig.render import render_meta_data, render_network_config, render_user_data
+from cloudconfig.render import render_node
 
 VOLUME_LABEL = "cidata"  # what NoCloud looks for
 # QEMU runs as its own user and must read the drive; nothing in it is secret from
@@ -28,11 +28,7 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,29}")  # ISO 9660 level 3 names are s
 
 def config_drive_files(ctx: NodeContext, template_dir: Path | None = None) -> dict[str, bytes]:
     """The files of the node's NoCloud config drive, by their names on the drive (pure)."""
-    return {
-        "meta-data": render_meta_data(ctx).encode(),
-        "network-config": render_network_config(ctx).encode(),
-        "user-data": render_user_data(ctx, template_dir).encode(),
-    }
+    return {name: text.encode() for name, text in render_node(ctx, template_dir).items()}
 
 
 def build_config_drive(path: Path, files: Mapping[str, bytes]) -> None:

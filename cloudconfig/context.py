@@ -1,13 +1,122 @@
 """NodeContext: everything the cloud-config templates may know about one node.
 
-The templates see only this object's fields, never a NodeSpec or the agent's
-config: the caller decides what a guest may learn, and a template change cannot
-reach into the rest of the agent.
+The templates see only this object's fields (and what render.py derives from them),
+never a NodeSpec or the agent's config: the caller decides what a guest may learn, and
+a template change cannot reach into the rest of the agent.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+from pki.layout import GUEST_MOUNT
+
+MAX_CONTENT = 1024 * 1024  # one extension file; user-data travels on a small ISO
+MAX_COMMAND = 64 * 1024
+_PERMISSIONS = re.compile(r"[0-7]{3,4}")
+_UNIT_NAME = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9:_.@-]{0,200}\.(service|socket|timer|path|mount|automount|target|slice)"
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_file_path(path: str) -> str:
+    """Return path when it is a normalised absolute path a guest can write, else ValueError."""
+    if (
+        not path.startswith("/")
+        or path == "/"
+        or posixpath.normpath(path) != path
+        or path.startswith("//")
+        or len(path) > 4096
+        or _CONTROL.search(path)
+    ):
+        raise ValueError(
+            f"file path {path[:80]!r} must be a normalised absolute path without control "
+            "characters (no '..', '//' or trailing '/')"
+        )
+    if path == GUEST_MOUNT or path.startswith(GUEST_MOUNT + "/"):
+        raise ValueError(f"file path {path[:80]!r} is inside the read-only {GUEST_MOUNT}")
+    return path
+
+
+def check_permissions(permissions: str) -> str:
+    if not _PERMISSIONS.fullmatch(permissions):
+        raise ValueError(f"permissions {permissions[:20]!r} must be octal digits, e.g. '0644'")
+    return permissions
+
+
+def check_unit_name(name: str) -> str:
+    if not _UNIT_NAME.fullmatch(name):
+        raise ValueError(
+            f"unit name {name[:80]!r} must be a systemd unit file name such as "
+            "'audit.service' (letters, digits, ':_.@-', a unit type suffix)"
+        )
+    return name
+
+
+def check_content(content: str) -> str:
+    if len(content) > MAX_CONTENT:
+        raise ValueError(f"content of {len(content)} characters is over {MAX_CONTENT}")
+    return content
+
+
+def check_command(command: str) -> str:
+    if not command.strip() or "\x00" in command or len(command) > MAX_COMMAND:
+        raise ValueError(
+            f"command {command[:80]!r} must be non-empty, without NUL, at most {MAX_COMMAND} "
+            "characters"
+        )
+    return command
+
+
+@dataclass(frozen=True)
+class ExtraFile:
+    """A file the operator adds to every node of a role (appended to write_files)."""
+
+    path: str
+    content: str
+    permissions: str = "0644"
+
+    def __post_init__(self) -> None:
+        check_file_path(self.path)
+        check_content(self.content)
+        check_permissions(self.permissions)
+
+
+@dataclass(frozen=True)
+class ExtraUnit:
+    """A systemd unit the operator adds: written to /etc/systemd/system, enabled if asked."""
+
+    name: str
+    content: str
+    enable: bool = True
+
+    def __post_init__(self) -> None:
+        check_unit_name(self.name)
+        check_content(self.content)
+
+
+@dataclass(frozen=True)
+class Extensions:
+    """The agent config's additions for one role (Giant Swarm's Files/Units extension)."""
+
+    files: tuple[ExtraFile, ...] = ()
+    units: tuple[ExtraUnit, ...] = ()
+    commands: tuple[str, ...] = ()  # run by sh in runcmd, after the units, before phone-home
+
+    def __post_init__(self) -> None:
+        for command in self.commands:
+            check_command(command)
+
+
+@dataclass(frozen=True)
+class MasterPeer:
+    """One master of the cluster: a member of etcd's initial cluster."""
+
+    name: str
+    address: str  # IPv4 without prefix length
 
 
 @dataclass(frozen=True)
@@ -15,13 +124,23 @@ class NodeContext:
     cluster: str
     node: str
     role: str  # "master" | "worker": picks the template
-    hostname: str
+    hostname: str  # also the Kubernetes node name (the kubelet's default)
     instance_id: str  # a new value makes cloud-init run its per-instance modules again
     mac: str
     address: str  # IPv4 with prefix length, e.g. "10.42.0.11/24"
     gateway: str
     mtu: int
-    kubernetes_version: str
+    kubernetes_version: str  # MAJOR.MINOR.PATCH; its minor picks templates/<minor>/
     ssh_authorized_keys: tuple[str, ...]
     phone_home_url: str
     phone_home_token: str
+    # The guest cluster. The defaults match ClusterSpec's; empty masters on a master
+    # means "this node alone", an empty api_endpoint "the first master, port 6443".
+    masters: tuple[MasterPeer, ...] = ()
+    api_endpoint: str = ""  # "host:port"
+    pod_cidr: str = "192.168.0.0/16"
+    service_cidr: str = "10.96.0.0/12"
+    cluster_domain: str = "cluster.local"
+    # Guest device of a master's etcd data disk (None: etcd's data stays on the root disk).
+    etcd_disk: str | None = None
+    extensions: Extensions = field(default_factory=Extensions)

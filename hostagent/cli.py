@@ -139,6 +139,17 @@ def cmd_host(args: argparse.Namespace, config: Config) -> None:
     emit(info, args.output if args.output != "table" else "yaml", lambda: "")
 
 
+def cmd_render(args: argparse.Namespace, config: Config) -> None:
+    """Print what a node's config drive would hold, without an agent or libvirt."""
+    from hostagent.rendering import render_files
+
+    files = render_files(config, Path(args.spec), role=args.role, only=args.only)
+    for name, text in files.items():
+        if len(files) > 1:
+            print(f"# ---- {name} ----")
+        print(text, end="" if text.endswith("\n") else "\n")
+
+
 def cmd_demo(args: argparse.Namespace, config: Config) -> None:
     from hostagent.demo import run_demo
 
@@ -189,6 +200,11 @@ def parser() -> argparse.ArgumentParser:
         func=cmd_host
     )
     sub.add_parser("demo", help="create a demo cluster of lab VMs").set_defaults(func=cmd_demo)
+    render = sub.add_parser("render", help="print a node's user-data, meta-data, network-config")
+    render.add_argument("--spec", required=True, help="a NodeSpec, or {cluster, name, spec}")
+    render.add_argument("--role", choices=["master", "worker"], help="override the spec's role")
+    render.add_argument("--only", choices=["user-data", "meta-data", "network-config"])
+    render.set_defaults(func=cmd_render)
     return top
 
 
@@ -208,3 +224,5 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"hostagent: {exc}") from exc
     except TimeoutError as exc:
         raise SystemExit(f"hostagent: {exc}") from exc
+    except BrokenPipeError:  # output piped into head or less that quit early
+        sys.stderr.close()

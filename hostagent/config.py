@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cloudconfig import context
 from hostagent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/hostagent/hostagent.toml")
@@ -74,8 +75,75 @@ class ReconcilerConfig(_Section):
     crash_loop_window_s: Annotated[float, Field(gt=0)] = 600.0
 
 
+class ExtraFileConfig(_Section):
+    """`[[cloudconfig.<role>.files]]`: a file added to the role's write_files."""
+
+    path: str
+    content: str
+    permissions: str = "0644"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return context.check_file_path(value)
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: str) -> str:
+        return context.check_content(value)
+
+    @field_validator("permissions")
+    @classmethod
+    def _permissions(cls, value: str) -> str:
+        return context.check_permissions(value)
+
+
+class ExtraUnitConfig(_Section):
+    """`[[cloudconfig.<role>.units]]`: a systemd unit, enabled and started unless enable=false."""
+
+    name: str
+    content: str
+    enable: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return context.check_unit_name(value)
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: str) -> str:
+        return context.check_content(value)
+
+
+class RoleExtensions(_Section):
+    """What every node of one role gets on top of the shipped templates."""
+
+    files: list[ExtraFileConfig] = Field(default_factory=list, max_length=256)
+    units: list[ExtraUnitConfig] = Field(default_factory=list, max_length=64)
+    commands: list[str] = Field(default_factory=list, max_length=256)
+
+    @field_validator("commands")
+    @classmethod
+    def _commands(cls, value: list[str]) -> list[str]:
+        return [context.check_command(command) for command in value]
+
+    @field_validator("units")
+    @classmethod
+    def _unique_units(cls, value: list[ExtraUnitConfig]) -> list[ExtraUnitConfig]:
+        names = [unit.name for unit in value]
+        if len(set(names)) != len(names):
+            raise ValueError("unit names must be unique")
+        return value
+
+
 class CloudConfigConfig(_Section):
     template_dir: Path | None = None
+    master: RoleExtensions = RoleExtensions()
+    worker: RoleExtensions = RoleExtensions()
+
+    def extensions(self, role: str) -> RoleExtensions:
+        return self.master if role == "master" else self.worker
 
 
 class Config(_Section):

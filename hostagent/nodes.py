@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cloudconfig.versions import UnsupportedVersion, template_folder
 from hostagent import capacity
 from hostagent.config import Config
 from hostagent.errors import Conflict, Invalid, MalformedRequest, NotFound, Unauthorized
@@ -146,6 +147,10 @@ class NodeService:
                     f"node {key} would get the libvirt domain name {key.domain}, which node "
                     f"{other.key} already has; choose another cluster or node name"
                 )
+        try:
+            template_folder(spec.kubernetes_version)
+        except UnsupportedVersion as exc:
+            raise Invalid(str(exc)) from exc
         if self.images.get(spec.image) is None:
             known = ", ".join(self.images.names()) or "none"
             raise Invalid(f"image {spec.image!r} is not on this host (known: {known})")

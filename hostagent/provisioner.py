@@ -20,6 +20,7 @@ from hostagent.config import Config
 from hostagent.errors import ProvisioningError
 from hostagent.images import Image, ImageCatalog
 from hostagent.model import NodeKey, NodeSpec
+from hostagent.nodecontext import ETCD_DISK_SERIAL, node_context
 from hostagent.store import NodeRecord
 from hostagent.virt import disk
 from hostagent.virt.domain import DataDisk, DomainMeta, DomainParams, domain_xml
@@ -30,7 +31,6 @@ from network.plan import BridgeWanted, NetworkError
 from pki import layout
 
 log = logging.getLogger(__name__)
-ETCD_DISK_SERIAL = "etcd"  # the guest sees /dev/disk/by-id/virtio-etcd
 
 
 class NodeFiles:
@@ -61,10 +61,6 @@ def wanted_bridges(records: Iterable[NodeRecord]) -> list[BridgeWanted]:
             ),
         )
     return sorted(wanted.values(), key=lambda bridge: bridge.vni)
-
-
-def phone_home_url(key: NodeKey, spec: NodeSpec, port: int) -> str:
-    return f"http://{spec.network.gateway}:{port}/v1/phone-home/{key.cluster}/{key.name}"
 
 
 class Provisioner:
@@ -106,12 +102,15 @@ class Provisioner:
                 raise ProvisioningError(f"cluster network: {exc}") from exc
             await self.on_networks(wanted)
 
-    async def prepare_files(self, record: NodeRecord) -> None:
+    async def prepare_files(self, record: NodeRecord, peers: Iterable[NodeRecord]) -> None:
         files = self.files(record.key)
         image = self.image(record.spec)
         await asyncio.to_thread(self._make_dirs, files)
-        context = self.context(record)
-        contents = config_drive_files(context, self.config.cloudconfig.template_dir)
+        context = self.context(record, peers)
+        try:
+            contents = config_drive_files(context, self.config.cloudconfig.template_dir)
+        except ValueError as exc:  # e.g. an operator's override template that fails
+            raise ProvisioningError(f"rendering the cloud-config failed: {exc}") from exc
         await asyncio.to_thread(build_config_drive, files.config_drive, contents)
         await disk.ensure_overlay(files.disk, image.disk, record.spec.disk_gib)
         etcd_size = record.spec.etcd_disk_size
@@ -136,23 +135,8 @@ class Provisioner:
         os.chown(files.pki, qemu.pw_uid, qemu.pw_gid)
         files.pki.chmod(0o700)
 
-    def context(self, record: NodeRecord) -> NodeContext:
-        spec, key = record.spec, record.key
-        return NodeContext(
-            cluster=key.cluster,
-            node=key.name,
-            role=spec.role.value,
-            hostname=key.name,
-            instance_id=f"{key.domain}-{spec.spec_hash()}",
-            mac=names.mac_address(key.cluster, key.name),
-            address=spec.network.address,
-            gateway=spec.network.gateway,
-            mtu=spec.network.mtu,
-            kubernetes_version=spec.kubernetes_version,
-            ssh_authorized_keys=tuple(spec.ssh_authorized_keys),
-            phone_home_url=phone_home_url(key, spec, self.config.phone_home.port),
-            phone_home_token=record.token,
-        )
+    def context(self, record: NodeRecord, peers: Iterable[NodeRecord] = ()) -> NodeContext:
+        return node_context(self.config, record, peers)
 
     def domain_params(self, record: NodeRecord) -> DomainParams:
         if self.domain_type is None:

@@ -234,7 +234,7 @@ class Reconciler:
             await p.ensure_networks(self.store.all())
         elif step is Step.PREPARE:
             self.store.set_phase(key, Phase.PROVISIONING, step.value)
-            await p.prepare_files(self._record(key))
+            await p.prepare_files(self._record(key), self.store.all())
         elif step is Step.DEFINE:
             await p.define(self._record(key))
         elif step in (Step.START, Step.MARK_RUNNING):

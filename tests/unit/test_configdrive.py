@@ -10,7 +10,8 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from cloudconfig.configdrive import build_config_drive, read_config_drive
+from cloudconfig.configdrive import build_config_drive, config_drive_files, read_config_drive
+from cloudconfig.context import MasterPeer, NodeContext
 
 FILES = {
     "meta-data": b"instance-id: alpha-m1-1\nlocal-hostname: m1\n",
@@ -114,3 +115,29 @@ def test_failed_replace_leaves_no_temp_file(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         build_config_drive(drive, FILES)
     assert os.listdir(tmp_path) == ["cidata.iso"]
+
+
+@pytest.mark.parametrize("role", ["master", "worker"])
+def test_rendered_node_round_trips(tmp_path: Path, role: str) -> None:
+    # A full master's user-data (manifests, Calico) is tens of kB: many ISO blocks.
+    ctx = NodeContext(
+        cluster="alpha",
+        node="m1",
+        role=role,
+        hostname="m1",
+        instance_id="alpha-m1-1",
+        mac="52:54:00:12:34:56",
+        address="10.42.0.11/24",
+        gateway="10.42.0.1",
+        mtu=1450,
+        kubernetes_version="1.31.2",
+        ssh_authorized_keys=(),
+        phone_home_url="http://10.42.0.1:8472/v1/phone-home/alpha/m1",
+        phone_home_token="00ff",
+        masters=(MasterPeer("m1", "10.42.0.11"),),
+    )
+    files = config_drive_files(ctx)
+    assert set(files) == {"user-data", "meta-data", "network-config"}
+    drive = tmp_path / "cidata.iso"
+    build_config_drive(drive, files)
+    assert read_config_drive(drive) == files
