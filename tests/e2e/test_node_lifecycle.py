@@ -119,7 +119,16 @@ def test_bad_input_is_refused_and_changes_nothing(agent: Agent, client: Client) 
             422,
         ),
         ("PUT", f"/v1/clusters/{CLUSTER}/nodes/m1", json.dumps(spec("chief", 11)).encode(), 422),
+        (
+            "PUT",
+            f"/v1/clusters/{CLUSTER}/nodes/m1",
+            json.dumps(spec("master", 11, kubernetes_version="1.29.1")).encode(),
+            422,
+        ),
     ]
+    old_version = json.dumps(spec("master", 11, kubernetes_version="1.29.1")).encode()
+    unsupported = raw(client, "PUT", f"/v1/clusters/{CLUSTER}/nodes/m1", old_version)
+    assert "1.30, 1.31" in unsupported.json()["error"]["message"]
     for method, path, body, status in cases:
         response = raw(client, method, path, body)
         assert response.status_code == status, (path, body[:60], response.text)
