@@ -96,9 +96,11 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> None:
 
 def cmd_image_build(args: argparse.Namespace, config: Config) -> None:
     from hostagent.labimage.build import build_lab_image
+    from hostagent.labimage.cloudinit import build_cloudinit_image
 
-    folder = build_lab_image(config.images, force=args.force)
-    print(f"image lab is ready in {folder}")
+    build = build_lab_image if args.name == "lab" else build_cloudinit_image
+    folder = build(config.images, force=args.force)
+    print(f"image {args.name} is ready in {folder}")
 
 
 def cmd_apply(args: argparse.Namespace, config: Config) -> None:
@@ -170,8 +172,8 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="run the agent").set_defaults(func=cmd_serve)
     image = sub.add_parser("image", help="base images").add_subparsers(dest="image", required=True)
-    build = image.add_parser("build", help="build an image (only 'lab')")
-    build.add_argument("name", choices=["lab"])
+    build = image.add_parser("build", help="build a lab image offline from Debian's packages")
+    build.add_argument("name", choices=["lab", "lab-cloudinit"])
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
     build.set_defaults(func=cmd_image_build)
 

@@ -40,3 +40,13 @@ def lab_image_dir() -> Path:
 
     build_lab_image(IMAGE_CACHE, progress=lambda line: print(f"lab image: {line}"))
     return IMAGE_CACHE
+
+
+@pytest.fixture(scope="session")
+def cloudinit_image_dir() -> Path:
+    """The lab-cloudinit image (Debian + cloud-init, debootstrap), cached by its recipe hash."""
+    require_libvirt()
+    from hostagent.labimage.cloudinit import build_cloudinit_image
+
+    build_cloudinit_image(IMAGE_CACHE, progress=lambda line: print(line, flush=True))
+    return IMAGE_CACHE
