@@ -12,7 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cloudconfig import context
 from hostagent.errors import ConfigError
@@ -146,6 +153,39 @@ class CloudConfigConfig(_Section):
         return self.master if role == "master" else self.worker
 
 
+class VaultConfig(_Section):
+    url: str
+    ca_bundle: Path | None = None
+    token_file: Path | None = None
+    role_id_file: Path | None = None
+    secret_id_file: Path | None = None
+    approle_mount: str = "approle"
+    mount_prefix: str = "hostagent"
+    kv_mount: str = "hostagent-kv"
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> VaultConfig:
+        approle = self.role_id_file is not None and self.secret_id_file is not None
+        if (self.token_file is not None) == approle:
+            raise ValueError("set either token_file or both role_id_file and secret_id_file")
+        return self
+
+
+class PkiConfig(_Section):
+    backend: Literal["local", "vault"] = "local"
+    key_type: Literal["ecdsa", "rsa"] = "ecdsa"
+    ttl_days: Annotated[float, Field(gt=0, le=3650)] = 90.0
+    renew_fraction: Annotated[float, Field(gt=0, lt=1)] = 2 / 3
+    revoke_on_last_node: bool = True
+    vault: VaultConfig | None = None
+
+    @model_validator(mode="after")
+    def _vault_settings(self) -> PkiConfig:
+        if self.backend == "vault" and self.vault is None:
+            raise ValueError("backend 'vault' needs a [pki.vault] section")
+        return self
+
+
 class Config(_Section):
     host_id: str = Field(default_factory=socket.gethostname)
     state_dir: Path = Path("/var/lib/hostagent")
@@ -156,6 +196,7 @@ class Config(_Section):
     capacity: CapacityConfig = CapacityConfig()
     reconciler: ReconcilerConfig = ReconcilerConfig()
     cloudconfig: CloudConfigConfig = CloudConfigConfig()
+    pki: PkiConfig = PkiConfig()
 
     @property
     def images(self) -> Path:

@@ -10,13 +10,14 @@ import secrets
 import signal
 import ssl
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 from aiohttp import web
 
-from hostagent import __version__, capacity
+from hostagent import __version__, capacity, certificates
 from hostagent.access import check_qemu_can_reach
 from hostagent.api import api_app, phone_home_app
 from hostagent.config import Config
@@ -32,8 +33,12 @@ from hostagent.store import Store
 from hostagent.virt.libvirt import Libvirt, LibvirtUnavailable
 from network.netlink import Netlink
 from network.plan import BridgeWanted
+from pki import layout
+from pki.files import read_expiries
+from pki.renewal import Renewer
 
 log = logging.getLogger(__name__)
+CA_NAMES = {cert.name for cert in layout.CERTS if cert.ca_only}
 
 
 def ensure_token(path: Path) -> str:
@@ -92,7 +97,17 @@ class Agent:
             on_lifecycle=self._on_lifecycle,
             on_reconnect=self._on_reconnect,
         )
-        self.metrics = Metrics(self._phase_counts, lambda: self.virt.reconnects)
+        self.pki = certificates.make_backend(config)
+        self.renewer = Renewer(
+            self.pki,
+            lambda: certificates.renewal_targets(config, self.store.all()),
+            key_type=certificates.key_type(config),
+            ttl=certificates.ttl(config),
+            fraction=config.pki.renew_fraction,
+        )
+        self.metrics = Metrics(
+            self._phase_counts, lambda: self.virt.reconnects, self.renewer.status, self._expiries
+        )
         self.service = NodeService(config, self.store, self.images, self.physical, self._notify)
         self.netlink = Netlink()
         configured = config.libvirt.domain_type
@@ -102,6 +117,16 @@ class Agent:
 
     def _phase_counts(self) -> dict[Phase, int]:
         return dict(Counter(record.phase for record in self.store.all()))
+
+    def _expiries(self) -> dict[tuple[str, str], datetime]:
+        """Per node, when its first certificate (CAs aside) expires, from its manifest."""
+        soonest = {}
+        for record in self.store.all():
+            folder = layout.host_dir(self.config.nodes_dir / record.key.cluster / record.key.name)
+            leaves = [when for name, when in read_expiries(folder).items() if name not in CA_NAMES]
+            if leaves:
+                soonest[(record.key.cluster, record.key.name)] = min(leaves)
+        return soonest
 
     def _notify(self, key: NodeKey) -> None:
         if self.reconciler is not None:
@@ -154,7 +179,13 @@ class Agent:
         await phone_runner.setup()
         self.sites = PhoneHomeSites(phone_runner, self.config.phone_home.port)
         provisioner = Provisioner(
-            self.config, self.images, self.virt, self.netlink, self.domain_type, self.sites.update
+            self.config,
+            self.images,
+            self.virt,
+            self.netlink,
+            self.domain_type,
+            self.sites.update,
+            self.pki,
         )
         self.reconciler = Reconciler(
             self.store,
@@ -169,8 +200,10 @@ class Agent:
         self._tasks = [
             asyncio.create_task(self.virt.supervise()),
             asyncio.create_task(self.reconciler.run()),
+            asyncio.create_task(self.renewer.run()),
         ]
         await self.reconciler.resync()
+        log.info("certificates from the %s", self.pki.description)
         log.info(
             "hostagent %s serving on %s (host %s, domain type %s)",
             __version__,

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from hostagent.model import Phase
+from pki.renewal import NodeRenewalStatus
+
+RenewalStatus = Callable[[], dict[tuple[str, str], NodeRenewalStatus]]
+Expiries = Callable[[], dict[tuple[str, str], datetime]]
 
 
 class Metrics:
     def __init__(
-        self, phases: Callable[[], dict[Phase, int]], reconnects: Callable[[], int]
+        self,
+        phases: Callable[[], dict[Phase, int]],
+        reconnects: Callable[[], int],
+        renewals: RenewalStatus,
+        expiries: Expiries,
     ) -> None:
         self.registry = CollectorRegistry()
         self.nodes = Gauge(
@@ -34,12 +43,32 @@ class Metrics:
         self.phone_homes = Counter(
             "hostagent_phone_home", "Phone-home calls by result", ["result"], registry=self.registry
         )
+        self.cert_expiry = Gauge(
+            "hostagent_certificate_soonest_expiry_timestamp_seconds",
+            "When the node's first certificate expires (Unix time); renewal runs well before",
+            ["cluster", "node"],
+            registry=self.registry,
+        )
+        self.cert_failures = Gauge(
+            "hostagent_certificate_renewal_failures",
+            "Consecutive failed renewal attempts of the node's certificates (0: healthy)",
+            ["cluster", "node"],
+            registry=self.registry,
+        )
         self._phases = phases
         self._reconnects = reconnects
+        self._renewals = renewals
+        self._expiries = expiries
 
     def render(self) -> bytes:
         counts = self._phases()
         for phase in Phase:
             self.nodes.labels(phase=phase.value).set(counts.get(phase, 0))
         self.libvirt_reconnects.set(self._reconnects())
+        self.cert_expiry.clear()
+        self.cert_failures.clear()
+        for (cluster, node), when in self._expiries().items():
+            self.cert_expiry.labels(cluster=cluster, node=node).set(when.timestamp())
+        for (cluster, node), status in self._renewals().items():
+            self.cert_failures.labels(cluster=cluster, node=node).set(status.failures)
         return generate_latest(self.registry)

@@ -244,6 +244,9 @@ class NodeStatus(BaseModel):
     guest: dict[str, Any] | None = Field(
         default=None, description="What the guest reported when it phoned home"
     )
+    certificates: dict[str, str] = Field(
+        default_factory=dict, description="Each certificate of the node and when it expires"
+    )
 
 
 class Node(BaseModel):

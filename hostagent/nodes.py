@@ -11,6 +11,7 @@ import ipaddress
 import json
 import secrets
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -22,6 +23,8 @@ from hostagent.errors import Conflict, Invalid, MalformedRequest, NotFound, Unau
 from hostagent.images import ImageCatalog
 from hostagent.model import Node, NodeKey, NodeSpec, NodeStatus, Phase
 from hostagent.store import NodeRecord, Store
+from pki import layout
+from pki.files import read_expiries
 
 
 def parse_key(cluster: str, name: str) -> NodeKey:
@@ -53,7 +56,7 @@ def _errors(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def to_node(record: NodeRecord) -> Node:
+def to_node(record: NodeRecord, nodes_dir: Path | None = None) -> Node:
     return Node(
         cluster=record.key.cluster,
         name=record.key.name,
@@ -64,8 +67,17 @@ def to_node(record: NodeRecord) -> Node:
             domain=record.key.domain,
             updated_at=record.updated_at,
             guest=record.guest,
+            certificates=_expiries(record, nodes_dir),
         ),
     )
+
+
+def _expiries(record: NodeRecord, nodes_dir: Path | None) -> dict[str, str]:
+    if nodes_dir is None:
+        return {}
+    directory = layout.host_dir(nodes_dir / record.key.cluster / record.key.name)
+    expiries = read_expiries(directory)
+    return {name: when.strftime("%Y-%m-%dT%H:%M:%SZ") for name, when in sorted(expiries.items())}
 
 
 class NodeService:
@@ -84,10 +96,10 @@ class NodeService:
         self.notify = notify
 
     def get(self, key: NodeKey) -> Node:
-        return to_node(self._existing(key))
+        return to_node(self._existing(key), self.config.nodes_dir)
 
     def all(self) -> list[Node]:
-        return [to_node(record) for record in self.store.all()]
+        return [to_node(record, self.config.nodes_dir) for record in self.store.all()]
 
     def put(self, key: NodeKey, spec: NodeSpec) -> tuple[Node, bool]:
         current = self.store.get(key)
@@ -96,21 +108,21 @@ class NodeService:
         if current is None:
             record = self.store.create(key, spec, secrets.token_hex(16))
             self.notify(key)
-            return to_node(record), True
+            return to_node(record, self.config.nodes_dir), True
         if current.spec != spec:
             self.store.update_spec(key, spec)
             self.notify(key)
         elif current.phase is Phase.FAILED:
             self.store.set_phase(key, Phase.PENDING, "retry requested")
             self.notify(key)
-        return to_node(self._existing(key)), False
+        return to_node(self._existing(key), self.config.nodes_dir), False
 
     def delete(self, key: NodeKey) -> Node:
         record = self._existing(key)
         if not record.deleting or record.phase is Phase.FAILED:
             self.store.mark_deleting(key)
             self.notify(key)
-        return to_node(self._existing(key))
+        return to_node(self._existing(key), self.config.nodes_dir)
 
     def phone_home(self, key: NodeKey, token: str | None, body: bytes) -> Node:
         record = self.store.get(key)
@@ -125,7 +137,7 @@ class NodeService:
         if not isinstance(report, dict):
             raise MalformedRequest("the phone-home body must be a JSON object")
         self.store.set_ready(key, report)
-        return to_node(self._existing(key))
+        return to_node(self._existing(key), self.config.nodes_dir)
 
     def allocated(self) -> capacity.Resources:
         return capacity.allocated((r.spec for r in self.store.all()), self.config.capacity)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cloudconfig.configdrive import build_config_drive, config_drive_files
 from cloudconfig.context import NodeContext
+from hostagent import certificates
 from hostagent.config import Config
 from hostagent.errors import ProvisioningError
 from hostagent.images import Image, ImageCatalog
@@ -29,6 +30,8 @@ from network import names
 from network.netlink import Netlink
 from network.plan import BridgeWanted, NetworkError
 from pki import layout
+from pki.backend import Backend
+from pki.provision import provision_node
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class Provisioner:
         netlink: Netlink,
         domain_type: str | None,
         on_networks: Callable[[list[BridgeWanted]], Awaitable[None]],
+        pki: Backend,
     ) -> None:
         self.config = config
         self.images = images
@@ -79,6 +83,7 @@ class Provisioner:
         self.netlink = netlink
         self.domain_type = domain_type
         self.on_networks = on_networks
+        self.pki = pki
         self._network_lock = asyncio.Lock()
 
     def files(self, key: NodeKey) -> NodeFiles:
@@ -106,6 +111,16 @@ class Provisioner:
         files = self.files(record.key)
         image = self.image(record.spec)
         await asyncio.to_thread(self._make_dirs, files)
+        uid, gid = certificates.qemu_owner(self.config)
+        await provision_node(
+            self.pki,
+            certificates.identity(record),
+            files.pki,
+            key_type=certificates.key_type(self.config),
+            ttl=certificates.ttl(self.config),
+            uid=uid,
+            gid=gid,
+        )
         context = self.context(record, peers)
         try:
             contents = config_drive_files(context, self.config.cloudconfig.template_dir)
@@ -168,6 +183,15 @@ class Provisioner:
 
     async def define(self, record: NodeRecord) -> None:
         await self.virt.define(domain_xml(self.domain_params(record)))
+
+    async def cluster_gone(self, cluster: str) -> None:
+        """The cluster's last node left this host: revoke and remove its certificates."""
+        if not self.config.pki.revoke_on_last_node:
+            return
+        try:
+            await asyncio.to_thread(self.pki.revoke_cluster, cluster)
+        except ProvisioningError as exc:
+            log.warning("revoking the certificates of cluster %s failed: %s", cluster, exc)
 
     async def remove_files(self, key: NodeKey) -> None:
         files = self.files(key)

@@ -19,6 +19,7 @@ from hostagent.model import NodeKey, Phase, check_name
 from hostagent.provisioner import Provisioner
 from hostagent.store import NodeRecord, Store
 from hostagent.virt.libvirt import DomainInfo, LibvirtUnavailable
+from pki.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,11 @@ class Reconciler:
                 self.metrics.reconcile_errors.inc()
                 self._note(key, None, f"waiting for libvirt: {exc}")
                 await self.provisioner.virt.connected.wait()
+            except BackendUnavailable as exc:
+                # Vault down: wait and retry for as long as it takes, the node never fails.
+                self.metrics.reconcile_errors.inc()
+                log.warning("%s: %s; retrying in %.1fs", key, exc, delay)
+                self._note(key, None, f"waiting for the certificate backend: {exc}")
             except ProvisioningError as exc:
                 self.metrics.reconcile_errors.inc()
                 if attempt >= self.config.max_attempts:
@@ -261,6 +267,8 @@ class Reconciler:
         elif step is Step.FORGET:
             self.store.remove(key)
             self._starts.forget(key)
+            if not any(r.key.cluster == key.cluster for r in self.store.all()):
+                await p.cluster_gone(key.cluster)
 
     def _record(self, key: NodeKey) -> NodeRecord:
         record = self.store.get(key)

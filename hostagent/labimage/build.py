@@ -61,7 +61,7 @@ APPLETS: tuple[str, ...] = (
     "acpid", "ash", "awk", "basename", "cat", "chmod", "dd", "dirname", "dmesg", "find",
     "grep", "head", "hostname", "insmod", "ip", "ls", "lsmod", "mkdir", "mount",
     "poweroff", "ps", "reboot", "sed", "sh", "sleep", "sort", "sync", "tail", "timeout",
-    "tr", "umount", "uname", "wget",
+    "touch", "tr", "umount", "uname", "wc", "wget",
 )  # fmt: skip
 
 _UPDATE_HINT = "apt package lists look missing or stale: run `apt-get update` (as root) and retry"

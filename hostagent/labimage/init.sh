@@ -240,12 +240,23 @@ disk_bytes() {
     fi
 }
 
+# Bytes the guest could read from the certificate share, all files together.
+pki_read_bytes() {
+    (cd "$PKI" && find . -type f | while IFS= read -r f; do cat "$f"; done) 2>/dev/null | wc -c
+}
+
+# The share is read-only for the guest: writing must fail.
+pki_writable() {
+    if touch "$PKI/.guest-write-test" 2>/dev/null; then echo true; else echo false; fi
+}
+
 phone_home_body() {
     addrs=$(ip -4 -o addr show | awk '$2 != "lo" { print $4 }' | json_list)
     pki=$( (cd "$PKI" && find . -type f | sed 's|^\./||' | sort) | json_list)
     read -r up _ </proc/uptime
     printf '{"hostname": %s, "instance_id": %s, "addresses": %s, "pki_files": %s, ' \
         "$(json_str "$(hostname)")" "$(json_str "$INSTANCE_ID")" "$addrs" "$pki"
+    printf '"pki_read_bytes": %s, "pki_writable": %s, ' "$(pki_read_bytes)" "$(pki_writable)"
     printf '"disk_bytes": %s, "kernel": %s, "uptime_s": %s}' \
         "$(disk_bytes)" "$(json_str "$(uname -r)")" "$up"
 }

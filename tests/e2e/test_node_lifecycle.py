@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 
 from hostagent.client import ApiError, Client
 from network.names import bridge_name
+from pki import layout
 from tests.conftest import require_libvirt
 from tests.e2e.agent import (
     Agent,
@@ -160,6 +162,20 @@ def test_master_and_worker_become_ready(agent: Agent, client: Client) -> None:
     assert link_exists(BRIDGE)
 
 
+def test_certificates_are_readable_in_the_guest_and_read_only(client: Client) -> None:
+    for node, role in (("m1", "master"), ("w1", "worker")):
+        status = client.get_node(CLUSTER, node)["status"]
+        guest, expiries = status["guest"], status["certificates"]
+        wanted = set(layout.files_for(role))
+        assert wanted <= set(guest["pki_files"]), sorted(wanted - set(guest["pki_files"]))
+        assert guest["pki_read_bytes"] > 1000 * len(wanted) // 4
+        assert guest["pki_writable"] is False
+        assert ("apiserver" in expiries) == (role == "master")
+        assert "kubelet-client" in expiries
+        for when in expiries.values():
+            assert datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ") > datetime(2027, 1, 1)
+
+
 def test_same_node_with_another_role_is_a_conflict(client: Client) -> None:
     with pytest.raises(ApiError) as error:
         client.put_node(CLUSTER, "m1", spec("worker", 11))
@@ -279,6 +295,8 @@ def test_a_vm_stopped_behind_the_agents_back_is_started_again(agent: Agent, clie
 
 def test_metrics_count_nodes_by_phase(agent: Agent) -> None:
     text = httpx.get(f"http://127.0.0.1:{agent.api_port}/metrics").text
+    expiry = "hostagent_certificate_soonest_expiry_timestamp_seconds"
+    assert f'{expiry}{{cluster="{CLUSTER}",node="w1"}}' in text
     assert 'hostagent_nodes{phase="Ready"} 2.0' in text
     assert "hostagent_reconcile_duration_seconds_count" in text
 
@@ -359,3 +377,4 @@ def test_delete_leaves_nothing_behind(agent: Agent) -> None:
     assert not node_dir.exists()
     assert not (agent.state_dir / "nodes" / CLUSTER).exists()
     poll(lambda: not link_exists(BRIDGE), 30, f"bridge {BRIDGE} to go with the cluster's last node")
+    assert not (agent.state_dir / "ca" / CLUSTER).exists(), "the cluster's local CA must go too"

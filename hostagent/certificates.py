@@ -1,0 +1,89 @@
+"""The agent's side of node certificates: which backend, whose files, what to renew.
+
+The pki package does the work (keys on this host, CSRs signed by the cluster's CAs,
+atomic files); this module only turns the agent's configuration and records into its
+inputs. Secrets are read from their files once, at start, and never logged.
+"""
+
+from __future__ import annotations
+
+import pwd
+from collections.abc import Iterable
+from datetime import timedelta
+from pathlib import Path
+
+from hostagent.config import Config, VaultConfig
+from hostagent.errors import ConfigError, ProvisioningError
+from hostagent.store import NodeRecord
+from pki import layout
+from pki.backend import Backend
+from pki.certset import NodeIdentity
+from pki.keys import KeyType
+from pki.local import LocalBackend
+from pki.renewal import RenewalTarget
+
+
+def make_backend(config: Config) -> Backend:
+    if config.pki.backend == "local":
+        return LocalBackend(config.state_dir)
+    assert config.pki.vault is not None  # the config's validator guarantees it
+    from pki.vault import VaultBackend, VaultSettings
+
+    vault = config.pki.vault
+    return VaultBackend(
+        VaultSettings(
+            url=vault.url,
+            ca_bundle=vault.ca_bundle,
+            token=_secret(vault, "token_file"),
+            role_id=_secret(vault, "role_id_file"),
+            secret_id=_secret(vault, "secret_id_file"),
+            approle_mount=vault.approle_mount,
+            mount_prefix=vault.mount_prefix,
+            kv_mount=vault.kv_mount,
+        )
+    )
+
+
+def _secret(vault: VaultConfig, key: str) -> str | None:
+    path: Path | None = getattr(vault, key)
+    if path is None:
+        return None
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"pki.vault.{key}: cannot read {path}: {exc.strerror}") from exc
+
+
+def key_type(config: Config) -> KeyType:
+    return KeyType(config.pki.key_type)
+
+
+def ttl(config: Config) -> timedelta:
+    return timedelta(days=config.pki.ttl_days)
+
+
+def identity(record: NodeRecord) -> NodeIdentity:
+    try:
+        return NodeIdentity.from_spec(record.key.cluster, record.key.name, record.spec)
+    except ValueError as exc:
+        raise ProvisioningError(f"certificates of {record.key}: {exc}") from exc
+
+
+def qemu_owner(config: Config) -> tuple[int, int]:
+    """Files in the share are read by QEMU's user (9p passthrough), nobody else."""
+    user = pwd.getpwnam(config.libvirt.qemu_user)
+    return user.pw_uid, user.pw_gid
+
+
+def renewal_targets(config: Config, records: Iterable[NodeRecord]) -> list[RenewalTarget]:
+    uid, gid = qemu_owner(config)
+    return [
+        RenewalTarget(
+            identity(record),
+            layout.host_dir(config.nodes_dir / record.key.cluster / record.key.name),
+            uid,
+            gid,
+        )
+        for record in records
+        if not record.deleting
+    ]

