@@ -1,7 +1,8 @@
 """Kernel-facing names for a cluster's devices: pure, stable functions of cluster, node and vni.
 
 Linux limits interface names to IFNAMSIZ - 1 = 15 bytes, so names derived from user strings
-are hashed, and the bridge is named after the VNI, which the zone keeps unique per cluster.
+are hashed, and the bridge and VXLAN device are named after the VNI, which the zone keeps
+unique per cluster.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ IFNAMSIZ = 15
 MAX_VNI = 16_777_215  # 24-bit VXLAN network identifier
 
 _BRIDGE_PREFIX = "habr"
+_VXLAN_PREFIX = "havx"
 _TAP_PREFIX = "hat"
 _TAP_HASH_CHARS = IFNAMSIZ - len(_TAP_PREFIX) - 1  # 11: one byte of headroom under the limit
 # 52:54:00 is the prefix QEMU uses; 0x52 has the locally-administered bit set and the
@@ -34,6 +36,11 @@ def _digest(cluster: str, node: str) -> bytes:
 def bridge_name(vni: int) -> str:
     """The cluster's bridge on this host, e.g. habr42 (at most 12 characters)."""
     return f"{_BRIDGE_PREFIX}{_check_vni(vni)}"
+
+
+def vxlan_name(vni: int) -> str:
+    """The cluster's VXLAN device on this host, e.g. havx42 (at most 12 characters)."""
+    return f"{_VXLAN_PREFIX}{_check_vni(vni)}"
 
 
 def tap_name(cluster: str, node: str) -> str:

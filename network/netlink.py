@@ -1,8 +1,17 @@
-"""The only module that talks to the kernel (through pyroute2): observe bridges, apply plans.
+"""The only module that talks to the kernel (through pyroute2): observe devices, apply plans.
 
 Blocking, synchronous calls: the daemon runs them with asyncio.to_thread. pyroute2's sync API
 drives its own event loop with run_until_complete, so it cannot run in a thread whose event
 loop is running; Netlink refuses that with a clear error instead of pyroute2's obscure one.
+
+Creating and deleting devices goes through pyroute2, one request at a time. The small
+changes (FDB entries, the bulk of the work at about 20 per cluster with 10 peers; up, MTU,
+master; addresses; IPv4 forwarding off) are collected and sent in batches through
+network.batch on a second rtnetlink socket of the same session. A batch is flushed before
+any other action, so actions take effect in the planned order; like the unbatched path it
+stops at the first failure it reports, though the kernel will have applied the rest of
+that batch (the next reconcile observes and plans from there); forwarding off ends a batch,
+so nothing after it happens unless it did.
 """
 
 from __future__ import annotations
@@ -10,37 +19,65 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, assert_never
+from typing import Any, TypeVar, assert_never
 
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
-from network.names import IFNAMSIZ
-from network.plan import (
+from network import batch
+from network.actions import (
     Action,
-    BridgeSeen,
-    BridgeWanted,
+    AppendFdb,
     CreateBridge,
+    CreateVxlan,
     DeleteBridge,
-    ForeignDeviceError,
-    NetworkError,
+    DeleteFdb,
+    DeleteVxlan,
+    DisableForwarding,
     RemoveAddress,
     SetAddress,
+    SetMaster,
     SetMtu,
     SetUp,
-    plan,
 )
+from network.model import (
+    BridgeWanted,
+    ClusterNetworkWanted,
+    ForeignDeviceError,
+    HostNetworkWanted,
+    HostSeen,
+    NetworkError,
+    Underlay,
+)
+from network.names import IFNAMSIZ
+from network.observe import LinkRef, host_seen, link_refs
+from network.plan import plan
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-IFF_UP = 0x1
 DUMP_ATTEMPTS = 30
 _DUMP_BACKOFF_S = 0.01
+_BRIDGE = ("bridge",)
+_VXLAN = ("vxlan",)
+_EITHER = ("bridge", "vxlan")
+Batched = (
+    AppendFdb
+    | DeleteFdb
+    | DisableForwarding
+    | SetUp
+    | SetMtu
+    | SetMaster
+    | SetAddress
+    | RemoveAddress
+)
 
 
 def retry_dump(call: Callable[[], Iterable[Any]], attempts: int = DUMP_ATTEMPTS) -> list[Any]:
@@ -58,7 +95,7 @@ def retry_dump(call: Callable[[], Iterable[Any]], attempts: int = DUMP_ATTEMPTS)
 
 
 class Netlink:
-    """Cluster bridges in one network namespace (the root one unless netns is given).
+    """Cluster networks in one network namespace (the root one unless netns is given).
 
     Every public method opens its own IPRoute in the calling thread and closes it before
     returning: pyroute2 0.9 keeps an event loop and a socket per thread and frees them only
@@ -66,11 +103,15 @@ class Netlink:
     In the root namespace opening one is just a socket (~1 ms). With netns, pyroute2 forks a
     short-lived child per session to enter the namespace (tests and the lab only);
     pyroute2's child_process_mode="mp" is left alone: on Python 3.11 it forks as well.
+    A call that changes FDB entries or forwarding also opens a plain rtnetlink socket for
+    the batches (network.batch), closed with the IPRoute: nothing outlives the call.
     """
 
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns
         self._closed = False
+        self._requests = 0
+        self._lock = threading.Lock()
 
     def __enter__(self) -> Netlink:
         return self
@@ -80,54 +121,179 @@ class Netlink:
     ) -> None:
         self.close()
 
+    @property
+    def requests(self) -> int:
+        """Netlink requests sent so far through this object: a dump counts as one, and so
+        does each FDB entry, batched or not (each is a message with its own ack)."""
+        with self._lock:
+            return self._requests
+
     def close(self) -> None:
         """Refuse further calls. Nothing stays open between calls (see the class docstring)."""
         self._closed = True
 
-    def observe(self) -> list[BridgeSeen]:
-        """Every bridge in the namespace, ours or not, with alias, IPv4 addresses, MTU, up."""
-        with self._session() as ipr:
-            return _observe(ipr)[0]
+    def observe(self) -> HostSeen:
+        """Every bridge and VXLAN device in the namespace, ours or not, and the host's
+        IPv4 addresses (to find the underlay device and its MTU)."""
+        with self._session() as session:
+            return _observe(session)
 
     def apply(self, actions: Iterable[Action]) -> None:
-        """Apply actions in order; stops at the first failure with a NetworkError."""
-        with self._session() as ipr:
-            _apply_all(ipr, actions)
+        """Apply actions in order; stops at the first failure with a NetworkError.
 
-    def reconcile(self, wanted: Sequence[BridgeWanted]) -> list[Action]:
-        """Observe, plan and apply in one session; returns the actions applied."""
-        with self._session() as ipr:
-            seen, link_names = _observe(ipr)
-            actions = plan(wanted, seen, link_names=link_names)
-            _apply_all(ipr, actions)
+        Only devices that carry our alias are ever changed or deleted.
+        """
+        with self._session() as session:
+            session.links = link_refs(session.dump("link"))
+            _apply_all(session, actions)
+
+    def reconcile(
+        self,
+        clusters: Sequence[ClusterNetworkWanted | BridgeWanted],
+        underlay: Underlay | None = None,
+    ) -> list[Action]:
+        """Observe, plan and apply in one session; returns the actions applied.
+
+        underlay None wires bridges only (a host serving its clusters alone).
+        """
+        wanted = HostNetworkWanted.of(clusters, underlay)
+        with self._session() as session:
+            actions = plan(wanted, _observe(session))
+            _apply_all(session, actions)
             return actions
 
     def tap_exists(self, name: str) -> bool:
         """Whether a tap (a link of kind 'tun') of that name exists."""
-        with self._session() as ipr:
-            link = _find(ipr, name)
+        with self._session() as session:
+            link = _find(session, name)
             return link is not None and link.get(("linkinfo", "kind")) == "tun"
 
     def bridge_ports(self, bridge: str) -> list[str]:
         """Names of the interfaces enslaved to bridge, sorted."""
-        with self._session() as ipr:
-            index = _index(ipr, bridge)
-            ports = retry_dump(lambda: ipr.link("dump", master=index))
+        with self._session() as session:
+            link = _find(session, bridge)
+            if link is None:
+                raise NetworkError(f"device {bridge} does not exist")
+            ports = session.dump("link", master=link["index"])
             return sorted(str(port.get("ifname")) for port in ports)
 
     @contextmanager
-    def _session(self) -> Iterator[Any]:
+    def _session(self) -> Iterator[_Session]:
         if self._closed:
             raise RuntimeError("Netlink is closed")
         _refuse_running_loop()
         try:
-            ipr = IPRoute() if self._netns is None else _open_netns(self._netns)
+            ipr = IPRoute(nlm_echo=True) if self._netns is None else _open_netns(self._netns)
         except FileNotFoundError as err:
             raise NetworkError(f"network namespace {self._netns!r} does not exist") from err
+        session = _Session(ipr, self._netns)
         try:
-            yield ipr
+            yield session
         finally:
-            ipr.close()
+            session.close()
+            with self._lock:
+                self._requests += session.requests
+
+
+class _Session:
+    """One IPRoute for one call: counts requests, remembers the links seen or made, and
+    holds batched actions until the next flush (see network.batch)."""
+
+    def __init__(self, ipr: Any, netns: str | None) -> None:
+        self.ipr = ipr
+        self.netns = netns
+        self.requests = 0
+        self.links: dict[str, LinkRef] = {}
+        self.pending: list[tuple[Batched, batch.Request]] = []
+        self._batch_socket: socket.socket | None = None
+
+    def close(self) -> None:
+        self.ipr.close()
+        if self._batch_socket is not None:
+            self._batch_socket.close()
+
+    def queue(self, action: Batched) -> None:
+        self.pending.append((action, self._request(action)))
+
+    def _request(self, action: Batched) -> batch.Request:
+        match action:
+            case DisableForwarding(name=name):
+                return batch.ForwardingOff(self.owned(name, _BRIDGE))
+            case SetUp(name=name):
+                return batch.LinkChange(self.owned(name, _EITHER), up=True)
+            case SetMtu(name=name, mtu=mtu):
+                return batch.LinkChange(self.owned(name, _EITHER), mtu=mtu)
+            case SetMaster(name=name, bridge=bridge):
+                master = self.owned(bridge, _BRIDGE)
+                return batch.LinkChange(self.owned(name, _VXLAN), master=master)
+            case SetAddress(name=name, address=address) | RemoveAddress(name=name, address=address):
+                ip, prefix = address.split("/")
+                add = isinstance(action, SetAddress)
+                return batch.AddressChange(add, self.owned(name, _BRIDGE), ip, int(prefix))
+            case AppendFdb(name=name, mac=mac, dst=dst) | DeleteFdb(name=name, mac=mac, dst=dst):
+                index = self.owned(name, _VXLAN)
+                return batch.FdbRequest(isinstance(action, AppendFdb), index, mac, dst)
+            case _:
+                assert_never(action)
+
+    def flush(self) -> None:
+        """Send the queued actions; NetworkError names the first that failed."""
+        if not self.pending:
+            return
+        queued, self.pending = self.pending, []
+        try:
+            if self._batch_socket is None:
+                self._batch_socket = _in_netns(self.netns, batch.open_socket)
+            codes = batch.send(self._batch_socket, [request for _, request in queued])
+        except OSError as err:
+            more = f" (and {len(queued) - 1} more batched with it)" if len(queued) > 1 else ""
+            raise NetworkError(f"{queued[0][0]}{more} failed: {err}") from err
+        finally:
+            self.requests += len(queued)
+        for (action, _), code in zip(queued, codes, strict=True):
+            if code:
+                raise NetworkError(f"{action} failed: [Errno {code}] {os.strerror(code)}")
+            log.info("network: %s", action)
+
+    def link(self, *args: Any, **kwargs: Any) -> Any:
+        self.requests += 1
+        return self.ipr.link(*args, **kwargs)
+
+    def addr(self, *args: Any, **kwargs: Any) -> Any:
+        self.requests += 1
+        return self.ipr.addr(*args, **kwargs)
+
+    def fdb(self, *args: Any, **kwargs: Any) -> Any:
+        self.requests += 1
+        return self.ipr.fdb(*args, **kwargs)
+
+    def dump(self, what: str, **filters: Any) -> list[Any]:
+        method = getattr(self, what)
+        return retry_dump(lambda: method("dump", **filters))
+
+    def owned(self, name: str, kinds: tuple[str, ...]) -> int:
+        """The index of a device of ours of one of kinds: nobody else's is ever changed."""
+        ref = self.links.get(name)
+        if ref is None:
+            raise NetworkError(f"device {name} does not exist")
+        if ref.kind not in kinds or ref.owner is None:
+            raise ForeignDeviceError(
+                f"device {name} (kind {ref.kind}, alias {ref.alias!r}) was not created by "
+                "hostagent; refusing to change it"
+            )
+        return ref.index
+
+    def create(self, name: str, **spec: Any) -> int:
+        """Create a link; its index. Sessions ask for NLM_F_ECHO, so the kernel (6.3 and
+        later) answers with the new link itself; older kernels need a lookup."""
+        answer = self.link("add", ifname=name, **spec)
+        for msg in answer or ():
+            if msg.get("event") == "RTM_NEWLINK" and msg.get("ifname") == name:
+                return int(msg["index"])
+        link = _find(self, name)
+        if link is None:
+            raise NetworkError(f"device {name} vanished right after it was created")
+        return int(link["index"])
 
 
 def _open_netns(name: str) -> Any:
@@ -135,7 +301,7 @@ def _open_netns(name: str) -> Any:
     # fails on a missing namespace; flags=0 still guards the race: never create one by accident.
     if name not in netns.listnetns():
         raise FileNotFoundError(name)
-    return IPRoute(netns=name, flags=0)
+    return IPRoute(netns=name, flags=0, nlm_echo=True)
 
 
 def _refuse_running_loop() -> None:
@@ -146,110 +312,138 @@ def _refuse_running_loop() -> None:
     raise RuntimeError("Netlink blocks; call it from a worker thread (asyncio.to_thread)")
 
 
-def _observe(ipr: Any) -> tuple[list[BridgeSeen], set[str]]:
-    links = retry_dump(lambda: ipr.link("dump"))
-    addresses = _ipv4_by_index(retry_dump(lambda: ipr.addr("dump", family=socket.AF_INET)))
-    bridges = [
-        _bridge_seen(link, addresses.get(link["index"], ()))
-        for link in links
-        if link.get(("linkinfo", "kind")) == "bridge"
-    ]
-    return bridges, {str(link.get("ifname")) for link in links}
+def _observe(session: _Session) -> HostSeen:
+    links = session.dump("link")
+    addresses = session.dump("addr", family=socket.AF_INET)
+    fdb = session.dump("fdb")
+    session.links = link_refs(links)
+    return host_seen(links, addresses, fdb)
 
 
-def _ipv4_by_index(messages: Iterable[Any]) -> dict[int, tuple[str, ...]]:
-    by_index: dict[int, list[str]] = {}
-    for msg in messages:
-        by_index.setdefault(msg["index"], []).append(f"{msg.get('address')}/{msg['prefixlen']}")
-    return {index: tuple(sorted(found)) for index, found in by_index.items()}
-
-
-def _bridge_seen(link: Any, addresses: tuple[str, ...]) -> BridgeSeen:
-    alias = link.get("ifalias")
-    return BridgeSeen(
-        name=str(link.get("ifname")),
-        alias=str(alias) if alias else None,
-        addresses=addresses,
-        mtu=int(link.get("mtu")),
-        up=bool(link["flags"] & IFF_UP),
-    )
-
-
-def _apply_all(ipr: Any, actions: Iterable[Action]) -> None:
+def _apply_all(session: _Session, actions: Iterable[Action]) -> None:
     for action in actions:
+        if isinstance(action, Batched):
+            session.queue(action)
+            if isinstance(action, DisableForwarding):
+                # A barrier: the kernel goes on after a failed request in a batch, and a
+                # bridge must never come up still forwarding because this one failed.
+                session.flush()
+            continue
+        session.flush()
         try:
-            _apply_one(ipr, action)
+            _apply_one(session, action)
         except NetlinkError as err:
-            if isinstance(action, CreateBridge) and err.code == errno.EEXIST:
+            if isinstance(action, CreateBridge | CreateVxlan) and err.code == errno.EEXIST:
+                vxlan = isinstance(action, CreateVxlan)
+                also = " (or a VXLAN device with its vni and port)" if vxlan else ""
                 raise ForeignDeviceError(
-                    f"{action}: a device named {action.name} appeared meanwhile; "
+                    f"{action}: a device named {action.name}{also} appeared meanwhile; "
                     "delete or rename it if hostagent did not create it"
                 ) from err
             raise NetworkError(f"{action} failed: {err}") from err
         log.info("network: %s", action)
+    session.flush()
 
 
-def _apply_one(ipr: Any, action: Action) -> None:
+def _apply_one(session: _Session, action: Action) -> None:
     match action:
         case CreateBridge(name=name, alias=alias, mtu=mtu):
-            _create_bridge(ipr, name, alias, mtu)
-        case SetAddress(name=name, address=address):
-            ip, prefix = address.split("/")
-            ipr.addr("add", index=_owned_index(ipr, name), address=ip, prefixlen=int(prefix))
-        case RemoveAddress(name=name, address=address):
-            ip, prefix = address.split("/")
-            ipr.addr("del", index=_owned_index(ipr, name), address=ip, prefixlen=int(prefix))
-        case SetMtu(name=name, mtu=mtu):
-            ipr.link("set", index=_owned_index(ipr, name), mtu=mtu)
-        case SetUp(name=name):
-            ipr.link("set", index=_owned_index(ipr, name), state="up")
-        case DeleteBridge(name=name):
-            if _find(ipr, name) is not None:  # already gone is fine: deletes are idempotent
-                ipr.link("del", index=_owned_index(ipr, name))
+            _create_bridge(session, name, alias, mtu)
+        case CreateVxlan():
+            _create_vxlan(session, action)
+        case DeleteBridge(name=name) | DeleteVxlan(name=name):
+            _delete(session, name, _BRIDGE if isinstance(action, DeleteBridge) else _VXLAN)
+        case (
+            AppendFdb()
+            | DeleteFdb()
+            | DisableForwarding()
+            | SetUp()
+            | SetMtu()
+            | SetMaster()
+            | SetAddress()
+            | RemoveAddress()
+        ):
+            session.queue(action)
+            session.flush()
         case _:
             assert_never(action)
 
 
-def _create_bridge(ipr: Any, name: str, alias: str, mtu: int) -> None:
+def _create_bridge(session: _Session, name: str, alias: str, mtu: int) -> None:
     # STP off and forward delay 0: a VM's tap forwards the moment it joins.
-    ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0)
-    index = _index(ipr, name)
+    index = session.create(name, kind="bridge", br_stp_state=0, br_forward_delay=0)
     try:
         # Both need a separate "set": the kernel ignores IFLA_IFALIAS on create, and an MTU
         # given on create is not "set by user", so the first port joining would override it.
-        ipr.link("set", index=index, ifalias=alias, mtu=mtu)
+        session.link("set", index=index, ifalias=alias, mtu=mtu)
     except NetlinkError:
-        ipr.link("del", index=index)  # an unmarked bridge would look foreign forever
+        session.link("del", index=index)  # an unmarked bridge would look foreign forever
         raise
+    session.links[name] = LinkRef(name, index, "bridge", alias)
 
 
-def _find(ipr: Any, name: str) -> Any | None:
+def _create_vxlan(session: _Session, action: CreateVxlan) -> None:
+    master = session.owned(action.bridge, _BRIDGE)
+    index = session.create(
+        action.name,
+        kind="vxlan",
+        vxlan_id=action.vni,
+        vxlan_local=action.local,
+        vxlan_port=action.port,
+        vxlan_learning=0,  # the kernel's default is on: with static entries it only races
+        mtu=action.mtu,
+        master=master,
+        state="up",
+    )
+    try:
+        session.link("set", index=index, ifalias=action.alias)
+    except NetlinkError:
+        session.link("del", index=index)
+        raise
+    session.links[action.name] = LinkRef(action.name, index, "vxlan", action.alias)
+
+
+def _delete(session: _Session, name: str, kinds: tuple[str, ...]) -> None:
+    if name not in session.links:
+        return  # already gone: deletes are idempotent
+    index = session.owned(name, kinds)
+    try:
+        session.link("del", index=index)
+    except NetlinkError as err:
+        if err.code != errno.ENODEV:
+            raise
+    del session.links[name]
+
+
+def _in_netns(namespace: str | None, call: Callable[[], T]) -> T:
+    """call() in namespace: a short-lived thread enters it (setns changes only the calling
+    thread) and ends right after, so no pooled thread is ever left in another namespace."""
+    if namespace is None:
+        return call()
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            netns.setns(namespace, flags=0)
+            result.append(call())
+        except BaseException as err:  # handed to the caller's thread
+            failure.append(err)
+
+    thread = threading.Thread(target=run, name=f"netns-{namespace}")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def _find(session: _Session, name: str) -> Any | None:
     if len(name.encode()) > IFNAMSIZ:  # the kernel would answer ERANGE
         return None
     try:
-        return ipr.link("get", ifname=name)[0]
+        return session.link("get", ifname=name)[0]
     except NetlinkError as err:
         if err.code == errno.ENODEV:
             return None
         raise
-
-
-def _index(ipr: Any, name: str) -> int:
-    link = _find(ipr, name)
-    if link is None:
-        raise NetworkError(f"device {name} does not exist")
-    return int(link["index"])
-
-
-def _owned_index(ipr: Any, name: str) -> int:
-    """The index of a bridge carrying our alias: apply() never changes anyone else's device."""
-    link = _find(ipr, name)
-    if link is None:
-        raise NetworkError(f"bridge {name} does not exist")
-    seen = _bridge_seen(link, ())
-    if link.get(("linkinfo", "kind")) != "bridge" or seen.owner is None:
-        raise ForeignDeviceError(
-            f"device {name} (alias {seen.alias!r}) was not created by hostagent; refusing to "
-            "change it"
-        )
-    return int(link["index"])

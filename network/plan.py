@@ -1,205 +1,261 @@
-"""Pure diff: the cluster bridges this host should have vs. the bridges it has -> actions.
+"""Pure diff: the cluster networks this host should have vs. what the kernel has -> actions.
 
-Ownership is read from the device alias (names.owner_alias), never from the name alone:
-a device without our alias is someone else's, and no action is ever planned for it.
+Ownership is read from the device alias (names.owner_alias), never from the name alone: a
+device without our alias is someone else's, and no action is ever planned for it. Stale
+devices of ours go first (VXLAN devices, then bridges), then each wanted cluster is
+converged: its bridge, its VXLAN device, then its FDB entries by difference, so a peer
+coming or going touches only that peer's entries.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 
-from network.names import IFNAMSIZ, bridge_name, owner_alias, parse_owner_alias
+from network.actions import (
+    Action,
+    AppendFdb,
+    CreateBridge,
+    CreateVxlan,
+    DeleteBridge,
+    DeleteFdb,
+    DeleteVxlan,
+    DisableForwarding,
+    RemoveAddress,
+    SetAddress,
+    SetMaster,
+    SetMtu,
+    SetUp,
+)
+from network.model import (
+    VXLAN_OVERHEAD,
+    BridgeSeen,
+    BridgeWanted,
+    ClusterNetworkWanted,
+    FdbEntry,
+    ForeignDeviceError,
+    HostNetworkWanted,
+    HostSeen,
+    NetworkError,
+    Peer,
+    Underlay,
+    VxlanSeen,
+    interface,
+)
 
-
-class NetworkError(Exception):
-    """A network change cannot be made; the message names the device and what to do."""
-
-
-class ForeignDeviceError(NetworkError):
-    """A name hostagent needs is held by a device hostagent did not create."""
-
-
-def _interface(address: str) -> ipaddress.IPv4Interface:
-    if "/" not in address:
-        raise ValueError(f"address {address!r} needs a prefix length, e.g. 10.42.0.1/24")
-    return ipaddress.IPv4Interface(address)
-
-
-@dataclass(frozen=True)
-class BridgeWanted:
-    """A cluster's bridge as it should be: the gateway address (with prefix) and MTU."""
-
-    name: str
-    cluster: str
-    vni: int
-    address: str
-    mtu: int = 1450
-
-    def __post_init__(self) -> None:
-        if not 0 < len(self.name) <= IFNAMSIZ:
-            raise ValueError(f"bridge name {self.name!r} must have 1..{IFNAMSIZ} characters")
-        _interface(self.address)
-        owner_alias(self.cluster, self.vni)  # validates cluster and vni
-
-    @classmethod
-    def for_cluster(cls, cluster: str, vni: int, address: str, mtu: int = 1450) -> BridgeWanted:
-        return cls(bridge_name(vni), cluster, vni, address, mtu)
-
-    @property
-    def alias(self) -> str:
-        return owner_alias(self.cluster, self.vni)
-
-    @property
-    def owner(self) -> tuple[str, int]:
-        return self.cluster, self.vni
-
-
-@dataclass(frozen=True)
-class BridgeSeen:
-    """A bridge as the kernel reports it; addresses are IPv4 'a.b.c.d/prefix'."""
-
-    name: str
-    alias: str | None
-    addresses: tuple[str, ...]
-    mtu: int
-    up: bool
-
-    @property
-    def owner(self) -> tuple[str, int] | None:
-        return parse_owner_alias(self.alias) if self.alias else None
+__all__ = [
+    "Action",
+    "AppendFdb",
+    "BridgeSeen",
+    "BridgeWanted",
+    "ClusterNetworkWanted",
+    "CreateBridge",
+    "CreateVxlan",
+    "DeleteBridge",
+    "DeleteFdb",
+    "DeleteVxlan",
+    "DisableForwarding",
+    "ForeignDeviceError",
+    "HostNetworkWanted",
+    "HostSeen",
+    "NetworkError",
+    "Peer",
+    "RemoveAddress",
+    "SetAddress",
+    "SetMaster",
+    "SetMtu",
+    "SetUp",
+    "Underlay",
+    "VxlanSeen",
+    "plan",
+]
 
 
-@dataclass(frozen=True)
-class CreateBridge:
-    name: str
-    alias: str
-    mtu: int
-
-    def __str__(self) -> str:
-        return f"create bridge {self.name} ({self.alias}, mtu {self.mtu})"
-
-
-@dataclass(frozen=True)
-class SetAddress:
-    name: str
-    address: str
-
-    def __str__(self) -> str:
-        return f"add address {self.address} to {self.name}"
-
-
-@dataclass(frozen=True)
-class RemoveAddress:
-    name: str
-    address: str
-
-    def __str__(self) -> str:
-        return f"remove address {self.address} from {self.name}"
-
-
-@dataclass(frozen=True)
-class SetMtu:
-    name: str
-    mtu: int
-
-    def __str__(self) -> str:
-        return f"set mtu {self.mtu} on {self.name}"
-
-
-@dataclass(frozen=True)
-class SetUp:
-    name: str
-
-    def __str__(self) -> str:
-        return f"set {self.name} up"
-
-
-@dataclass(frozen=True)
-class DeleteBridge:
-    name: str
-
-    def __str__(self) -> str:
-        return f"delete bridge {self.name}"
-
-
-Action = CreateBridge | SetAddress | RemoveAddress | SetMtu | SetUp | DeleteBridge
-
-
-def plan(
-    wanted: Sequence[BridgeWanted],
-    seen: Sequence[BridgeSeen],
-    *,
-    link_names: Collection[str] = (),
-) -> list[Action]:
-    """Actions that turn seen into wanted: stale bridges of ours go first, then each wanted one.
-
-    link_names: every interface name on the host, so that a wanted name held by a device that
-    is not a bridge is caught here, before anything changes. Raises NetworkError (and its
-    ForeignDeviceError) without planning anything.
-    """
-    by_name = _index_wanted(wanted)
-    seen_by_name = {bridge.name: bridge for bridge in seen}
-    for bridge in wanted:
-        _check_free(bridge, seen_by_name.get(bridge.name), link_names)
-    actions: list[Action] = [
-        DeleteBridge(bridge.name) for bridge in seen if _is_stale(bridge, by_name)
-    ]
-    for bridge in wanted:
-        actions += _converge(bridge, seen_by_name.get(bridge.name))
+def plan(wanted: HostNetworkWanted, seen: HostSeen) -> list[Action]:
+    """Actions that turn seen into wanted. Raises NetworkError (or ForeignDeviceError)
+    before planning anything when the wanted state cannot be had."""
+    clusters = _index_wanted(wanted.clusters)
+    device_mtu = _device_mtu(wanted, seen)
+    bridges = {bridge.name: bridge for bridge in seen.bridges}
+    vxlans = {vxlan.name: vxlan for vxlan in seen.vxlans}
+    for cluster in clusters:
+        _check_cluster(cluster, wanted.underlay, device_mtu)
+        _check_free(cluster, cluster.bridge, bridges.get(cluster.bridge), seen)
+        if wanted.underlay is not None:
+            _check_free(cluster, cluster.vxlan, vxlans.get(cluster.vxlan), seen)
+            _check_vni_free(cluster, wanted.underlay, seen.vxlans)
+    stale_vxlans = [v.name for v in seen.vxlans if _is_stale_vxlan(v, clusters, wanted.underlay)]
+    stale_bridges = [b.name for b in seen.bridges if _is_stale_bridge(b, clusters)]
+    actions: list[Action] = [DeleteVxlan(name) for name in stale_vxlans]
+    actions += [DeleteBridge(name) for name in stale_bridges]
+    for cluster in clusters:
+        bridge = None if cluster.bridge in stale_bridges else bridges.get(cluster.bridge)
+        actions += _converge_bridge(cluster, bridge, device_mtu)
+        if wanted.underlay is None or device_mtu is None:
+            continue
+        vxlan = None if cluster.vxlan in stale_vxlans else vxlans.get(cluster.vxlan)
+        actions += _converge_vxlan(cluster, vxlan, wanted.underlay, device_mtu, bridge is None)
     return actions
 
 
-def _index_wanted(wanted: Sequence[BridgeWanted]) -> dict[str, BridgeWanted]:
-    by_name: dict[str, BridgeWanted] = {}
-    for bridge in wanted:
-        other = by_name.setdefault(bridge.name, bridge)
-        if other is not bridge:
+def _index_wanted(wanted: Iterable[ClusterNetworkWanted]) -> list[ClusterNetworkWanted]:
+    by_vni: dict[int, ClusterNetworkWanted] = {}
+    for cluster in wanted:
+        other = by_vni.setdefault(cluster.vni, cluster)
+        if other is not cluster:
             raise NetworkError(
-                f"clusters {other.cluster} and {bridge.cluster} both want bridge {bridge.name} "
-                "(same vni?); fix the vni assignment"
+                f"clusters {other.cluster} and {cluster.cluster} both want bridge "
+                f"{cluster.bridge} (same vni {cluster.vni}); fix the vni assignment"
             )
-    return by_name
+    return sorted(by_vni.values(), key=lambda cluster: cluster.vni)
 
 
-def _check_free(wanted: BridgeWanted, seen: BridgeSeen | None, link_names: Collection[str]) -> None:
-    if seen is None and wanted.name not in link_names:
+def _device_mtu(wanted: HostNetworkWanted, seen: HostSeen) -> int | None:
+    """The MTU of every VXLAN device and bridge: the underlay's minus VXLAN's overhead."""
+    underlay = wanted.underlay
+    if underlay is None:
+        return None
+    holder = seen.holder(underlay.address)
+    if holder is None:
+        raise NetworkError(
+            f"underlay address {underlay.address} is not on any device of this host; "
+            "assign it (or fix the configured underlay address) before wiring cluster networks"
+        )
+    if underlay.mtu is not None and underlay.mtu > holder.mtu:
+        raise NetworkError(
+            f"underlay MTU {underlay.mtu} is above the MTU {holder.mtu} of {holder.device}, "
+            f"which holds {underlay.address}; lower the configured MTU or raise the device's"
+        )
+    return (underlay.mtu or holder.mtu) - VXLAN_OVERHEAD
+
+
+def _check_cluster(
+    cluster: ClusterNetworkWanted, underlay: Underlay | None, device_mtu: int | None
+) -> None:
+    if underlay is None and cluster.peers:
+        raise NetworkError(
+            f"cluster {cluster.cluster} has peers but this host has no underlay address; "
+            "configure the underlay or serve the cluster from this host alone"
+        )
+    if device_mtu is not None and cluster.mtu > device_mtu:
+        raise NetworkError(
+            f"cluster {cluster.cluster} (vni {cluster.vni}) wants MTU {cluster.mtu}, but the "
+            f"underlay leaves {device_mtu} after VXLAN's {VXLAN_OVERHEAD} bytes; lower the "
+            f"cluster MTU to {device_mtu} or less, or raise the underlay MTU"
+        )
+
+
+def _check_free(
+    cluster: ClusterNetworkWanted,
+    name: str,
+    ours: BridgeSeen | VxlanSeen | None,
+    seen: HostSeen,
+) -> None:
+    if ours is None:
+        devices: list[BridgeSeen | VxlanSeen] = [*seen.bridges, *seen.vxlans]
+        taken = any(name == device.name for device in devices)
+        if not taken and name not in seen.other_links:
+            return
+    elif ours.owner is not None:
         return
-    if seen is not None and seen.owner is not None:
-        return
-    what = f"bridge {wanted.name} with alias {seen.alias!r}" if seen else f"device {wanted.name}"
+    what = f"{_kind(ours)} {name} with alias {ours.alias!r}" if ours else f"device {name}"
     raise ForeignDeviceError(
-        f"{what} exists but was not created by hostagent; cluster {wanted.cluster} "
-        f"(vni {wanted.vni}) needs that name. Delete or rename the device "
-        f"(`ip link del {wanted.name}`) once nothing uses it; hostagent never touches it."
+        f"{what} exists but was not created by hostagent; cluster {cluster.cluster} "
+        f"(vni {cluster.vni}) needs that name. Delete or rename the device "
+        f"(`ip link del {name}`) once nothing uses it; hostagent never touches it."
     )
 
 
-def _is_stale(seen: BridgeSeen, wanted: Mapping[str, BridgeWanted]) -> bool:
-    """Ours, and no wanted bridge of the same name has the same owner."""
+def _kind(device: BridgeSeen | VxlanSeen) -> str:
+    return "bridge" if isinstance(device, BridgeSeen) else "vxlan"
+
+
+def _check_vni_free(
+    cluster: ClusterNetworkWanted, underlay: Underlay, seen: Iterable[VxlanSeen]
+) -> None:
+    """The kernel allows one VXLAN device per (vni, port): a foreign one blocks ours."""
+    for vxlan in seen:
+        if vxlan.owner is None and (vxlan.vni, vxlan.port) == (cluster.vni, underlay.port):
+            raise ForeignDeviceError(
+                f"vxlan {vxlan.name} (not created by hostagent) already uses vni {vxlan.vni} "
+                f"on UDP port {vxlan.port}, which cluster {cluster.cluster} needs; remove it "
+                "or give the cluster another vni"
+            )
+
+
+def _is_stale_bridge(seen: BridgeSeen, wanted: Iterable[ClusterNetworkWanted]) -> bool:
+    """Ours, and no wanted cluster has a bridge of that name and owner."""
     if seen.owner is None:
         return False
-    match = wanted.get(seen.name)
-    return match is None or match.owner != seen.owner
+    return not any((c.bridge, c.owner) == (seen.name, seen.owner) for c in wanted)
 
 
-def _converge(wanted: BridgeWanted, seen: BridgeSeen | None) -> list[Action]:
+def _is_stale_vxlan(
+    seen: VxlanSeen, wanted: Iterable[ClusterNetworkWanted], underlay: Underlay | None
+) -> bool:
+    """Ours, and not the device a wanted cluster needs: vni, port, local and learning are
+    fixed at creation, so a device that differs in one of them is deleted and made anew."""
+    if seen.owner is None:
+        return False
+    if underlay is None:
+        return True
+    found = (seen.name, seen.owner, seen.vni, seen.port, seen.local, seen.learning)
+    return not any(
+        found == (c.vxlan, c.owner, c.vni, underlay.port, underlay.address, False) for c in wanted
+    )
+
+
+def _converge_bridge(
+    wanted: ClusterNetworkWanted, seen: BridgeSeen | None, device_mtu: int | None
+) -> list[Action]:
+    mtu = wanted.mtu if device_mtu is None else device_mtu
     actions: list[Action] = []
-    if seen is None or seen.owner != wanted.owner:
-        # A stale bridge of ours under this name was deleted above: start from a fresh one.
-        actions.append(CreateBridge(wanted.name, wanted.alias, wanted.mtu))
-        seen = BridgeSeen(wanted.name, wanted.alias, (), wanted.mtu, up=False)
-    target = _interface(wanted.address)
+    if seen is None:
+        actions.append(CreateBridge(wanted.bridge, wanted.alias, mtu))
+        # A new bridge inherits conf/default/forwarding, which ip_forward=1 has set to 1.
+        seen = BridgeSeen(wanted.bridge, wanted.alias, (), mtu, up=False, forwarding=True)
+    target = interface(wanted.address)
     actions += [
         RemoveAddress(seen.name, address)
         for address in seen.addresses
-        if _interface(address) != target
+        if interface(address) != target
     ]
-    if target not in {_interface(address) for address in seen.addresses}:
+    if target not in {interface(address) for address in seen.addresses}:
         actions.append(SetAddress(seen.name, str(target)))
-    if seen.mtu != wanted.mtu:
-        actions.append(SetMtu(seen.name, wanted.mtu))
+    if seen.mtu != mtu:
+        actions.append(SetMtu(seen.name, mtu))
+    if seen.forwarding:
+        actions.append(DisableForwarding(seen.name))
     if not seen.up:
         actions.append(SetUp(seen.name))
     return actions
+
+
+def _converge_vxlan(
+    wanted: ClusterNetworkWanted,
+    seen: VxlanSeen | None,
+    underlay: Underlay,
+    mtu: int,
+    bridge_is_new: bool,
+) -> list[Action]:
+    name = wanted.vxlan
+    actions: list[Action] = []
+    have: frozenset[FdbEntry] = frozenset()
+    if seen is None:
+        local, port = underlay.address, underlay.port
+        actions.append(CreateVxlan(name, wanted.alias, wanted.vni, local, port, mtu, wanted.bridge))
+    else:
+        have = seen.fdb
+        if seen.mtu != mtu:
+            actions.append(SetMtu(name, mtu))
+        # A deleted bridge releases its ports: a new one starts without our VXLAN device.
+        if bridge_is_new or seen.master != wanted.bridge:
+            actions.append(SetMaster(name, wanted.bridge))
+        if not seen.up:
+            actions.append(SetUp(name))
+    return actions + _fdb_changes(name, have, wanted.fdb(underlay.address))
+
+
+def _fdb_changes(name: str, have: frozenset[FdbEntry], want: frozenset[FdbEntry]) -> list[Action]:
+    """Removals first, so a MAC that moved to another peer never has two destinations."""
+    actions: list[Action] = [DeleteFdb(name, e.mac, e.dst) for e in sorted(have - want)]
+    return actions + [AppendFdb(name, e.mac, e.dst) for e in sorted(want - have)]

@@ -7,7 +7,10 @@ they stand for what an operator or libvirt would have created, not for hostagent
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,21 +19,31 @@ import pytest
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
 
+from network import batch
 from network.netlink import Netlink, retry_dump
-from network.plan import BridgeWanted, DeleteBridge, ForeignDeviceError, NetworkError
+from network.plan import (
+    BridgeWanted,
+    ClusterNetworkWanted,
+    DeleteBridge,
+    DisableForwarding,
+    ForeignDeviceError,
+    NetworkError,
+    SetMtu,
+    SetUp,
+    Underlay,
+)
+from tests.conftest import require
 
 pytestmark = pytest.mark.integration
 
-ALPHA = BridgeWanted.for_cluster("alpha", 42, "10.42.0.1/24", mtu=1450)
-BETA = BridgeWanted.for_cluster("beta", 43, "10.43.0.1/24", mtu=1400)
+# Without an underlay: bridges only, with the cluster's MTU (a host serving its clusters alone).
+ALPHA = ClusterNetworkWanted("alpha", 42, "10.42.0.1/24", mtu=1450)
+BETA = ClusterNetworkWanted("beta", 43, "10.43.0.1/24", mtu=1400)
 
 
 @pytest.fixture
 def nsname() -> Iterator[str]:
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("network namespace tests need root, and CI must run them")
-        pytest.skip("network namespace tests need root")
+    require(os.geteuid() == 0, "network namespace tests need root")
     name = f"hostagent-test-{uuid.uuid4().hex[:12]}"
     netns.create(name)
     try:
@@ -58,7 +71,7 @@ def link(ipr: Any, name: str) -> Any:
 
 def test_reconcile_creates_bridge_then_is_idempotent(net: Netlink, raw: Any) -> None:
     assert net.reconcile([ALPHA]) != []
-    [seen] = net.observe()
+    [seen] = net.observe().bridges
     assert seen.name == "habr42"
     assert seen.alias == "hostagent cluster=alpha vni=42"
     assert seen.addresses == ("10.42.0.1/24",)
@@ -75,7 +88,7 @@ def test_reconcile_repairs_drift(net: Netlink, raw: Any) -> None:
     raw.addr("add", index=index, address="10.99.0.1", prefixlen=24)
     assert len(net.reconcile([ALPHA])) == 3
     assert net.reconcile([ALPHA]) == []
-    assert net.observe()[0].addresses == ("10.42.0.1/24",)
+    assert net.observe().bridges[0].addresses == ("10.42.0.1/24",)
 
 
 def test_foreign_bridge_with_other_name_is_left_alone(net: Netlink, raw: Any) -> None:
@@ -83,7 +96,7 @@ def test_foreign_bridge_with_other_name_is_left_alone(net: Netlink, raw: Any) ->
     raw.addr("add", index=raw.link_lookup(ifname="virbr0")[0], address="192.168.1.1", prefixlen=24)
     net.reconcile([ALPHA])
     assert net.reconcile([]) == [DeleteBridge("habr42")]
-    [left] = net.observe()
+    [left] = net.observe().bridges
     assert (left.name, left.alias, left.addresses, left.up) == (
         "virbr0",
         None,
@@ -95,7 +108,7 @@ def test_foreign_bridge_with_other_name_is_left_alone(net: Netlink, raw: Any) ->
 def test_stale_bridge_of_ours_is_removed(net: Netlink) -> None:
     net.reconcile([ALPHA, BETA])
     assert net.reconcile([BETA]) == [DeleteBridge("habr42")]
-    assert [bridge.name for bridge in net.observe()] == ["habr43"]
+    assert [bridge.name for bridge in net.observe().bridges] == ["habr43"]
 
 
 @pytest.mark.parametrize("kind", ["bridge", "veth"])
@@ -107,7 +120,7 @@ def test_foreign_device_on_wanted_name_raises_and_changes_nothing(
     raw.link("add", ifname="habr42", kind=kind, **extra)
     with pytest.raises(ForeignDeviceError, match=r"habr42.*not created by hostagent"):
         net.reconcile([ALPHA])  # BETA is no longer wanted, yet must survive the refusal
-    assert "habr43" in {bridge.name for bridge in net.observe()}
+    assert "habr43" in {bridge.name for bridge in net.observe().bridges}
     assert link(raw, "habr42").get("ifalias") is None
 
 
@@ -115,7 +128,7 @@ def test_apply_refuses_to_touch_foreign_device(net: Netlink, raw: Any) -> None:
     raw.link("add", ifname="virbr0", kind="bridge")
     with pytest.raises(ForeignDeviceError, match="virbr0"):
         net.apply([DeleteBridge("virbr0")])
-    assert [bridge.name for bridge in net.observe()] == ["virbr0"]
+    assert [bridge.name for bridge in net.observe().bridges] == ["virbr0"]
 
 
 def test_enslaved_ports_stay_and_keep_bridge_mtu(net: Netlink, raw: Any) -> None:
@@ -133,6 +146,56 @@ def test_enslaved_ports_stay_and_keep_bridge_mtu(net: Netlink, raw: Any) -> None
     assert not net.tap_exists("vm0")
     assert not net.tap_exists("hatmissing")
     assert not net.tap_exists("x" * 16)
+
+
+def test_legacy_bridge_wanted_still_reconciles(net: Netlink) -> None:
+    legacy = BridgeWanted("habr42", "alpha", 42, "10.42.0.1/24", 1450)
+    assert net.reconcile([legacy]) != []
+    assert net.reconcile([ALPHA]) == []
+
+
+def write_proc(nsname: str, path: str, value: str) -> None:
+    """Write a /proc/sys file inside the namespace (a thread that entered it)."""
+
+    def run() -> None:
+        netns.setns(nsname, flags=0)
+        with open(path, "w") as file:
+            file.write(value)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+
+
+def test_bridges_never_forward_ipv4_even_after_ip_forward_is_set(net: Netlink, nsname: str) -> None:
+    write_proc(nsname, "/proc/sys/net/ipv4/ip_forward", "1")  # as libvirt does
+    net.reconcile([ALPHA, BETA])
+    assert [bridge.forwarding for bridge in net.observe().bridges] == [False, False]
+    # Toggling ip_forward sets every device's forwarding again; the next reconcile repairs it.
+    write_proc(nsname, "/proc/sys/net/ipv4/ip_forward", "0")
+    write_proc(nsname, "/proc/sys/net/ipv4/ip_forward", "1")
+    assert [bridge.forwarding for bridge in net.observe().bridges] == [True, True]
+    assert net.reconcile([ALPHA, BETA]) == [
+        DisableForwarding("habr42"),
+        DisableForwarding("habr43"),
+    ]
+    assert net.reconcile([ALPHA, BETA]) == []
+
+
+def test_requests_are_counted(net: Netlink) -> None:
+    before = net.requests
+    net.observe()
+    assert net.requests - before == 3  # link, address and FDB dumps
+    net.reconcile([ALPHA])
+    # observe: 3 dumps; reconcile: 3 dumps, then add (its echo gives the index), set alias
+    # and mtu, address, forwarding off, up (the last two in one batch)
+    assert net.requests - before == 3 + 3 + 2 + 1 + 2
+
+
+def test_underlay_address_must_be_on_the_host(net: Netlink) -> None:
+    with pytest.raises(NetworkError, match=r"192\.0\.2\.1 is not on any device"):
+        net.reconcile([ALPHA], Underlay("192.0.2.1"))
+    assert net.observe().bridges == ()
 
 
 def test_bridge_ports_of_missing_bridge_raises(net: Netlink) -> None:
@@ -179,3 +242,73 @@ def test_dumps_interrupted_forever_give_up() -> None:
 
     with pytest.raises(NetworkError, match="interrupted after 3 attempts"):
         retry_dump(dump, attempts=3)
+
+
+def open_batch_socket(nsname: str) -> socket.socket:
+    made: list[socket.socket] = []
+
+    def run() -> None:
+        netns.setns(nsname, flags=0)
+        made.append(batch.open_socket())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return made[0]
+
+
+def test_batches_report_each_request_and_an_error_stops_none_of_the_others(
+    nsname: str, raw: Any
+) -> None:
+    raw.link("add", ifname="vx0", kind="vxlan", vxlan_id=7, vxlan_learning=0, vxlan_port=4789)
+    index = raw.link_lookup(ifname="vx0")[0]
+    zero = "00:00:00:00:00:00"
+    requests = [
+        batch.FdbRequest(True, index, zero, "192.0.2.2"),
+        batch.FdbRequest(True, 99_999, zero, "192.0.2.3"),  # no such device
+        batch.FdbRequest(True, index, "52:54:00:00:00:02", "192.0.2.2"),
+        batch.FdbRequest(False, index, zero, "192.0.2.9"),  # already gone: done
+        *(batch.FdbRequest(True, index, zero, f"198.51.100.{n}") for n in range(1, 255)),
+        *(batch.FdbRequest(True, index, zero, f"203.0.113.{n}") for n in range(1, 255)),
+    ]  # 512 requests: two chunks
+    with open_batch_socket(nsname) as sock:
+        codes = batch.send(sock, requests)
+    assert codes[:4] == [0, errno.ENODEV, 0, 0]
+    assert codes[4:] == [0] * 508
+    entries = {(m.get("lladdr"), m.get("dst")) for m in raw.fdb("dump", ifindex=index)}
+    assert {(zero, "192.0.2.2"), ("52:54:00:00:00:02", "192.0.2.2")} <= entries
+    assert len([dst for _, dst in entries if dst]) == 2 + 508
+
+
+def test_forwarding_off_request_is_the_sysctl(nsname: str, raw: Any) -> None:
+    write_proc(nsname, "/proc/sys/net/ipv4/ip_forward", "1")
+    raw.link("add", ifname="br0", kind="bridge")
+    index = raw.link_lookup(ifname="br0")[0]
+    assert link(raw, "br0").get(("af_spec", "AF_INET"))["forwarding"] == 1
+    with open_batch_socket(nsname) as sock:
+        assert batch.send(sock, [batch.ForwardingOff(index)]) == [0]
+    assert link(raw, "br0").get(("af_spec", "AF_INET"))["forwarding"] == 0
+
+
+def test_failed_batched_action_is_named(net: Netlink, monkeypatch: pytest.MonkeyPatch) -> None:
+    net.reconcile([ALPHA])
+    # Failure injection: the kernel refusing the second of two batched requests.
+    monkeypatch.setattr(batch, "send", lambda sock, requests: [0, errno.EPERM])
+    with pytest.raises(NetworkError, match=r"set mtu 1450 on habr42 failed: \[Errno 1\]"):
+        net.apply([SetUp("habr42"), SetMtu("habr42", 1450)])
+
+
+def test_nothing_follows_a_failed_forwarding_off(
+    net: Netlink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net.reconcile([ALPHA])
+    sent: list[list[batch.Request]] = []
+
+    def refuse_forwarding(sock: socket.socket, requests: list[batch.Request]) -> list[int]:
+        sent.append(requests)
+        return [errno.EPERM if isinstance(r, batch.ForwardingOff) else 0 for r in requests]
+
+    monkeypatch.setattr(batch, "send", refuse_forwarding)
+    with pytest.raises(NetworkError, match="disable IPv4 forwarding on habr42 failed"):
+        net.apply([DisableForwarding("habr42"), SetUp("habr42")])
+    assert len(sent) == 1 and len(sent[0]) == 1  # SetUp was never sent

@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from network.model import AddressSeen, BridgeWanted, FdbEntry, Peer
 from network.names import (
     IFNAMSIZ,
     MAX_VNI,
@@ -16,57 +17,141 @@ from network.names import (
     owner_alias,
     parse_owner_alias,
     tap_name,
+    vxlan_name,
 )
 from network.plan import (
     Action,
+    AppendFdb,
     BridgeSeen,
-    BridgeWanted,
+    ClusterNetworkWanted,
     CreateBridge,
+    CreateVxlan,
     DeleteBridge,
+    DeleteFdb,
+    DeleteVxlan,
+    DisableForwarding,
     ForeignDeviceError,
+    HostNetworkWanted,
+    HostSeen,
     NetworkError,
     RemoveAddress,
     SetAddress,
+    SetMaster,
     SetMtu,
     SetUp,
+    Underlay,
+    VxlanSeen,
     plan,
 )
 
 LONG = "c" + "-x" * 30 + "9"  # 62 characters...
 LONGEST = LONG + "z"  # ...and 63, the longest DNS-1123 label
+LOCAL = "192.0.2.1"
+UNDERLAY = Underlay(LOCAL)
+ETH0 = AddressSeen(LOCAL, "eth0", 1500)
+ZERO = "00:00:00:00:00:00"
 
 
-def simulate(seen: list[BridgeSeen], actions: list[Action]) -> list[BridgeSeen]:
-    """What the kernel would hold after apply(actions): a model of netlink.apply, not a fake."""
-    by_name = {bridge.name: bridge for bridge in seen}
+def simulate(seen: HostSeen, actions: list[Action]) -> HostSeen:
+    """What the kernel would hold after apply(actions): a model of netlink.apply, not a fake.
+
+    It asserts what the kernel (or netlink.apply's ownership check) would refuse.
+    """
+    bridges = {bridge.name: bridge for bridge in seen.bridges}
+    vxlans = {vxlan.name: vxlan for vxlan in seen.vxlans}
+
+    def bridge(name: str) -> BridgeSeen:
+        assert bridges[name].owner is not None, f"{name} is not ours"
+        return bridges[name]
+
+    def vxlan(name: str) -> VxlanSeen:
+        assert vxlans[name].owner is not None, f"{name} is not ours"
+        return vxlans[name]
+
+    def change(name: str, **changes: object) -> None:
+        if name in bridges:
+            bridges[name] = dataclasses.replace(bridge(name), **changes)  # type: ignore[arg-type]
+        else:
+            vxlans[name] = dataclasses.replace(vxlan(name), **changes)  # type: ignore[arg-type]
+
+    def free(name: str) -> None:
+        assert name not in {*bridges, *vxlans, *seen.other_links}, f"{name} exists"
+
     for action in actions:
         match action:
             case CreateBridge(name=name, alias=alias, mtu=mtu):
-                assert name not in by_name, f"{name} created twice"
-                by_name[name] = BridgeSeen(name, alias, (), mtu, up=False)
+                free(name)
+                bridges[name] = BridgeSeen(name, alias, (), mtu, up=False, forwarding=True)
             case DeleteBridge(name=name):
-                del by_name[name]
+                del bridges[bridge(name).name]
+                for port in [v for v in vxlans.values() if v.master == name]:
+                    vxlans[port.name] = dataclasses.replace(port, master=None)
             case SetAddress(name=name, address=address):
-                old = by_name[name]
-                by_name[name] = dataclasses.replace(old, addresses=(*old.addresses, address))
+                change(name, addresses=(*bridge(name).addresses, address))
             case RemoveAddress(name=name, address=address):
-                old = by_name[name]
-                kept = tuple(a for a in old.addresses if a != address)
-                by_name[name] = dataclasses.replace(old, addresses=kept)
+                change(name, addresses=tuple(a for a in bridge(name).addresses if a != address))
             case SetMtu(name=name, mtu=mtu):
-                by_name[name] = dataclasses.replace(by_name[name], mtu=mtu)
+                change(name, mtu=mtu)
+            case DisableForwarding(name=name):
+                change(bridge(name).name, forwarding=False)
             case SetUp(name=name):
-                by_name[name] = dataclasses.replace(by_name[name], up=True)
-    return list(by_name.values())
+                change(name, up=True)
+            case CreateVxlan(name=name, alias=alias, vni=vni, local=local, port=port):
+                free(name)
+                assert (vni, port) not in {(v.vni, v.port) for v in vxlans.values()}, "EEXIST"
+                master = bridge(action.bridge).name
+                vxlans[name] = VxlanSeen(
+                    name, alias, vni, port, local, False, action.mtu, True, master
+                )
+            case DeleteVxlan(name=name):
+                del vxlans[vxlan(name).name]
+            case SetMaster(name=name, bridge=master):
+                change(vxlan(name).name, master=bridge(master).name)
+            case AppendFdb(name=name, mac=mac, dst=dst):
+                change(name, fdb=vxlan(name).fdb | {FdbEntry(mac, dst)})
+            case DeleteFdb(name=name, mac=mac, dst=dst):
+                assert FdbEntry(mac, dst) in vxlan(name).fdb, f"{mac} dst {dst} not on {name}"
+                change(name, fdb=vxlan(name).fdb - {FdbEntry(mac, dst)})
+    return dataclasses.replace(seen, bridges=tuple(bridges.values()), vxlans=tuple(vxlans.values()))
 
 
-def wanted(cluster: str = "alpha", vni: int = 42, address: str = "10.42.0.1/24") -> BridgeWanted:
-    return BridgeWanted.for_cluster(cluster, vni, address, mtu=1450)
+def wanted(
+    cluster: str = "alpha",
+    vni: int = 42,
+    address: str = "10.42.0.1/24",
+    peers: tuple[Peer, ...] = (),
+    mtu: int = 1450,
+) -> ClusterNetworkWanted:
+    return ClusterNetworkWanted(cluster, vni, address, mtu, frozenset(peers))
 
 
-def seen_of(want: BridgeWanted, **changes: object) -> BridgeSeen:
-    good = BridgeSeen(want.name, want.alias, (want.address,), want.mtu, up=True)
+def host(*clusters: ClusterNetworkWanted, underlay: Underlay | None = None) -> HostNetworkWanted:
+    return HostNetworkWanted(clusters, underlay)
+
+
+def seen_of(want: ClusterNetworkWanted, **changes: object) -> BridgeSeen:
+    good = BridgeSeen(want.bridge, want.alias, (want.address,), want.mtu, up=True)
     return dataclasses.replace(good, **changes)  # type: ignore[arg-type]
+
+
+def vxlan_of(want: ClusterNetworkWanted, **changes: object) -> VxlanSeen:
+    good = VxlanSeen(
+        want.vxlan,
+        want.alias,
+        want.vni,
+        4789,
+        LOCAL,
+        False,
+        1450,
+        True,
+        want.bridge,
+        want.fdb(LOCAL),
+    )
+    return dataclasses.replace(good, **changes)  # type: ignore[arg-type]
+
+
+def bridges(*seen: BridgeSeen, others: tuple[str, ...] = ()) -> HostSeen:
+    return HostSeen(bridges=seen, other_links=frozenset(others))
 
 
 def foreign(name: str, alias: str | None = None) -> BridgeSeen:
@@ -82,10 +167,18 @@ def test_bridge_name_fits_ifnamsiz(vni: int) -> None:
     assert len(bridge_name(vni)) <= IFNAMSIZ
 
 
+@pytest.mark.parametrize("vni", [1, 42, MAX_VNI])
+def test_vxlan_name_fits_ifnamsiz_and_differs_from_bridge(vni: int) -> None:
+    assert vxlan_name(vni) == f"havx{vni}"
+    assert len(vxlan_name(vni)) <= IFNAMSIZ
+    assert vxlan_name(vni) != bridge_name(vni)
+
+
 @pytest.mark.parametrize("vni", [0, -1, MAX_VNI + 1])
-def test_bridge_name_rejects_vni_out_of_range(vni: int) -> None:
+@pytest.mark.parametrize("name", [bridge_name, vxlan_name])
+def test_names_reject_vni_out_of_range(vni: int, name: object) -> None:
     with pytest.raises(ValueError, match="vni"):
-        bridge_name(vni)
+        name(vni)  # type: ignore[operator]
 
 
 def test_tap_name_is_short_stable_and_distinct() -> None:
@@ -147,103 +240,395 @@ def test_owner_alias_rejects_bad_cluster() -> None:
         owner_alias("has space", 1)
 
 
-# --- plan --------------------------------------------------------------------------------
-
-
-def test_wanted_rejects_address_without_prefix() -> None:
-    with pytest.raises(ValueError, match="prefix"):
-        BridgeWanted.for_cluster("alpha", 42, "10.42.0.1")
+# --- plan: bridges (a host serving its clusters alone: no underlay) -----------------------
 
 
 def test_creates_missing_bridge() -> None:
-    want = wanted()
-    assert plan([want], []) == [
+    assert plan(host(wanted()), HostSeen()) == [
         CreateBridge("habr42", "hostagent cluster=alpha vni=42", 1450),
         SetAddress("habr42", "10.42.0.1/24"),
+        DisableForwarding("habr42"),
         SetUp("habr42"),
     ]
 
 
-def test_fixes_address_mtu_and_state_of_ours() -> None:
+def test_fixes_address_mtu_forwarding_and_state_of_ours() -> None:
     want = wanted()
-    drifted = seen_of(want, addresses=("10.42.0.1/16", "10.9.9.9/24"), mtu=1500, up=False)
-    assert plan([want], [drifted]) == [
+    drifted = seen_of(
+        want, addresses=("10.42.0.1/16", "10.9.9.9/24"), mtu=1500, up=False, forwarding=True
+    )
+    assert plan(host(want), bridges(drifted)) == [
         RemoveAddress("habr42", "10.42.0.1/16"),
         RemoveAddress("habr42", "10.9.9.9/24"),
         SetAddress("habr42", "10.42.0.1/24"),
         SetMtu("habr42", 1450),
+        DisableForwarding("habr42"),
         SetUp("habr42"),
     ]
 
 
 def test_in_sync_plans_nothing() -> None:
     want = wanted()
-    assert plan([want], [seen_of(want)]) == []
+    assert plan(host(want), bridges(seen_of(want))) == []
 
 
 def test_deletes_only_stale_bridges_of_ours() -> None:
     keep, gone = wanted("alpha", 42), wanted("beta", 43, "10.43.0.1/24")
-    seen = [
+    seen = bridges(
         seen_of(keep),
         seen_of(gone),
         foreign("virbr0"),
         foreign("docker0", alias="docker bridge"),
         foreign("habr99", alias="hostagent, hand made"),
-    ]
-    assert plan([keep], seen) == [DeleteBridge("habr43")]
+    )
+    assert plan(host(keep), seen) == [DeleteBridge("habr43")]
 
 
 def test_recreates_bridge_of_ours_left_by_another_cluster() -> None:
     # The zone gave vni 42 to a new cluster: the old cluster's bridge (and its ports) must go.
     old = seen_of(wanted("old", 42))
-    new = wanted("new", 42)
-    assert plan([new], [old]) == [
+    assert plan(host(wanted("new", 42)), bridges(old)) == [
         DeleteBridge("habr42"),
         CreateBridge("habr42", "hostagent cluster=new vni=42", 1450),
         SetAddress("habr42", "10.42.0.1/24"),
+        DisableForwarding("habr42"),
         SetUp("habr42"),
     ]
 
 
 @pytest.mark.parametrize("alias", [None, "", "my bridge", "hostagent cluster=Bad vni=1"])
 def test_foreign_bridge_with_wanted_name_raises(alias: str | None) -> None:
-    want = wanted()
     with pytest.raises(ForeignDeviceError, match=r"habr42.*not created by hostagent.*ip link del"):
-        plan([want], [foreign("habr42", alias)])
+        plan(host(wanted()), bridges(foreign("habr42", alias)))
 
 
 def test_foreign_non_bridge_with_wanted_name_raises() -> None:
     with pytest.raises(ForeignDeviceError, match="device habr42"):
-        plan([wanted()], [], link_names={"lo", "habr42"})
+        plan(host(wanted()), bridges(others=("lo", "habr42")))
 
 
 def test_conflict_plans_nothing_even_for_other_bridges() -> None:
     stale = seen_of(wanted("beta", 43, "10.43.0.1/24"))
     with pytest.raises(ForeignDeviceError):
-        plan([wanted()], [stale], link_names={"habr42", "habr43"})
+        plan(host(wanted()), bridges(stale, others=("habr42",)))
 
 
-def test_two_clusters_wanting_one_bridge_raise() -> None:
+def test_two_clusters_wanting_one_vni_raise() -> None:
     with pytest.raises(NetworkError, match="both want bridge habr42"):
-        plan([wanted("alpha", 42), wanted("beta", 42)], [])
+        plan(host(wanted("alpha", 42), wanted("beta", 42)), HostSeen())
+
+
+def test_legacy_bridge_wanted_is_a_cluster_network_without_peers() -> None:
+    legacy = BridgeWanted("habr42", "alpha", 42, "10.42.0.1/24", 1400)
+    assert HostNetworkWanted.of([legacy]).clusters == (wanted(mtu=1400),)
+    with pytest.raises(ValueError, match="must be 'habr42'"):
+        BridgeWanted("br-alpha", "alpha", 42, "10.42.0.1/24")
+    with pytest.raises(ValueError, match="prefix"):
+        BridgeWanted.for_cluster("alpha", 42, "10.42.0.1")
+
+
+def test_without_underlay_peers_are_refused() -> None:
+    with pytest.raises(NetworkError, match="has peers but this host has no underlay"):
+        plan(host(wanted(peers=(Peer("192.0.2.2"),))), HostSeen())
+
+
+def test_without_underlay_vxlan_devices_of_ours_go() -> None:
+    want = wanted()
+    seen = HostSeen(bridges=(seen_of(want),), vxlans=(vxlan_of(want),))
+    assert plan(host(want), seen) == [DeleteVxlan("havx42")]
 
 
 @pytest.mark.parametrize(
     "seen",
     [
-        [],
-        [seen_of(wanted(), addresses=(), mtu=9000, up=False)],
-        [seen_of(wanted("old", 42)), seen_of(wanted("beta", 43, "10.43.0.1/24"))],
-        [foreign("virbr0"), seen_of(wanted(), addresses=("10.42.0.1/24", "10.42.0.2/24"))],
+        bridges(),
+        bridges(seen_of(wanted(), addresses=(), mtu=9000, up=False, forwarding=True)),
+        bridges(seen_of(wanted("old", 42)), seen_of(wanted("beta", 43, "10.43.0.1/24"))),
+        bridges(foreign("virbr0"), seen_of(wanted(), addresses=("10.42.0.1/24", "10.42.0.2/24"))),
     ],
 )
-def test_plan_after_apply_is_empty(seen: list[BridgeSeen]) -> None:
-    want = [wanted(), wanted("gamma", MAX_VNI, "10.200.0.1/16"), wanted(LONGEST, 7, "10.7.0.1/24")]
+def test_bridges_plan_after_apply_is_empty(seen: HostSeen) -> None:
+    want = host(
+        wanted(), wanted("gamma", MAX_VNI, "10.200.0.1/16"), wanted(LONGEST, 7, "10.7.0.1/24")
+    )
     after = simulate(seen, plan(want, seen))
     assert plan(want, after) == []
-    assert [b for b in after if b.owner is None] == [b for b in seen if b.owner is None]
+    assert [b for b in after.bridges if b.owner is None] == [
+        b for b in seen.bridges if b.owner is None
+    ]
 
 
 def test_plan_for_nothing_wanted_removes_all_of_ours() -> None:
-    seen = [seen_of(wanted()), foreign("virbr0")]
-    assert simulate(seen, plan([], seen)) == [foreign("virbr0")]
+    seen = bridges(seen_of(wanted()), foreign("virbr0"))
+    assert simulate(seen, plan(host(), seen)).bridges == (foreign("virbr0"),)
+
+
+# --- plan: VXLAN across hosts --------------------------------------------------------------
+
+PEER2 = Peer("192.0.2.2", frozenset({"52:54:00:00:00:02"}))
+PEER3 = Peer("192.0.2.3")
+PEER4 = Peer("192.0.2.4", frozenset({"52:54:00:00:00:04", "52:54:00:00:00:44"}))
+
+
+def on_host(*seen_bridges: BridgeSeen, vxlans: tuple[VxlanSeen, ...] = ()) -> HostSeen:
+    return HostSeen(
+        bridges=seen_bridges,
+        vxlans=vxlans,
+        other_links=frozenset({"lo", "eth0"}),
+        addresses=(ETH0,),
+    )
+
+
+def wired(*clusters: ClusterNetworkWanted) -> HostSeen:
+    """A host on which every cluster is in place, as netlink would report it."""
+    return on_host(*map(seen_of, clusters), vxlans=tuple(map(vxlan_of, clusters)))
+
+
+def test_creates_bridge_vxlan_and_fdb_for_a_new_cluster() -> None:
+    want = wanted(peers=(PEER2, PEER3))
+    assert plan(host(want, underlay=UNDERLAY), on_host()) == [
+        CreateBridge("habr42", "hostagent cluster=alpha vni=42", 1450),
+        SetAddress("habr42", "10.42.0.1/24"),
+        DisableForwarding("habr42"),
+        SetUp("habr42"),
+        CreateVxlan("havx42", "hostagent cluster=alpha vni=42", 42, LOCAL, 4789, 1450, "habr42"),
+        AppendFdb("havx42", ZERO, "192.0.2.2"),
+        AppendFdb("havx42", ZERO, "192.0.2.3"),
+        AppendFdb("havx42", "52:54:00:00:00:02", "192.0.2.2"),
+    ]
+
+
+def test_wired_host_plans_nothing() -> None:
+    clusters = wanted(peers=(PEER2, PEER3)), wanted("beta", 43, "10.43.0.1/24", (PEER4,))
+    assert plan(host(*clusters, underlay=UNDERLAY), wired(*clusters)) == []
+
+
+def test_port_is_configurable() -> None:
+    [*_, create] = plan(host(wanted(), underlay=Underlay(LOCAL, port=8472)), on_host())
+    assert create == CreateVxlan("havx42", wanted().alias, 42, LOCAL, 8472, 1450, "habr42")
+
+
+def test_own_underlay_address_among_peers_is_skipped() -> None:
+    # Every host of a zone may be given the same list of peers.
+    want = wanted(peers=(Peer(LOCAL, frozenset({"52:54:00:00:00:01"})), PEER3))
+    fdb = [a for a in plan(host(want, underlay=UNDERLAY), on_host()) if isinstance(a, AppendFdb)]
+    assert fdb == [AppendFdb("havx42", ZERO, "192.0.2.3")]
+
+
+# MTU accounting: underlay - 50 on the VXLAN device and the bridge.
+
+
+def test_device_mtu_follows_the_underlay_device() -> None:
+    jumbo = dataclasses.replace(on_host(), addresses=(AddressSeen(LOCAL, "eth0", 9000),))
+    actions = plan(host(wanted(), underlay=UNDERLAY), jumbo)
+    assert actions[0] == CreateBridge("habr42", wanted().alias, 8950)
+    assert isinstance(actions[-1], CreateVxlan) and actions[-1].mtu == 8950
+
+
+def test_explicit_underlay_mtu_wins_over_the_device() -> None:
+    # e.g. a path through a tunnel with a smaller MTU than the NIC's
+    actions = plan(host(wanted(mtu=1400), underlay=Underlay(LOCAL, mtu=1450)), on_host())
+    assert actions[0] == CreateBridge("habr42", wanted().alias, 1400)
+
+
+def test_underlay_mtu_change_resizes_bridge_and_vxlan() -> None:
+    want = wanted()
+    jumbo = dataclasses.replace(wired(want), addresses=(AddressSeen(LOCAL, "eth0", 9000),))
+    assert plan(host(want, underlay=UNDERLAY), jumbo) == [
+        SetMtu("habr42", 8950),
+        SetMtu("havx42", 8950),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cluster_mtu", "underlay"), [(1451, UNDERLAY), (1401, Underlay(LOCAL, 1450))]
+)
+def test_cluster_mtu_above_underlay_minus_50_is_refused(
+    cluster_mtu: int, underlay: Underlay
+) -> None:
+    with pytest.raises(NetworkError, match=rf"wants MTU {cluster_mtu}.*lower the cluster MTU"):
+        plan(host(wanted(mtu=cluster_mtu), underlay=underlay), wired(wanted()))
+
+
+def test_explicit_underlay_mtu_above_the_device_is_refused() -> None:
+    with pytest.raises(NetworkError, match="above the MTU 1500 of eth0"):
+        plan(host(wanted(), underlay=Underlay(LOCAL, mtu=9000)), on_host())
+
+
+def test_underlay_address_not_on_this_host_is_refused() -> None:
+    with pytest.raises(NetworkError, match=r"192.0.2.99 is not on any device"):
+        plan(host(wanted(), underlay=Underlay("192.0.2.99")), on_host())
+
+
+# Peers change by difference: only the changed peer's entries.
+
+
+def test_new_peer_appends_only_its_entries() -> None:
+    before = wanted(peers=(PEER2, PEER3))
+    after = wanted(peers=(PEER2, PEER3, PEER4))
+    assert plan(host(after, underlay=UNDERLAY), wired(before)) == [
+        AppendFdb("havx42", ZERO, "192.0.2.4"),
+        AppendFdb("havx42", "52:54:00:00:00:04", "192.0.2.4"),
+        AppendFdb("havx42", "52:54:00:00:00:44", "192.0.2.4"),
+    ]
+
+
+def test_departed_peer_deletes_only_its_entries() -> None:
+    before = wanted(peers=(PEER2, PEER3, PEER4))
+    other = wanted("beta", 43, "10.43.0.1/24", (PEER4,))
+    after = wanted(peers=(PEER2, PEER3))
+    assert plan(host(after, other, underlay=UNDERLAY), wired(before, other)) == [
+        DeleteFdb("havx42", ZERO, "192.0.2.4"),
+        DeleteFdb("havx42", "52:54:00:00:00:04", "192.0.2.4"),
+        DeleteFdb("havx42", "52:54:00:00:00:44", "192.0.2.4"),
+    ]
+
+
+def test_node_moving_between_peers_moves_its_mac_entry_only() -> None:
+    mac = "52:54:00:00:00:02"
+    before = wanted(peers=(PEER2, PEER3))
+    after = wanted(peers=(Peer("192.0.2.2"), Peer("192.0.2.3", frozenset({mac.upper()}))))
+    assert plan(host(after, underlay=UNDERLAY), wired(before)) == [
+        DeleteFdb("havx42", mac, "192.0.2.2"),
+        AppendFdb("havx42", mac, "192.0.2.3"),
+    ]
+
+
+def test_stray_fdb_entries_on_our_device_are_removed() -> None:
+    want = wanted(peers=(PEER3,))
+    stray = FdbEntry("52:54:00:99:99:99", "198.51.100.7")
+    seen = on_host(seen_of(want), vxlans=(vxlan_of(want, fdb=want.fdb(LOCAL) | {stray}),))
+    assert plan(host(want, underlay=UNDERLAY), seen) == [DeleteFdb("havx42", stray.mac, stray.dst)]
+
+
+# Drift, replacement and removal of VXLAN devices.
+
+
+def test_fixes_vxlan_mtu_master_and_state() -> None:
+    want = wanted(peers=(PEER3,))
+    drifted = vxlan_of(want, mtu=1500, master=None, up=False)
+    assert plan(host(want, underlay=UNDERLAY), on_host(seen_of(want), vxlans=(drifted,))) == [
+        SetMtu("havx42", 1450),
+        SetMaster("havx42", "habr42"),
+        SetUp("havx42"),
+    ]
+
+
+def test_lost_bridge_is_recreated_and_vxlan_put_back_in() -> None:
+    want = wanted(peers=(PEER3,))
+    orphan = vxlan_of(want, master=None)
+    assert plan(host(want, underlay=UNDERLAY), on_host(vxlans=(orphan,))) == [
+        CreateBridge("habr42", want.alias, 1450),
+        SetAddress("habr42", "10.42.0.1/24"),
+        DisableForwarding("habr42"),
+        SetUp("habr42"),
+        SetMaster("havx42", "habr42"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"port": 8472}, {"local": "192.0.2.77"}, {"local": None}, {"learning": True}, {"vni": 7}],
+)
+def test_vxlan_differing_in_a_creation_attribute_is_replaced(change: dict[str, object]) -> None:
+    want = wanted(peers=(PEER3,))
+    seen = on_host(seen_of(want), vxlans=(vxlan_of(want, **change),))
+    assert plan(host(want, underlay=UNDERLAY), seen) == [
+        DeleteVxlan("havx42"),
+        CreateVxlan("havx42", want.alias, 42, LOCAL, 4789, 1450, "habr42"),
+        AppendFdb("havx42", ZERO, "192.0.2.3"),
+    ]
+
+
+def test_cluster_no_longer_served_loses_both_devices() -> None:
+    keep, gone = wanted(peers=(PEER3,)), wanted("beta", 43, "10.43.0.1/24", (PEER4,))
+    assert plan(host(keep, underlay=UNDERLAY), wired(keep, gone)) == [
+        DeleteVxlan("havx43"),
+        DeleteBridge("habr43"),
+    ]
+
+
+# Devices that are not ours.
+
+
+def foreign_vxlan(name: str, vni: int, port: int = 4789, alias: str | None = None) -> VxlanSeen:
+    return VxlanSeen(name, alias, vni, port, None, True, 1450, True, None)
+
+
+def test_foreign_vxlan_devices_are_left_alone() -> None:
+    want = wanted(peers=(PEER3,))
+    flannel = foreign_vxlan("flannel.1", 1, 8472)
+    seen = on_host(seen_of(want), vxlans=(vxlan_of(want), flannel))
+    assert plan(host(want, underlay=UNDERLAY), seen) == []
+
+
+@pytest.mark.parametrize("alias", [None, "hostagent, hand made"])
+def test_foreign_vxlan_with_wanted_name_raises(alias: str | None) -> None:
+    seen = on_host(vxlans=(foreign_vxlan("havx42", 42, alias=alias),))
+    with pytest.raises(ForeignDeviceError, match=r"vxlan havx42 with alias .*not created"):
+        plan(host(wanted(), underlay=UNDERLAY), seen)
+
+
+def test_foreign_non_vxlan_with_wanted_name_raises() -> None:
+    seen = dataclasses.replace(on_host(), other_links=frozenset({"havx42"}))
+    with pytest.raises(ForeignDeviceError, match="device havx42 exists"):
+        plan(host(wanted(), underlay=UNDERLAY), seen)
+
+
+def test_foreign_vxlan_holding_our_vni_and_port_raises() -> None:
+    seen = on_host(vxlans=(foreign_vxlan("vxlan-42", 42),))
+    with pytest.raises(
+        ForeignDeviceError, match=r"vxlan-42 .*already uses vni 42 on UDP port 4789"
+    ):
+        plan(host(wanted(), underlay=UNDERLAY), seen)
+    # The same vni on another port is no conflict for the kernel, nor for us.
+    other_port = on_host(vxlans=(foreign_vxlan("vxlan-42", 42, 8472),))
+    assert plan(host(wanted(), underlay=UNDERLAY), other_port)
+
+
+# Idempotence: apply the plan to a model of the kernel, then plan again.
+
+CLUSTERS = (
+    wanted(peers=(PEER2, PEER3)),
+    wanted("gamma", MAX_VNI, "10.200.0.1/16", (PEER4, Peer(LOCAL))),
+    wanted(LONGEST, 7, "10.7.0.1/24", mtu=1400),
+)
+
+
+@pytest.mark.parametrize(
+    "seen",
+    [
+        on_host(),
+        wired(*CLUSTERS),
+        wired(wanted(peers=(PEER4,)), wanted("beta", 43, "10.43.0.1/24", (PEER2,))),
+        wired(wanted("old", 42, peers=(PEER2,))),
+        on_host(
+            seen_of(CLUSTERS[0], mtu=9000, forwarding=True, up=False),
+            foreign("virbr0"),
+            vxlans=(
+                vxlan_of(CLUSTERS[0], mtu=1500, master=None, up=False),
+                vxlan_of(CLUSTERS[1], port=8472),
+                foreign_vxlan("flannel.1", 1, 8472),
+            ),
+        ),
+    ],
+)
+@pytest.mark.parametrize("underlay", [UNDERLAY, Underlay(LOCAL, mtu=1500, port=4790)])
+def test_plan_after_apply_is_empty(seen: HostSeen, underlay: Underlay) -> None:
+    want = host(*CLUSTERS, underlay=underlay)
+    after = simulate(seen, plan(want, seen))
+    assert plan(want, after) == []
+    assert [d for d in after.vxlans if d.owner is None] == [
+        d for d in seen.vxlans if d.owner is None
+    ]
+    assert [d for d in after.bridges if d.owner is None] == [
+        d for d in seen.bridges if d.owner is None
+    ]
+
+
+def test_plan_after_apply_without_underlay_is_empty() -> None:
+    seen = wired(*CLUSTERS)
+    want = host(*(dataclasses.replace(c, peers=frozenset()) for c in CLUSTERS))
+    after = simulate(seen, plan(want, seen))
+    assert after.vxlans == ()
+    assert plan(want, after) == []
