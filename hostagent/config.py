@@ -186,6 +186,32 @@ class PkiConfig(_Section):
         return self
 
 
+class StaticPeer(_Section):
+    address: str
+    macs: list[str] = Field(default_factory=list)
+
+
+class StaticCluster(_Section):
+    cluster: str
+    peers: list[StaticPeer] = Field(default_factory=list)
+
+
+class NetworkConfig(_Section):
+    underlay_address: str | None = None
+    underlay_mtu: Annotated[int, Field(ge=626, le=9216)] | None = None
+    vxlan_port: Annotated[int, Field(ge=1, le=65535)] = 4789
+    peer_check_interval_s: Annotated[float, Field(gt=0)] = 30.0
+    peer_check_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    clusters: list[StaticCluster] = Field(default_factory=list)
+
+    @field_validator("underlay_address")
+    @classmethod
+    def _underlay(cls, value: str | None) -> str | None:
+        if value is not None and ipaddress.ip_address(value).version != 4:
+            raise ValueError("underlay_address must be an IPv4 address")
+        return value
+
+
 class Config(_Section):
     host_id: str = Field(default_factory=socket.gethostname)
     state_dir: Path = Path("/var/lib/hostagent")
@@ -197,6 +223,7 @@ class Config(_Section):
     reconciler: ReconcilerConfig = ReconcilerConfig()
     cloudconfig: CloudConfigConfig = CloudConfigConfig()
     pki: PkiConfig = PkiConfig()
+    network: NetworkConfig = NetworkConfig()
 
     @property
     def images(self) -> Path:

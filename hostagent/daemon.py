@@ -26,13 +26,16 @@ from hostagent.images import ImageCatalog
 from hostagent.kvmprobe import resolve_domain_type
 from hostagent.metrics import Metrics
 from hostagent.model import NodeKey, Phase
+from hostagent.networks import StaticPeers, wanted_networks
 from hostagent.nodes import NodeService
 from hostagent.provisioner import Provisioner
 from hostagent.reconciler import Reconciler
 from hostagent.store import Store
 from hostagent.virt.libvirt import Libvirt, LibvirtUnavailable
+from network.health import PeerHealth, check_peers
+from network.model import ClusterNetworkWanted
+from network.names import vxlan_name
 from network.netlink import Netlink
-from network.plan import BridgeWanted
 from pki import layout
 from pki.files import read_expiries
 from pki.renewal import Renewer
@@ -67,7 +70,7 @@ class PhoneHomeSites:
         self.port = port
         self.sites: dict[str, web.TCPSite] = {}
 
-    async def update(self, bridges: list[BridgeWanted]) -> None:
+    async def update(self, bridges: list[ClusterNetworkWanted]) -> None:
         wanted = {bridge.address.split("/")[0] for bridge in bridges}
         for address in set(self.sites) - wanted:
             await self.sites.pop(address).stop()
@@ -110,6 +113,8 @@ class Agent:
         )
         self.service = NodeService(config, self.store, self.images, self.physical, self._notify)
         self.netlink = Netlink()
+        self.peer_source = StaticPeers(config.network)
+        self.peer_health: dict[str, PeerHealth] = {}
         configured = config.libvirt.domain_type
         self.domain_type: str | None = None if configured == "auto" else configured
         self.reconciler: Reconciler | None = None
@@ -152,6 +157,56 @@ class Agent:
             if self.reconciler is not None:
                 self.reconciler.provisioner.domain_type = self.domain_type
 
+    async def check_peers_forever(self) -> None:
+        """Underlay health: ping every peer host of every cluster, now and then."""
+        interval = self.config.network.peer_check_interval_s
+        while True:
+            addresses = {
+                peer.address
+                for network in self._networks()
+                for peer in network.peers
+                if peer.address != self.config.network.underlay_address
+            }
+            if addresses:
+                timeout = self.config.network.peer_check_timeout_s
+                self.peer_health = await check_peers(addresses, timeout)
+            await asyncio.sleep(interval)
+
+    def _networks(self) -> list[ClusterNetworkWanted]:
+        with_underlay = self.config.network.underlay_address is not None
+        return wanted_networks(self.store.all(), self.peer_source, with_underlay)
+
+    def network_info(self) -> list[dict[str, Any]]:
+        with_underlay = self.config.network.underlay_address is not None
+        info = []
+        for network in self._networks():
+            peers = []
+            for peer in sorted(network.peers, key=lambda p: p.address):
+                if peer.address == self.config.network.underlay_address:
+                    continue
+                health = self.peer_health.get(peer.address)
+                peers.append(
+                    {
+                        "address": peer.address,
+                        "macs": sorted(peer.macs),
+                        "reachable": health.reachable if health else None,
+                        "rtt_ms": health.rtt_ms if health else None,
+                        "checked_at": health.checked_at.isoformat() if health else None,
+                    }
+                )
+            info.append(
+                {
+                    "cluster": network.cluster,
+                    "vni": network.vni,
+                    "bridge": network.bridge,
+                    "vxlan": vxlan_name(network.vni) if with_underlay else None,
+                    "address": network.address,
+                    "mtu": network.mtu,
+                    "peers": peers,
+                }
+            )
+        return info
+
     async def host_info(self) -> dict[str, Any]:
         offer = capacity.allocatable(self.physical, self.config.capacity)
         used = self.service.allocated()
@@ -165,6 +220,11 @@ class Agent:
             "libvirt_uri": self.config.libvirt.uri,
             "libvirt_connected": self.virt.connected.is_set(),
             "reconciler": self.reconciler.load() if self.reconciler else None,
+            "underlay": {
+                "address": self.config.network.underlay_address,
+                "vxlan_port": self.config.network.vxlan_port,
+            },
+            "networks": self.network_info(),
         }
 
     async def start(self) -> None:
@@ -186,6 +246,7 @@ class Agent:
             self.domain_type,
             self.sites.update,
             self.pki,
+            self.peer_source,
         )
         self.reconciler = Reconciler(
             self.store,
@@ -201,6 +262,7 @@ class Agent:
             asyncio.create_task(self.virt.supervise()),
             asyncio.create_task(self.reconciler.run()),
             asyncio.create_task(self.renewer.run()),
+            asyncio.create_task(self.check_peers_forever()),
         ]
         await self.reconciler.resync()
         log.info("certificates from the %s", self.pki.description)

@@ -16,19 +16,20 @@ from pathlib import Path
 
 from cloudconfig.configdrive import build_config_drive, config_drive_files
 from cloudconfig.context import NodeContext
-from hostagent import certificates
+from hostagent import certificates, networks
 from hostagent.config import Config
 from hostagent.errors import ProvisioningError
 from hostagent.images import Image, ImageCatalog
 from hostagent.model import NodeKey, NodeSpec
+from hostagent.networks import PeerSource
 from hostagent.nodecontext import ETCD_DISK_SERIAL, node_context
 from hostagent.store import NodeRecord
 from hostagent.virt import disk
 from hostagent.virt.domain import DataDisk, DomainMeta, DomainParams, domain_xml
 from hostagent.virt.libvirt import Libvirt, LibvirtUnavailable
 from network import names
+from network.model import ClusterNetworkWanted, NetworkError
 from network.netlink import Netlink
-from network.plan import BridgeWanted, NetworkError
 from pki import layout
 from pki.backend import Backend
 from pki.provision import provision_node
@@ -48,24 +49,6 @@ class NodeFiles:
         self.console_log = self.root / "console.log"
 
 
-def wanted_bridges(records: Iterable[NodeRecord]) -> list[BridgeWanted]:
-    """One bridge per cluster network that still has a node on this host."""
-    wanted: dict[int, BridgeWanted] = {}
-    for record in records:
-        net = record.spec.network
-        wanted.setdefault(
-            net.vni,
-            BridgeWanted(
-                name=names.bridge_name(net.vni),
-                cluster=record.key.cluster,
-                vni=net.vni,
-                address=str(net.gateway_interface),
-                mtu=net.mtu,
-            ),
-        )
-    return sorted(wanted.values(), key=lambda bridge: bridge.vni)
-
-
 class Provisioner:
     def __init__(
         self,
@@ -74,8 +57,9 @@ class Provisioner:
         virt: Libvirt,
         netlink: Netlink,
         domain_type: str | None,
-        on_networks: Callable[[list[BridgeWanted]], Awaitable[None]],
+        on_networks: Callable[[list[ClusterNetworkWanted]], Awaitable[None]],
         pki: Backend,
+        peers: PeerSource,
     ) -> None:
         self.config = config
         self.images = images
@@ -84,6 +68,8 @@ class Provisioner:
         self.domain_type = domain_type
         self.on_networks = on_networks
         self.pki = pki
+        self.peers = peers
+        self.underlay = networks.underlay(config.network)
         self._network_lock = asyncio.Lock()
 
     def files(self, key: NodeKey) -> NodeFiles:
@@ -99,10 +85,10 @@ class Provisioner:
         return image
 
     async def ensure_networks(self, records: Iterable[NodeRecord]) -> None:
-        wanted = wanted_bridges(records)
+        wanted = networks.wanted_networks(records, self.peers, self.underlay is not None)
         async with self._network_lock:
             try:
-                await asyncio.to_thread(self.netlink.reconcile, wanted)
+                await asyncio.to_thread(self.netlink.reconcile, wanted, self.underlay)
             except NetworkError as exc:
                 raise ProvisioningError(f"cluster network: {exc}") from exc
             await self.on_networks(wanted)

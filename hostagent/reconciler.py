@@ -141,6 +141,13 @@ class Reconciler:
             if domain.name not in desired:
                 self.enqueue(_key_of(domain))
 
+    async def _resync_networks(self) -> None:
+        """Put back what someone else changed (a bridge deleted, ip_forward rewritten)."""
+        try:
+            await self.provisioner.ensure_networks(self.store.all())
+        except ProvisioningError as exc:
+            log.warning("network resync failed, retrying at the next resync: %s", exc)
+
     def load(self) -> dict[str, int]:
         """Nodes waiting for and in reconciliation: both 0 once the world matches."""
         return {"queued": len(self._queued), "active": len(self._active)}
@@ -154,6 +161,7 @@ class Reconciler:
             while True:
                 await asyncio.sleep(self.config.resync_interval_s)
                 await self.resync()
+                await self._resync_networks()
         finally:
             for worker in workers:
                 worker.cancel()
