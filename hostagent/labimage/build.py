@@ -60,7 +60,7 @@ MODULES: tuple[str, ...] = (
 APPLETS: tuple[str, ...] = (
     "acpid", "ash", "awk", "basename", "cat", "chmod", "dd", "dirname", "dmesg", "find",
     "grep", "head", "hostname", "insmod", "ip", "ls", "lsmod", "mkdir", "mount",
-    "poweroff", "ps", "reboot", "sed", "sh", "sleep", "sort", "sync", "tail", "timeout",
+    "ping", "poweroff", "ps", "reboot", "sed", "sh", "sleep", "sort", "sync", "tail", "timeout",
     "touch", "tr", "umount", "uname", "wc", "wget",
 )  # fmt: skip
 

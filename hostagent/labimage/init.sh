@@ -250,6 +250,23 @@ pki_writable() {
     if touch "$PKI/.guest-write-test" 2>/dev/null; then echo true; else echo false; fi
 }
 
+# Reachability of the addresses an operator (or a test) listed in user-data as
+# PING_TARGETS=a,b (e.g. through an extension file): {"a": true, "b": false}.
+ping_results() {
+    sep=''
+    printf '{'
+    for ip in $(userdata_value PING_TARGETS | tr ',' ' '); do
+        ok=false
+        for _ in 1 2 3 4 5; do
+            if ping -c 1 -W 2 "$ip" >/dev/null 2>&1; then ok=true; break; fi
+        done
+        log "ping $ip: $ok" >&2
+        printf '%s%s: %s' "$sep" "$(json_str "$ip")" "$ok"
+        sep=', '
+    done
+    printf '}'
+}
+
 phone_home_body() {
     addrs=$(ip -4 -o addr show | awk '$2 != "lo" { print $4 }' | json_list)
     pki=$( (cd "$PKI" && find . -type f | sed 's|^\./||' | sort) | json_list)
@@ -257,6 +274,7 @@ phone_home_body() {
     printf '{"hostname": %s, "instance_id": %s, "addresses": %s, "pki_files": %s, ' \
         "$(json_str "$(hostname)")" "$(json_str "$INSTANCE_ID")" "$addrs" "$pki"
     printf '"pki_read_bytes": %s, "pki_writable": %s, ' "$(pki_read_bytes)" "$(pki_writable)"
+    printf '"pings": %s, ' "$PINGS"
     printf '"disk_bytes": %s, "kernel": %s, "uptime_s": %s}' \
         "$(disk_bytes)" "$(json_str "$(uname -r)")" "$up"
 }
@@ -302,6 +320,7 @@ configure_from_cidata() {
         err "user-data has no PHONE_HOME_URL / PHONE_HOME_TOKEN line"
         return 1
     fi
+    PINGS=$(ping_results)
     log "phoning home to $url"
     phone_home "$url" "$token"
 }
