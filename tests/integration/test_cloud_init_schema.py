@@ -28,6 +28,7 @@ import yaml
 from cloudconfig.context import Extensions, ExtraFile, ExtraUnit, MasterPeer, NodeContext
 from cloudconfig.render import render_network_config, render_user_data
 from cloudconfig.versions import supported_minors
+from tests.conftest import require as ci_require
 
 pytestmark = pytest.mark.integration
 
@@ -120,19 +121,14 @@ def node(spec: str, role: str, minor: str) -> NodeContext:
 def require(tool: str) -> str:
     """The tool's path; skip when it is missing, but fail in CI, where it must be."""
     path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{tool} is required in CI")
-        pytest.skip(f"{tool} is not installed")
+    ci_require(path is not None, f"{tool} is not installed")
+    assert path is not None
     return path
 
 
 @pytest.fixture
 def cloud_init() -> str:
-    if not CLOUD_INIT.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{CLOUD_INIT} is required in CI (apt-get install cloud-init)")
-        pytest.skip(f"{CLOUD_INIT} is not installed")
+    ci_require(CLOUD_INIT.exists(), f"{CLOUD_INIT} is not installed (apt-get install cloud-init)")
     return str(CLOUD_INIT)
 
 
