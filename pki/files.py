@@ -33,10 +33,11 @@ from pathlib import Path
 
 from cryptography import x509
 
+from pki import layout
 from pki.keys import format_serial
 
 MANIFEST = ".manifest.json"
-ROTATED = ".rotated"
+ROTATED = layout.ROTATED_FILE
 KEY_MODE = 0o600
 CERT_MODE = 0o644
 DIR_MODE = 0o700

@@ -106,6 +106,12 @@ SA_KEY = f"{GUEST_MOUNT}/{SA_KEY_FILE}"
 SA_PUB = f"{GUEST_MOUNT}/{SA_PUB_FILE}"
 
 
+# Rewritten by the host after each renewal; the guest's hostagent-cert-reload timer
+# compares it with the last copy it saw.
+ROTATED_FILE = ".rotated"
+ROTATED = f"{GUEST_MOUNT}/{ROTATED_FILE}"
+
+
 def files_for(role: str) -> tuple[str, ...]:
     """The files a node of `role` finds in its directory, relative to it."""
     if role not in _BOTH:
@@ -122,7 +128,7 @@ def guest_paths() -> dict[str, object]:
     names: dict[str, object] = {
         cert.name.replace("/", "_").replace("-", "_"): cert for cert in CERTS
     }
-    names.update(sa_key=SA_KEY, sa_pub=SA_PUB, dir=GUEST_MOUNT)
+    names.update(sa_key=SA_KEY, sa_pub=SA_PUB, dir=GUEST_MOUNT, rotated=ROTATED)
     return names
 
 

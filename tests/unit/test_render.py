@@ -295,7 +295,8 @@ def test_templates_use_only_certificates_the_pki_side_writes(role: str) -> None:
     text = render_user_data(context(role))
     referenced = set(re.findall(re.escape(GUEST_MOUNT) + r"/([A-Za-z0-9/._-]+)", text))
     assert referenced, "the templates reference certificates"
-    assert referenced <= set(layout.files_for(role)), referenced - set(layout.files_for(role))
+    written = {*layout.files_for(role), layout.ROTATED_FILE}
+    assert referenced <= written, referenced - written
 
 
 @pytest.mark.parametrize("role", ["master", "worker"])
@@ -319,6 +320,7 @@ def test_units_are_enabled_after_daemon_reload() -> None:
         "--now",
         "--no-block",
         "kubelet.service",
+        "hostagent-cert-reload.timer",
         "k8s-addons.service",
     ]
 
@@ -419,9 +421,8 @@ def test_extensions_are_appended() -> None:
     }
     assert files["/etc/systemd/system/later.timer"]["content"] == "[Timer]\nOnBootSec=1h\n"
     runcmd = data["runcmd"]
-    assert ["systemctl", "enable", "--now", "--no-block", "kubelet.service", "audit.service"] in (
-        runcmd
-    )
+    enable = ["systemctl", "enable", "--now", "--no-block", "kubelet.service"]
+    assert [*enable, "hostagent-cert-reload.timer", "audit.service"] in runcmd
     marker = runcmd.index(["touch", RUNCMD_MARKER])
     assert runcmd[marker - 3 : marker - 1] == ["echo one", "echo two > /tmp/two"]
 
