@@ -91,7 +91,7 @@ def client_for(args: argparse.Namespace, config: Config) -> Client:
 def cmd_serve(args: argparse.Namespace, config: Config) -> None:
     from hostagent.daemon import serve
 
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, os.environ))
 
 
 def cmd_image_build(args: argparse.Namespace, config: Config) -> None:

@@ -10,6 +10,7 @@ import secrets
 import signal
 import ssl
 from collections import Counter
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from hostagent.networks import StaticPeers, wanted_networks
 from hostagent.nodes import NodeService
 from hostagent.provisioner import Provisioner
 from hostagent.reconciler import Reconciler
+from hostagent.sdnotify import Notifier
 from hostagent.store import Store
 from hostagent.virt.libvirt import Libvirt, LibvirtUnavailable
 from network.health import PeerHealth, check_peers
@@ -310,7 +312,9 @@ def _resources(r: capacity.Resources) -> dict[str, float]:
     return {"vcpus": r.vcpus, "memory_mib": r.memory_mib, "disk_gib": r.disk_gib}
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, environ: Mapping[str, str]) -> None:
+    """Run the agent until SIGTERM/SIGINT, telling systemd (when it started us) how it goes."""
+    notifier = Notifier.from_environ(environ, os.getpid())
     agent = Agent(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -321,6 +325,15 @@ async def serve(config: Config) -> None:
     except HostAgentError:
         await agent.stop()
         raise
+    notifier.notify("READY=1")
+    # A background loop that ended has crashed (they all run forever): let systemd restart us.
+    watchdog = asyncio.create_task(
+        notifier.feed_watchdog(lambda: not any(task.done() for task in agent._tasks))
+    )
     await stop.wait()
+    notifier.notify("STOPPING=1")
     log.info("stopping; VMs keep running")
+    watchdog.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watchdog
     await agent.stop()
