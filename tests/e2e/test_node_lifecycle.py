@@ -70,7 +70,10 @@ def agent(lab_image_dir: Path) -> Iterator[Agent]:
     # re-creates its root disk, which must leave its etcd disk alone.
     images = state / "images"
     for name in ("lab", "lab-b"):
-        shutil.copytree(lab_image_dir / "lab", images / name)
+        # Content only: copy2 would carry libvirt's trusted.libvirt.security.* xattrs of
+        # the cached files (their owner bookkeeping while another VM used them), and
+        # libvirt would then refuse to label the copies ("already in use").
+        shutil.copytree(lab_image_dir / "lab", images / name, copy_function=shutil.copyfile)
     agent = Agent(state_dir=state, image_dir=images)
     try:
         yield agent
