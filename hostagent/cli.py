@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from hostagent import logs
 from hostagent.client import ApiError, Client
 from hostagent.config import Config, load_config
 from hostagent.errors import HostAgentError
@@ -168,6 +169,12 @@ def parser() -> argparse.ArgumentParser:
         "--token", help="API token (default <state_dir>/api-token; env HOSTAGENT_TOKEN)"
     )
     top.add_argument("-v", "--verbose", action="store_true")
+    top.add_argument(
+        "--log-format",
+        choices=["auto", "text", "json"],
+        default="auto",
+        help="auto: JSON lines when running under systemd's journal, else text",
+    )
     sub = top.add_subparsers(dest="command", required=True)
 
     sub.add_parser("serve", help="run the agent").set_defaults(func=cmd_serve)
@@ -212,10 +219,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(logging.DEBUG if args.verbose else logging.INFO, args.log_format, os.environ)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         config = load_config(args.config)
