@@ -101,8 +101,7 @@ def mdwe_available() -> bool:
 
 
 def test_agent_code_runs_without_writable_executable_memory() -> None:
-    if not mdwe_available():
-        pytest.skip("the kernel has no PR_SET_MDWE (Linux >= 6.3)")
+    require(mdwe_available(), "the kernel has no PR_SET_MDWE (Linux >= 6.3)")
     program = MDWE + (
         "import mmap\n"
         "import hostagent.cli, hostagent.daemon, libvirt, icmplib, hvac, pyroute2\n"
