@@ -8,32 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from hostagent.virt.domain import DomainMeta, DomainParams, domain_xml
+from hostagent.virt.domain import domain_xml
 from tests.conftest import require
+from tests.unit.test_domain_xml import PARAMS  # one example node for both layers
 
 pytestmark = pytest.mark.integration
 
 VALIDATE = Path("/usr/bin/virt-xml-validate")
-NODE = Path("/var/lib/hostagent/nodes/alpha/m1")
-PARAMS = DomainParams(
-    name="alpha-m1",
-    domain_type="kvm",
-    vcpus=2,
-    memory_mib=2048,
-    kernel=Path("/var/lib/hostagent/images/lab/vmlinuz"),
-    initrd=Path("/var/lib/hostagent/images/lab/initrd.img"),
-    cmdline="console=ttyS0 root=/dev/vda1 quiet",
-    disk=NODE / "disk.qcow2",
-    config_drive=NODE / "cidata.iso",
-    pki_dir=NODE / "pki",
-    pki_tag="hostagent-pki",
-    console_log=NODE / "console.log",
-    bridge="hak-4242",
-    tap="hat-0123abcd",
-    mac="52:54:00:12:34:56",
-    mtu=1450,
-    meta=DomainMeta(cluster="alpha", node="m1", host="host-1", spec_hash="0123456789abcdef"),
-)
 
 
 def validate(tmp_path: Path, xml: str) -> subprocess.CompletedProcess[str]:
