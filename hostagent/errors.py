@@ -41,3 +41,15 @@ class ProvisioningError(HostAgentError):
     """A step of making a node failed; the message says what and what to do."""
 
     code = "provisioning"
+
+
+class Forbidden(HostAgentError):
+    """Authenticated, but not allowed: e.g. a host token used for another host."""
+
+    code = "forbidden"
+
+
+class Unavailable(HostAgentError):
+    """A service this request needs (the PKI backend, an agent) cannot be reached now."""
+
+    code = "unavailable"

@@ -1,0 +1,199 @@
+"""HTTP <-> ZoneService. Handlers only translate; who may call what is decided here."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hmac
+from collections.abc import Callable
+
+from aiohttp import web
+
+from hostagent import __version__
+from hostagent.api import STATUS as AGENT_STATUS
+from hostagent.api import Handler, error_response
+from hostagent.errors import Forbidden, HostAgentError, Unauthorized, Unavailable
+from hostagent.zone.auth import host_of
+from hostagent.zone.model import ClusterSpec, HostReport, SignRequest
+from hostagent.zone.openapi import zone_openapi
+from hostagent.zone.service import ZoneService, parse_body
+from pki.certset import PROFILE_BY_NAME, CertRequest
+from pki.errors import BackendRefused, BackendUnavailable, PkiError
+
+STATUS: dict[type[HostAgentError], int] = {
+    **AGENT_STATUS,
+    Forbidden: 403,
+    BackendRefused: 422,
+    Unavailable: 503,
+    BackendUnavailable: 503,
+}
+
+SERVICE = web.AppKey("service", ZoneService)
+ADMIN_TOKEN = web.AppKey("admin_token", str)
+HOST_SECRET = web.AppKey("host_secret", str)
+METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics")
+HEARTBEAT = web.AppKey("heartbeat_s", float)
+CALLER = "caller"  # request key: "admin" or ("host", id)
+MAX_TTL = dt.timedelta(days=365)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except HostAgentError as exc:
+        status = next((code for kind, code in STATUS.items() if type(exc) is kind), None)
+        if status is None:
+            status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
+        return error_response(status, exc.code, str(exc))
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        raise
+
+
+@web.middleware
+async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/v1/"):
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        token = value.strip() if scheme.lower() == "bearer" else ""
+        if token and hmac.compare_digest(token, request.app[ADMIN_TOKEN]):
+            request[CALLER] = "admin"
+        elif token and (host := host_of(request.app[HOST_SECRET], token)) is not None:
+            request[CALLER] = ("host", host)
+        else:
+            raise Unauthorized(
+                "missing or wrong bearer token (the zone's <state_dir>/api-token, or a host "
+                "token from `hostagent zone host-token HOST`)"
+            )
+    return await handler(request)
+
+
+def _admin(request: web.Request) -> None:
+    if request[CALLER] != "admin":
+        raise Forbidden("this call needs the zone's admin token, not a host token")
+
+
+def _host(request: web.Request) -> str:
+    caller = request[CALLER]
+    if not isinstance(caller, tuple):
+        raise Forbidden("this call is for agents: use the host's own token")
+    host: str = caller[1]
+    return host
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS]()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(zone_openapi(__version__))
+
+
+async def put_host(request: web.Request) -> web.Response:
+    host = request.match_info["host"]
+    if _host(request) != host:
+        raise Forbidden(f"a host token of {_host(request)} cannot report for host {host}")
+    report = parse_body(HostReport, await request.read(), "host report")
+    created = request.app[SERVICE].report(host, report)
+    body = {"host": host, "heartbeat_interval_s": request.app[HEARTBEAT]}
+    return web.json_response(body, status=201 if created else 200)
+
+
+async def list_hosts(request: web.Request) -> web.Response:
+    _admin(request)
+    return web.json_response({"items": request.app[SERVICE].hosts_view()})
+
+
+async def put_cluster(request: web.Request) -> web.Response:
+    _admin(request)
+    spec = parse_body(ClusterSpec, await request.read(), "cluster spec")
+    view, created = await request.app[SERVICE].put_cluster(request.match_info["cluster"], spec)
+    return web.json_response(view, status=201 if created else 200)
+
+
+async def get_cluster(request: web.Request) -> web.Response:
+    _admin(request)
+    return web.json_response(request.app[SERVICE].cluster(request.match_info["cluster"]))
+
+
+async def list_clusters(request: web.Request) -> web.Response:
+    _admin(request)
+    return web.json_response({"items": request.app[SERVICE].clusters()})
+
+
+async def delete_cluster(request: web.Request) -> web.Response:
+    _admin(request)
+    view = request.app[SERVICE].delete_cluster(request.match_info["cluster"])
+    return web.json_response(view, status=202)
+
+
+async def pki_ca(request: web.Request) -> web.Response:
+    service, cluster = request.app[SERVICE], request.match_info["cluster"]
+    service.check_pki(_host(request), cluster)
+    cas = await asyncio.to_thread(service.pki.ca_certificates, cluster)
+    return web.json_response({"cas": {str(name): pem for name, pem in cas.items()}})
+
+
+async def pki_sign(request: web.Request) -> web.Response:
+    service, cluster = request.app[SERVICE], request.match_info["cluster"]
+    body: SignRequest = parse_body(SignRequest, await request.read(), "signing request")
+    service.check_pki(_host(request), cluster, body.name)
+    profile = PROFILE_BY_NAME[body.name]
+    cert_request = CertRequest(
+        name=profile.name,
+        ca=profile.ca,
+        common_name=profile.common_name,
+        organizations=profile.organizations,
+        dns_sans=(),
+        ip_sans=(),
+        usages=(),
+        ttl=min(dt.timedelta(seconds=body.ttl_s), MAX_TTL),
+    )
+    issued = await asyncio.to_thread(service.pki.issue, cluster, cert_request, body.csr)
+    return web.json_response({"cert": issued.cert_pem, "ca": issued.ca_pem})
+
+
+async def pki_service_account(request: web.Request) -> web.Response:
+    service, cluster = request.app[SERVICE], request.match_info["cluster"]
+    service.check_pki(_host(request), cluster)
+    try:
+        private, public = await asyncio.to_thread(service.pki.service_account_key, cluster)
+    except PkiError as exc:
+        raise Unavailable(str(exc)) from exc
+    return web.json_response({"key": private, "public": public})
+
+
+def zone_app(
+    service: ZoneService,
+    admin_token: str,
+    host_secret: str,
+    *,
+    metrics_text: Callable[[], bytes],
+    heartbeat_s: float,
+) -> web.Application:
+    app = web.Application(middlewares=[errors, auth], client_max_size=8 * 1024 * 1024)
+    app[SERVICE] = service
+    app[ADMIN_TOKEN] = admin_token
+    app[HOST_SECRET] = host_secret
+    app[METRICS] = metrics_text
+    app[HEARTBEAT] = heartbeat_s
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_put("/v1/hosts/{host}", put_host)
+    app.router.add_get("/v1/hosts", list_hosts)
+    app.router.add_get("/v1/clusters", list_clusters)
+    cluster = "/v1/clusters/{cluster}"
+    app.router.add_put(cluster, put_cluster)
+    app.router.add_get(cluster, get_cluster)
+    app.router.add_delete(cluster, delete_cluster)
+    app.router.add_get(cluster + "/pki/ca", pki_ca)
+    app.router.add_post(cluster + "/pki/sign", pki_sign)
+    app.router.add_get(cluster + "/pki/service-account", pki_service_account)
+    return app

@@ -1,0 +1,46 @@
+"""The zone's tokens: one admin token for controllers and people, and per-host tokens that
+carry the host id and an HMAC of it under the zone's secret, so the zone keeps no list and
+an agent can only ever speak for its own host."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from hostagent.model import DNS1123_LABEL
+
+_HOST_PREFIX = "host"
+
+
+def ensure_secret(path: Path, nbytes: int = 32) -> str:
+    """The secret in path, made (mode 0600) on first use."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(nbytes) + "\n")
+    return path.read_text().strip()
+
+
+def _mac(secret: str, host: str) -> str:
+    digest = hmac.new(secret.encode(), f"{_HOST_PREFIX}:{host}".encode(), hashlib.sha256)
+    return base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
+
+
+def host_token(secret: str, host: str) -> str:
+    if not DNS1123_LABEL.fullmatch(host):
+        raise ValueError(f"host id {host[:80]!r} is not a DNS-1123 label")
+    return f"{_HOST_PREFIX}.{host}.{_mac(secret, host)}"
+
+
+def host_of(secret: str, token: str) -> str | None:
+    """The host a host token was made for, None when it is not a valid host token."""
+    prefix, _, rest = token.partition(".")
+    host, _, mac = rest.rpartition(".")
+    if prefix != _HOST_PREFIX or not DNS1123_LABEL.fullmatch(host):
+        return None
+    return host if hmac.compare_digest(mac, _mac(secret, host)) else None

@@ -1,0 +1,208 @@
+"""The zone's verbs of the `hostagent` command: `zone serve|host-token|hosts` and
+`cluster create|scale|get|list|describe|delete`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from hostagent.config import Config
+from hostagent.zone.auth import ensure_secret, host_token
+from hostagent.zone.client import ZoneClient, resolve_context
+from hostagent.zone.config import load_zone_config
+from hostagent.zone.describe import describe
+
+
+def _client(args: argparse.Namespace) -> ZoneClient:
+    context = resolve_context(args.zone, args.zone_token, args.zone_context, dict(os.environ))
+    return ZoneClient(context)
+
+
+def cmd_zone_serve(args: argparse.Namespace, _: Config) -> None:
+    from hostagent.zone.server import serve
+
+    asyncio.run(serve(load_zone_config(args.zone_config), os.environ))
+
+
+def cmd_host_token(args: argparse.Namespace, _: Config) -> None:
+    config = load_zone_config(args.zone_config)
+    secret = ensure_secret(config.state_dir / "host-secret")
+    try:
+        print(host_token(secret, args.host))
+    except ValueError as exc:
+        raise SystemExit(f"hostagent: {exc}") from exc
+
+
+def cmd_hosts(args: argparse.Namespace, _: Config) -> None:
+    from hostagent.cli import emit
+
+    hosts = _client(args).hosts()
+
+    def table() -> str:
+        head = ("HOST", "STATE", "DOMAIN", "UNDERLAY", "NODES", "FREE MEMORY", "LAST SEEN")
+        rows = [head] + [
+            (
+                h["host"],
+                h["state"],
+                h["failure_domain"],
+                h["underlay_address"] or "-",
+                str(len(h["nodes"])),
+                f"{h['allocatable']['memory_mib'] - h['allocated']['memory_mib']} MiB",
+                f"{h['last_heartbeat_s_ago']}s ago",
+            )
+            for h in hosts
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        return "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows
+        )
+
+    emit({"items": hosts}, args.output, table)
+
+
+def cluster_spec(args: argparse.Namespace) -> dict[str, Any]:
+    keys = [Path(p).read_text().strip() for p in args.ssh_key or []]
+    pool = {"vcpus": args.vcpus, "memory_mib": args.memory_mib, "disk_gib": args.disk_gib}
+    return {
+        "kubernetes_version": args.kubernetes_version,
+        "image": args.image,
+        "masters": {"count": args.masters, **pool},
+        "workers": {"count": args.workers, **pool},
+        "ssh_authorized_keys": keys,
+    }
+
+
+def cmd_cluster_create(args: argparse.Namespace, _: Config) -> None:
+    client = _client(args)
+    view = client.put_cluster(args.name, cluster_spec(args))
+    status = view["status"]
+    print(
+        f"cluster {args.name}: vni {status['vni']}, nodes {status['node_subnet']}, "
+        + ", ".join(f"{n['name']} on {n['host']}" for n in status["nodes"])
+    )
+    if args.wait:
+        client.wait(args.name, "Ready", timeout_s=args.timeout, progress=print)
+        cmd_cluster_describe(args, _)
+
+
+def cmd_cluster_scale(args: argparse.Namespace, _: Config) -> None:
+    client = _client(args)
+    spec = client.cluster(args.name)["spec"]
+    spec["workers"]["count"] = args.workers
+    view = client.put_cluster(args.name, spec)
+    print(f"cluster {args.name}: {len(view['status']['nodes'])} nodes")
+    if args.wait:
+        client.wait(args.name, "Ready", timeout_s=args.timeout, progress=print)
+
+
+def cmd_cluster_get(args: argparse.Namespace, _: Config) -> None:
+    print(json.dumps(_client(args).cluster(args.name), indent=2))
+
+
+def cmd_cluster_list(args: argparse.Namespace, _: Config) -> None:
+    from hostagent.cli import emit
+
+    clusters = _client(args).clusters()
+
+    def table() -> str:
+        rows = [("CLUSTER", "PHASE", "NODES", "VNI", "SUBNET")] + [
+            (
+                c["name"],
+                c["status"]["phase"],
+                str(len(c["status"]["nodes"])),
+                str(c["status"]["vni"]),
+                c["status"]["node_subnet"],
+            )
+            for c in clusters
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        return "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows
+        )
+
+    emit({"items": clusters}, args.output, table)
+
+
+def cmd_cluster_describe(args: argparse.Namespace, _: Config) -> None:
+    from hostagent.cli import _age
+
+    print(describe(_client(args).cluster(args.name), _age))
+
+
+def cmd_cluster_delete(args: argparse.Namespace, _: Config) -> None:
+    client = _client(args)
+    client.delete_cluster(args.name)
+    print(f"cluster {args.name}: deleting")
+    if args.wait:
+        client.wait(args.name, "Gone", timeout_s=args.timeout, progress=print)
+
+
+def _zone_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--zone",
+        help="zone URL (env HOSTAGENT_ZONE_URL; default the lab's or http://127.0.0.1:8471)",
+    )
+    parser.add_argument(
+        "--zone-token",
+        help="the zone's admin token (env HOSTAGENT_ZONE_TOKEN; "
+        "default /var/lib/hostagent-zone/api-token)",
+    )
+    parser.add_argument(
+        "--zone-context",
+        type=Path,
+        help="a JSON file with url, token, ca_file "
+        "(`hostagent lab up` writes /var/lib/hostagent-lab/zone-client.json)",
+    )
+
+
+def add_commands(sub: Any) -> None:
+    zone = sub.add_parser("zone", help="the host-zone API").add_subparsers(
+        dest="zone", required=True
+    )
+    serve = zone.add_parser("serve", help="run the zone")
+    serve.add_argument("--zone-config", type=Path, help="TOML (default /etc/hostagent/zone.toml)")
+    serve.set_defaults(func=cmd_zone_serve)
+    token = zone.add_parser("host-token", help="print the token a host's agent registers with")
+    token.add_argument("host")
+    token.add_argument("--zone-config", type=Path, help="TOML (default /etc/hostagent/zone.toml)")
+    token.set_defaults(func=cmd_host_token)
+    hosts = zone.add_parser("hosts", help="the zone's hosts")
+    hosts.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    _zone_flags(hosts)
+    hosts.set_defaults(func=cmd_hosts)
+
+    cluster = sub.add_parser("cluster", help="guest clusters through the zone")
+    verbs = cluster.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, help: str, func: Any, wait: bool = False) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = verbs.add_parser(name, help=help)
+        parser.add_argument("name")
+        _zone_flags(parser)
+        if wait:
+            parser.add_argument("--wait", action="store_true", help="show progress until done")
+            parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait")
+        parser.set_defaults(func=func)
+        return parser
+
+    create = verb("create", "create a cluster", cmd_cluster_create, wait=True)
+    create.add_argument("--masters", type=int, default=1)
+    create.add_argument("--workers", type=int, default=1)
+    create.add_argument("--kubernetes-version", default="1.31.2")
+    create.add_argument("--image", default="lab")
+    create.add_argument("--vcpus", type=int, default=1)
+    create.add_argument("--memory-mib", type=int, default=256)
+    create.add_argument("--disk-gib", type=int, default=1)
+    create.add_argument("--ssh-key", action="append", help="a public key file (repeatable)")
+    scale = verb("scale", "change the worker count", cmd_cluster_scale, wait=True)
+    scale.add_argument("--workers", type=int, required=True)
+    verb("get", "the cluster as JSON", cmd_cluster_get)
+    verb("describe", "the cluster as a tree", cmd_cluster_describe)
+    verb("delete", "delete the cluster from every host", cmd_cluster_delete, wait=True)
+    listing = verbs.add_parser("list", help="every cluster")
+    listing.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    _zone_flags(listing)
+    listing.set_defaults(func=cmd_cluster_list)

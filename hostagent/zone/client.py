@@ -1,0 +1,141 @@
+"""A small client of the zone's HTTP API, for the CLI, the lab and the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from hostagent.client import ApiError
+
+LAB_CONTEXT = Path("/var/lib/hostagent-lab/zone-client.json")
+DEFAULT_URL = "http://127.0.0.1:8471"
+DEFAULT_TOKEN_FILE = Path("/var/lib/hostagent-zone/api-token")
+
+
+@dataclass(frozen=True)
+class ZoneContext:
+    """Where the zone is and how to talk to it: url, the admin token and the CA to trust."""
+
+    url: str
+    token: str
+    ca_file: str | None = None
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"url": self.url, "token": self.token, "ca_file": self.ca_file}, handle)
+
+
+def resolve_context(
+    url: str | None, token: str | None, context: Path | None, environ: dict[str, str]
+) -> ZoneContext:
+    """Flags first, then HOSTAGENT_ZONE_URL/HOSTAGENT_ZONE_TOKEN, then a context file
+    (--zone-context, else the lab's when a lab is up), then the local zone's defaults."""
+    url = url or environ.get("HOSTAGENT_ZONE_URL")
+    token = token or environ.get("HOSTAGENT_ZONE_TOKEN")
+    path = context or (LAB_CONTEXT if LAB_CONTEXT.exists() and not url else None)
+    ca_file = None
+    if path is not None:
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"hostagent: cannot read zone context {path}: {exc}") from exc
+        url, token, ca_file = url or saved["url"], token or saved["token"], saved.get("ca_file")
+    if token is None:
+        try:
+            token = DEFAULT_TOKEN_FILE.read_text().strip()
+        except OSError as exc:
+            raise SystemExit(
+                f"hostagent: no zone token: pass --zone-token, set HOSTAGENT_ZONE_TOKEN or make "
+                f"{DEFAULT_TOKEN_FILE} readable ({exc.strerror})"
+            ) from exc
+    return ZoneContext(url or DEFAULT_URL, token, ca_file)
+
+
+class ZoneClient:
+    def __init__(self, context: ZoneContext, timeout_s: float = 30.0) -> None:
+        self.http = httpx.Client(
+            base_url=context.url,
+            headers={"Authorization": f"Bearer {context.token}"},
+            timeout=timeout_s,
+            verify=context.ca_file or True,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(response.status_code, "http", response.text) from None
+            raise ApiError(response.status_code, error["code"], error["message"])
+        return response.json() if response.content else None
+
+    def put_cluster(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("PUT", f"/v1/clusters/{name}", json=spec)
+        return result
+
+    def cluster(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/v1/clusters/{name}")
+        return result
+
+    def clusters(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/clusters")["items"]
+        return result
+
+    def delete_cluster(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("DELETE", f"/v1/clusters/{name}")
+        return result
+
+    def hosts(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/hosts")["items"]
+        return result
+
+    def wait(
+        self,
+        name: str,
+        until: str,
+        *,
+        timeout_s: float = 900.0,
+        progress: Callable[[str], None] | None = None,
+    ) -> dict[str, Any] | None:
+        """Poll the cluster until its phase is `until` ("Gone" for deletion); the last view."""
+        started = time.monotonic()
+        last = ""
+        while True:
+            try:
+                view: dict[str, Any] | None = self.cluster(name)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                view = None
+            phase = view["status"]["phase"] if view else "Gone"
+            line = _progress_line(view) if view else "gone"
+            if progress and line != last:
+                progress(f"[{time.monotonic() - started:6.1f}s] {name}: {line}")
+            last = line
+            if phase == until:
+                return view
+            if time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"cluster {name} not {until} after {timeout_s:.0f}s: {line}")
+            time.sleep(1.0)
+
+
+def _progress_line(view: dict[str, Any]) -> str:
+    status = view["status"]
+    counts: dict[str, int] = {}
+    for node in status["nodes"]:
+        counts[node["phase"]] = counts.get(node["phase"], 0) + 1
+    nodes = ", ".join(f"{count} {phase}" for phase, count in sorted(counts.items()))
+    return f"{status['phase']} ({nodes or 'no nodes'})"

@@ -1,0 +1,115 @@
+"""The zone's configuration (/etc/hostagent/zone.toml): every key is in docs/zone.md, and
+the defaults alone give a working zone on loopback."""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hostagent.config import ApiConfig, VaultConfig
+from hostagent.errors import ConfigError
+
+DEFAULT_ZONE_CONFIG_PATH = Path("/etc/hostagent/zone.toml")
+DEFAULT_ZONE_LISTEN = "127.0.0.1:8471"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HostsConfig(_Section):
+    heartbeat_interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 20.0
+
+    @model_validator(mode="after")
+    def _timeout(self) -> HostsConfig:
+        if self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must be at least twice heartbeat_interval_s")
+        return self
+
+
+class AgentsConfig(_Section):
+    ca_file: Path | None = None
+    retry_initial_s: Annotated[float, Field(gt=0)] = 1.0
+    retry_max_s: Annotated[float, Field(gt=0)] = 30.0
+    request_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    resync_interval_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+class ZoneNetworkConfig(_Section):
+    vni_min: Annotated[int, Field(ge=1, le=16_777_215)] = 4096
+    vni_max: Annotated[int, Field(ge=1, le=16_777_215)] = 16_777_215
+    node_pool: str = "10.128.0.0/9"
+    pod_pool: str = "100.64.0.0/10"
+    service_pool: str = "10.96.0.0/12"
+    mtu: Annotated[int, Field(ge=576, le=9000)] = 1450
+
+    @field_validator("node_pool", "pod_pool", "service_pool")
+    @classmethod
+    def _pool(cls, value: str) -> str:
+        network = ipaddress.ip_network(value)
+        if network.version != 4:
+            raise ValueError(f"{value} must be an IPv4 network")
+        return str(network)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ZoneNetworkConfig:
+        if self.vni_min > self.vni_max:
+            raise ValueError("vni_min must not be above vni_max")
+        sizes = {"node_pool": 24, "pod_pool": 20, "service_pool": 24}
+        for key, prefix in sizes.items():
+            if ipaddress.ip_network(getattr(self, key)).prefixlen > prefix:
+                raise ValueError(f"{key} must be a /{prefix} or larger")
+        return self
+
+
+class ZonePkiConfig(_Section):
+    backend: Literal["local", "vault"] = "local"
+    vault: VaultConfig | None = None
+
+    @model_validator(mode="after")
+    def _vault(self) -> ZonePkiConfig:
+        if self.backend == "vault" and self.vault is None:
+            raise ValueError("backend 'vault' needs a [pki.vault] section")
+        return self
+
+
+class ZoneServerConfig(_Section):
+    state_dir: Path = Path("/var/lib/hostagent-zone")
+    api: ApiConfig = ApiConfig(listen=DEFAULT_ZONE_LISTEN)
+    hosts: HostsConfig = HostsConfig()
+    agents: AgentsConfig = AgentsConfig()
+    network: ZoneNetworkConfig = ZoneNetworkConfig()
+    pki: ZonePkiConfig = ZonePkiConfig()
+
+
+def load_zone_config(path: Path | None) -> ZoneServerConfig:
+    """The zone's configuration; a missing default file means all defaults. ConfigError
+    names the dotted key of every bad value."""
+    data: dict[str, object] = {}
+    source = path or DEFAULT_ZONE_CONFIG_PATH
+    if path is not None or source.exists():
+        try:
+            data = tomllib.loads(source.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration {source}: {exc.strerror}") from exc
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{source} is not valid UTF-8 TOML: {exc}") from exc
+    try:
+        config = ZoneServerConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        ]
+        raise ConfigError("invalid zone configuration: " + "; ".join(problems)) from exc
+    api = config.api
+    if not ipaddress.ip_address(api.host).is_loopback and not (api.tls_cert and api.tls_key):
+        raise ConfigError(
+            f"api.listen: {api.listen} is not a loopback address, which requires "
+            "api.tls_cert and api.tls_key"
+        )
+    return config

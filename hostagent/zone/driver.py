@@ -1,0 +1,183 @@
+"""The Deliverer: one task per host makes the host's agent hold what the zone wants.
+
+Each pass compares the host's work (desired.host_work) with what the agent acknowledged
+(the store's deliveries) and sends only the difference through the agent API: PUT the
+NodeSpecs and peer lists it lacks, DELETE what it should no longer have, until a DELETE
+answers 404. A failed pass is retried with exponential backoff; each host has its own
+task, so a slow or dead agent delays nobody else, and one that comes back catches up on
+its next pass (its report kicks the task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+from typing import Any
+
+import aiohttp
+
+from hostagent.zone.config import AgentsConfig
+from hostagent.zone.desired import peers_digest
+from hostagent.zone.service import ZoneService
+
+log = logging.getLogger(__name__)
+
+
+class AgentError(Exception):
+    """The agent could not be reached or answered with a server error: retry later."""
+
+
+class Deliverer:
+    def __init__(self, service: ZoneService, config: AgentsConfig) -> None:
+        self.service = service
+        self.config = config
+        self._kicks: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._failing: dict[str, str] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self.passes = 0
+
+    async def start(self) -> None:
+        tls = ssl.create_default_context(cafile=self.config.ca_file)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=tls, limit_per_host=4),
+            timeout=aiohttp.ClientTimeout(total=self.config.request_timeout_s),
+        )
+        self.service.on_change = self.kick
+        self.kick(self.service.hosts_with_work())
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+
+    def kick(self, hosts: Any) -> None:
+        """Make each host's task run a pass soon (starting the task when it has none)."""
+        for host in hosts:
+            event = self._kicks.setdefault(host, asyncio.Event())
+            event.set()
+            if host not in self._tasks or self._tasks[host].done():
+                self._tasks[host] = asyncio.create_task(self._run(host), name=f"deliver-{host}")
+
+    def failing(self) -> dict[str, str]:
+        """Hosts whose last pass failed, with why."""
+        return dict(self._failing)
+
+    async def _run(self, host: str) -> None:
+        event = self._kicks[host]
+        delay = self.config.retry_initial_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), self.config.resync_interval_s)
+            event.clear()
+            try:
+                settled = await self._pass(host)
+            except AgentError as exc:
+                if self._failing.get(host) != str(exc):
+                    log.warning("host %s: delivery failed, retrying: %s", host, exc)
+                self._failing[host] = str(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.retry_max_s)
+                event.set()
+                continue
+            if host in self._failing:
+                log.info("host %s: deliveries go through again", host)
+                self._failing.pop(host)
+            delay = self.config.retry_initial_s
+            if not settled:  # deletions under way: look again shortly
+                await asyncio.sleep(self.config.retry_initial_s)
+                event.set()
+
+    async def _pass(self, host: str) -> bool:
+        """One comparison and the calls it needs; True when the host holds its work."""
+        self.passes += 1
+        api = self.service.api_of(host)
+        if api is None:
+            return True  # never registered: nothing to reach yet
+        url, token = api
+        store = self.service.store
+        work = self.service.work(host)
+        acked = store.deliveries(host)
+        settled = True
+        for key, spec in work.nodes.items():
+            digest = spec.spec_hash()
+            if acked.get(("node", key)) == digest:
+                continue
+            payload = spec.model_dump(mode="json")
+            status, body = await self._call("PUT", url, token, _node_path(key), payload)
+            if status in (200, 201):
+                store.set_delivery(host, "node", key, digest)
+                self.service.refused.pop(key, None)
+            else:
+                self._refused(host, key, status, body)
+        for cluster, peers in work.peers.items():
+            digest = peers_digest(peers)
+            if acked.get(("peers", cluster)) == digest:
+                continue
+            payload = {"peers": [peer.body() for peer in peers]}
+            status, body = await self._call("PUT", url, token, _peers_path(cluster), payload)
+            if status != 200:
+                raise AgentError(f"PUT peers of {cluster} answered {status}: {_message(body)}")
+            store.set_delivery(host, "peers", cluster, digest)
+        for key in work.remove:
+            status, body = await self._call("DELETE", url, token, _node_path(key))
+            if status == 404:
+                store.set_delivery(host, "node", key, None)
+                await self.service.node_gone(host, key)
+            elif status == 202:
+                settled = False
+            else:
+                raise AgentError(f"DELETE {key} answered {status}: {_message(body)}")
+        for kind, key in list(acked):
+            if kind == "peers" and key not in work.peers:
+                status, body = await self._call("DELETE", url, token, _peers_path(key))
+                if status not in (204, 404):
+                    raise AgentError(f"DELETE peers of {key} answered {status}: {_message(body)}")
+                store.set_delivery(host, "peers", key, None)
+        return settled
+
+    def _refused(self, host: str, key: str, status: int, body: Any) -> None:
+        if status not in (400, 409, 422, 507):
+            raise AgentError(f"PUT {key} answered {status}: {_message(body)}")
+        message = f"host {host} refused the node ({status}): {_message(body)}"
+        if self.service.refused.get(key) != message:
+            log.warning("%s: %s", key, message)
+        self.service.refused[key] = message
+
+    async def _call(
+        self, method: str, url: str, token: str, path: str, body: Any = None
+    ) -> tuple[int, Any]:
+        assert self._session is not None, "start() first"
+        headers = {"Authorization": f"Bearer {token}"}
+        try:
+            async with self._session.request(
+                method, url + path, json=body, headers=headers
+            ) as response:
+                text = await response.text()
+                return response.status, json.loads(text) if text else None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise AgentError(f"{method} {url}{path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _node_path(key: str) -> str:
+    cluster, _, node = key.partition("/")
+    return f"/v1/clusters/{cluster}/nodes/{node}"
+
+
+def _peers_path(cluster: str) -> str:
+    return f"/v1/clusters/{cluster}/peers"
+
+
+def _message(body: Any) -> str:
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message", ""))
+    return str(body)[:200]

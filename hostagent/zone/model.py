@@ -1,0 +1,148 @@
+"""The zone's vocabulary: ClusterSpec (what a controller asks for), host reports, and the
+shapes the zone answers with. Validation of user input lives here, once."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from hostagent.model import KUBERNETES_VERSION, check_name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Lenient(BaseModel):
+    """Reports from agents: a newer agent may send fields this zone does not know yet."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+MAX_MASTERS = 7
+MAX_WORKERS = 500
+
+
+class PoolSpec(_Strict):
+    count: Annotated[int, Field(ge=0, le=MAX_WORKERS)]
+    vcpus: Annotated[int, Field(ge=1, le=256)] = 2
+    memory_mib: Annotated[int, Field(ge=64, le=4 * 1024 * 1024)] = 2048
+    disk_gib: Annotated[int, Field(ge=1, le=65_536)] = 20
+
+
+class ClusterSpec(_Strict):
+    kubernetes_version: str
+    image: str = "lab"
+    masters: PoolSpec
+    workers: PoolSpec = PoolSpec(count=0)
+    ssh_authorized_keys: list[Annotated[str, Field(max_length=16_384)]] = Field(
+        default_factory=list, max_length=64
+    )
+
+    @field_validator("kubernetes_version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        if not KUBERNETES_VERSION.fullmatch(value):
+            raise ValueError(f"kubernetes_version {value[:40]!r} must look like 1.31.2")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        return check_name("image", value)
+
+    @field_validator("masters")
+    @classmethod
+    def _masters(cls, value: PoolSpec) -> PoolSpec:
+        if value.count % 2 == 0 or value.count > MAX_MASTERS:
+            raise ValueError(
+                f"masters.count {value.count} must be odd and at most {MAX_MASTERS} "
+                "(etcd needs a majority: 1, 3, 5 or 7)"
+            )
+        return value
+
+    @field_validator("ssh_authorized_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        if any("\n" in key or "\r" in key for key in value):
+            raise ValueError("an SSH key must be a single line")
+        return value
+
+    def fixed_part(self) -> dict[str, Any]:
+        """Everything but the worker count: what may not change once the cluster exists."""
+        data = self.model_dump(mode="json")
+        data["workers"].pop("count")
+        return data
+
+
+class ResourcesBody(_Lenient):
+    vcpus: Annotated[float, Field(ge=0)]
+    memory_mib: Annotated[int, Field(ge=0)]
+    disk_gib: Annotated[int, Field(ge=0)]
+
+
+class Overhead(_Lenient):
+    base_mib: Annotated[int, Field(ge=0)] = 192
+    per_gib_mib: Annotated[int, Field(ge=0)] = 16
+
+
+class ReportedNode(_Lenient):
+    cluster: str
+    name: str
+    phase: str
+    message: str = ""
+    updated_at: str = ""
+    spec_hash: str = ""
+
+
+class ReportedNetwork(_Lenient):
+    cluster: str
+    vni: Annotated[int, Field(ge=1, le=16_777_215)]
+
+
+class HostReport(_Lenient):
+    """What an agent sends at registration and with every heartbeat (docs/zone.md)."""
+
+    api_url: str
+    api_token: Annotated[str, Field(min_length=1, max_length=512)]
+    underlay_address: str | None = None
+    failure_domain: Annotated[str, Field(min_length=1, max_length=63)] = "default"
+    allocatable: ResourcesBody
+    allocated: ResourcesBody
+    overhead: Overhead = Overhead()
+    domain_type: str | None = None
+    version: str = ""
+    nodes: list[ReportedNode] = Field(default_factory=list, max_length=10_000)
+    networks: list[ReportedNetwork] = Field(default_factory=list, max_length=10_000)
+
+    @field_validator("api_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("api_url must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class SignRequest(_Strict):
+    """An agent asks the zone's CA to sign one of a node's certificates (pki backend "zone")."""
+
+    name: str = Field(description="the certificate's name in pki.certset, e.g. apiserver")
+    csr: Annotated[str, Field(max_length=64 * 1024)]
+    ttl_s: Annotated[float, Field(gt=0)] = 90 * 86400
+
+
+class HostState(enum.StrEnum):
+    READY = "Ready"
+    NOT_READY = "NotReady"
+
+
+class ClusterPhase(enum.StrEnum):
+    PROVISIONING = "Provisioning"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    DELETING = "Deleting"
+
+
+UNKNOWN = "Unknown"  # a node whose host stopped reporting

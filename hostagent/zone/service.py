@@ -1,0 +1,400 @@
+"""ZoneService: what the zone's API does, between the HTTP layer and the store.
+
+Every decision (a host's report, a cluster's allocation and placement, a scale, a delete)
+is validated completely and written to the store in one transaction before anything acts
+on it; the Deliverer (driver.py) then makes the agents match. A rejected request changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pydantic import ValidationError
+
+from hostagent.capacity import Resources
+from hostagent.errors import (
+    Conflict,
+    Forbidden,
+    Invalid,
+    MalformedRequest,
+    NotFound,
+    OutOfCapacity,
+    Unavailable,
+)
+from hostagent.model import Role, check_name
+from hostagent.store import now as stamp
+from hostagent.zone import alloc
+from hostagent.zone.config import ZoneServerConfig
+from hostagent.zone.desired import HostWork, host_work
+from hostagent.zone.model import ClusterSpec, HostReport, HostState
+from hostagent.zone.placement import HostOffer, NodeRequest, PlacementError, place
+from hostagent.zone.status import cluster_view, host_state, host_view
+from hostagent.zone.store import ClusterRecord, Gateway, HostRecord, NodeRecord, ZoneStore
+from pki.backend import Backend
+from pki.certset import PROFILE_BY_NAME, profiles_for
+from pki.errors import PkiError
+
+log = logging.getLogger(__name__)
+
+
+def parse_body(model: type[Any], body: bytes, what: str) -> Any:
+    """A request body as model; MalformedRequest (400) for bad JSON, Invalid (422) else."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        if any(error["type"] in ("json_invalid", "model_type") for error in exc.errors()):
+            raise MalformedRequest(f"{what} must be a JSON object") from exc
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise Invalid(f"invalid {what}: {problems}") from exc
+
+
+class ZoneService:
+    def __init__(
+        self,
+        store: ZoneStore,
+        config: ZoneServerConfig,
+        pki: Backend,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.pki = pki
+        self.clock = clock
+        self.refused: dict[str, str] = {}  # "cluster/node" -> why its host refused it
+        self.on_change: Callable[[Iterable[str]], None] = lambda hosts: None
+        self._lock = asyncio.Lock()  # one allocation at a time
+
+    # --- hosts -----------------------------------------------------------------------
+
+    def report(self, host: str, report: HostReport) -> bool:
+        """Store a host's report; True when it registered for the first time. Deliveries
+        the report contradicts (a node the agent no longer has, another spec) are
+        forgotten, so the host's delivery task sends them again."""
+        _name("host", host)
+        before = self.store.host(host)
+        was_ready = before is not None and self._state(before) is HostState.READY
+        created = self.store.put_host(host, report, self.clock())
+        reported = {f"{n.cluster}/{n.name}": n.spec_hash for n in report.nodes}
+        stale = [
+            key
+            for (kind, key), digest in self.store.deliveries(host).items()
+            if kind == "node" and reported.get(key) != digest
+        ]
+        for key in stale:
+            self.store.set_delivery(host, "node", key, None)
+        if created or not was_ready or stale:
+            if not was_ready and not created:
+                log.info("host %s is reporting again", host)
+            self.on_change([host])
+        return created
+
+    def hosts_view(self) -> list[dict[str, Any]]:
+        timeout = self.config.hosts.heartbeat_timeout_s
+        return [host_view(h, self.clock(), timeout) for h in self.store.hosts()]
+
+    def _state(self, record: HostRecord) -> HostState:
+        return host_state(record, self.clock(), self.config.hosts.heartbeat_timeout_s)
+
+    def _offers(self) -> list[HostOffer]:
+        """Every Ready host with an underlay, offering what is left after its reported
+        allocation and the zone's nodes it has not reported yet."""
+        placed: dict[str, list[NodeRecord]] = {}
+        for node in self.store.nodes():
+            placed.setdefault(node.host, []).append(node)
+        clusters = {c.name: c for c in self.store.clusters()}
+        offers = []
+        for host in self.store.hosts():
+            report = host.report
+            if self._state(host) is not HostState.READY or report.underlay_address is None:
+                continue
+            known = {(n.cluster, n.name) for n in report.nodes}
+            pending = [n for n in placed.get(host.id, []) if (n.cluster, n.name) not in known]
+            used = Resources(
+                report.allocated.vcpus, report.allocated.memory_mib, report.allocated.disk_gib
+            )
+            for node in pending:
+                used = used + _cost(clusters[node.cluster], node.role, report)
+            free = (
+                Resources(
+                    report.allocatable.vcpus,
+                    report.allocatable.memory_mib,
+                    report.allocatable.disk_gib,
+                )
+                - used
+            )
+            offers.append(
+                HostOffer(
+                    host.id,
+                    report.failure_domain,
+                    free,
+                    report.overhead.base_mib,
+                    report.overhead.per_gib_mib,
+                )
+            )
+        return offers
+
+    # --- clusters --------------------------------------------------------------------
+
+    async def put_cluster(self, name: str, spec: ClusterSpec) -> tuple[dict[str, Any], bool]:
+        _name("cluster", name)
+        async with self._lock:
+            current = self.store.cluster(name)
+            if current is None:
+                await self._create(name, spec)
+                created = True
+            else:
+                self._update(current, spec)
+                created = False
+        return self.cluster(name), created
+
+    async def _create(self, name: str, spec: ClusterSpec) -> None:
+        record = self._allocate(name, spec)
+        requests = [
+            _request(n, Role.MASTER, spec)
+            for n in alloc.node_names(Role.MASTER, spec.masters.count)
+        ] + [
+            _request(n, Role.WORKER, spec)
+            for n in alloc.node_names(Role.WORKER, spec.workers.count)
+        ]
+        assignments = self._place(name, requests, {})
+        nodes, gateways = self._materialise(record, requests, assignments, [], [])
+        try:
+            await asyncio.to_thread(self.pki.ensure_cluster, name)
+        except PkiError as exc:
+            raise Unavailable(f"cannot make the CAs of cluster {name}: {exc}") from exc
+        self.store.create_cluster(record, nodes, gateways)
+        log.info(
+            "cluster %s: vni %d, nodes %s, on %s",
+            name,
+            record.vni,
+            record.node_subnet,
+            ", ".join(f"{n.name}@{n.host}" for n in nodes),
+        )
+        self.on_change({n.host for n in nodes})
+
+    def _allocate(self, name: str, spec: ClusterSpec) -> ClusterRecord:
+        net = self.config.network
+        clusters = self.store.clusters()
+        vnis = {c.vni for c in clusters}
+        vnis |= {n.vni for h in self.store.hosts() for n in h.report.networks}
+
+        def taken(attribute: str) -> list[ipaddress.IPv4Network]:
+            return [ipaddress.IPv4Network(getattr(c, attribute)) for c in clusters]
+
+        return ClusterRecord(
+            name=name,
+            spec=spec,
+            vni=alloc.next_vni(vnis, net.vni_min, net.vni_max),
+            node_subnet=alloc.next_subnet(
+                ipaddress.IPv4Network(net.node_pool), 24, taken("node_subnet"), "node_pool"
+            ),
+            pod_cidr=alloc.next_subnet(
+                ipaddress.IPv4Network(net.pod_pool), 20, taken("pod_cidr"), "pod_pool"
+            ),
+            service_cidr=alloc.next_subnet(
+                ipaddress.IPv4Network(net.service_pool), 24, taken("service_cidr"), "service_pool"
+            ),
+            created_at=stamp(),
+        )
+
+    def _place(
+        self, cluster: str, requests: list[NodeRequest], placed: dict[str, tuple[Role, str]]
+    ) -> dict[str, str]:
+        offers = self._offers()
+        if requests and not offers:
+            raise OutOfCapacity(
+                f"cluster {cluster}: no Ready host with an underlay address is registered "
+                "with the zone (GET /v1/hosts)"
+            )
+        try:
+            placement = place(requests, offers, placed)
+        except PlacementError as exc:
+            raise OutOfCapacity(f"cluster {cluster} cannot be placed: {exc}") from exc
+        for warning in placement.warnings:
+            log.warning("cluster %s: %s", cluster, warning)
+        return placement.assignments
+
+    def _materialise(
+        self,
+        cluster: ClusterRecord,
+        requests: list[NodeRequest],
+        assignments: dict[str, str],
+        existing: list[NodeRecord],
+        gateways: list[Gateway],
+    ) -> tuple[list[NodeRecord], list[Gateway]]:
+        """Node records with addresses, and a gateway for each host new to the cluster."""
+        addresses = {n.address for n in existing}
+        gateway_of = {g.host: g.address for g in gateways}
+        nodes: list[NodeRecord] = []
+        order = sorted(
+            requests, key=lambda r: (r.role is not Role.MASTER, alloc.node_index(r.name))
+        )
+        for request in order:
+            address = alloc.node_address(cluster.node_subnet, addresses | set(gateway_of.values()))
+            addresses.add(address)
+            host = assignments[request.name]
+            nodes.append(
+                NodeRecord(cluster.name, request.name, request.role, host, address, stamp())
+            )
+        new: list[Gateway] = []
+        for host in sorted({n.host for n in nodes} - set(gateway_of)):
+            address = alloc.gateway_address(
+                cluster.node_subnet, set(gateway_of.values()), addresses
+            )
+            gateway_of[host] = address
+            new.append(Gateway(cluster.name, host, address))
+        return nodes, new
+
+    def _update(self, current: ClusterRecord, spec: ClusterSpec) -> None:
+        name = current.name
+        if current.deleting:
+            raise Conflict(f"cluster {name} is being deleted; wait until it is gone")
+        if spec.fixed_part() != current.spec.fixed_part():
+            raise Conflict(
+                f"cluster {name} exists with another spec; only workers.count may change "
+                "(delete and re-create the cluster to change anything else)"
+            )
+        nodes = self.store.nodes(name)
+        live = [n for n in nodes if not n.deleting]
+        workers = sorted(
+            (n for n in live if n.role is Role.WORKER), key=lambda n: alloc.node_index(n.name)
+        )
+        want = spec.workers.count
+        if want == len(workers) and spec == current.spec:
+            return
+        add: list[NodeRecord] = []
+        gateways: list[Gateway] = []
+        remove = [n.name for n in workers[want:]]
+        if want > len(workers):
+            used = {alloc.node_index(n.name) for n in nodes if n.role is Role.WORKER}
+            free = (i for i in range(1, alloc.MAX_INDEX) if i not in used)
+            names = [f"w{next(free)}" for _ in range(want - len(workers))]
+            requests = [_request(n, Role.WORKER, spec) for n in names]
+            placed = {n.name: (n.role, n.host) for n in live}
+            assignments = self._place(name, requests, placed)
+            add, gateways = self._materialise(
+                current, requests, assignments, nodes, self.store.gateways(name)
+            )
+        self.store.scale(name, spec, add, gateways, remove)
+        log.info(
+            "cluster %s: workers %d -> %d (added %s, removing %s)",
+            name,
+            len(workers),
+            want,
+            ", ".join(f"{n.name}@{n.host}" for n in add) or "none",
+            ", ".join(remove) or "none",
+        )
+        self.on_change({n.host for n in [*live, *add]})
+
+    def cluster(self, name: str) -> dict[str, Any]:
+        record = self.store.cluster(_name("cluster", name))
+        if record is None:
+            raise NotFound(f"cluster {name} does not exist")
+        return self._view(record)
+
+    def clusters(self) -> list[dict[str, Any]]:
+        return [self._view(record) for record in self.store.clusters()]
+
+    def _view(self, record: ClusterRecord) -> dict[str, Any]:
+        hosts = {h.id: h for h in self.store.hosts()}
+        timeout = self.config.hosts.heartbeat_timeout_s
+        nodes = self.store.nodes(record.name)
+        return cluster_view(record, nodes, hosts, self.clock(), timeout, self.refused)
+
+    def delete_cluster(self, name: str) -> dict[str, Any]:
+        record = self.store.cluster(_name("cluster", name))
+        if record is None:
+            raise NotFound(f"cluster {name} does not exist")
+        if not record.deleting:
+            self.store.mark_cluster_deleting(name)
+            log.info("cluster %s: deleting", name)
+        self.on_change({n.host for n in self.store.nodes(name)})
+        return self.cluster(name)
+
+    # --- for the Deliverer -----------------------------------------------------------
+
+    def work(self, host: str) -> HostWork:
+        nodes = self.store.nodes_near(host)
+        names = {n.cluster for n in nodes}
+        clusters = {c.name: c for c in self.store.clusters() if c.name in names}
+        gateways = [g for g in self.store.gateways() if g.cluster in names]
+        hosts = {h.id: h for h in self.store.hosts()}
+        return host_work(host, clusters, nodes, gateways, hosts, self.config.network.mtu)
+
+    def api_of(self, host: str) -> tuple[str, str] | None:
+        record = self.store.host(host)
+        return None if record is None else (record.report.api_url, record.report.api_token)
+
+    def hosts_with_work(self) -> set[str]:
+        hosts = {n.host for n in self.store.nodes()}
+        return hosts | {h.id for h in self.store.hosts()}
+
+    async def node_gone(self, host: str, key: str) -> None:
+        """The host has removed the node: forget it; a deleting cluster whose last node
+        went is removed with its CAs, and its VNI is free once no host reports it."""
+        cluster, _, name = key.partition("/")
+        self.store.remove_node(cluster, name)
+        self.refused.pop(key, None)
+        record = self.store.cluster(cluster)
+        others = self.store.nodes(cluster)
+        if others:
+            self.on_change({n.host for n in others})
+        if record is None or not record.deleting or others:
+            return
+        self.store.remove_cluster(cluster)
+        log.info("cluster %s: deleted from every host", cluster)
+        try:
+            await asyncio.to_thread(self.pki.revoke_cluster, cluster)
+        except PkiError as exc:
+            log.warning("cluster %s: its CAs could not be removed: %s", cluster, exc)
+
+    # --- PKI for agents --------------------------------------------------------------
+
+    def check_pki(self, host: str, cluster: str, cert: str | None = None) -> None:
+        """A host may use a cluster's CAs only while it runs a node of the cluster, and
+        sign only the certificates its nodes' roles have."""
+        _name("cluster", cluster)
+        roles = {
+            n.role.value for n in self.store.nodes(cluster) if n.host == host and not n.deleting
+        }
+        if not roles:
+            raise Forbidden(f"host {host} runs no node of cluster {cluster}")
+        if cert is None:
+            return
+        if cert not in PROFILE_BY_NAME:
+            raise Invalid(f"{cert!r} is not a certificate name of pki.certset")
+        allowed = {p.name for role in roles for p in profiles_for(role)}
+        if cert not in allowed:
+            raise Forbidden(
+                f"host {host} runs no node of cluster {cluster} whose role has {cert!r}"
+            )
+
+
+def _name(kind: str, value: str) -> str:
+    try:
+        return check_name(kind, value)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from exc
+
+
+def _request(name: str, role: Role, spec: ClusterSpec) -> NodeRequest:
+    pool = spec.masters if role is Role.MASTER else spec.workers
+    return NodeRequest(name, role, pool.vcpus, pool.memory_mib, pool.disk_gib)
+
+
+def _cost(cluster: ClusterRecord, role: Role, report: HostReport) -> Resources:
+    pool = cluster.spec.masters if role is Role.MASTER else cluster.spec.workers
+    overhead = report.overhead.base_mib + report.overhead.per_gib_mib * math.ceil(
+        pool.memory_mib / 1024
+    )
+    return Resources(pool.vcpus, pool.memory_mib + overhead, pool.disk_gib)

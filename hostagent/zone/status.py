@@ -1,0 +1,111 @@
+"""A cluster's status from the zone's records and the hosts' reports. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from hostagent.model import Phase
+from hostagent.zone.desired import api_endpoint
+from hostagent.zone.model import UNKNOWN, ClusterPhase, HostState
+from hostagent.zone.store import ClusterRecord, HostRecord, NodeRecord
+
+
+def host_state(record: HostRecord, now: float, timeout_s: float) -> HostState:
+    return HostState.READY if now - record.last_heartbeat <= timeout_s else HostState.NOT_READY
+
+
+def host_view(record: HostRecord, now: float, timeout_s: float) -> dict[str, Any]:
+    report = record.report.model_dump(mode="json", exclude={"api_token"})
+    return {
+        "host": record.id,
+        **report,
+        "state": host_state(record, now, timeout_s).value,
+        "registered_at": record.registered_at,
+        "last_heartbeat_s_ago": round(max(0.0, now - record.last_heartbeat), 1),
+    }
+
+
+def node_view(
+    node: NodeRecord,
+    hosts: Mapping[str, HostRecord],
+    now: float,
+    timeout_s: float,
+    refused: Mapping[str, str],
+) -> dict[str, Any]:
+    """phase: Deleting while being removed, Unknown when its host stopped reporting, the
+    host's reported phase, else Pending (not on the host yet); message says why."""
+    host = hosts.get(node.host)
+    reported = _reported(node, host)
+    refusal = refused.get(f"{node.cluster}/{node.name}")
+    phase, message = ("Pending", "") if refusal is None else (Phase.FAILED.value, refusal)
+    updated_at = node.created_at
+    if node.deleting:
+        phase, message = Phase.DELETING.value, ""
+    elif host is None or host_state(host, now, timeout_s) is HostState.NOT_READY:
+        phase, message = UNKNOWN, f"host {node.host} is not reporting"
+    elif reported is not None and refusal is None:
+        phase, message, updated_at = reported.phase, reported.message, reported.updated_at
+    return {
+        "name": node.name,
+        "role": node.role.value,
+        "host": node.host,
+        "address": node.address,
+        "phase": phase,
+        "message": message,
+        "updated_at": updated_at,
+        "created_at": node.created_at,
+    }
+
+
+def _reported(node: NodeRecord, host: HostRecord | None) -> Any:
+    if host is None:
+        return None
+    return next(
+        (r for r in host.report.nodes if (r.cluster, r.name) == (node.cluster, node.name)),
+        None,
+    )
+
+
+def cluster_phase(deleting: bool, nodes: Iterable[Mapping[str, Any]]) -> tuple[str, str]:
+    if deleting:
+        return ClusterPhase.DELETING.value, ""
+    live = [n for n in nodes if n["phase"] != Phase.DELETING.value]
+    bad = [n for n in live if n["phase"] in (Phase.FAILED.value, UNKNOWN)]
+    if bad:
+        reasons = "; ".join(
+            f"{n['name']} on {n['host']}: {n['phase']} ({n['message']})" for n in bad
+        )
+        return ClusterPhase.DEGRADED.value, reasons
+    if live and all(n["phase"] == Phase.READY.value for n in live):
+        return ClusterPhase.READY.value, ""
+    waiting = [n["name"] for n in live if n["phase"] != Phase.READY.value]
+    return ClusterPhase.PROVISIONING.value, f"waiting for {', '.join(waiting)}" if waiting else ""
+
+
+def cluster_view(
+    cluster: ClusterRecord,
+    nodes: Iterable[NodeRecord],
+    hosts: Mapping[str, HostRecord],
+    now: float,
+    timeout_s: float,
+    refused: Mapping[str, str],
+) -> dict[str, Any]:
+    members = list(nodes)
+    views = [node_view(n, hosts, now, timeout_s, refused) for n in members]
+    phase, message = cluster_phase(cluster.deleting, views)
+    return {
+        "name": cluster.name,
+        "spec": cluster.spec.model_dump(mode="json"),
+        "status": {
+            "phase": phase,
+            "message": message,
+            "vni": cluster.vni,
+            "node_subnet": cluster.node_subnet,
+            "pod_cidr": cluster.pod_cidr,
+            "service_cidr": cluster.service_cidr,
+            "api_endpoint": api_endpoint(members),
+            "created_at": cluster.created_at,
+            "nodes": views,
+        },
+    }

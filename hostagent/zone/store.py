@@ -1,0 +1,352 @@
+"""The zone's state behind a small interface (ZoneStore) with SQLite as the embedded default.
+
+Everything the zone decides is written here first, in one transaction per decision, and
+everything it does afterwards (deliveries to agents) is re-derived from it, so a restart
+loses nothing and re-drives what was in flight. A replicated backend implements the same
+protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from hostagent.model import Role
+from hostagent.store import now
+from hostagent.zone.model import ClusterSpec, HostReport
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    id: str
+    report: HostReport
+    registered_at: str
+    last_heartbeat: float  # seconds since the epoch: survives a restart of the zone
+
+
+@dataclass(frozen=True)
+class ClusterRecord:
+    name: str
+    spec: ClusterSpec
+    vni: int
+    node_subnet: str
+    pod_cidr: str
+    service_cidr: str
+    created_at: str
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    cluster: str
+    name: str
+    role: Role
+    host: str
+    address: str
+    created_at: str
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class Gateway:
+    cluster: str
+    host: str
+    address: str
+
+
+class ZoneStore(Protocol):
+    def close(self) -> None: ...
+    def put_host(self, host: str, report: HostReport, at: float) -> bool: ...
+    def hosts(self) -> list[HostRecord]: ...
+    def host(self, host: str) -> HostRecord | None: ...
+    def clusters(self) -> list[ClusterRecord]: ...
+    def cluster(self, name: str) -> ClusterRecord | None: ...
+    def nodes(self, cluster: str | None = None) -> list[NodeRecord]: ...
+    def gateways(self, cluster: str | None = None) -> list[Gateway]: ...
+    def nodes_near(self, host: str) -> list[NodeRecord]: ...
+    def create_cluster(
+        self, cluster: ClusterRecord, nodes: Iterable[NodeRecord], gateways: Iterable[Gateway]
+    ) -> None: ...
+    def scale(
+        self,
+        name: str,
+        spec: ClusterSpec,
+        add: Iterable[NodeRecord],
+        gateways: Iterable[Gateway],
+        remove: Iterable[str],
+    ) -> None: ...
+    def mark_cluster_deleting(self, name: str) -> None: ...
+    def remove_node(self, cluster: str, name: str) -> None: ...
+    def remove_cluster(self, name: str) -> None: ...
+    def deliveries(self, host: str) -> dict[tuple[str, str], str]: ...
+    def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None: ...
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS hosts (
+    id             TEXT PRIMARY KEY,
+    report         TEXT NOT NULL,
+    registered_at  TEXT NOT NULL,
+    last_heartbeat REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS clusters (
+    name         TEXT PRIMARY KEY,
+    spec         TEXT NOT NULL,
+    vni          INTEGER NOT NULL UNIQUE,
+    node_subnet  TEXT NOT NULL UNIQUE,
+    pod_cidr     TEXT NOT NULL UNIQUE,
+    service_cidr TEXT NOT NULL UNIQUE,
+    created_at   TEXT NOT NULL,
+    deleting     INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    cluster    TEXT NOT NULL REFERENCES clusters (name),
+    name       TEXT NOT NULL,
+    role       TEXT NOT NULL,
+    host       TEXT NOT NULL,
+    address    TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    deleting   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (cluster, name),
+    UNIQUE (cluster, address)
+);
+CREATE TABLE IF NOT EXISTS gateways (
+    cluster TEXT NOT NULL REFERENCES clusters (name),
+    host    TEXT NOT NULL,
+    address TEXT NOT NULL,
+    PRIMARY KEY (cluster, host),
+    UNIQUE (cluster, address)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    host   TEXT NOT NULL,
+    kind   TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (host, kind, key)
+);
+"""
+
+
+class SqliteZoneStore:
+    """ZoneStore in one SQLite file (WAL, synchronous=FULL, as the agent's store)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- hosts -----------------------------------------------------------------------
+
+    def put_host(self, host: str, report: HostReport, at: float) -> bool:
+        """Store a host's latest report; True when the host registered for the first time."""
+        with self._tx() as db:
+            known = db.execute("SELECT 1 FROM hosts WHERE id = ?", (host,)).fetchone()
+            db.execute(
+                "INSERT INTO hosts (id, report, registered_at, last_heartbeat) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "report = excluded.report, last_heartbeat = excluded.last_heartbeat",
+                (host, report.model_dump_json(), now(), at),
+            )
+        return known is None
+
+    def hosts(self) -> list[HostRecord]:
+        rows = self.db.execute("SELECT * FROM hosts ORDER BY id").fetchall()
+        return [_host(row) for row in rows]
+
+    def host(self, host: str) -> HostRecord | None:
+        row = self.db.execute("SELECT * FROM hosts WHERE id = ?", (host,)).fetchone()
+        return None if row is None else _host(row)
+
+    # --- clusters and nodes ----------------------------------------------------------
+
+    def clusters(self) -> list[ClusterRecord]:
+        rows = self.db.execute("SELECT * FROM clusters ORDER BY name").fetchall()
+        return [_cluster(row) for row in rows]
+
+    def cluster(self, name: str) -> ClusterRecord | None:
+        row = self.db.execute("SELECT * FROM clusters WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _cluster(row)
+
+    def nodes(self, cluster: str | None = None) -> list[NodeRecord]:
+        if cluster is None:
+            rows = self.db.execute("SELECT * FROM nodes ORDER BY cluster, name").fetchall()
+        else:
+            query = "SELECT * FROM nodes WHERE cluster = ? ORDER BY name"
+            rows = self.db.execute(query, (cluster,)).fetchall()
+        return [_node(row) for row in rows]
+
+    def nodes_near(self, host: str) -> list[NodeRecord]:
+        """Every node of every cluster that has a node on host: what host's work needs."""
+        rows = self.db.execute(
+            "SELECT * FROM nodes WHERE cluster IN (SELECT cluster FROM nodes WHERE host = ?) "
+            "ORDER BY cluster, name",
+            (host,),
+        ).fetchall()
+        return [_node(row) for row in rows]
+
+    def gateways(self, cluster: str | None = None) -> list[Gateway]:
+        if cluster is None:
+            rows = self.db.execute("SELECT * FROM gateways ORDER BY cluster, host").fetchall()
+        else:
+            query = "SELECT * FROM gateways WHERE cluster = ? ORDER BY host"
+            rows = self.db.execute(query, (cluster,)).fetchall()
+        return [Gateway(row["cluster"], row["host"], row["address"]) for row in rows]
+
+    def create_cluster(
+        self, cluster: ClusterRecord, nodes: Iterable[NodeRecord], gateways: Iterable[Gateway]
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO clusters (name, spec, vni, node_subnet, pod_cidr, service_cidr, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    cluster.name,
+                    cluster.spec.model_dump_json(),
+                    cluster.vni,
+                    cluster.node_subnet,
+                    cluster.pod_cidr,
+                    cluster.service_cidr,
+                    cluster.created_at,
+                ),
+            )
+            _insert(db, nodes, gateways)
+
+    def scale(
+        self,
+        name: str,
+        spec: ClusterSpec,
+        add: Iterable[NodeRecord],
+        gateways: Iterable[Gateway],
+        remove: Iterable[str],
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE clusters SET spec = ? WHERE name = ?", (spec.model_dump_json(), name)
+            )
+            _insert(db, add, gateways)
+            db.executemany(
+                "UPDATE nodes SET deleting = 1 WHERE cluster = ? AND name = ?",
+                [(name, node) for node in remove],
+            )
+
+    def mark_cluster_deleting(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE clusters SET deleting = 1 WHERE name = ?", (name,))
+            db.execute("UPDATE nodes SET deleting = 1 WHERE cluster = ?", (name,))
+
+    def remove_node(self, cluster: str, name: str) -> None:
+        """The node is gone from its host: forget it, and its host's gateway when it was the
+        cluster's last node there."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT host FROM nodes WHERE cluster = ? AND name = ?", (cluster, name)
+            ).fetchone()
+            if row is None:
+                return
+            db.execute("DELETE FROM nodes WHERE cluster = ? AND name = ?", (cluster, name))
+            left = db.execute(
+                "SELECT 1 FROM nodes WHERE cluster = ? AND host = ?", (cluster, row["host"])
+            ).fetchone()
+            if left is None:
+                db.execute(
+                    "DELETE FROM gateways WHERE cluster = ? AND host = ?", (cluster, row["host"])
+                )
+
+    def remove_cluster(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM nodes WHERE cluster = ?", (name,))
+            db.execute("DELETE FROM gateways WHERE cluster = ?", (name,))
+            db.execute("DELETE FROM clusters WHERE name = ?", (name,))
+
+    # --- what each agent has acknowledged --------------------------------------------
+
+    def deliveries(self, host: str) -> dict[tuple[str, str], str]:
+        rows = self.db.execute(
+            "SELECT kind, key, digest FROM deliveries WHERE host = ?", (host,)
+        ).fetchall()
+        return {(row["kind"], row["key"]): row["digest"] for row in rows}
+
+    def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None:
+        """Record what host acknowledged for (kind, key); None forgets it."""
+        with self._tx() as db:
+            if digest is None:
+                db.execute(
+                    "DELETE FROM deliveries WHERE host = ? AND kind = ? AND key = ?",
+                    (host, kind, key),
+                )
+            else:
+                db.execute(
+                    "INSERT INTO deliveries (host, kind, key, digest) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (host, kind, key) DO UPDATE SET digest = excluded.digest",
+                    (host, kind, key, digest),
+                )
+
+
+def _insert(
+    db: sqlite3.Connection, nodes: Iterable[NodeRecord], gateways: Iterable[Gateway]
+) -> None:
+    db.executemany(
+        "INSERT INTO nodes (cluster, name, role, host, address, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        [(n.cluster, n.name, n.role.value, n.host, n.address, n.created_at) for n in nodes],
+    )
+    db.executemany(
+        "INSERT OR IGNORE INTO gateways (cluster, host, address) VALUES (?, ?, ?)",
+        [(g.cluster, g.host, g.address) for g in gateways],
+    )
+
+
+def _host(row: sqlite3.Row) -> HostRecord:
+    return HostRecord(
+        id=row["id"],
+        report=HostReport.model_validate(json.loads(row["report"])),
+        registered_at=row["registered_at"],
+        last_heartbeat=row["last_heartbeat"],
+    )
+
+
+def _cluster(row: sqlite3.Row) -> ClusterRecord:
+    return ClusterRecord(
+        name=row["name"],
+        spec=ClusterSpec.model_validate(json.loads(row["spec"])),
+        vni=row["vni"],
+        node_subnet=row["node_subnet"],
+        pod_cidr=row["pod_cidr"],
+        service_cidr=row["service_cidr"],
+        created_at=row["created_at"],
+        deleting=bool(row["deleting"]),
+    )
+
+
+def _node(row: sqlite3.Row) -> NodeRecord:
+    return NodeRecord(
+        cluster=row["cluster"],
+        name=row["name"],
+        role=Role(row["role"]),
+        host=row["host"],
+        address=row["address"],
+        created_at=row["created_at"],
+        deleting=bool(row["deleting"]),
+    )

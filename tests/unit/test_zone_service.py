@@ -1,0 +1,288 @@
+"""ZoneService with its real SQLite store and a real local CA: allocation, placement,
+scaling, deletion, host liveness and the status it reports."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostagent.errors import Conflict, Forbidden, Invalid, NotFound, OutOfCapacity
+from hostagent.zone.config import ZoneNetworkConfig, ZoneServerConfig
+from hostagent.zone.model import ClusterSpec, HostReport
+from hostagent.zone.service import ZoneService
+from hostagent.zone.store import SqliteZoneStore
+from network.names import mac_address
+from pki.local import LocalBackend
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def report(
+    host: int, *, memory_mib: int = 16384, domain: str | None = None, **extra: Any
+) -> HostReport:
+    return HostReport.model_validate(
+        {
+            "api_url": f"http://10.250.0.{10 + host}:8470",
+            "api_token": f"token-{host}",
+            "underlay_address": f"10.250.0.{10 + host}",
+            "failure_domain": domain or f"fd-{host}",
+            "allocatable": {"vcpus": 16, "memory_mib": memory_mib, "disk_gib": 500},
+            "allocated": {"vcpus": 0, "memory_mib": 0, "disk_gib": 0},
+            **extra,
+        }
+    )
+
+
+def spec(masters: int = 3, workers: int = 2, memory_mib: int = 512) -> ClusterSpec:
+    pool = {"vcpus": 1, "memory_mib": memory_mib, "disk_gib": 2}
+    return ClusterSpec.model_validate(
+        {
+            "kubernetes_version": "1.31.2",
+            "masters": {"count": masters, **pool},
+            "workers": {"count": workers, **pool},
+        }
+    )
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def service(tmp_path: Path, clock: Clock) -> Iterator[ZoneService]:
+    config = ZoneServerConfig(state_dir=tmp_path)
+    store = SqliteZoneStore(tmp_path / "zone.db")
+    zone = ZoneService(store, config, LocalBackend(tmp_path / "pki"), clock=clock)
+    kicked: list[str] = []
+    zone.on_change = kicked.extend
+    yield zone
+    store.close()
+
+
+def register(service: ZoneService, hosts: int = 3, **kwargs: Any) -> None:
+    for i in range(1, hosts + 1):
+        service.report(f"h{i}", report(i, **kwargs))
+
+
+async def test_create_allocates_places_and_makes_the_cas(service: ZoneService) -> None:
+    register(service)
+    view, created = await service.put_cluster("demo", spec())
+    status = view["status"]
+    assert created
+    assert status["vni"] == 4096
+    assert status["node_subnet"] == "10.128.0.0/24"
+    assert status["pod_cidr"] == "100.64.0.0/20"
+    assert status["service_cidr"] == "10.96.0.0/24"
+    nodes = {n["name"]: n for n in status["nodes"]}
+    assert sorted(nodes) == ["m1", "m2", "m3", "w1", "w2"]
+    assert len({nodes[m]["host"] for m in ("m1", "m2", "m3")}) == 3
+    assert nodes["m1"]["address"] == "10.128.0.10"
+    assert status["api_endpoint"] == "10.128.0.10:6443"
+    assert status["phase"] == "Provisioning"
+    assert {n["phase"] for n in nodes.values()} == {"Pending"}
+    assert set(service.pki.ca_certificates("demo")) == {"kubernetes", "etcd", "front-proxy"}
+
+
+async def test_second_cluster_gets_its_own_vni_and_ranges(service: ZoneService) -> None:
+    register(service)
+    first, _ = await service.put_cluster("a", spec(1, 0))
+    second, _ = await service.put_cluster("b", spec(1, 0))
+    for key in ("vni", "node_subnet", "pod_cidr", "service_cidr"):
+        assert first["status"][key] != second["status"][key], key
+
+
+async def test_vni_still_reported_by_a_host_is_not_reused(service: ZoneService) -> None:
+    service.report("h1", report(1, networks=[{"cluster": "old", "vni": 4096}]))
+    view, _ = await service.put_cluster("demo", spec(1, 0))
+    assert view["status"]["vni"] == 4097
+
+
+async def test_same_spec_again_changes_nothing(service: ZoneService) -> None:
+    register(service)
+    first, _ = await service.put_cluster("demo", spec())
+    again, created = await service.put_cluster("demo", spec())
+    assert not created
+    assert again["status"]["nodes"] == first["status"]["nodes"]
+
+
+async def test_changing_anything_but_workers_is_a_conflict(service: ZoneService) -> None:
+    register(service)
+    await service.put_cluster("demo", spec())
+    with pytest.raises(Conflict, match="only workers.count"):
+        await service.put_cluster("demo", spec(memory_mib=1024))
+
+
+async def test_scale_up_and_down(service: ZoneService) -> None:
+    register(service)
+    await service.put_cluster("demo", spec(3, 2))
+    view, _ = await service.put_cluster("demo", spec(3, 5))
+    workers = [n for n in view["status"]["nodes"] if n["role"] == "worker"]
+    assert [w["name"] for w in workers] == ["w1", "w2", "w3", "w4", "w5"]
+    assert len({w["address"] for w in view["status"]["nodes"]}) == 8
+    view, _ = await service.put_cluster("demo", spec(3, 1))
+    phases = {n["name"]: n["phase"] for n in view["status"]["nodes"]}
+    assert [n for n, p in phases.items() if p == "Deleting"] == ["w2", "w3", "w4", "w5"]
+
+
+async def test_unplaceable_cluster_is_refused_and_nothing_is_stored(
+    service: ZoneService,
+) -> None:
+    register(service, memory_mib=1024)
+    with pytest.raises(OutOfCapacity, match="memory"):
+        await service.put_cluster("big", spec(3, 2, memory_mib=4096))
+    with pytest.raises(NotFound):
+        service.cluster("big")
+    assert service.store.nodes() == []
+
+
+async def test_no_hosts_says_so(service: ZoneService) -> None:
+    with pytest.raises(OutOfCapacity, match="no Ready host"):
+        await service.put_cluster("demo", spec(1, 0))
+
+
+async def test_capacity_counts_nodes_placed_but_not_reported(service: ZoneService) -> None:
+    # 2 GiB per host: each 1 GiB node costs 1024 + 208 MiB, so one per host.
+    register(service, hosts=2, memory_mib=2048)
+    await service.put_cluster("a", spec(1, 1, memory_mib=1024))
+    with pytest.raises(OutOfCapacity):
+        await service.put_cluster("b", spec(1, 0, memory_mib=1024))
+
+
+async def test_bad_names_are_refused(service: ZoneService) -> None:
+    register(service, hosts=1)
+    with pytest.raises(Invalid, match="DNS-1123"):
+        await service.put_cluster("Bad_Name", spec())
+    await service.put_cluster("demo", spec(1, 0))
+    with pytest.raises(Invalid, match="not a certificate name"):
+        service.check_pki("h1", "demo", "../etc/passwd")
+
+
+async def test_host_that_stops_reporting_makes_its_nodes_unknown(
+    service: ZoneService, clock: Clock
+) -> None:
+    register(service)
+    await service.put_cluster("demo", spec(3, 0))
+    for i in (1, 2, 3):
+        host = f"h{i}"
+        nodes = [
+            {"cluster": "demo", "name": n["name"], "phase": "Ready", "updated_at": "x"}
+            for n in service.cluster("demo")["status"]["nodes"]
+            if n["host"] == host
+        ]
+        service.report(host, report(i, nodes=nodes))
+    assert service.cluster("demo")["status"]["phase"] == "Ready"
+    clock.now += 30  # past heartbeat_timeout_s (20 s) for everyone...
+    for i in (1, 2):  # ...but h1 and h2 report again
+        service.report(f"h{i}", service.store.host(f"h{i}").report)  # type: ignore[union-attr]
+    status = service.cluster("demo")["status"]
+    assert status["phase"] == "Degraded"
+    assert "on h3: Unknown (host h3 is not reporting)" in status["message"]
+    states = {h["host"]: h["state"] for h in service.hosts_view()}
+    assert states == {"h1": "Ready", "h2": "Ready", "h3": "NotReady"}
+    assert len(service.store.nodes("demo")) == 3  # nothing deleted
+
+
+async def test_not_ready_hosts_are_not_offered(service: ZoneService, clock: Clock) -> None:
+    register(service, hosts=1)
+    clock.now += 60
+    service.report("h2", report(2))
+    view, _ = await service.put_cluster("demo", spec(1, 1))
+    assert {n["host"] for n in view["status"]["nodes"]} == {"h2"}
+
+
+async def test_report_contradicting_a_delivery_forgets_it(service: ZoneService) -> None:
+    register(service, hosts=1)
+    service.store.set_delivery("h1", "node", "demo/m1", "abc")
+    service.report(
+        "h1",
+        report(1, nodes=[{"cluster": "demo", "name": "m1", "phase": "Ready", "spec_hash": "abc"}]),
+    )
+    assert service.store.deliveries("h1") == {("node", "demo/m1"): "abc"}
+    service.report("h1", report(1))  # the agent lost the node
+    assert service.store.deliveries("h1") == {}
+
+
+async def test_work_has_specs_gateways_and_peers(service: ZoneService) -> None:
+    register(service)
+    await service.put_cluster("demo", spec(3, 0))
+    nodes = {n.name: n for n in service.store.nodes("demo")}
+    host = nodes["m1"].host
+    work = service.work(host)
+    assert list(work.nodes) == ["demo/m1"]
+    m1 = work.nodes["demo/m1"]
+    gateway = ipaddress.IPv4Address(m1.network.gateway)
+    assert gateway in ipaddress.IPv4Network("10.128.0.0/24")
+    assert str(gateway).endswith((".254", ".253", ".252"))
+    assert m1.network.vni == 4096
+    assert [m.name for m in m1.cluster.masters] == ["m1", "m2", "m3"]
+    assert m1.cluster.pod_cidr == "100.64.0.0/20"
+    peers = work.peers["demo"]
+    assert len(peers) == 2
+    assert all(p.address != f"10.250.0.{10 + int(host[1:])}" for p in peers)
+    others = {nodes[n].host: n for n in ("m2", "m3")}
+    for peer in peers:
+        owner = next(h for h in others if peer.address.endswith(f".{10 + int(h[1:])}"))
+        assert peer.macs == (mac_address("demo", others[owner]),)
+    gateways = {service.work(h).nodes[f"demo/{n}"].network.gateway for h, n in others.items()}
+    assert len(gateways | {m1.network.gateway}) == 3  # one per host
+
+
+async def test_delete_removes_the_cluster_when_every_node_is_gone(
+    service: ZoneService,
+) -> None:
+    register(service)
+    await service.put_cluster("demo", spec(1, 1))
+    view = service.delete_cluster("demo")
+    assert view["status"]["phase"] == "Deleting"
+    for node in service.store.nodes("demo"):
+        assert service.work(node.host).remove == (f"demo/{node.name}",)
+        await service.node_gone(node.host, f"demo/{node.name}")
+    with pytest.raises(NotFound):
+        service.cluster("demo")
+    assert not (service.config.state_dir / "pki" / "ca" / "demo").exists()
+    view, _ = await service.put_cluster("again", spec(1, 0))
+    assert view["status"]["vni"] == 4096  # free again: no host reports it
+
+
+async def test_pki_only_for_hosts_running_the_cluster(service: ZoneService) -> None:
+    register(service, hosts=4)
+    await service.put_cluster("demo", spec(1, 1))
+    nodes = {n.name: n.host for n in service.store.nodes("demo")}
+    service.check_pki(nodes["m1"], "demo", "apiserver")
+    service.check_pki(nodes["w1"], "demo", "kubelet-client")
+    if nodes["w1"] != nodes["m1"]:
+        with pytest.raises(Forbidden, match="role"):
+            service.check_pki(nodes["w1"], "demo", "apiserver")
+    idle = next(f"h{i}" for i in range(1, 5) if f"h{i}" not in nodes.values())
+    with pytest.raises(Forbidden, match="runs no node"):
+        service.check_pki(idle, "demo")
+
+
+async def test_state_survives_a_restart(tmp_path: Path, clock: Clock) -> None:
+    config = ZoneServerConfig(state_dir=tmp_path)
+    store = SqliteZoneStore(tmp_path / "zone.db")
+    zone = ZoneService(store, config, LocalBackend(tmp_path / "pki"), clock=clock)
+    register(zone)
+    before, _ = await zone.put_cluster("demo", spec())
+    store.close()
+    store = SqliteZoneStore(tmp_path / "zone.db")
+    again = ZoneService(store, config, LocalBackend(tmp_path / "pki"), clock=clock)
+    assert again.cluster("demo") == before
+    assert [h["host"] for h in again.hosts_view()] == ["h1", "h2", "h3"]
+    store.close()
+
+
+def test_pools_must_fit_their_slices() -> None:
+    with pytest.raises(ValueError, match="node_pool must be a /24 or larger"):
+        ZoneNetworkConfig(node_pool="10.0.0.0/25")
