@@ -34,6 +34,7 @@ from network.plan import plan
 
 LOCAL = "192.0.2.1"
 MTU = 1450
+HOST = "bench"  # the host id that marks the devices made (alias host=bench)
 
 
 @dataclass
@@ -80,15 +81,15 @@ def hostagent(namespace: str, wanted: list[ClusterNetworkWanted]) -> Result:
     underlay = Underlay(LOCAL)
     with Netlink(netns=namespace) as net:
         began = time.perf_counter()
-        actions = net.reconcile(wanted, underlay)
+        actions = net.reconcile(wanted, underlay, host=HOST)
         result = Result(time.perf_counter() - began, net.requests)
         assert actions, "nothing was wired"
         began, sent = time.perf_counter(), net.requests
-        assert net.reconcile(wanted, underlay) == []
+        assert net.reconcile(wanted, underlay, host=HOST) == []
         result.again_s = time.perf_counter() - began
         result.again_requests = net.requests - sent
         began = time.perf_counter()
-        net.reconcile([], underlay)
+        net.reconcile([], underlay, host=HOST)
         result.teardown_s = time.perf_counter() - began
     return result
 
@@ -99,7 +100,7 @@ def commands(namespace: str, wanted: list[ClusterNetworkWanted]) -> Iterator[lis
     for c in wanted:
         br, vx = c.bridge, c.vxlan
         yield [*ip, "link", "add", br, "type", "bridge", "stp_state", "0", "forward_delay", "0"]
-        yield [*ip, "link", "set", br, "alias", c.alias, "mtu", str(MTU)]
+        yield [*ip, "link", "set", br, "alias", c.alias(HOST), "mtu", str(MTU)]
         yield [*ip, "addr", "add", c.address, "dev", br]
         yield [*sysctl, f"net.ipv4.conf.{br}.forwarding=0"]
         yield [*ip, "link", "set", br, "up"]
@@ -107,7 +108,7 @@ def commands(namespace: str, wanted: list[ClusterNetworkWanted]) -> Iterator[lis
             *ip, "link", "add", vx, "mtu", str(MTU), "master", br, "up", "type", "vxlan",
             "id", str(c.vni), "local", LOCAL, "dstport", "4789", "nolearning",
         ]  # fmt: skip
-        yield [*ip, "link", "set", vx, "alias", c.alias]
+        yield [*ip, "link", "set", vx, "alias", c.alias(HOST)]
         for entry in sorted(c.fdb(LOCAL)):
             yield [*bridge, "fdb", "append", entry.mac, "dev", vx, "dst", entry.dst]
 
@@ -120,7 +121,8 @@ def baseline(namespace: str, wanted: list[ClusterNetworkWanted]) -> Result:
         count += 1
     result = Result(time.perf_counter() - began, count)
     with Netlink(netns=namespace) as net:  # the same state as hostagent's, or it's not fair
-        leftover = plan(HostNetworkWanted(tuple(wanted), Underlay(LOCAL)), net.observe())
+        want = HostNetworkWanted(tuple(wanted), Underlay(LOCAL), host=HOST)
+        leftover = plan(want, net.observe())
     assert leftover == [], f"baseline differs from hostagent's wiring: {leftover[:3]}"
     began = time.perf_counter()
     for c in wanted:

@@ -102,7 +102,7 @@ async def baseline(image_dir: Path, work: Path, count: int) -> float:
 
     started = time.monotonic()
     try:
-        await asyncio.to_thread(netlink.reconcile, [bridge])
+        await asyncio.to_thread(netlink.reconcile, [bridge], host="bench")
         await asyncio.gather(*(one(i) for i in range(count)))
         return time.monotonic() - started
     finally:
@@ -114,7 +114,7 @@ async def baseline(image_dir: Path, work: Path, count: int) -> float:
             if dom.isActive():
                 dom.destroy()
             dom.undefine()
-        await asyncio.to_thread(netlink.reconcile, [])
+        await asyncio.to_thread(netlink.reconcile, [], host="bench")
         conn.close()
 
 

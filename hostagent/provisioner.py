@@ -88,7 +88,9 @@ class Provisioner:
         wanted = networks.wanted_networks(records, self.peers, self.underlay is not None)
         async with self._network_lock:
             try:
-                await asyncio.to_thread(self.netlink.reconcile, wanted, self.underlay)
+                await asyncio.to_thread(
+                    self.netlink.reconcile, wanted, self.underlay, host=self.config.host_id
+                )
             except NetworkError as exc:
                 raise ProvisioningError(f"cluster network: {exc}") from exc
             await self.on_networks(wanted)

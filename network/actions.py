@@ -101,7 +101,7 @@ class DeleteVxlan:
 
 @dataclass(frozen=True)
 class SetMaster:
-    """Put a VXLAN device of ours into its cluster's bridge."""
+    """Put a VXLAN device of ours, or a node's tap, into its cluster's bridge."""
 
     name: str
     bridge: str

@@ -13,7 +13,17 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from network.names import IFNAMSIZ, bridge_name, owner_alias, parse_owner_alias, vxlan_name
+from network.names import (
+    IFNAMSIZ,
+    Owner,
+    bridge_name,
+    check_cluster,
+    check_host,
+    is_tap_name,
+    owner_alias,
+    parse_owner_alias,
+    vxlan_name,
+)
 
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + the inner Ethernet header 14
 DEFAULT_PORT = 4789  # IANA; the kernel's own default (8472) is Linux-only
@@ -28,7 +38,8 @@ class NetworkError(Exception):
 
 
 class ForeignDeviceError(NetworkError):
-    """A name or VNI hostagent needs is held by a device hostagent did not create."""
+    """A name or VNI hostagent needs is held by a device this host's agent did not create
+    (someone else's, or another hostagent's sharing the network namespace)."""
 
 
 def interface(address: str) -> ipaddress.IPv4Interface:
@@ -121,6 +132,9 @@ class ClusterNetworkWanted:
     mtu: the cluster network's MTU (the VMs' NICs); at most the underlay's MTU - 50.
     peers: the other hosts serving the cluster. A peer at this host's own underlay address
     is skipped, so every host of a zone can be handed the same list.
+    taps: the taps (names.tap_name) of the cluster's nodes on this host. libvirt makes them
+    and plugs them in when a VM starts; the plan puts back those that exist but are not in
+    the bridge (a bridge deleted and made anew starts without ports).
     """
 
     cluster: str
@@ -128,13 +142,22 @@ class ClusterNetworkWanted:
     address: str
     mtu: int = 1450
     peers: frozenset[Peer] = field(default_factory=frozenset)
+    taps: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         interface(self.address)
-        owner_alias(self.cluster, self.vni)  # validates cluster and vni
+        check_cluster(self.cluster)
+        bridge_name(self.vni)  # validates vni
         _check_mtu(self.mtu, f"cluster {self.cluster} MTU")
         object.__setattr__(self, "peers", frozenset(self.peers))
         _check_peers(self.cluster, self.peers)
+        object.__setattr__(self, "taps", frozenset(self.taps))
+        for tap in sorted(self.taps):
+            if not is_tap_name(tap):
+                raise ValueError(
+                    f"cluster {self.cluster}: tap {tap[:40]!r} is not a hostagent tap name "
+                    "(names.tap_name: hat + 11 hex digits)"
+                )
 
     @property
     def bridge(self) -> str:
@@ -144,13 +167,13 @@ class ClusterNetworkWanted:
     def vxlan(self) -> str:
         return vxlan_name(self.vni)
 
-    @property
-    def alias(self) -> str:
-        return owner_alias(self.cluster, self.vni)
+    def owner(self, host: str) -> Owner:
+        """Who the cluster's devices belong to when host's agent makes them."""
+        return Owner(host, self.cluster, self.vni)
 
-    @property
-    def owner(self) -> tuple[str, int]:
-        return self.cluster, self.vni
+    def alias(self, host: str) -> str:
+        """The alias host's agent gives the cluster's devices."""
+        return owner_alias(host, self.cluster, self.vni)
 
     def fdb(self, local: str) -> frozenset[FdbEntry]:
         """Every FDB entry the cluster's VXLAN device needs on the host at local."""
@@ -211,19 +234,29 @@ class HostNetworkWanted:
 
     underlay None: the host serves its clusters alone (a one-host lab), so there are bridges
     but no VXLAN devices, bridges get the cluster MTU, and no cluster may have peers.
+    host: this agent's host id. It goes into every device's alias, and devices whose alias
+    names another host are that host's agent's (two agents may share a namespace, as in a
+    lab): never changed, never deleted.
     """
 
     clusters: tuple[ClusterNetworkWanted, ...] = ()
     underlay: Underlay | None = None
+    host: str = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_host(self.host)
+        object.__setattr__(self, "clusters", tuple(self.clusters))
 
     @classmethod
     def of(
         cls,
         clusters: Iterable[ClusterNetworkWanted | BridgeWanted],
         underlay: Underlay | None = None,
+        *,
+        host: str,
     ) -> HostNetworkWanted:
         networks = tuple(c.network if isinstance(c, BridgeWanted) else c for c in clusters)
-        return cls(networks, underlay)
+        return cls(networks, underlay, host=host)
 
 
 # --- seen --------------------------------------------------------------------------------
@@ -244,7 +277,7 @@ class BridgeSeen:
     forwarding: bool = False
 
     @property
-    def owner(self) -> tuple[str, int] | None:
+    def owner(self) -> Owner | None:
         return parse_owner_alias(self.alias) if self.alias else None
 
 
@@ -264,8 +297,16 @@ class VxlanSeen:
     fdb: frozenset[FdbEntry] = frozenset()
 
     @property
-    def owner(self) -> tuple[str, int] | None:
+    def owner(self) -> Owner | None:
         return parse_owner_alias(self.alias) if self.alias else None
+
+
+@dataclass(frozen=True)
+class TapSeen:
+    """A tun/tap device (libvirt's, for a VM's NIC) and the bridge it is a port of."""
+
+    name: str
+    master: str | None
 
 
 @dataclass(frozen=True)
@@ -282,12 +323,14 @@ class HostSeen:
     """The host's network devices as the kernel reports them, ours and everyone else's.
 
     other_links: the names of every link that is neither a bridge nor a VXLAN device.
+    taps: every tun/tap device (these are among other_links too).
     """
 
     bridges: tuple[BridgeSeen, ...] = ()
     vxlans: tuple[VxlanSeen, ...] = ()
     other_links: frozenset[str] = frozenset()
     addresses: tuple[AddressSeen, ...] = ()
+    taps: tuple[TapSeen, ...] = ()
 
     def holder(self, address: str) -> AddressSeen | None:
         return next((seen for seen in self.addresses if seen.address == address), None)

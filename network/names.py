@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import NamedTuple
 
 IFNAMSIZ = 15
 MAX_VNI = 16_777_215  # 24-bit VXLAN network identifier
@@ -20,7 +21,31 @@ _TAP_HASH_CHARS = IFNAMSIZ - len(_TAP_PREFIX) - 1  # 11: one byte of headroom un
 # 52:54:00 is the prefix QEMU uses; 0x52 has the locally-administered bit set and the
 # multicast bit clear, so every address below is a valid unicast NIC address.
 _MAC_PREFIX = "52:54:00"
-_ALIAS = re.compile(r"hostagent cluster=([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?) vni=([0-9]{1,8})")
+_HOST = r"[A-Za-z0-9._-]{1,64}"
+_CLUSTER = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_ALIAS = re.compile(rf"hostagent host=({_HOST}) cluster=({_CLUSTER}) vni=([0-9]{{1,8}})")
+_TAP = re.compile(rf"{_TAP_PREFIX}[0-9a-f]{{{_TAP_HASH_CHARS}}}")
+
+
+class Owner(NamedTuple):
+    """Who made a device, as its alias says: the agent of host, for cluster's vni."""
+
+    host: str
+    cluster: str
+    vni: int
+
+
+def check_host(host: str) -> str:
+    """The agent's host id, as it goes into aliases: 1..64 of [A-Za-z0-9._-]."""
+    if not re.fullmatch(_HOST, host):
+        raise ValueError(f"host id {host[:80]!r} must be 1..64 characters of [A-Za-z0-9._-]")
+    return host
+
+
+def check_cluster(cluster: str) -> str:
+    if not re.fullmatch(_CLUSTER, cluster):
+        raise ValueError(f"cluster {cluster[:80]!r} is not a DNS-1123 label")
+    return cluster
 
 
 def _check_vni(vni: int) -> int:
@@ -48,6 +73,11 @@ def tap_name(cluster: str, node: str) -> str:
     return _TAP_PREFIX + _digest(cluster, node).hex()[:_TAP_HASH_CHARS]
 
 
+def is_tap_name(name: str) -> bool:
+    """Whether name has the form tap_name gives (taps carry no alias: the name is all)."""
+    return _TAP.fullmatch(name) is not None
+
+
 def mac_address(cluster: str, node: str) -> str:
     """The node VM's NIC address: 52:54:00 plus 3 bytes of sha256("cluster/node").
 
@@ -58,20 +88,20 @@ def mac_address(cluster: str, node: str) -> str:
     return ":".join([_MAC_PREFIX, *(f"{byte:02x}" for byte in tail)])
 
 
-def owner_alias(cluster: str, vni: int) -> str:
-    """The IFLA_IFALIAS that marks a device as created by hostagent for this cluster."""
-    alias = f"hostagent cluster={cluster} vni={_check_vni(vni)}"
-    if parse_owner_alias(alias) is None:
-        raise ValueError(f"cluster {cluster[:80]!r} is not a DNS-1123 label")
-    return alias
+def owner_alias(host: str, cluster: str, vni: int) -> str:
+    """The IFLA_IFALIAS that marks a device as created by host's agent for this cluster."""
+    check_host(host)
+    check_cluster(cluster)
+    return f"hostagent host={host} cluster={cluster} vni={_check_vni(vni)}"
 
 
-def parse_owner_alias(alias: str) -> tuple[str, int] | None:
-    """(cluster, vni) when alias was written by owner_alias, else None (a device not ours)."""
+def parse_owner_alias(alias: str) -> Owner | None:
+    """The Owner when alias was written by owner_alias, else None (a device not ours to
+    manage; the alias of agents before host ids, without host=, included)."""
     match = _ALIAS.fullmatch(alias)
     if match is None:
         return None
     vni = int(match.group(3))
     if not 1 <= vni <= MAX_VNI:
         return None
-    return match.group(1), vni
+    return Owner(match.group(1), match.group(2), vni)

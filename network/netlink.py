@@ -138,12 +138,14 @@ class Netlink:
         with self._session() as session:
             return _observe(session)
 
-    def apply(self, actions: Iterable[Action]) -> None:
+    def apply(self, actions: Iterable[Action], *, host: str, taps: Iterable[str] = ()) -> None:
         """Apply actions in order; stops at the first failure with a NetworkError.
 
-        Only devices that carry our alias are ever changed or deleted.
+        Only devices whose alias names host's agent are ever changed or deleted, and of the
+        devices without an alias only the tun devices named in taps, which SetMaster may put
+        into a bridge of ours.
         """
-        with self._session() as session:
+        with self._session(host, taps) as session:
             session.links = link_refs(session.dump("link"))
             _apply_all(session, actions)
 
@@ -151,13 +153,18 @@ class Netlink:
         self,
         clusters: Sequence[ClusterNetworkWanted | BridgeWanted],
         underlay: Underlay | None = None,
+        *,
+        host: str,
     ) -> list[Action]:
         """Observe, plan and apply in one session; returns the actions applied.
 
-        underlay None wires bridges only (a host serving its clusters alone).
+        underlay None wires bridges only (a host serving its clusters alone). host is this
+        agent's host id: it marks the devices made, and devices marked by another host's
+        agent (sharing the namespace) are left alone.
         """
-        wanted = HostNetworkWanted.of(clusters, underlay)
-        with self._session() as session:
+        wanted = HostNetworkWanted.of(clusters, underlay, host=host)
+        taps = {tap for cluster in wanted.clusters for tap in cluster.taps}
+        with self._session(host, taps) as session:
             actions = plan(wanted, _observe(session))
             _apply_all(session, actions)
             return actions
@@ -178,7 +185,7 @@ class Netlink:
             return sorted(str(port.get("ifname")) for port in ports)
 
     @contextmanager
-    def _session(self) -> Iterator[_Session]:
+    def _session(self, host: str | None = None, taps: Iterable[str] = ()) -> Iterator[_Session]:
         if self._closed:
             raise RuntimeError("Netlink is closed")
         _refuse_running_loop()
@@ -186,7 +193,7 @@ class Netlink:
             ipr = IPRoute(nlm_echo=True) if self._netns is None else _open_netns(self._netns)
         except FileNotFoundError as err:
             raise NetworkError(f"network namespace {self._netns!r} does not exist") from err
-        session = _Session(ipr, self._netns)
+        session = _Session(ipr, self._netns, host, frozenset(taps))
         try:
             yield session
         finally:
@@ -197,11 +204,17 @@ class Netlink:
 
 class _Session:
     """One IPRoute for one call: counts requests, remembers the links seen or made, and
-    holds batched actions until the next flush (see network.batch)."""
+    holds batched actions until the next flush (see network.batch).
 
-    def __init__(self, ipr: Any, netns: str | None) -> None:
+    host: whose devices may be changed (None: none, for calls that only read); taps: the
+    tun devices SetMaster may put into a bridge of ours.
+    """
+
+    def __init__(self, ipr: Any, netns: str | None, host: str | None, taps: frozenset[str]) -> None:
         self.ipr = ipr
         self.netns = netns
+        self.host = host
+        self.taps = taps
         self.requests = 0
         self.links: dict[str, LinkRef] = {}
         self.pending: list[tuple[Batched, batch.Request]] = []
@@ -225,7 +238,7 @@ class _Session:
                 return batch.LinkChange(self.owned(name, _EITHER), mtu=mtu)
             case SetMaster(name=name, bridge=bridge):
                 master = self.owned(bridge, _BRIDGE)
-                return batch.LinkChange(self.owned(name, _VXLAN), master=master)
+                return batch.LinkChange(self.port(name), master=master)
             case SetAddress(name=name, address=address) | RemoveAddress(name=name, address=address):
                 ip, prefix = address.split("/")
                 add = isinstance(action, SetAddress)
@@ -272,16 +285,35 @@ class _Session:
         return retry_dump(lambda: method("dump", **filters))
 
     def owned(self, name: str, kinds: tuple[str, ...]) -> int:
-        """The index of a device of ours of one of kinds: nobody else's is ever changed."""
+        """The index of a device of ours of one of kinds: nobody else's is ever changed,
+        another host's agent's included."""
         ref = self.links.get(name)
         if ref is None:
             raise NetworkError(f"device {name} does not exist")
-        if ref.kind not in kinds or ref.owner is None:
+        owner = ref.owner
+        if owner is None:
             raise ForeignDeviceError(
                 f"device {name} (kind {ref.kind}, alias {ref.alias!r}) was not created by "
                 "hostagent; refusing to change it"
             )
+        if owner.host != self.host:
+            raise ForeignDeviceError(
+                f"device {name} (alias {ref.alias!r}) belongs to hostagent host "
+                f"{owner.host!r}, not {self.host!r}; refusing to change it"
+            )
+        if ref.kind not in kinds:
+            raise ForeignDeviceError(
+                f"device {name} is a {ref.kind}, not a {' or '.join(kinds)}; refusing to change it"
+            )
         return ref.index
+
+    def port(self, name: str) -> int:
+        """The index of a device SetMaster may move: our VXLAN device, or one of the
+        wanted taps (libvirt's, without an alias: the name is what makes it a node's)."""
+        ref = self.links.get(name)
+        if ref is not None and ref.kind == "tun" and name in self.taps:
+            return ref.index
+        return self.owned(name, _VXLAN)
 
     def create(self, name: str, **spec: Any) -> int:
         """Create a link; its index. Sessions ask for NLM_F_ECHO, so the kernel (6.3 and

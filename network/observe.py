@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from network.model import AddressSeen, BridgeSeen, FdbEntry, HostSeen, VxlanSeen
-from network.names import parse_owner_alias
+from network.model import AddressSeen, BridgeSeen, FdbEntry, HostSeen, TapSeen, VxlanSeen
+from network.names import Owner, parse_owner_alias
 
 IFF_UP = 0x1
 NTF_SELF = 0x02  # an entry of the device itself, not of the bridge it is a port of
@@ -27,7 +27,7 @@ class LinkRef:
     alias: str | None
 
     @property
-    def owner(self) -> tuple[str, int] | None:
+    def owner(self) -> Owner | None:
         return parse_owner_alias(self.alias) if self.alias else None
 
 
@@ -60,6 +60,7 @@ def host_seen(links: Iterable[Any], addresses: Iterable[Any], fdb: Iterable[Any]
         vxlans=tuple(_vxlan(link, names, entries) for link in by_kind.get("vxlan", [])),
         other_links=frozenset(str(link.get("ifname")) for link in others),
         addresses=tuple(_addresses(links, ipv4)),
+        taps=tuple(_tap(link, names) for link in by_kind.get("tun", [])),
     )
 
 
@@ -101,6 +102,11 @@ def _bridge(link: Any, addresses: tuple[str, ...]) -> BridgeSeen:
         up=bool(link["flags"] & IFF_UP),
         forwarding=bool(inet["forwarding"]) if inet is not None else False,
     )
+
+
+def _tap(link: Any, names: Mapping[int, str]) -> TapSeen:
+    master = link.get("master")
+    return TapSeen(name=str(link.get("ifname")), master=names.get(master) if master else None)
 
 
 def _vxlan(

@@ -1,9 +1,10 @@
 """Pure diff: the cluster networks this host should have vs. what the kernel has -> actions.
 
 Ownership is read from the device alias (names.owner_alias), never from the name alone: a
-device without our alias is someone else's, and no action is ever planned for it. Stale
-devices of ours go first (VXLAN devices, then bridges), then each wanted cluster is
-converged: its bridge, its VXLAN device, then its FDB entries by difference, so a peer
+device without our alias, or with the alias of another host's agent, is someone else's,
+and no action is ever planned for it. Stale devices of ours go first (VXLAN devices, then
+bridges), then each wanted cluster is converged: its bridge, the taps of its running VMs
+that are not in it, its VXLAN device, then its FDB entries by difference, so a peer
 coming or going touches only that peer's entries.
 """
 
@@ -37,6 +38,7 @@ from network.model import (
     HostSeen,
     NetworkError,
     Peer,
+    TapSeen,
     Underlay,
     VxlanSeen,
     interface,
@@ -64,6 +66,7 @@ __all__ = [
     "SetMaster",
     "SetMtu",
     "SetUp",
+    "TapSeen",
     "Underlay",
     "VxlanSeen",
     "plan",
@@ -74,26 +77,28 @@ def plan(wanted: HostNetworkWanted, seen: HostSeen) -> list[Action]:
     """Actions that turn seen into wanted. Raises NetworkError (or ForeignDeviceError)
     before planning anything when the wanted state cannot be had."""
     clusters = _index_wanted(wanted.clusters)
+    host, underlay = wanted.host, wanted.underlay
     device_mtu = _device_mtu(wanted, seen)
     bridges = {bridge.name: bridge for bridge in seen.bridges}
     vxlans = {vxlan.name: vxlan for vxlan in seen.vxlans}
     for cluster in clusters:
-        _check_cluster(cluster, wanted.underlay, device_mtu)
-        _check_free(cluster, cluster.bridge, bridges.get(cluster.bridge), seen)
-        if wanted.underlay is not None:
-            _check_free(cluster, cluster.vxlan, vxlans.get(cluster.vxlan), seen)
-            _check_vni_free(cluster, wanted.underlay, seen.vxlans)
-    stale_vxlans = [v.name for v in seen.vxlans if _is_stale_vxlan(v, clusters, wanted.underlay)]
-    stale_bridges = [b.name for b in seen.bridges if _is_stale_bridge(b, clusters)]
+        _check_cluster(cluster, underlay, device_mtu)
+        _check_free(cluster, host, cluster.bridge, bridges.get(cluster.bridge), seen)
+        if underlay is not None:
+            _check_free(cluster, host, cluster.vxlan, vxlans.get(cluster.vxlan), seen)
+            _check_vni_free(cluster, host, underlay, seen.vxlans)
+    stale_vxlans = [v.name for v in seen.vxlans if _is_stale_vxlan(v, clusters, host, underlay)]
+    stale_bridges = [b.name for b in seen.bridges if _is_stale_bridge(b, clusters, host)]
     actions: list[Action] = [DeleteVxlan(name) for name in stale_vxlans]
     actions += [DeleteBridge(name) for name in stale_bridges]
     for cluster in clusters:
         bridge = None if cluster.bridge in stale_bridges else bridges.get(cluster.bridge)
-        actions += _converge_bridge(cluster, bridge, device_mtu)
-        if wanted.underlay is None or device_mtu is None:
+        actions += _converge_bridge(cluster, host, bridge, device_mtu)
+        actions += _plug_taps(cluster, seen.taps, bridge is None)
+        if underlay is None or device_mtu is None:
             continue
         vxlan = None if cluster.vxlan in stale_vxlans else vxlans.get(cluster.vxlan)
-        actions += _converge_vxlan(cluster, vxlan, wanted.underlay, device_mtu, bridge is None)
+        actions += _converge_vxlan(cluster, host, vxlan, underlay, device_mtu, bridge is None)
     return actions
 
 
@@ -144,8 +149,13 @@ def _check_cluster(
         )
 
 
+def _is_ours(device: BridgeSeen | VxlanSeen, host: str) -> bool:
+    return device.owner is not None and device.owner.host == host
+
+
 def _check_free(
     cluster: ClusterNetworkWanted,
+    host: str,
     name: str,
     ours: BridgeSeen | VxlanSeen | None,
     seen: HostSeen,
@@ -155,13 +165,34 @@ def _check_free(
         taken = any(name == device.name for device in devices)
         if not taken and name not in seen.other_links:
             return
-    elif ours.owner is not None:
+    elif _is_ours(ours, host):
         return
+    needs = f"cluster {cluster.cluster} (vni {cluster.vni}) of host {host!r} needs that name"
+    if ours is not None and ours.owner is not None:
+        raise ForeignDeviceError(
+            f"{_kind(ours)} {name} belongs to hostagent host {ours.owner.host!r} (alias "
+            f"{ours.alias!r}); {needs}. Agents sharing a network namespace need distinct "
+            "vnis: give the cluster another vni, or run the agents in separate namespaces; "
+            "hostagent never touches another host's devices."
+        )
     what = f"{_kind(ours)} {name} with alias {ours.alias!r}" if ours else f"device {name}"
     raise ForeignDeviceError(
-        f"{what} exists but was not created by hostagent; cluster {cluster.cluster} "
-        f"(vni {cluster.vni}) needs that name. Delete or rename the device "
-        f"(`ip link del {name}`) once nothing uses it; hostagent never touches it."
+        f"{what} exists but was not created by hostagent; {needs}. Delete or rename the "
+        f"device (`ip link del {name}`) once nothing uses it; hostagent never touches it."
+        + _legacy_hint(ours, cluster, host)
+    )
+
+
+def _legacy_hint(
+    ours: BridgeSeen | VxlanSeen | None, cluster: ClusterNetworkWanted, host: str
+) -> str:
+    """Agents before host ids wrote `hostagent cluster=<c> vni=<v>`: such a device may well
+    be this host's own, in use by running VMs; marking it keeps them connected."""
+    if ours is None or not (ours.alias or "").startswith("hostagent cluster="):
+        return ""
+    return (
+        " It carries the alias of a hostagent without host ids: if it is this host's, adopt "
+        f"it instead: `ip link set {ours.name} alias '{cluster.alias(host)}'`."
     )
 
 
@@ -170,49 +201,55 @@ def _kind(device: BridgeSeen | VxlanSeen) -> str:
 
 
 def _check_vni_free(
-    cluster: ClusterNetworkWanted, underlay: Underlay, seen: Iterable[VxlanSeen]
+    cluster: ClusterNetworkWanted, host: str, underlay: Underlay, seen: Iterable[VxlanSeen]
 ) -> None:
-    """The kernel allows one VXLAN device per (vni, port): a foreign one blocks ours."""
+    """The kernel allows one VXLAN device per (vni, port): another's blocks ours."""
     for vxlan in seen:
-        if vxlan.owner is None and (vxlan.vni, vxlan.port) == (cluster.vni, underlay.port):
-            raise ForeignDeviceError(
-                f"vxlan {vxlan.name} (not created by hostagent) already uses vni {vxlan.vni} "
-                f"on UDP port {vxlan.port}, which cluster {cluster.cluster} needs; remove it "
-                "or give the cluster another vni"
-            )
+        if _is_ours(vxlan, host) or (vxlan.vni, vxlan.port) != (cluster.vni, underlay.port):
+            continue
+        whose = (
+            f"of hostagent host {vxlan.owner.host!r}" if vxlan.owner else "not created by hostagent"
+        )
+        raise ForeignDeviceError(
+            f"vxlan {vxlan.name} ({whose}) already uses vni {vxlan.vni} on UDP port "
+            f"{vxlan.port}, which cluster {cluster.cluster} needs; remove it or give the "
+            "cluster another vni"
+        )
 
 
-def _is_stale_bridge(seen: BridgeSeen, wanted: Iterable[ClusterNetworkWanted]) -> bool:
+def _is_stale_bridge(seen: BridgeSeen, wanted: Iterable[ClusterNetworkWanted], host: str) -> bool:
     """Ours, and no wanted cluster has a bridge of that name and owner."""
-    if seen.owner is None:
+    if not _is_ours(seen, host):
         return False
-    return not any((c.bridge, c.owner) == (seen.name, seen.owner) for c in wanted)
+    return not any((c.bridge, c.owner(host)) == (seen.name, seen.owner) for c in wanted)
 
 
 def _is_stale_vxlan(
-    seen: VxlanSeen, wanted: Iterable[ClusterNetworkWanted], underlay: Underlay | None
+    seen: VxlanSeen, wanted: Iterable[ClusterNetworkWanted], host: str, underlay: Underlay | None
 ) -> bool:
     """Ours, and not the device a wanted cluster needs: vni, port, local and learning are
     fixed at creation, so a device that differs in one of them is deleted and made anew."""
-    if seen.owner is None:
+    if not _is_ours(seen, host):
         return False
     if underlay is None:
         return True
     found = (seen.name, seen.owner, seen.vni, seen.port, seen.local, seen.learning)
     return not any(
-        found == (c.vxlan, c.owner, c.vni, underlay.port, underlay.address, False) for c in wanted
+        found == (c.vxlan, c.owner(host), c.vni, underlay.port, underlay.address, False)
+        for c in wanted
     )
 
 
 def _converge_bridge(
-    wanted: ClusterNetworkWanted, seen: BridgeSeen | None, device_mtu: int | None
+    wanted: ClusterNetworkWanted, host: str, seen: BridgeSeen | None, device_mtu: int | None
 ) -> list[Action]:
     mtu = wanted.mtu if device_mtu is None else device_mtu
     actions: list[Action] = []
     if seen is None:
-        actions.append(CreateBridge(wanted.bridge, wanted.alias, mtu))
+        alias = wanted.alias(host)
+        actions.append(CreateBridge(wanted.bridge, alias, mtu))
         # A new bridge inherits conf/default/forwarding, which ip_forward=1 has set to 1.
-        seen = BridgeSeen(wanted.bridge, wanted.alias, (), mtu, up=False, forwarding=True)
+        seen = BridgeSeen(wanted.bridge, alias, (), mtu, up=False, forwarding=True)
     target = interface(wanted.address)
     actions += [
         RemoveAddress(seen.name, address)
@@ -230,8 +267,21 @@ def _converge_bridge(
     return actions
 
 
+def _plug_taps(
+    wanted: ClusterNetworkWanted, seen: Iterable[TapSeen], bridge_is_new: bool
+) -> list[Action]:
+    """The cluster's taps that exist (their VM runs) but are not in its bridge: libvirt
+    plugs a tap in once, when the VM starts, and a bridge made anew starts without ports."""
+    return [
+        SetMaster(tap.name, wanted.bridge)
+        for tap in sorted(seen, key=lambda tap: tap.name)
+        if tap.name in wanted.taps and (bridge_is_new or tap.master != wanted.bridge)
+    ]
+
+
 def _converge_vxlan(
     wanted: ClusterNetworkWanted,
+    host: str,
     seen: VxlanSeen | None,
     underlay: Underlay,
     mtu: int,
@@ -241,8 +291,8 @@ def _converge_vxlan(
     actions: list[Action] = []
     have: frozenset[FdbEntry] = frozenset()
     if seen is None:
-        local, port = underlay.address, underlay.port
-        actions.append(CreateVxlan(name, wanted.alias, wanted.vni, local, port, mtu, wanted.bridge))
+        local, port, alias = underlay.address, underlay.port, wanted.alias(host)
+        actions.append(CreateVxlan(name, alias, wanted.vni, local, port, mtu, wanted.bridge))
     else:
         have = seen.fdb
         if seen.mtu != mtu:

@@ -33,7 +33,8 @@ ADMIN_TOKEN = web.AppKey("admin_token", str)
 HOST_SECRET = web.AppKey("host_secret", str)
 METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics")
 HEARTBEAT = web.AppKey("heartbeat_s", float)
-CALLER = "caller"  # request key: "admin" or ("host", id)
+CALLER = web.RequestKey("caller", str)  # "admin", or "host:<id>"
+_HOST = "host:"
 MAX_TTL = dt.timedelta(days=365)
 
 
@@ -60,7 +61,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if token and hmac.compare_digest(token, request.app[ADMIN_TOKEN]):
             request[CALLER] = "admin"
         elif token and (host := host_of(request.app[HOST_SECRET], token)) is not None:
-            request[CALLER] = ("host", host)
+            request[CALLER] = _HOST + host
         else:
             raise Unauthorized(
                 "missing or wrong bearer token (the zone's <state_dir>/api-token, or a host "
@@ -76,10 +77,9 @@ def _admin(request: web.Request) -> None:
 
 def _host(request: web.Request) -> str:
     caller = request[CALLER]
-    if not isinstance(caller, tuple):
+    if not caller.startswith(_HOST):
         raise Forbidden("this call is for agents: use the host's own token")
-    host: str = caller[1]
-    return host
+    return caller.removeprefix(_HOST)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -39,6 +39,7 @@ class Deliverer:
         self._failing: dict[str, str] = {}
         self._session: aiohttp.ClientSession | None = None
         self.passes = 0
+        self._closed = False
 
     async def start(self) -> None:
         tls = ssl.create_default_context(cafile=self.config.ca_file)
@@ -50,6 +51,7 @@ class Deliverer:
         self.kick(self.service.hosts_with_work())
 
     async def close(self) -> None:
+        self._closed = True
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -62,6 +64,8 @@ class Deliverer:
 
     def kick(self, hosts: Any) -> None:
         """Make each host's task run a pass soon (starting the task when it has none)."""
+        if self._closed:
+            return
         for host in hosts:
             event = self._kicks.setdefault(host, asyncio.Event())
             event.set()
@@ -76,8 +80,11 @@ class Deliverer:
         event = self._kicks[host]
         delay = self.config.retry_initial_s
         while True:
+            # asyncio.timeout, not wait_for: wait_for in 3.11 can swallow a cancel that
+            # arrives as the event is set, and close() would then wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), self.config.resync_interval_s)
+                async with asyncio.timeout(self.config.resync_interval_s):
+                    await event.wait()
             event.clear()
             try:
                 settled = await self._pass(host)

@@ -61,6 +61,7 @@ def build_host_b() -> None:
                 )
             ],
             Underlay(f"{UNDERLAY}.2"),
+            host=HOST_B,
         )  # fmt: skip
     ip("-n", HOST_B, "link", "add", "ep0", "type", "veth", "peer", "name", "eth0")
     ip("-n", HOST_B, "link", "set", "eth0", "netns", ENDPOINT)

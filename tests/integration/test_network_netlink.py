@@ -7,6 +7,8 @@ they stand for what an operator or libvirt would have created, not for hostagent
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import errno
 import os
 import socket
@@ -20,6 +22,7 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
 
 from network import batch
+from network.names import tap_name
 from network.netlink import Netlink, retry_dump
 from network.plan import (
     BridgeWanted,
@@ -28,14 +31,17 @@ from network.plan import (
     DisableForwarding,
     ForeignDeviceError,
     NetworkError,
+    SetMaster,
     SetMtu,
     SetUp,
+    TapSeen,
     Underlay,
 )
 from tests.conftest import require
 
 pytestmark = pytest.mark.integration
 
+HOST = "h1"  # this agent's host id, in every alias it writes
 # Without an underlay: bridges only, with the cluster's MTU (a host serving its clusters alone).
 ALPHA = ClusterNetworkWanted("alpha", 42, "10.42.0.1/24", mtu=1450)
 BETA = ClusterNetworkWanted("beta", 43, "10.43.0.1/24", mtu=1400)
@@ -70,32 +76,32 @@ def link(ipr: Any, name: str) -> Any:
 
 
 def test_reconcile_creates_bridge_then_is_idempotent(net: Netlink, raw: Any) -> None:
-    assert net.reconcile([ALPHA]) != []
+    assert net.reconcile([ALPHA], host=HOST) != []
     [seen] = net.observe().bridges
     assert seen.name == "habr42"
-    assert seen.alias == "hostagent cluster=alpha vni=42"
+    assert seen.alias == "hostagent host=h1 cluster=alpha vni=42"
     assert seen.addresses == ("10.42.0.1/24",)
     assert (seen.mtu, seen.up) == (1450, True)
     data = dict(link(raw, "habr42").get(("linkinfo", "data"))["attrs"])
     assert (data["IFLA_BR_STP_STATE"], data["IFLA_BR_FORWARD_DELAY"]) == (0, 0)
-    assert net.reconcile([ALPHA]) == []
+    assert net.reconcile([ALPHA], host=HOST) == []
 
 
 def test_reconcile_repairs_drift(net: Netlink, raw: Any) -> None:
-    net.reconcile([ALPHA])
+    net.reconcile([ALPHA], host=HOST)
     index = raw.link_lookup(ifname="habr42")[0]
     raw.link("set", index=index, state="down", mtu=9000)
     raw.addr("add", index=index, address="10.99.0.1", prefixlen=24)
-    assert len(net.reconcile([ALPHA])) == 3
-    assert net.reconcile([ALPHA]) == []
+    assert len(net.reconcile([ALPHA], host=HOST)) == 3
+    assert net.reconcile([ALPHA], host=HOST) == []
     assert net.observe().bridges[0].addresses == ("10.42.0.1/24",)
 
 
 def test_foreign_bridge_with_other_name_is_left_alone(net: Netlink, raw: Any) -> None:
     raw.link("add", ifname="virbr0", kind="bridge")
     raw.addr("add", index=raw.link_lookup(ifname="virbr0")[0], address="192.168.1.1", prefixlen=24)
-    net.reconcile([ALPHA])
-    assert net.reconcile([]) == [DeleteBridge("habr42")]
+    net.reconcile([ALPHA], host=HOST)
+    assert net.reconcile([], host=HOST) == [DeleteBridge("habr42")]
     [left] = net.observe().bridges
     assert (left.name, left.alias, left.addresses, left.up) == (
         "virbr0",
@@ -106,8 +112,8 @@ def test_foreign_bridge_with_other_name_is_left_alone(net: Netlink, raw: Any) ->
 
 
 def test_stale_bridge_of_ours_is_removed(net: Netlink) -> None:
-    net.reconcile([ALPHA, BETA])
-    assert net.reconcile([BETA]) == [DeleteBridge("habr42")]
+    net.reconcile([ALPHA, BETA], host=HOST)
+    assert net.reconcile([BETA], host=HOST) == [DeleteBridge("habr42")]
     assert [bridge.name for bridge in net.observe().bridges] == ["habr43"]
 
 
@@ -115,11 +121,11 @@ def test_stale_bridge_of_ours_is_removed(net: Netlink) -> None:
 def test_foreign_device_on_wanted_name_raises_and_changes_nothing(
     net: Netlink, raw: Any, kind: str
 ) -> None:
-    net.reconcile([BETA])
+    net.reconcile([BETA], host=HOST)
     extra = {"peer": "habr42-peer"} if kind == "veth" else {}
     raw.link("add", ifname="habr42", kind=kind, **extra)
     with pytest.raises(ForeignDeviceError, match=r"habr42.*not created by hostagent"):
-        net.reconcile([ALPHA])  # BETA is no longer wanted, yet must survive the refusal
+        net.reconcile([ALPHA], host=HOST)  # BETA is no longer wanted, yet must survive the refusal
     assert "habr43" in {bridge.name for bridge in net.observe().bridges}
     assert link(raw, "habr42").get("ifalias") is None
 
@@ -127,12 +133,12 @@ def test_foreign_device_on_wanted_name_raises_and_changes_nothing(
 def test_apply_refuses_to_touch_foreign_device(net: Netlink, raw: Any) -> None:
     raw.link("add", ifname="virbr0", kind="bridge")
     with pytest.raises(ForeignDeviceError, match="virbr0"):
-        net.apply([DeleteBridge("virbr0")])
+        net.apply([DeleteBridge("virbr0")], host=HOST)
     assert [bridge.name for bridge in net.observe().bridges] == ["virbr0"]
 
 
 def test_enslaved_ports_stay_and_keep_bridge_mtu(net: Netlink, raw: Any) -> None:
-    net.reconcile([ALPHA])
+    net.reconcile([ALPHA], host=HOST)
     raw.link("add", ifname="vm0", kind="veth", peer="vm0-peer")
     raw.link("add", ifname="hattap0", kind="tuntap", mode="tap")
     bridge = raw.link_lookup(ifname="habr42")[0]
@@ -140,7 +146,7 @@ def test_enslaved_ports_stay_and_keep_bridge_mtu(net: Netlink, raw: Any) -> None
         raw.link("set", index=raw.link_lookup(ifname=port)[0], master=bridge, state="up")
     assert net.bridge_ports("habr42") == ["hattap0", "vm0"]
     # Ports have MTU 1500; a bridge MTU only set on create would follow them up to 1500.
-    assert net.reconcile([ALPHA]) == []
+    assert net.reconcile([ALPHA], host=HOST) == []
     assert net.bridge_ports("habr42") == ["hattap0", "vm0"]
     assert net.tap_exists("hattap0")
     assert not net.tap_exists("vm0")
@@ -148,10 +154,76 @@ def test_enslaved_ports_stay_and_keep_bridge_mtu(net: Netlink, raw: Any) -> None
     assert not net.tap_exists("x" * 16)
 
 
+def test_two_agents_in_one_namespace_leave_each_other_alone(net: Netlink, raw: Any) -> None:
+    other = "lab-2.example"
+    net.reconcile([ALPHA], host=HOST)
+    net.reconcile([BETA], host=other)
+    assert link(raw, "habr43").get("ifalias") == "hostagent host=lab-2.example cluster=beta vni=43"
+    with pytest.raises(ForeignDeviceError, match=r"habr43 belongs to hostagent host 'lab-2"):
+        net.reconcile([ALPHA, BETA], host=HOST)
+    with pytest.raises(ForeignDeviceError, match=r"habr43 .* belongs to hostagent host 'lab-2"):
+        net.apply([SetMtu("habr43", 1500)], host=HOST)
+    assert net.reconcile([], host=HOST) == [DeleteBridge("habr42")]
+    assert net.reconcile([BETA], host=other) == []
+    [left] = net.observe().bridges
+    assert (left.name, left.mtu) == ("habr43", 1400)
+
+
+def test_bridge_with_the_alias_before_host_ids_is_never_touched(net: Netlink, raw: Any) -> None:
+    raw.link("add", ifname="habr42", kind="bridge")
+    raw.link(
+        "set", index=raw.link_lookup(ifname="habr42")[0], ifalias="hostagent cluster=alpha vni=42"
+    )
+    assert net.reconcile([], host=HOST) == []
+    with pytest.raises(ForeignDeviceError, match="ip link set habr42 alias"):
+        net.reconcile([ALPHA], host=HOST)
+    assert [bridge.name for bridge in net.observe().bridges] == ["habr42"]
+
+
+@contextlib.contextmanager
+def libvirt_tap(raw: Any, name: str) -> Iterator[None]:
+    """A tap as libvirt makes it for a running VM (`ip tuntap add dev <name> mode tap`),
+    removed afterwards even when the test fails (the namespace's removal would, too)."""
+    raw.link("add", ifname=name, kind="tuntap", mode="tap")
+    try:
+        raw.link("set", index=raw.link_lookup(ifname=name)[0], state="up")
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            raw.link("del", index=raw.link_lookup(ifname=name)[0])
+
+
+def test_taps_of_running_vms_rejoin_a_bridge_made_anew(net: Netlink, raw: Any) -> None:
+    tap, stopped = tap_name("alpha", "m1"), tap_name("alpha", "w1")  # w1's VM is not running
+    alpha = dataclasses.replace(ALPHA, taps=frozenset({tap, stopped}))
+    with libvirt_tap(raw, tap):
+        assert SetMaster(tap, "habr42") in net.reconcile([alpha], host=HOST)
+        assert net.bridge_ports("habr42") == [tap]
+        raw.link("del", index=raw.link_lookup(ifname="habr42")[0])  # behind the agent's back
+        assert net.observe().taps == (TapSeen(tap, None),)
+        assert net.reconcile([alpha], host=HOST)[-1] == SetMaster(tap, "habr42")
+        assert net.bridge_ports("habr42") == [tap]
+        assert net.observe().taps == (TapSeen(tap, "habr42"),)
+        assert net.reconcile([alpha], host=HOST) == []
+
+
+def test_apply_moves_only_the_taps_it_is_given(net: Netlink, raw: Any) -> None:
+    tap = tap_name("alpha", "m1")
+    net.reconcile([ALPHA], host=HOST)
+    with libvirt_tap(raw, tap), libvirt_tap(raw, "vnet0"):
+        with pytest.raises(ForeignDeviceError, match=rf"{tap} .*not created by hostagent"):
+            net.apply([SetMaster(tap, "habr42")], host=HOST)
+        with pytest.raises(ForeignDeviceError, match="vnet0"):
+            net.apply([SetMaster("vnet0", "habr42")], host=HOST, taps=[tap])
+        assert net.bridge_ports("habr42") == []
+        net.apply([SetMaster(tap, "habr42")], host=HOST, taps=[tap])
+        assert net.bridge_ports("habr42") == [tap]
+
+
 def test_legacy_bridge_wanted_still_reconciles(net: Netlink) -> None:
     legacy = BridgeWanted("habr42", "alpha", 42, "10.42.0.1/24", 1450)
-    assert net.reconcile([legacy]) != []
-    assert net.reconcile([ALPHA]) == []
+    assert net.reconcile([legacy], host=HOST) != []
+    assert net.reconcile([ALPHA], host=HOST) == []
 
 
 def write_proc(nsname: str, path: str, value: str) -> None:
@@ -169,24 +241,24 @@ def write_proc(nsname: str, path: str, value: str) -> None:
 
 def test_bridges_never_forward_ipv4_even_after_ip_forward_is_set(net: Netlink, nsname: str) -> None:
     write_proc(nsname, "/proc/sys/net/ipv4/ip_forward", "1")  # as libvirt does
-    net.reconcile([ALPHA, BETA])
+    net.reconcile([ALPHA, BETA], host=HOST)
     assert [bridge.forwarding for bridge in net.observe().bridges] == [False, False]
     # Toggling ip_forward sets every device's forwarding again; the next reconcile repairs it.
     write_proc(nsname, "/proc/sys/net/ipv4/ip_forward", "0")
     write_proc(nsname, "/proc/sys/net/ipv4/ip_forward", "1")
     assert [bridge.forwarding for bridge in net.observe().bridges] == [True, True]
-    assert net.reconcile([ALPHA, BETA]) == [
+    assert net.reconcile([ALPHA, BETA], host=HOST) == [
         DisableForwarding("habr42"),
         DisableForwarding("habr43"),
     ]
-    assert net.reconcile([ALPHA, BETA]) == []
+    assert net.reconcile([ALPHA, BETA], host=HOST) == []
 
 
 def test_requests_are_counted(net: Netlink) -> None:
     before = net.requests
     net.observe()
     assert net.requests - before == 3  # link, address and FDB dumps
-    net.reconcile([ALPHA])
+    net.reconcile([ALPHA], host=HOST)
     # observe: 3 dumps; reconcile: 3 dumps, then add (its echo gives the index), set alias
     # and mtu, address, forwarding off, up (the last two in one batch)
     assert net.requests - before == 3 + 3 + 2 + 1 + 2
@@ -194,7 +266,7 @@ def test_requests_are_counted(net: Netlink) -> None:
 
 def test_underlay_address_must_be_on_the_host(net: Netlink) -> None:
     with pytest.raises(NetworkError, match=r"192\.0\.2\.1 is not on any device"):
-        net.reconcile([ALPHA], Underlay("192.0.2.1"))
+        net.reconcile([ALPHA], Underlay("192.0.2.1"), host=HOST)
     assert net.observe().bridges == ()
 
 
@@ -211,8 +283,8 @@ def test_missing_namespace_is_a_clear_error(nsname: str) -> None:
 async def test_refuses_to_run_on_the_event_loop(net: Netlink) -> None:
     with pytest.raises(RuntimeError, match="to_thread"):
         net.observe()
-    assert await asyncio.to_thread(net.reconcile, [ALPHA])
-    assert await asyncio.to_thread(net.reconcile, [ALPHA]) == []
+    assert await asyncio.to_thread(net.reconcile, [ALPHA], host=HOST)
+    assert await asyncio.to_thread(net.reconcile, [ALPHA], host=HOST) == []
 
 
 def test_closed_netlink_refuses_calls(nsname: str) -> None:
@@ -291,17 +363,17 @@ def test_forwarding_off_request_is_the_sysctl(nsname: str, raw: Any) -> None:
 
 
 def test_failed_batched_action_is_named(net: Netlink, monkeypatch: pytest.MonkeyPatch) -> None:
-    net.reconcile([ALPHA])
+    net.reconcile([ALPHA], host=HOST)
     # Failure injection: the kernel refusing the second of two batched requests.
     monkeypatch.setattr(batch, "send", lambda sock, requests: [0, errno.EPERM])
     with pytest.raises(NetworkError, match=r"set mtu 1450 on habr42 failed: \[Errno 1\]"):
-        net.apply([SetUp("habr42"), SetMtu("habr42", 1450)])
+        net.apply([SetUp("habr42"), SetMtu("habr42", 1450)], host=HOST)
 
 
 def test_nothing_follows_a_failed_forwarding_off(
     net: Netlink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    net.reconcile([ALPHA])
+    net.reconcile([ALPHA], host=HOST)
     sent: list[list[batch.Request]] = []
 
     def refuse_forwarding(sock: socket.socket, requests: list[batch.Request]) -> list[int]:
@@ -310,5 +382,5 @@ def test_nothing_follows_a_failed_forwarding_off(
 
     monkeypatch.setattr(batch, "send", refuse_forwarding)
     with pytest.raises(NetworkError, match="disable IPv4 forwarding on habr42 failed"):
-        net.apply([DisableForwarding("habr42"), SetUp("habr42")])
+        net.apply([DisableForwarding("habr42"), SetUp("habr42")], host=HOST)
     assert len(sent) == 1 and len(sent[0]) == 1  # SetUp was never sent

@@ -250,7 +250,7 @@ class Lab:
         return networks
 
     def reconcile(self, host: str) -> list[Any]:
-        return self.nets[host].reconcile(self.wanted(host), self.underlay(host))
+        return self.nets[host].reconcile(self.wanted(host), self.underlay(host), host=host)
 
 
 def cluster_of(vm: str) -> str:
@@ -363,7 +363,7 @@ def test_devices_are_wired_as_specified(wired: Lab) -> None:
     alpha, beta = vxlans["havx100"], vxlans["havx200"]
     assert (alpha.vni, alpha.port, alpha.local, alpha.learning) == (100, 4789, "192.0.2.1", False)
     assert (alpha.mtu, alpha.master, alpha.up) == (1500 - VXLAN_OVERHEAD, "habr100", True)
-    assert alpha.alias == "hostagent cluster=alpha vni=100"
+    assert alpha.alias == "hostagent host=h1 cluster=alpha vni=100"
     assert alpha.fdb == {
         FdbEntry(ZERO_MAC, "192.0.2.2"),
         FdbEntry(ZERO_MAC, "192.0.2.3"),
@@ -468,7 +468,7 @@ def test_second_apply_changes_nothing_and_a_restarted_agent_adopts(wired: Lab) -
         for host in HOSTS:  # the agent restarts: a new Netlink, nothing remembered
             wired.nets[host].close()
             wired.nets[host] = Netlink(netns=wired.ns(host))
-            want = HostNetworkWanted.of(wired.wanted(host), wired.underlay(host))
+            want = HostNetworkWanted.of(wired.wanted(host), wired.underlay(host), host=host)
             assert plan(want, wired.nets[host].observe()) == []
             assert wired.reconcile(host) == []
         assert {host: m.drain() for host, m in monitors.items()} == {host: [] for host in HOSTS}
@@ -491,7 +491,7 @@ def test_cluster_leaving_a_host_takes_only_its_devices(wired: Lab) -> None:
         ipr.link("add", ifname="virbr0", kind="bridge")
     net = wired.nets["h2"]
     alpha = [c for c in wired.wanted("h2") if c.cluster == "alpha"]
-    assert net.reconcile(alpha, wired.underlay("h2")) == [
+    assert net.reconcile(alpha, wired.underlay("h2"), host="h2") == [
         DeleteVxlan("havx200"),
         DeleteBridge("habr200"),
     ]

@@ -8,10 +8,12 @@ from network.model import (
     ZERO_MAC,
     ClusterNetworkWanted,
     FdbEntry,
+    HostNetworkWanted,
     HostSeen,
     Peer,
     Underlay,
 )
+from network.names import Owner, tap_name
 
 
 def test_underlay_defaults_to_iana_port_and_device_mtu() -> None:
@@ -65,7 +67,8 @@ def test_cluster_network_names_and_fdb() -> None:
         peers=frozenset({Peer("192.0.2.1"), Peer("192.0.2.2", frozenset({"52:54:00:00:00:02"}))}),
     )
     assert (cluster.bridge, cluster.vxlan) == ("habr42", "havx42")
-    assert cluster.alias == "hostagent cluster=alpha vni=42"
+    assert cluster.alias("h1") == "hostagent host=h1 cluster=alpha vni=42"
+    assert cluster.owner("h1") == Owner("h1", "alpha", 42)
     assert cluster.fdb("192.0.2.1") == {
         FdbEntry(ZERO_MAC, "192.0.2.2"),
         FdbEntry("52:54:00:00:00:02", "192.0.2.2"),
@@ -79,6 +82,8 @@ def test_cluster_network_names_and_fdb() -> None:
         ({"cluster": "Alpha"}, "DNS-1123"),
         ({"vni": 0}, "vni 0"),
         ({"mtu": 575}, "MTU 575 is outside"),
+        ({"taps": ["vnet0"]}, "tap 'vnet0' is not a hostagent tap name"),
+        ({"taps": [tap_name("alpha", "m1").upper()]}, "not a hostagent tap name"),
         (
             {"peers": [Peer("192.0.2.2"), Peer("192.0.2.2", frozenset({"52:54:00:00:00:01"}))]},
             "listed twice",
@@ -106,6 +111,20 @@ def test_peers_given_as_any_iterable_compare_equal() -> None:
     other = ClusterNetworkWanted("alpha", 42, "10.42.0.1/24", peers=frozenset(reversed(peers)))
     assert one == other
     assert hash(one) == hash(other)
+
+
+def test_taps_given_as_any_iterable_compare_equal() -> None:
+    taps = [tap_name("alpha", "m1"), tap_name("alpha", "w1")]
+    one = ClusterNetworkWanted("alpha", 42, "10.42.0.1/24", taps=taps)  # type: ignore[arg-type]
+    other = ClusterNetworkWanted("alpha", 42, "10.42.0.1/24", taps=frozenset(reversed(taps)))
+    assert one == other
+    assert one.taps == frozenset(taps)
+
+
+def test_host_network_needs_a_host_id() -> None:
+    assert HostNetworkWanted.of([], host="lab-1.example").host == "lab-1.example"
+    with pytest.raises(TypeError):
+        HostNetworkWanted()  # type: ignore[call-arg]
 
 
 def test_host_seen_finds_the_device_of_an_address() -> None:

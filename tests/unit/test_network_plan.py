@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+from typing import Any
 
 import pytest
 
-from network.model import AddressSeen, BridgeWanted, FdbEntry, Peer
+from network.model import AddressSeen, BridgeWanted, FdbEntry, Peer, TapSeen
 from network.names import (
     IFNAMSIZ,
     MAX_VNI,
+    Owner,
     bridge_name,
+    is_tap_name,
     mac_address,
     owner_alias,
     parse_owner_alias,
@@ -46,6 +49,8 @@ from network.plan import (
 
 LONG = "c" + "-x" * 30 + "9"  # 62 characters...
 LONGEST = LONG + "z"  # ...and 63, the longest DNS-1123 label
+HOST = "h1"  # the agent whose plans these are
+OTHER = "lab-2.example"  # another agent in the same network namespace
 LOCAL = "192.0.2.1"
 UNDERLAY = Underlay(LOCAL)
 ETH0 = AddressSeen(LOCAL, "eth0", 1500)
@@ -59,13 +64,14 @@ def simulate(seen: HostSeen, actions: list[Action]) -> HostSeen:
     """
     bridges = {bridge.name: bridge for bridge in seen.bridges}
     vxlans = {vxlan.name: vxlan for vxlan in seen.vxlans}
+    taps = {tap.name: tap for tap in seen.taps}
 
     def bridge(name: str) -> BridgeSeen:
-        assert bridges[name].owner is not None, f"{name} is not ours"
+        assert ours(bridges[name]), f"{name} is not ours"
         return bridges[name]
 
     def vxlan(name: str) -> VxlanSeen:
-        assert vxlans[name].owner is not None, f"{name} is not ours"
+        assert ours(vxlans[name]), f"{name} is not ours"
         return vxlans[name]
 
     def change(name: str, **changes: object) -> None:
@@ -86,6 +92,8 @@ def simulate(seen: HostSeen, actions: list[Action]) -> HostSeen:
                 del bridges[bridge(name).name]
                 for port in [v for v in vxlans.values() if v.master == name]:
                     vxlans[port.name] = dataclasses.replace(port, master=None)
+                for tap in [t for t in taps.values() if t.master == name]:
+                    taps[tap.name] = TapSeen(tap.name, None)
             case SetAddress(name=name, address=address):
                 change(name, addresses=(*bridge(name).addresses, address))
             case RemoveAddress(name=name, address=address):
@@ -105,6 +113,9 @@ def simulate(seen: HostSeen, actions: list[Action]) -> HostSeen:
                 )
             case DeleteVxlan(name=name):
                 del vxlans[vxlan(name).name]
+            case SetMaster(name=name, bridge=master) if name in taps:
+                assert is_tap_name(name), f"{name} is not a node's tap"
+                taps[name] = TapSeen(name, bridge(master).name)
             case SetMaster(name=name, bridge=master):
                 change(vxlan(name).name, master=bridge(master).name)
             case AppendFdb(name=name, mac=mac, dst=dst):
@@ -112,7 +123,16 @@ def simulate(seen: HostSeen, actions: list[Action]) -> HostSeen:
             case DeleteFdb(name=name, mac=mac, dst=dst):
                 assert FdbEntry(mac, dst) in vxlan(name).fdb, f"{mac} dst {dst} not on {name}"
                 change(name, fdb=vxlan(name).fdb - {FdbEntry(mac, dst)})
-    return dataclasses.replace(seen, bridges=tuple(bridges.values()), vxlans=tuple(vxlans.values()))
+    return dataclasses.replace(
+        seen,
+        bridges=tuple(bridges.values()),
+        vxlans=tuple(vxlans.values()),
+        taps=tuple(taps.values()),
+    )
+
+
+def ours(device: BridgeSeen | VxlanSeen) -> bool:
+    return device.owner is not None and device.owner.host == HOST
 
 
 def wanted(
@@ -121,23 +141,26 @@ def wanted(
     address: str = "10.42.0.1/24",
     peers: tuple[Peer, ...] = (),
     mtu: int = 1450,
+    taps: tuple[str, ...] = (),
 ) -> ClusterNetworkWanted:
-    return ClusterNetworkWanted(cluster, vni, address, mtu, frozenset(peers))
+    return ClusterNetworkWanted(cluster, vni, address, mtu, frozenset(peers), frozenset(taps))
 
 
-def host(*clusters: ClusterNetworkWanted, underlay: Underlay | None = None) -> HostNetworkWanted:
-    return HostNetworkWanted(clusters, underlay)
+def host(
+    *clusters: ClusterNetworkWanted, underlay: Underlay | None = None, name: str = HOST
+) -> HostNetworkWanted:
+    return HostNetworkWanted(clusters, underlay, host=name)
 
 
-def seen_of(want: ClusterNetworkWanted, **changes: object) -> BridgeSeen:
-    good = BridgeSeen(want.bridge, want.alias, (want.address,), want.mtu, up=True)
+def seen_of(want: ClusterNetworkWanted, owner: str = HOST, **changes: object) -> BridgeSeen:
+    good = BridgeSeen(want.bridge, want.alias(owner), (want.address,), want.mtu, up=True)
     return dataclasses.replace(good, **changes)  # type: ignore[arg-type]
 
 
-def vxlan_of(want: ClusterNetworkWanted, **changes: object) -> VxlanSeen:
+def vxlan_of(want: ClusterNetworkWanted, owner: str = HOST, **changes: object) -> VxlanSeen:
     good = VxlanSeen(
         want.vxlan,
-        want.alias,
+        want.alias(owner),
         want.vni,
         4789,
         LOCAL,
@@ -211,10 +234,14 @@ def test_macs_differ_between_nodes() -> None:
     assert len(macs) == 200
 
 
-@pytest.mark.parametrize(("cluster", "vni"), [("alpha", 1), (LONGEST, MAX_VNI), ("0", 7)])
-def test_owner_alias_round_trips(cluster: str, vni: int) -> None:
-    assert owner_alias(cluster, vni) == f"hostagent cluster={cluster} vni={vni}"
-    assert parse_owner_alias(owner_alias(cluster, vni)) == (cluster, vni)
+@pytest.mark.parametrize(
+    ("host_id", "cluster", "vni"),
+    [("h1", "alpha", 1), ("H" * 64, LONGEST, MAX_VNI), ("lab-2.example_x", "0", 7), ("-", "a", 2)],
+)
+def test_owner_alias_round_trips(host_id: str, cluster: str, vni: int) -> None:
+    alias = owner_alias(host_id, cluster, vni)
+    assert alias == f"hostagent host={host_id} cluster={cluster} vni={vni}"
+    assert parse_owner_alias(alias) == Owner(host_id, cluster, vni)
 
 
 @pytest.mark.parametrize(
@@ -222,13 +249,18 @@ def test_owner_alias_round_trips(cluster: str, vni: int) -> None:
     [
         "",
         "libvirt bridge",
-        "hostagent cluster=alpha",
-        "hostagent cluster=Alpha vni=3",
-        "hostagent cluster=alpha vni=0",
-        f"hostagent cluster=alpha vni={MAX_VNI + 1}",
-        "hostagent cluster=alpha vni=3 extra",
-        "hostagent cluster=-alpha vni=3",
-        f"hostagent cluster={LONGEST}x vni=3",
+        "hostagent cluster=alpha vni=3",  # an agent before host ids: not ours to touch
+        "hostagent host=h1 cluster=alpha",
+        "hostagent host= cluster=alpha vni=3",
+        "hostagent host=h/1 cluster=alpha vni=3",
+        f"hostagent host={'h' * 65} cluster=alpha vni=3",
+        "hostagent host=h1 cluster=Alpha vni=3",
+        "hostagent host=h1 cluster=alpha vni=0",
+        f"hostagent host=h1 cluster=alpha vni={MAX_VNI + 1}",
+        "hostagent host=h1 cluster=alpha vni=3 extra",
+        "hostagent host=h1 cluster=-alpha vni=3",
+        f"hostagent host=h1 cluster={LONGEST}x vni=3",
+        "hostagent cluster=alpha host=h1 vni=3",
     ],
 )
 def test_parse_owner_alias_rejects_foreign(alias: str) -> None:
@@ -237,7 +269,15 @@ def test_parse_owner_alias_rejects_foreign(alias: str) -> None:
 
 def test_owner_alias_rejects_bad_cluster() -> None:
     with pytest.raises(ValueError, match="DNS-1123"):
-        owner_alias("has space", 1)
+        owner_alias("h1", "has space", 1)
+
+
+@pytest.mark.parametrize("host_id", ["", "h 1", "h1/x", "h" * 65, "hé"])
+def test_owner_alias_and_host_network_reject_bad_host(host_id: str) -> None:
+    with pytest.raises(ValueError, match=r"host id .* must be 1\.\.64 characters"):
+        owner_alias(host_id, "alpha", 1)
+    with pytest.raises(ValueError, match="host id"):
+        HostNetworkWanted((), host=host_id)
 
 
 # --- plan: bridges (a host serving its clusters alone: no underlay) -----------------------
@@ -245,7 +285,7 @@ def test_owner_alias_rejects_bad_cluster() -> None:
 
 def test_creates_missing_bridge() -> None:
     assert plan(host(wanted()), HostSeen()) == [
-        CreateBridge("habr42", "hostagent cluster=alpha vni=42", 1450),
+        CreateBridge("habr42", "hostagent host=h1 cluster=alpha vni=42", 1450),
         SetAddress("habr42", "10.42.0.1/24"),
         DisableForwarding("habr42"),
         SetUp("habr42"),
@@ -289,7 +329,7 @@ def test_recreates_bridge_of_ours_left_by_another_cluster() -> None:
     old = seen_of(wanted("old", 42))
     assert plan(host(wanted("new", 42)), bridges(old)) == [
         DeleteBridge("habr42"),
-        CreateBridge("habr42", "hostagent cluster=new vni=42", 1450),
+        CreateBridge("habr42", "hostagent host=h1 cluster=new vni=42", 1450),
         SetAddress("habr42", "10.42.0.1/24"),
         DisableForwarding("habr42"),
         SetUp("habr42"),
@@ -320,7 +360,7 @@ def test_two_clusters_wanting_one_vni_raise() -> None:
 
 def test_legacy_bridge_wanted_is_a_cluster_network_without_peers() -> None:
     legacy = BridgeWanted("habr42", "alpha", 42, "10.42.0.1/24", 1400)
-    assert HostNetworkWanted.of([legacy]).clusters == (wanted(mtu=1400),)
+    assert HostNetworkWanted.of([legacy], host=HOST).clusters == (wanted(mtu=1400),)
     with pytest.raises(ValueError, match="must be 'habr42'"):
         BridgeWanted("br-alpha", "alpha", 42, "10.42.0.1/24")
     with pytest.raises(ValueError, match="prefix"):
@@ -353,9 +393,7 @@ def test_bridges_plan_after_apply_is_empty(seen: HostSeen) -> None:
     )
     after = simulate(seen, plan(want, seen))
     assert plan(want, after) == []
-    assert [b for b in after.bridges if b.owner is None] == [
-        b for b in seen.bridges if b.owner is None
-    ]
+    assert [b for b in after.bridges if not ours(b)] == [b for b in seen.bridges if not ours(b)]
 
 
 def test_plan_for_nothing_wanted_removes_all_of_ours() -> None:
@@ -387,11 +425,13 @@ def wired(*clusters: ClusterNetworkWanted) -> HostSeen:
 def test_creates_bridge_vxlan_and_fdb_for_a_new_cluster() -> None:
     want = wanted(peers=(PEER2, PEER3))
     assert plan(host(want, underlay=UNDERLAY), on_host()) == [
-        CreateBridge("habr42", "hostagent cluster=alpha vni=42", 1450),
+        CreateBridge("habr42", "hostagent host=h1 cluster=alpha vni=42", 1450),
         SetAddress("habr42", "10.42.0.1/24"),
         DisableForwarding("habr42"),
         SetUp("habr42"),
-        CreateVxlan("havx42", "hostagent cluster=alpha vni=42", 42, LOCAL, 4789, 1450, "habr42"),
+        CreateVxlan(
+            "havx42", "hostagent host=h1 cluster=alpha vni=42", 42, LOCAL, 4789, 1450, "habr42"
+        ),
         AppendFdb("havx42", ZERO, "192.0.2.2"),
         AppendFdb("havx42", ZERO, "192.0.2.3"),
         AppendFdb("havx42", "52:54:00:00:00:02", "192.0.2.2"),
@@ -405,7 +445,7 @@ def test_wired_host_plans_nothing() -> None:
 
 def test_port_is_configurable() -> None:
     [*_, create] = plan(host(wanted(), underlay=Underlay(LOCAL, port=8472)), on_host())
-    assert create == CreateVxlan("havx42", wanted().alias, 42, LOCAL, 8472, 1450, "habr42")
+    assert create == CreateVxlan("havx42", wanted().alias(HOST), 42, LOCAL, 8472, 1450, "habr42")
 
 
 def test_own_underlay_address_among_peers_is_skipped() -> None:
@@ -421,14 +461,14 @@ def test_own_underlay_address_among_peers_is_skipped() -> None:
 def test_device_mtu_follows_the_underlay_device() -> None:
     jumbo = dataclasses.replace(on_host(), addresses=(AddressSeen(LOCAL, "eth0", 9000),))
     actions = plan(host(wanted(), underlay=UNDERLAY), jumbo)
-    assert actions[0] == CreateBridge("habr42", wanted().alias, 8950)
+    assert actions[0] == CreateBridge("habr42", wanted().alias(HOST), 8950)
     assert isinstance(actions[-1], CreateVxlan) and actions[-1].mtu == 8950
 
 
 def test_explicit_underlay_mtu_wins_over_the_device() -> None:
     # e.g. a path through a tunnel with a smaller MTU than the NIC's
     actions = plan(host(wanted(mtu=1400), underlay=Underlay(LOCAL, mtu=1450)), on_host())
-    assert actions[0] == CreateBridge("habr42", wanted().alias, 1400)
+    assert actions[0] == CreateBridge("habr42", wanted().alias(HOST), 1400)
 
 
 def test_underlay_mtu_change_resizes_bridge_and_vxlan() -> None:
@@ -518,7 +558,7 @@ def test_lost_bridge_is_recreated_and_vxlan_put_back_in() -> None:
     want = wanted(peers=(PEER3,))
     orphan = vxlan_of(want, master=None)
     assert plan(host(want, underlay=UNDERLAY), on_host(vxlans=(orphan,))) == [
-        CreateBridge("habr42", want.alias, 1450),
+        CreateBridge("habr42", want.alias(HOST), 1450),
         SetAddress("habr42", "10.42.0.1/24"),
         DisableForwarding("habr42"),
         SetUp("habr42"),
@@ -530,12 +570,12 @@ def test_lost_bridge_is_recreated_and_vxlan_put_back_in() -> None:
     "change",
     [{"port": 8472}, {"local": "192.0.2.77"}, {"local": None}, {"learning": True}, {"vni": 7}],
 )
-def test_vxlan_differing_in_a_creation_attribute_is_replaced(change: dict[str, object]) -> None:
+def test_vxlan_differing_in_a_creation_attribute_is_replaced(change: dict[str, Any]) -> None:
     want = wanted(peers=(PEER3,))
     seen = on_host(seen_of(want), vxlans=(vxlan_of(want, **change),))
     assert plan(host(want, underlay=UNDERLAY), seen) == [
         DeleteVxlan("havx42"),
-        CreateVxlan("havx42", want.alias, 42, LOCAL, 4789, 1450, "habr42"),
+        CreateVxlan("havx42", want.alias(HOST), 42, LOCAL, 4789, 1450, "habr42"),
         AppendFdb("havx42", ZERO, "192.0.2.3"),
     ]
 
@@ -618,12 +658,8 @@ def test_plan_after_apply_is_empty(seen: HostSeen, underlay: Underlay) -> None:
     want = host(*CLUSTERS, underlay=underlay)
     after = simulate(seen, plan(want, seen))
     assert plan(want, after) == []
-    assert [d for d in after.vxlans if d.owner is None] == [
-        d for d in seen.vxlans if d.owner is None
-    ]
-    assert [d for d in after.bridges if d.owner is None] == [
-        d for d in seen.bridges if d.owner is None
-    ]
+    assert [d for d in after.vxlans if not ours(d)] == [d for d in seen.vxlans if not ours(d)]
+    assert [d for d in after.bridges if not ours(d)] == [d for d in seen.bridges if not ours(d)]
 
 
 def test_plan_after_apply_without_underlay_is_empty() -> None:
@@ -631,4 +667,152 @@ def test_plan_after_apply_without_underlay_is_empty() -> None:
     want = host(*(dataclasses.replace(c, peers=frozenset()) for c in CLUSTERS))
     after = simulate(seen, plan(want, seen))
     assert after.vxlans == ()
+    assert plan(want, after) == []
+
+
+# --- plan: two agents in one network namespace ----------------------------------------------
+# A demo agent beside a test agent, or lab hosts as namespaces sharing one: each alias names
+# its host, and a plan never touches the other host's devices.
+
+MINE = wanted(peers=(PEER3,))
+THEIRS = wanted("beta", 43, "10.43.0.1/24", (PEER4,))
+
+
+def side_by_side() -> HostSeen:
+    return on_host(
+        seen_of(MINE),
+        seen_of(THEIRS, OTHER),
+        vxlans=(vxlan_of(MINE), vxlan_of(THEIRS, OTHER)),
+    )
+
+
+def test_two_hosts_each_plan_leaves_the_others_devices_alone() -> None:
+    seen = side_by_side()
+    assert plan(host(MINE, underlay=UNDERLAY), seen) == []
+    assert plan(host(THEIRS, underlay=UNDERLAY, name=OTHER), seen) == []
+    # Each agent serving nothing any more takes only its own devices.
+    assert plan(host(underlay=UNDERLAY), seen) == [DeleteVxlan("havx42"), DeleteBridge("habr42")]
+    assert plan(host(underlay=UNDERLAY, name=OTHER), seen) == [
+        DeleteVxlan("havx43"),
+        DeleteBridge("habr43"),
+    ]
+    assert plan(host(), seen) == [DeleteVxlan("havx42"), DeleteBridge("habr42")]
+
+
+def test_two_hosts_drift_on_the_others_devices_is_not_repaired() -> None:
+    theirs = seen_of(THEIRS, OTHER, mtu=9000, up=False, forwarding=True, addresses=())
+    drifted = vxlan_of(THEIRS, OTHER, master=None, up=False, fdb=frozenset())
+    seen = on_host(seen_of(MINE), theirs, vxlans=(vxlan_of(MINE), drifted))
+    assert plan(host(MINE, underlay=UNDERLAY), seen) == []
+    repairs = plan(host(THEIRS, underlay=UNDERLAY, name=OTHER), seen)  # its own agent's
+    assert repairs and {action.name for action in repairs} == {"habr43", "havx43"}
+
+
+@pytest.mark.parametrize("underlay", [None, UNDERLAY])
+def test_bridge_name_held_by_another_host_raises_naming_it(underlay: Underlay | None) -> None:
+    seen = on_host(seen_of(THEIRS, OTHER))
+    clash = wanted("gamma", 43, "10.43.0.1/24")
+    with pytest.raises(
+        ForeignDeviceError,
+        match=r"bridge habr43 belongs to hostagent host 'lab-2\.example'.*cluster gamma "
+        r"\(vni 43\) of host 'h1' needs that name",
+    ):
+        plan(host(clash, underlay=underlay), seen)
+
+
+def test_same_cluster_on_another_host_is_still_theirs() -> None:
+    # Both agents were given alpha with vni 42: the devices are the first agent's.
+    seen = on_host(seen_of(MINE, OTHER), vxlans=(vxlan_of(MINE, OTHER),))
+    with pytest.raises(ForeignDeviceError, match=r"habr42 belongs to hostagent host 'lab-2"):
+        plan(host(MINE, underlay=UNDERLAY), seen)
+
+
+def test_vxlan_name_held_by_another_host_raises_naming_it() -> None:
+    seen = on_host(vxlans=(vxlan_of(MINE, OTHER, master=None),))
+    with pytest.raises(
+        ForeignDeviceError, match=r"vxlan havx42 belongs to hostagent host 'lab-2\.example'"
+    ):
+        plan(host(MINE, underlay=UNDERLAY), seen)
+
+
+def test_vni_used_by_another_hosts_vxlan_raises_naming_it() -> None:
+    odd = VxlanSeen("havx7", THEIRS.alias(OTHER), 42, 4789, LOCAL, False, 1450, True, None)
+    with pytest.raises(ForeignDeviceError, match=r"havx7 \(of hostagent host 'lab-2\.example'\)"):
+        plan(host(MINE, underlay=UNDERLAY), on_host(vxlans=(odd,)))
+
+
+LEGACY = "hostagent cluster=alpha vni=42"  # the alias of agents before host ids
+
+
+def test_device_with_the_alias_before_host_ids_is_foreign() -> None:
+    seen = bridges(foreign("habr42", LEGACY))
+    assert plan(host(), seen) == []  # never deleted
+    adopt = r"ip link set habr42 alias 'hostagent host=h1 cluster=alpha vni=42'"
+    with pytest.raises(ForeignDeviceError, match=rf"not created by hostagent.*{adopt}"):
+        plan(host(wanted()), seen)
+
+
+# --- plan: the taps of running VMs -------------------------------------------------------
+
+TAP1, TAP2, TAP3 = sorted(tap_name("alpha", node) for node in ("m1", "w1", "w2"))
+
+
+def test_taps_out_of_the_bridge_are_put_back() -> None:
+    want = wanted(taps=(TAP1, TAP2, TAP3))
+    seen = HostSeen(
+        bridges=(seen_of(want),),
+        taps=(TapSeen(TAP3, None), TapSeen(TAP1, "habr42"), TapSeen(TAP2, "virbr0")),
+    )
+    assert plan(host(want), seen) == [SetMaster(TAP2, "habr42"), SetMaster(TAP3, "habr42")]
+
+
+def test_missing_taps_are_skipped_and_other_taps_left_alone() -> None:
+    # TAP2's VM is not running; vnet0 (libvirt's default name) and TAP3 are not ours to plug.
+    want = wanted(taps=(TAP1, TAP2))
+    seen = HostSeen(
+        bridges=(seen_of(want),),
+        taps=(TapSeen(TAP1, None), TapSeen(TAP3, None), TapSeen("vnet0", None)),
+    )
+    assert plan(host(want), seen) == [SetMaster(TAP1, "habr42")]
+
+
+def test_lost_bridge_is_recreated_with_its_taps_and_vxlan() -> None:
+    want = wanted(peers=(PEER3,), taps=(TAP1, TAP2))
+    seen = on_host(vxlans=(vxlan_of(want, master=None),))
+    seen = dataclasses.replace(seen, taps=(TapSeen(TAP1, None), TapSeen(TAP2, None)))
+    assert plan(host(want, underlay=UNDERLAY), seen) == [
+        CreateBridge("habr42", want.alias(HOST), 1450),
+        SetAddress("habr42", "10.42.0.1/24"),
+        DisableForwarding("habr42"),
+        SetUp("habr42"),
+        SetMaster(TAP1, "habr42"),
+        SetMaster(TAP2, "habr42"),
+        SetMaster("havx42", "habr42"),
+    ]
+
+
+def test_replaced_bridge_gets_its_taps_back() -> None:
+    # The bridge of ours is deleted and made anew (vni 42 now belongs to alpha): its ports go.
+    want = wanted(taps=(TAP1,))
+    seen = HostSeen(bridges=(seen_of(wanted("old", 42)),), taps=(TapSeen(TAP1, "habr42"),))
+    actions = plan(host(want), seen)
+    assert actions[0] == DeleteBridge("habr42")
+    assert actions[-1] == SetMaster(TAP1, "habr42")
+
+
+def test_taps_must_have_tap_names() -> None:
+    with pytest.raises(ValueError, match=r"tap 'vnet0' is not a hostagent tap name"):
+        wanted(taps=("vnet0",))
+
+
+@pytest.mark.parametrize("underlay", [None, UNDERLAY])
+def test_plan_after_apply_with_taps_is_empty(underlay: Underlay | None) -> None:
+    want = host(wanted(peers=(PEER3,) if underlay else (), taps=(TAP1, TAP2)), underlay=underlay)
+    seen = on_host(
+        seen_of(wanted("old", 42)),
+        vxlans=(vxlan_of(MINE, master=None),),
+    )
+    seen = dataclasses.replace(seen, taps=(TapSeen(TAP1, "habr42"), TapSeen(TAP2, None)))
+    after = simulate(seen, plan(want, seen))
+    assert {tap.name: tap.master for tap in after.taps} == {TAP1: "habr42", TAP2: "habr42"}
     assert plan(want, after) == []
