@@ -20,6 +20,8 @@ from hostagent.errors import (
     OutOfCapacity,
     Unauthorized,
 )
+from hostagent.model import check_name
+from hostagent.networks import PeerList, StoredPeers, parse_peers
 from hostagent.nodes import NodeService, parse_key, parse_spec
 from hostagent.openapi import openapi_document
 
@@ -36,6 +38,7 @@ STATUS = {
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVICE = web.AppKey("service", NodeService)
+PEERS = web.AppKey("peers", StoredPeers)
 TOKEN = web.AppKey("token", str)
 HOST_INFO: web.AppKey[Callable[[], Awaitable[dict[str, Any]]]] = web.AppKey("host_info")
 HEALTHY: web.AppKey[Callable[[], Awaitable[bool]]] = web.AppKey("healthy")
@@ -138,6 +141,28 @@ async def delete_node(request: web.Request) -> web.Response:
     return _json(request.app[SERVICE].delete(_key(request)), 202)
 
 
+def _cluster(request: web.Request) -> str:
+    try:
+        return check_name("cluster", request.match_info["cluster"])
+    except ValueError as exc:
+        raise Invalid(str(exc)) from exc
+
+
+async def put_peers(request: web.Request) -> web.Response:
+    cluster = _cluster(request)
+    peers = parse_peers(cluster, await request.read())
+    return _json(PeerList.of(request.app[PEERS].put(cluster, peers)))
+
+
+async def get_peers(request: web.Request) -> web.Response:
+    return _json(PeerList.of(request.app[PEERS].get(_cluster(request))))
+
+
+async def delete_peers(request: web.Request) -> web.Response:
+    request.app[PEERS].delete(_cluster(request))
+    return web.Response(status=204)
+
+
 async def phone_home(request: web.Request) -> web.Response:
     key = _key(request)
     node = request.app[SERVICE].phone_home(key, _bearer(request), await request.read())
@@ -161,6 +186,7 @@ def api_app(
     service: NodeService,
     token: str,
     *,
+    peers: StoredPeers,
     host_info: Callable[[], Awaitable[dict[str, Any]]],
     healthy: Callable[[], Awaitable[bool]],
     metrics_text: Callable[[], bytes],
@@ -168,6 +194,7 @@ def api_app(
 ) -> web.Application:
     app = web.Application(middlewares=[errors, auth])
     app[SERVICE] = service
+    app[PEERS] = peers
     app[TOKEN] = token
     app[HOST_INFO] = host_info
     app[HEALTHY] = healthy
@@ -184,5 +211,9 @@ def api_app(
     app.router.add_get(node, get_node)
     app.router.add_delete(node, delete_node)
     app.router.add_get(node + "/events", node_events)
+    cluster_peers = "/v1/clusters/{cluster}/peers"
+    app.router.add_put(cluster_peers, put_peers)
+    app.router.add_get(cluster_peers, get_peers)
+    app.router.add_delete(cluster_peers, delete_peers)
     app.router.add_post("/v1/phone-home/{cluster}/{node}", phone_home)
     return app

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 
-from hostagent.config import Config, VaultConfig
+from hostagent.config import Config, VaultConfig, read_secret
 from hostagent.errors import ConfigError, ProvisioningError
 from hostagent.store import NodeRecord
 from pki import layout
@@ -26,10 +26,16 @@ from pki.renewal import RenewalTarget
 def make_backend(config: Config) -> Backend:
     if config.pki.backend == "local":
         return LocalBackend(config.state_dir)
+    if config.pki.backend == "zone":
+        return _zone_backend(config)
     assert config.pki.vault is not None  # the config's validator guarantees it
+    return vault_backend(config.pki.vault)
+
+
+def vault_backend(vault: VaultConfig) -> Backend:
+    """The Vault backend of a [pki.vault] section (the agent's, or the zone's)."""
     from pki.vault import VaultBackend, VaultSettings
 
-    vault = config.pki.vault
     return VaultBackend(
         VaultSettings(
             url=vault.url,
@@ -40,6 +46,21 @@ def make_backend(config: Config) -> Backend:
             approle_mount=vault.approle_mount,
             mount_prefix=vault.mount_prefix,
             kv_mount=vault.kv_mount,
+        )
+    )
+
+
+def _zone_backend(config: Config) -> Backend:
+    from pki.zone import ZoneBackend, ZoneSettings
+
+    zone = config.zone
+    assert zone.url is not None and zone.token_file is not None  # the config's validators
+    return ZoneBackend(
+        ZoneSettings(
+            url=zone.url,
+            token=read_secret(zone.token_file, "zone.token_file"),
+            ca_file=zone.ca_file,
+            timeout=zone.timeout_s,
         )
     )
 

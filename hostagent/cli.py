@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
-from hostagent import logs
+from hostagent import logs, tables
 from hostagent.client import ApiError, Client
 from hostagent.config import Config, load_config
 from hostagent.errors import HostAgentError
+from hostagent.lab import cli as lab_cli
+from hostagent.zone import cli as zone_cli
 
 COLUMNS = ("CLUSTER", "NODE", "ROLE", "PHASE", "AGE", "ADDRESS", "MESSAGE")
 
@@ -45,11 +47,7 @@ def table(nodes: list[dict[str, Any]]) -> str:
         )
         for n in nodes
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
+    return tables.render(rows)
 
 
 def emit(data: Any, output: str, as_table: Callable[[], str]) -> None:
@@ -214,6 +212,8 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("--role", choices=["master", "worker"], help="override the spec's role")
     render.add_argument("--only", choices=["user-data", "meta-data", "network-config"])
     render.set_defaults(func=cmd_render)
+    zone_cli.add_commands(sub)
+    lab_cli.add_commands(sub)
     return top
 
 

@@ -33,7 +33,7 @@ class Client:
                 raise ApiError(response.status_code, error["code"], error["message"])
             except (ValueError, KeyError, TypeError):
                 raise ApiError(response.status_code, "http", response.text) from None
-        return response.json()
+        return response.json() if response.status_code != 204 else None
 
     def healthy(self) -> bool:
         try:
@@ -58,6 +58,21 @@ class Client:
     def nodes(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", "/v1/nodes")["items"]
         return result
+
+    def put_peers(self, cluster: str, peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Replace the cluster's peer hosts: [{"address": IPv4, "macs": [...]}, ...]."""
+        body = {"peers": peers}
+        result: list[dict[str, Any]] = self._call(
+            "PUT", f"/v1/clusters/{cluster}/peers", json=body
+        )["peers"]
+        return result
+
+    def get_peers(self, cluster: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", f"/v1/clusters/{cluster}/peers")["peers"]
+        return result
+
+    def delete_peers(self, cluster: str) -> None:
+        self._call("DELETE", f"/v1/clusters/{cluster}/peers")
 
     def host(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/v1/host")

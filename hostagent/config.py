@@ -7,10 +7,12 @@ defaults alone give a working single-host setup.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -172,7 +174,7 @@ class VaultConfig(_Section):
 
 
 class PkiConfig(_Section):
-    backend: Literal["local", "vault"] = "local"
+    backend: Literal["local", "vault", "zone"] = "local"
     key_type: Literal["ecdsa", "rsa"] = "ecdsa"
     ttl_days: Annotated[float, Field(gt=0, le=3650)] = 90.0
     renew_fraction: Annotated[float, Field(gt=0, lt=1)] = 2 / 3
@@ -212,6 +214,57 @@ class NetworkConfig(_Section):
         return value
 
 
+FAILURE_DOMAIN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+
+
+class ZoneConfig(_Section):
+    """`[zone]`: the zone service this host registers with; no url means standalone."""
+
+    url: str | None = None
+    token_file: Path | None = None
+    ca_file: Path | None = None
+    failure_domain: str = "default"
+    api_url: str | None = None
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = check_url(value, "url")
+        if urlsplit(value).scheme == "http" and not is_loopback(urlsplit(value).hostname or ""):
+            raise ValueError(
+                f"url {value[:80]!r}: plain http is only allowed to a loopback address; "
+                "use https (the host token travels with every request)"
+            )
+        return value
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value, "api_url")
+
+    @field_validator("failure_domain")
+    @classmethod
+    def _failure_domain(cls, value: str) -> str:
+        if not FAILURE_DOMAIN.fullmatch(value):
+            raise ValueError(
+                f"failure_domain {value[:80]!r} must be 1..63 letters, digits, '.', '_' or "
+                "'-', starting and ending with a letter or digit"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _token(self) -> ZoneConfig:
+        if self.url is not None and self.token_file is None:
+            raise ValueError(
+                "url needs token_file (the host token: `hostagent zone host-token HOST` "
+                "on the zone)"
+            )
+        return self
+
+
 class Config(_Section):
     host_id: str = Field(default_factory=socket.gethostname)
     state_dir: Path = Path("/var/lib/hostagent")
@@ -224,6 +277,34 @@ class Config(_Section):
     cloudconfig: CloudConfigConfig = CloudConfigConfig()
     pki: PkiConfig = PkiConfig()
     network: NetworkConfig = NetworkConfig()
+    zone: ZoneConfig = ZoneConfig()
+
+    @model_validator(mode="after")
+    def _zone(self) -> Config:
+        if self.pki.backend == "zone" and self.zone.url is None:
+            raise ValueError("pki.backend 'zone' needs [zone] url (and token_file)")
+        if self.zone.url is not None and self.agent_url is None:
+            raise ValueError(
+                f"zone.api_url: set it: api.listen {self.api.listen} does not say how the "
+                "zone reaches this agent, and there is no network.underlay_address to use"
+            )
+        return self
+
+    @property
+    def agent_url(self) -> str | None:
+        """How the zone reaches this agent: [zone] api_url, else from [api] listen (an
+        unspecified listen address, 0.0.0.0 or ::, takes the underlay address)."""
+        if self.zone.api_url is not None:
+            return self.zone.api_url
+        host = self.api.host
+        if ipaddress.ip_address(host).is_unspecified:
+            if self.network.underlay_address is None:
+                return None
+            host = self.network.underlay_address
+        scheme = "https" if self.api.tls_cert is not None else "http"
+        if ipaddress.ip_address(host).version == 6:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{self.api.port}"
 
     @property
     def images(self) -> Path:
@@ -240,6 +321,40 @@ class Config(_Section):
     @property
     def token_file(self) -> Path:
         return self.state_dir / "api-token"
+
+
+def check_url(value: str, key: str) -> str:
+    """An http(s) base URL with a host and nothing after the path; the trailing / dropped."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"{key} {value[:80]!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{key} {value[:80]!r} must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{key} {value[:80]!r} must not carry credentials, a query or fragment")
+    return value.rstrip("/")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_secret(path: Path, key: str) -> str:
+    """A token from its file (read once, at start; never logged); ConfigError naming key."""
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc}") from exc
+    if not value:
+        raise ConfigError(f"{key}: {path} is empty")
+    return value
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -272,7 +387,7 @@ def load_config(path: Path | None) -> Config:
         problems = []
         for error in exc.errors():
             key = ".".join(str(part) for part in error["loc"])
-            problems.append(f"{key}: {error['msg']}")
+            problems.append(f"{key}: {error['msg']}" if key else error["msg"])
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from exc
     _check_tls(config)
     return config

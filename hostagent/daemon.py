@@ -21,19 +21,20 @@ from aiohttp import web
 from hostagent import __version__, capacity, certificates
 from hostagent.access import check_qemu_can_reach
 from hostagent.api import api_app, phone_home_app
-from hostagent.config import Config
-from hostagent.errors import HostAgentError
+from hostagent.config import Config, read_secret
+from hostagent.errors import HostAgentError, ProvisioningError
 from hostagent.images import ImageCatalog
 from hostagent.kvmprobe import resolve_domain_type
 from hostagent.metrics import Metrics
 from hostagent.model import NodeKey, Phase
-from hostagent.networks import StaticPeers, wanted_networks
+from hostagent.networks import MergedPeers, StaticPeers, StoredPeers, wanted_networks
 from hostagent.nodes import NodeService
 from hostagent.provisioner import Provisioner
 from hostagent.reconciler import Reconciler
 from hostagent.sdnotify import Notifier
 from hostagent.store import Store
 from hostagent.virt.libvirt import Libvirt, LibvirtUnavailable
+from hostagent.zoneclient import ZoneClient, host_report
 from network.health import PeerHealth, check_peers
 from network.model import ClusterNetworkWanted
 from network.names import vxlan_name
@@ -110,17 +111,67 @@ class Agent:
             ttl=certificates.ttl(config),
             fraction=config.pki.renew_fraction,
         )
+        self.zone = self._zone_client(config)
         self.metrics = Metrics(
-            self._phase_counts, lambda: self.virt.reconnects, self.renewer.status, self._expiries
+            self._phase_counts,
+            lambda: self.virt.reconnects,
+            self.renewer.status,
+            self._expiries,
+            self.zone.status if self.zone else None,
         )
         self.service = NodeService(config, self.store, self.images, self.physical, self._notify)
         self.netlink = Netlink()
-        self.peer_source = StaticPeers(config.network)
+        # The zone's lists first: where they and the configuration disagree on a MAC,
+        # the zone's word is the newer one.
+        self.stored_peers = StoredPeers(self.store, self._peers_changed)
+        self.peer_source = MergedPeers(self.stored_peers, StaticPeers(config.network))
+        self._networks_dirty = asyncio.Event()
         self.peer_health: dict[str, PeerHealth] = {}
         configured = config.libvirt.domain_type
         self.domain_type: str | None = None if configured == "auto" else configured
         self.reconciler: Reconciler | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _zone_client(self, config: Config) -> ZoneClient | None:
+        if config.zone.url is None:
+            return None
+        assert config.zone.token_file is not None  # the config's validator guarantees it
+        return ZoneClient(
+            config.zone.url,
+            config.host_id,
+            read_secret(config.zone.token_file, "zone.token_file"),
+            self._zone_report,
+            ca_file=config.zone.ca_file,
+            timeout_s=config.zone.timeout_s,
+        )
+
+    def _zone_report(self) -> dict[str, Any]:
+        return host_report(
+            self.config,
+            api_token=self.token,
+            allocatable=capacity.allocatable(self.physical, self.config.capacity),
+            allocated=self.service.allocated(),
+            domain_type=self.domain_type,
+            records=self.store.all(),
+        )
+
+    def _peers_changed(self, cluster: str) -> None:
+        log.info("cluster %s: peer list changed, rewiring the cluster networks", cluster)
+        self._networks_dirty.set()
+
+    async def rewire_networks_forever(self) -> None:
+        """After peer lists changed: one pass covers every change made before it began."""
+        while True:
+            await self._networks_dirty.wait()
+            self._networks_dirty.clear()
+            if self.reconciler is None:
+                continue
+            try:
+                await self.reconciler.provisioner.ensure_networks(self.store.all())
+            except ProvisioningError as exc:
+                log.warning("rewiring after a peer change failed; the next resync retries: %s", exc)
+            except Exception:  # this loop ending would restart the agent (watchdog)
+                log.exception("rewiring after a peer change crashed; the next resync retries")
 
     def _phase_counts(self) -> dict[Phase, int]:
         return dict(Counter(record.phase for record in self.store.all()))
@@ -227,6 +278,7 @@ class Agent:
                 "vxlan_port": self.config.network.vxlan_port,
             },
             "networks": self.network_info(),
+            "zone": self.zone.status().as_dict() if self.zone else None,
         }
 
     async def start(self) -> None:
@@ -265,9 +317,14 @@ class Agent:
             asyncio.create_task(self.reconciler.run()),
             asyncio.create_task(self.renewer.run()),
             asyncio.create_task(self.check_peers_forever()),
+            asyncio.create_task(self.rewire_networks_forever()),
         ]
+        if self.zone is not None:
+            self._tasks.append(asyncio.create_task(self.zone.run()))
         await self.reconciler.resync()
         log.info("certificates from the %s", self.pki.description)
+        if self.zone is not None:
+            log.info("reporting to the zone at %s as %s", self.zone.url, self.config.agent_url)
         log.info(
             "hostagent %s serving on %s (host %s, domain type %s)",
             __version__,
@@ -280,6 +337,7 @@ class Agent:
         app = api_app(
             self.service,
             self.token,
+            peers=self.stored_peers,
             host_info=self.host_info,
             healthy=self.virt.alive,
             metrics_text=self.metrics.render,

@@ -8,6 +8,7 @@ from datetime import datetime
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from hostagent.model import Phase
+from hostagent.zoneclient import ZoneStatus
 from pki.renewal import NodeRenewalStatus
 
 RenewalStatus = Callable[[], dict[tuple[str, str], NodeRenewalStatus]]
@@ -21,6 +22,7 @@ class Metrics:
         reconnects: Callable[[], int],
         renewals: RenewalStatus,
         expiries: Expiries,
+        zone: Callable[[], ZoneStatus] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.nodes = Gauge(
@@ -55,6 +57,9 @@ class Metrics:
             ["cluster", "node"],
             registry=self.registry,
         )
+        # Standalone agents export no zone series.
+        self.zone = ZoneGauges(self.registry) if zone is not None else None
+        self._zone = zone
         self._phases = phases
         self._reconnects = reconnects
         self._renewals = renewals
@@ -71,4 +76,31 @@ class Metrics:
             self.cert_expiry.labels(cluster=cluster, node=node).set(when.timestamp())
         for (cluster, node), status in self._renewals().items():
             self.cert_failures.labels(cluster=cluster, node=node).set(status.failures)
+        if self._zone is not None and self.zone is not None:
+            self.zone.set(self._zone())
         return generate_latest(self.registry)
+
+
+class ZoneGauges:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connected = Gauge(
+            "hostagent_zone_connected",
+            "1 when the last heartbeat to the zone succeeded, else 0",
+            registry=registry,
+        )
+        self.failures = Gauge(
+            "hostagent_zone_heartbeat_failures",
+            "Consecutive failed heartbeats to the zone (0: connected)",
+            registry=registry,
+        )
+        self.last_heartbeat = Gauge(
+            "hostagent_zone_last_heartbeat_timestamp_seconds",
+            "When the zone last took this host's report (Unix time; 0: never)",
+            registry=registry,
+        )
+
+    def set(self, status: ZoneStatus) -> None:
+        self.connected.set(1 if status.connected else 0)
+        self.failures.set(status.failures)
+        last = status.last_heartbeat
+        self.last_heartbeat.set(last.timestamp() if last else 0)

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from hostagent.model import ErrorResponse, Health, Node, NodeList, NodeSpec
+from hostagent.networks import PeerList
 
 REF = "#/components/schemas/{model}"
 
@@ -27,7 +28,7 @@ ERRORS = {
     for code, text in (
         (400, "malformed request"),
         (401, "no or wrong token"),
-        (404, "no such node"),
+        (404, "no such node or peer list"),
         (409, "conflicts with existing state"),
         (422, "well-formed but invalid"),
         (507, "host out of capacity"),
@@ -37,6 +38,25 @@ NAME_PARAMS = [
     {"name": n, "in": "path", "required": True, "schema": {"type": "string", "maxLength": 63}}
     for n in ("cluster", "node")
 ]
+PEERS_PATH = {
+    "parameters": NAME_PARAMS[:1],
+    "put": {
+        "summary": "Replace the cluster's peer hosts (the zone sends them) and rewire its FDB",
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _ref("PeerList")}},
+        },
+        "responses": {"200": _response("the stored list", "PeerList"), **ERRORS},
+    },
+    "get": {
+        "summary": "The cluster's peer hosts as last stored",
+        "responses": {"200": _response("the stored list", "PeerList"), **ERRORS},
+    },
+    "delete": {
+        "summary": "Forget the cluster's peer list (also when there is none)",
+        "responses": {"204": {"description": "forgotten"}, **ERRORS},
+    },
+}
 
 
 def _paths() -> dict[str, Any]:
@@ -98,6 +118,7 @@ def _paths() -> dict[str, Any]:
             }
         },
         "/v1/clusters/{cluster}/nodes/{node}": node_path,
+        "/v1/clusters/{cluster}/peers": PEERS_PATH,
         "/v1/clusters/{cluster}/nodes/{node}/events": {
             "parameters": NAME_PARAMS,
             "get": {"summary": "Phase transitions of the node", "responses": {**plain, **ERRORS}},
@@ -115,7 +136,7 @@ def _paths() -> dict[str, Any]:
 
 def openapi_document(version: str) -> dict[str, Any]:
     _, schemas = models_json_schema(
-        [(m, "serialization") for m in (NodeSpec, Node, NodeList, ErrorResponse, Health)],
+        [(m, "serialization") for m in (NodeSpec, Node, NodeList, ErrorResponse, Health, PeerList)],
         ref_template=REF,
     )
     return {

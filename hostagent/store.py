@@ -7,9 +7,10 @@ PUT is worse than a millisecond.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hostagent.model import NodeKey, NodeSpec, Phase
+from network.model import Peer
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -41,6 +43,11 @@ CREATE TABLE IF NOT EXISTS transitions (
     at      TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS transitions_node ON transitions (cluster, name, id);
+CREATE TABLE IF NOT EXISTS peers (
+    cluster    TEXT PRIMARY KEY,
+    peers      TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
 """
 
 
@@ -184,6 +191,41 @@ class Store:
             (key.cluster, key.name),
         ).fetchall()
         return [Transition(Phase(row["phase"]), row["message"], row["at"]) for row in rows]
+
+    # --- peers: the other hosts of a cluster, as the zone last delivered them -----------
+
+    def set_peers(self, cluster: str, peers: Iterable[Peer]) -> None:
+        """Replace the cluster's peer list (one row per cluster, sorted for stable output)."""
+        rows = [
+            {"address": peer.address, "macs": sorted(peer.macs)}
+            for peer in sorted(peers, key=lambda p: ipaddress.IPv4Address(p.address))
+        ]
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO peers (cluster, peers, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (cluster) DO UPDATE SET peers = excluded.peers, "
+                "updated_at = excluded.updated_at",
+                (cluster, json.dumps(rows), now()),
+            )
+
+    def peers(self, cluster: str) -> list[Peer] | None:
+        """The cluster's stored peers in address order; None when none were stored."""
+        row = self._db.execute("SELECT peers FROM peers WHERE cluster = ?", (cluster,)).fetchone()
+        return _peers(row["peers"]) if row else None
+
+    def all_peers(self) -> dict[str, list[Peer]]:
+        rows = self._db.execute("SELECT cluster, peers FROM peers ORDER BY cluster").fetchall()
+        return {row["cluster"]: _peers(row["peers"]) for row in rows}
+
+    def delete_peers(self, cluster: str) -> bool:
+        """Forget the cluster's peer list; False when there was none."""
+        with self._tx() as db:
+            cursor = db.execute("DELETE FROM peers WHERE cluster = ?", (cluster,))
+        return cursor.rowcount > 0
+
+
+def _peers(text: str) -> list[Peer]:
+    return [Peer(item["address"], frozenset(item["macs"])) for item in json.loads(text)]
 
 
 def _log(db: sqlite3.Connection, key: NodeKey, phase: Phase, message: str, stamp: str) -> None:

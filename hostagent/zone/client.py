@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ class ZoneContext:
     url: str
     token: str
     ca_file: str | None = None
+
+    def tls(self) -> ssl.SSLContext:
+        """Trust for the zone's certificate: the context's CA file, else the system's."""
+        return ssl.create_default_context(cafile=self.ca_file)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +71,7 @@ class ZoneClient:
             base_url=context.url,
             headers={"Authorization": f"Bearer {context.token}"},
             timeout=timeout_s,
-            verify=context.ca_file or True,
+            verify=context.tls(),
         )
 
     def close(self) -> None:

@@ -17,12 +17,21 @@ from hostagent.capacity import Resources
 from hostagent.config import CapacityConfig, Config
 from hostagent.images import ImageCatalog
 from hostagent.model import NodeKey
+from hostagent.networks import StoredPeers
 from hostagent.nodes import NodeService
 from hostagent.store import Store
+from network.model import Peer
 
 TOKEN = "secret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 NODE = "/v1/clusters/alpha/nodes/m1"
+PEERS = "/v1/clusters/alpha/peers"
+PEER_LIST = {
+    "peers": [
+        {"address": "10.250.0.12", "macs": ["52:54:00:aa:bb:cc"]},
+        {"address": "10.250.0.11", "macs": []},
+    ]
+}
 SPEC: dict[str, Any] = {
     "role": "master",
     "vcpus": 2,
@@ -96,7 +105,15 @@ def service(tmp_path: Path, store: Store) -> NodeService:
 
 
 @pytest.fixture
-async def client(service: NodeService, health: type[Health]) -> AsyncIterator[TestClient[Any, Any]]:
+def rewired() -> list[str]:
+    """The clusters whose networks the API asked to rewire, in order."""
+    return []
+
+
+@pytest.fixture
+async def client(
+    service: NodeService, store: Store, health: type[Health], rewired: list[str]
+) -> AsyncIterator[TestClient[Any, Any]]:
     async def host_info() -> dict[str, Any]:
         return HOST_INFO
 
@@ -106,6 +123,7 @@ async def client(service: NodeService, health: type[Health]) -> AsyncIterator[Te
     app = api_app(
         service,
         TOKEN,
+        peers=StoredPeers(store, rewired.append),
         host_info=host_info,
         healthy=healthy,
         metrics_text=lambda: METRICS,
@@ -155,14 +173,19 @@ async def put(client: TestClient[Any, Any], path: str = NODE, **changes: Any) ->
         ("GET", "/v1/images"),
         ("GET", "/v1/openapi.json"),
         ("GET", "/v1/no-such-thing"),
+        ("PUT", PEERS),
+        ("GET", PEERS),
+        ("DELETE", PEERS),
     ],
 )
 async def test_v1_needs_the_api_token(
     client: TestClient[Any, Any], store: Store, headers: dict[str, str], method: str, path: str
 ) -> None:
-    response = await client.request(method, path, headers=headers, json=SPEC)
+    body = PEER_LIST if path == PEERS else SPEC
+    response = await client.request(method, path, headers=headers, json=body)
     await error_of(response, 401, "unauthorized")
     assert store.all() == []
+    assert store.all_peers() == {}
 
 
 async def test_bearer_scheme_is_case_insensitive(client: TestClient[Any, Any]) -> None:
@@ -369,6 +392,110 @@ async def test_phone_home_prefix_does_not_bypass_auth(
     assert b'"items"' not in raw
 
 
+# --- peers ------------------------------------------------------------------------------------
+
+STORED = {
+    "peers": [
+        {"address": "10.250.0.11", "macs": []},
+        {"address": "10.250.0.12", "macs": ["52:54:00:aa:bb:cc"]},
+    ]
+}
+
+
+async def test_peers_put_get_delete(
+    client: TestClient[Any, Any], store: Store, rewired: list[str]
+) -> None:
+    await error_of(await client.get(PEERS, headers=AUTH), 404, "not_found")
+
+    response = await client.put(PEERS, json=PEER_LIST, headers=AUTH)
+    assert response.status == 200
+    assert await response.json() == STORED  # the stored list, in address order
+    assert rewired == ["alpha"]
+    assert store.peers("alpha") == [
+        Peer("10.250.0.11"),
+        Peer("10.250.0.12", frozenset({"52:54:00:aa:bb:cc"})),
+    ]
+
+    got = await client.get(PEERS, headers=AUTH)
+    assert got.status == 200
+    assert await got.json() == STORED
+
+    again = await client.put(PEERS, json=PEER_LIST, headers=AUTH)
+    assert again.status == 200
+    assert rewired == ["alpha"]  # the same list: nothing to rewire
+
+    deleted = await client.delete(PEERS, headers=AUTH)
+    assert deleted.status == 204
+    assert await deleted.read() == b""
+    assert rewired == ["alpha", "alpha"]
+    assert store.peers("alpha") is None
+    await error_of(await client.get(PEERS, headers=AUTH), 404, "not_found")
+    assert (await client.delete(PEERS, headers=AUTH)).status == 204  # forgetting twice is fine
+
+
+async def test_peers_replace_the_list(client: TestClient[Any, Any], rewired: list[str]) -> None:
+    await client.put(PEERS, json=PEER_LIST, headers=AUTH)
+    response = await client.put(PEERS, json={"peers": [{"address": "10.250.0.13"}]}, headers=AUTH)
+    assert await response.json() == {"peers": [{"address": "10.250.0.13", "macs": []}]}
+    assert rewired == ["alpha", "alpha"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code", "words"),
+    [
+        (PEERS, b"{not json", 400, "malformed", "JSON"),
+        (PEERS, b"[]", 400, "malformed", "object"),
+        (PEERS, b"{}", 422, "invalid", "peers"),
+        (PEERS, b'{"peers": [{"address": "10.0.0.300"}]}', 422, "invalid", "10.0.0.300"),
+        (
+            PEERS,
+            b'{"peers": [{"address": "10.0.0.1", "macs": ["01:00:5e:00:00:01"]}]}',
+            422,
+            "invalid",
+            "unicast MAC",
+        ),
+        (
+            PEERS,
+            b'{"peers": [{"address": "10.0.0.1"}, {"address": "10.0.0.1"}]}',
+            422,
+            "invalid",
+            "twice",
+        ),
+        (
+            PEERS,
+            b'{"peers": [{"address": "10.0.0.1", "macs": ["52:54:00:00:00:01"]}, '
+            b'{"address": "10.0.0.2", "macs": ["52:54:00:00:00:01"]}]}',
+            422,
+            "invalid",
+            "one host",
+        ),
+        ("/v1/clusters/Alpha/peers", json.dumps(PEER_LIST).encode(), 422, "invalid", "cluster"),
+    ],
+)
+async def test_bad_peers_change_nothing(
+    client: TestClient[Any, Any],
+    store: Store,
+    rewired: list[str],
+    path: str,
+    body: bytes,
+    status: int,
+    code: str,
+    words: str,
+) -> None:
+    assert (await client.put(PEERS, json=PEER_LIST, headers=AUTH)).status == 200
+    before = store.all_peers()
+    response = await client.put(path, data=body, headers=AUTH)
+    assert words in await error_of(response, status, code)
+    assert store.all_peers() == before
+    assert rewired == ["alpha"]
+
+
+async def test_peers_of_a_bad_cluster_name_is_422(client: TestClient[Any, Any]) -> None:
+    for method in ("GET", "DELETE"):
+        response = await client.request(method, "/v1/clusters/a_b/peers", headers=AUTH)
+        await error_of(response, 422, "invalid")
+
+
 # --- OpenAPI ----------------------------------------------------------------------------------
 
 
@@ -387,6 +514,11 @@ async def test_openapi_document(client: TestClient[Any, Any]) -> None:
     assert {"200", "201", "400", "401", "409", "422", "507"} <= set(node_ops["put"]["responses"])
     assert "202" in node_ops["delete"]["responses"]
     assert "post" in document["paths"]["/v1/phone-home/{cluster}/{node}"]
+    peers = document["paths"]["/v1/clusters/{cluster}/peers"]
+    assert {"put", "get", "delete"} <= set(peers)
+    assert {"200", "400", "401", "422"} <= set(peers["put"]["responses"])
+    assert "204" in peers["delete"]["responses"]
+    assert {"PeerList", "PeerEntry"} <= set(schemas)
 
 
 async def test_openapi_references_resolve(client: TestClient[Any, Any]) -> None:

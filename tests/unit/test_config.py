@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hostagent import config as config_module
-from hostagent.config import Config, load_config, parse_listen
+from hostagent.config import Config, load_config, parse_listen, read_secret
 from hostagent.errors import ConfigError
 
 
@@ -215,3 +215,104 @@ def test_parse_listen(value: str, expected: tuple[str, int]) -> None:
 def test_parse_listen_refuses(value: str) -> None:
     with pytest.raises(ValueError):
         parse_listen(value)
+
+
+# --- [zone] -----------------------------------------------------------------------------------
+
+ZONE = '[zone]\nurl = "{url}"\ntoken_file = "/etc/hostagent/zone-token"\n'
+
+
+def test_no_zone_means_standalone(no_default_file: Path) -> None:
+    config = load_config(None)
+    assert config.zone.url is None
+    assert config.zone.failure_domain == "default"
+    assert config.pki.backend == "local"
+
+
+def test_zone_section_is_loaded(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            '[zone]\nurl = "https://10.250.0.1:8471/"\ntoken_file = "/etc/t"\n'
+            'ca_file = "/etc/ca.pem"\nfailure_domain = "rack-1"\n'
+            'api_url = "https://10.250.0.11:8470"\n[pki]\nbackend = "zone"\n',
+        )
+    )
+    assert config.zone.url == "https://10.250.0.1:8471"  # the trailing / is dropped
+    assert config.zone.token_file == Path("/etc/t")
+    assert config.zone.ca_file == Path("/etc/ca.pem")
+    assert config.zone.failure_domain == "rack-1"
+    assert config.agent_url == "https://10.250.0.11:8470"
+    assert config.pki.backend == "zone"
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("", "http://127.0.0.1:8470"),
+        ('[api]\nlisten = "127.0.0.2:9000"\n', "http://127.0.0.2:9000"),
+        ('[api]\nlisten = "[::1]:9000"\n', "http://[::1]:9000"),
+        (
+            '[api]\nlisten = "10.250.0.11:8470"\ntls_cert = "/c"\ntls_key = "/k"\n',
+            "https://10.250.0.11:8470",
+        ),
+        (
+            '[api]\nlisten = "0.0.0.0:8470"\ntls_cert = "/c"\ntls_key = "/k"\n'
+            '[network]\nunderlay_address = "10.250.0.11"\n',
+            "https://10.250.0.11:8470",
+        ),
+    ],
+)
+def test_api_url_defaults_from_the_listen_address(
+    tmp_path: Path, extra: str, expected: str
+) -> None:
+    config = load_config(write(tmp_path, ZONE.format(url="http://127.0.0.1:8471") + extra))
+    assert config.agent_url == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (ZONE.format(url="ftp://10.0.0.1:8471"), "http:// or https://"),
+        (ZONE.format(url="https://"), "with a host"),
+        (ZONE.format(url="https://10.0.0.1:99999"), "not a URL"),
+        (ZONE.format(url="https://u:p@10.0.0.1:8471"), "credentials"),
+        (ZONE.format(url="http://10.250.0.1:8471"), "loopback"),
+        (ZONE.format(url="http://zone.example:8471"), "loopback"),
+        ('[zone]\nurl = "https://10.250.0.1:8471"\n', "token_file"),
+        (ZONE.format(url="https://z:1") + 'failure_domain = "rack 1"\n', "failure_domain"),
+        (ZONE.format(url="https://z:1") + 'failure_domain = ""\n', "failure_domain"),
+        (ZONE.format(url="https://z:1") + 'api_url = "10.0.0.1:8470"\n', "api_url"),
+        (ZONE.format(url="https://z:1") + "timeout_s = 0\n", "timeout_s"),
+        (ZONE.format(url="https://z:1") + "tokenfile = 1\n", "tokenfile"),
+        ('[pki]\nbackend = "zone"\n', "needs [zone] url"),
+        (
+            ZONE.format(url="https://z:1") + '[api]\nlisten = "0.0.0.0:8470"\n'
+            'tls_cert = "/c"\ntls_key = "/k"\n',
+            "zone.api_url",
+        ),
+    ],
+)
+def test_bad_zone_settings_are_refused(tmp_path: Path, text: str, words: str) -> None:
+    message = config_error(tmp_path, text)
+    assert words in message
+    assert message.startswith("invalid configuration: ")
+    assert ": :" not in message  # a check of the whole file names its key itself
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8471", "http://localhost:8471", "http://[::1]:8471", "https://z:1"]
+)
+def test_plain_http_to_loopback_is_allowed(tmp_path: Path, url: str) -> None:
+    assert load_config(write(tmp_path, ZONE.format(url=url))).zone.url == url
+
+
+def test_read_secret(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("  abc\n")
+    assert read_secret(token, "zone.token_file") == "abc"
+    token.write_text("\n")
+    with pytest.raises(ConfigError, match=r"zone\.token_file: .* is empty"):
+        read_secret(token, "zone.token_file")
+    with pytest.raises(ConfigError, match=r"zone\.token_file: cannot read"):
+        read_secret(tmp_path / "missing", "zone.token_file")

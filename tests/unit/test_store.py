@@ -12,6 +12,7 @@ import pytest
 import hostagent.store as store_module
 from hostagent.model import NodeKey, NodeSpec, Phase
 from hostagent.store import NodeRecord, Store
+from network.model import Peer
 
 KEY = NodeKey(cluster="alpha", name="m1")
 OTHER = NodeKey(cluster="alpha", name="w1")
@@ -288,3 +289,50 @@ def test_a_second_store_on_the_same_file_sees_commits(db_path: Path, store: Stor
         assert record(reader).phase is Phase.RUNNING
     finally:
         reader.close()
+
+
+# --- peers ------------------------------------------------------------------------------------
+
+PEER_A = Peer("10.250.0.12", frozenset({"52:54:00:aa:bb:cc", "52:54:00:aa:bb:cd"}))
+PEER_B = Peer("10.250.0.9")
+
+
+def test_peers_round_trip_and_survive_reopening(db_path: Path) -> None:
+    first = Store(db_path)
+    assert first.peers("alpha") is None
+    first.set_peers("alpha", [PEER_A, PEER_B])
+    first.set_peers("beta", [PEER_B])
+    assert first.peers("alpha") == [PEER_B, PEER_A]  # in address order, numerically
+    first.close()
+
+    second = Store(db_path)
+    try:
+        assert second.peers("alpha") == [PEER_B, PEER_A]
+        assert second.all_peers() == {"alpha": [PEER_B, PEER_A], "beta": [PEER_B]}
+    finally:
+        second.close()
+
+
+def test_set_peers_replaces_and_an_empty_list_is_a_list(store: Store) -> None:
+    store.set_peers("alpha", [PEER_A, PEER_B])
+    store.set_peers("alpha", [])
+    assert store.peers("alpha") == []
+    store.set_peers("alpha", [PEER_B])
+    assert store.peers("alpha") == [PEER_B]
+
+
+def test_delete_peers(store: Store) -> None:
+    store.set_peers("alpha", [PEER_A])
+    store.set_peers("beta", [PEER_B])
+    assert store.delete_peers("alpha") is True
+    assert store.delete_peers("alpha") is False
+    assert store.peers("alpha") is None
+    assert store.peers("beta") == [PEER_B]
+
+
+def test_peers_are_apart_from_nodes(store: Store) -> None:
+    store.create(KEY, SPEC, "tok")
+    store.set_peers("alpha", [PEER_A])
+    store.remove(KEY)
+    assert store.peers("alpha") == [PEER_A]
+    assert store.all() == []

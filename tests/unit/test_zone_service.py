@@ -119,7 +119,7 @@ async def test_same_spec_again_changes_nothing(service: ZoneService) -> None:
 async def test_changing_anything_but_workers_is_a_conflict(service: ZoneService) -> None:
     register(service)
     await service.put_cluster("demo", spec())
-    with pytest.raises(Conflict, match="only workers.count"):
+    with pytest.raises(Conflict, match=r"only workers\.count"):
         await service.put_cluster("demo", spec(memory_mib=1024))
 
 

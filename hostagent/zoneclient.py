@@ -1,0 +1,255 @@
+"""The agent's side of the zone (docs/zone.md): registration and heartbeat in one call.
+
+`PUT {zone}/v1/hosts/{host}` with the host's report, at start and then as often as the
+zone's answer says (`heartbeat_interval_s`; 5 s until the first answer). A failed beat
+is retried with the next one. The zone being down, slow or refusing never stops the
+agent from serving its API and its nodes; the failure is logged when it starts, when
+its kind changes and when it ends, not on every beat. GET /v1/host and the metrics show
+the connection's state. The host token and the agent's API token are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from hostagent import __version__
+from hostagent.capacity import Resources
+from hostagent.config import Config
+from hostagent.errors import ConfigError
+from hostagent.store import NodeRecord
+
+log = logging.getLogger(__name__)
+FIRST_INTERVAL_S = 5.0
+MAX_INTERVAL_S = 3600.0
+Report = Callable[[], dict[str, Any]]
+
+
+def host_report(
+    config: Config,
+    *,
+    api_token: str,
+    allocatable: Resources,
+    allocated: Resources,
+    domain_type: str | None,
+    records: Iterable[NodeRecord],
+) -> dict[str, Any]:
+    """The body of `PUT /v1/hosts/{host}` (pure). domain_type is None until libvirt
+    answered the probe."""
+    records = list(records)
+    networks = {(r.key.cluster, r.spec.network.vni) for r in records}
+    return {
+        "api_url": config.agent_url,
+        "api_token": api_token,
+        "underlay_address": config.network.underlay_address,
+        "failure_domain": config.zone.failure_domain,
+        "allocatable": _resources(allocatable),
+        "allocated": _resources(allocated),
+        "overhead": {
+            "base_mib": config.capacity.qemu_overhead_base_mib,
+            "per_gib_mib": config.capacity.qemu_overhead_per_gib_mib,
+        },
+        "domain_type": domain_type,
+        "version": __version__,
+        "nodes": [
+            {
+                "cluster": r.key.cluster,
+                "name": r.key.name,
+                "phase": r.phase.value,
+                "message": r.message,
+                "updated_at": r.updated_at,
+                "spec_hash": r.spec.spec_hash(),
+            }
+            for r in records
+        ],
+        "networks": [{"cluster": c, "vni": v} for c, v in sorted(networks)],
+    }
+
+
+def _resources(r: Resources) -> dict[str, float]:
+    return {"vcpus": r.vcpus, "memory_mib": r.memory_mib, "disk_gib": r.disk_gib}
+
+
+@dataclass(frozen=True)
+class ZoneStatus:
+    """The connection as GET /v1/host shows it. registered: the zone accepted a report
+    since the agent started; connected: the last beat succeeded; last_error: why the
+    current run of failures fails (None while connected)."""
+
+    url: str
+    registered: bool
+    connected: bool
+    last_heartbeat: datetime | None
+    last_error: str | None
+    failures: int  # consecutive failed beats
+    heartbeat_interval_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "registered": self.registered,
+            "connected": self.connected,
+            "last_heartbeat": _stamp(self.last_heartbeat),
+            "last_error": self.last_error,
+            "failures": self.failures,
+            "heartbeat_interval_s": self.heartbeat_interval_s,
+        }
+
+
+def _stamp(when: datetime | None) -> str | None:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else None
+
+
+class BeatFailed(Exception):
+    """One beat failed; kind is what the logging compares ("unreachable", "http 403")."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class ZoneClient:
+    def __init__(
+        self,
+        url: str,
+        host_id: str,
+        token: str,
+        report: Report,
+        *,
+        ca_file: Path | None = None,
+        timeout_s: float = 10.0,
+        first_interval_s: float = FIRST_INTERVAL_S,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.host_id = host_id
+        self._token = token
+        self._report = report
+        self._tls = _tls(ca_file) if url.startswith("https:") else None
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.interval_s = first_interval_s
+        self._registered = False
+        self._last_ok: datetime | None = None
+        self._error: BeatFailed | None = None
+        self._failures = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.url}/v1/hosts/{self.host_id}"
+
+    def status(self) -> ZoneStatus:
+        return ZoneStatus(
+            url=self.url,
+            registered=self._registered,
+            connected=self._error is None and self._last_ok is not None,
+            last_heartbeat=self._last_ok,
+            last_error=str(self._error) if self._error else None,
+            failures=self._failures,
+            heartbeat_interval_s=self.interval_s,
+        )
+
+    def session(self) -> aiohttp.ClientSession:
+        """An HTTP session that carries the host token; make it on the running loop."""
+        headers = {"Authorization": f"Bearer {self._token}"}
+        return aiohttp.ClientSession(headers=headers, timeout=self._timeout)
+
+    async def run(self) -> None:
+        """Beat forever; nothing a beat meets ends the loop (only cancellation does)."""
+        async with self.session() as session:
+            while True:
+                await self.beat(session)
+                await asyncio.sleep(self.interval_s)
+
+    async def beat(self, session: aiohttp.ClientSession) -> bool:
+        """One report; True when the zone took it."""
+        try:
+            answer = await self._put(session)
+        except BeatFailed as exc:
+            self._failed(exc)
+            return False
+        except Exception as exc:  # e.g. building the report: the loop must go on
+            self._failed(BeatFailed("crash", f"heartbeat crashed: {exc!r}"), exc_info=True)
+            return False
+        self._succeeded(answer)
+        return True
+
+    async def _put(self, session: aiohttp.ClientSession) -> dict[str, Any]:
+        body = self._report()
+        try:
+            async with session.put(self.endpoint, json=body, ssl=self._tls or True) as response:
+                if response.status >= 400:
+                    raise BeatFailed(
+                        f"http {response.status}",
+                        f"the zone answered {response.status}: {await _error_text(response)}"
+                        + _hint(response.status),
+                    )
+                answer = await response.json(content_type=None)
+        except aiohttp.ClientSSLError as exc:
+            raise BeatFailed("tls", f"TLS with the zone failed ([zone] ca_file?): {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise BeatFailed("unreachable", f"the zone is not reachable: {exc!r}") from exc
+        except ValueError as exc:
+            raise BeatFailed("answer", f"the zone's answer is not JSON: {exc}") from exc
+        if not isinstance(answer, dict):
+            raise BeatFailed("answer", "the zone's answer is not a JSON object")
+        return answer
+
+    def _succeeded(self, answer: dict[str, Any]) -> None:
+        interval = answer.get("heartbeat_interval_s")
+        if isinstance(interval, int | float) and 0 < interval <= MAX_INTERVAL_S:
+            self.interval_s = float(interval)
+        if self._error is not None:
+            log.info("the zone at %s takes reports again", self.url)
+        elif not self._registered:
+            log.info(
+                "registered with the zone at %s as host %s (heartbeat every %gs)",
+                self.url,
+                self.host_id,
+                self.interval_s,
+            )
+        self._registered = True
+        self._error = None
+        self._failures = 0
+        self._last_ok = datetime.now(UTC)
+
+    def _failed(self, error: BeatFailed, exc_info: bool = False) -> None:
+        if self._error is None or self._error.kind != error.kind:
+            log.warning(
+                "heartbeat to %s failed, retrying every %gs: %s",
+                self.url,
+                self.interval_s,
+                error,
+                exc_info=exc_info,
+            )
+        self._error = error
+        self._failures += 1
+
+
+def _tls(ca_file: Path | None) -> ssl.SSLContext:
+    try:
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"zone.ca_file: cannot load {ca_file}: {exc}") from exc
+
+
+async def _error_text(response: aiohttp.ClientResponse) -> str:
+    """The message of an error document (docs/zone.md), else the start of the body."""
+    text = await response.text(errors="replace")
+    try:
+        return str(json.loads(text)["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return text[:300] or response.reason or ""
+
+
+def _hint(status: int) -> str:
+    if status in (401, 403):
+        return " (is [zone] token_file this host's token: `hostagent zone host-token HOST`?)"
+    return ""

@@ -1,0 +1,256 @@
+"""The zone driving real agents: a lab of 3 hosts (each its own namespaces, libvirtd and
+agent), real lab VMs under TCG, real VXLAN between the hosts.
+
+One lab and one cluster serve every check, in order (each test builds on the one before;
+they share a module-scoped lab): the cluster of 3 masters and 2 workers reaches Ready with
+masters on 3 hosts; a second cluster; a new worker pings the nodes of its cluster on the
+other hosts across VXLAN and cannot reach the other cluster's node even with forwarding
+on in every host; scaling updates every host's peers; a killed agent makes the cluster
+Degraded and leaves the other hosts alone, and it converges when back; a zone restarted
+mid-creation still completes the cluster; deleting leaves nothing on any host.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hostagent.lab import hosts as lab_hosts
+from hostagent.lab.plan import HostPlan
+from hostagent.lab.zonelab import (
+    LabSettings,
+    agent_pids,
+    down,
+    start_agent,
+    start_zone,
+    stop_zone,
+    up,
+    zone_dir,
+)
+from hostagent.zone.client import ZoneClient, ZoneContext
+from network.names import mac_address
+from tests.conftest import IN_CI, require
+
+pytestmark = pytest.mark.e2e
+
+# Isolated from a lab a person may have up (10.250.0.0/24, halab0, /var/lib/hostagent-lab).
+ROOT = Path("/var/lib/hostagent-lab-test")
+SUBNET = "10.254.9.0/24"
+DEMO_NET = "10.128.0"  # the zone's first node subnet: demo (the first cluster)
+OTHER_M1 = "10.128.1.10"  # the second cluster's first node
+# Workers ping these at boot (an extension file in every agent's configuration): every
+# node of demo, and the other cluster's master.
+PING_TARGETS = [f"{DEMO_NET}.{i}" for i in range(10, 16)] + [OTHER_M1]
+AGENT_EXTRA = f"""
+[[cloudconfig.worker.files]]
+path = "/etc/hostagent/ping-targets"
+content = "PING_TARGETS={",".join(PING_TARGETS)}"
+"""
+
+
+def poll(check: Callable[[], Any], what: str, timeout_s: float = 300.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} after {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
+class Lab:
+    def __init__(self, settings: LabSettings, context: ZoneContext) -> None:
+        self.settings = settings
+        self.plan = settings.plan()
+        self.context = context
+        self.zone = ZoneClient(context)
+
+    def host(self, name: str) -> HostPlan:
+        return self.plan.host(name)
+
+    def agent(self, name: str) -> httpx.Client:
+        host = self.host(name)
+        token = (host.state_dir / "api-token").read_text().strip()
+        return httpx.Client(
+            base_url=f"https://{host.address.ip}:8470",
+            headers={"Authorization": f"Bearer {token}"},
+            verify=ssl.create_default_context(cafile=self.settings.root / "ca" / "ca.crt"),
+            timeout=30,
+        )
+
+    def agent_get(self, host: str, path: str) -> httpx.Response:
+        with self.agent(host) as client:
+            return client.get(path)
+
+    def nodes(self, cluster: str) -> dict[str, dict[str, Any]]:
+        return {n["name"]: n for n in self.zone.cluster(cluster)["status"]["nodes"]}
+
+    def phase(self, cluster: str) -> str:
+        phase: str = self.zone.cluster(cluster)["status"]["phase"]
+        return phase
+
+    def wait_phase(self, cluster: str, phase: str, timeout_s: float = 600.0) -> None:
+        poll(lambda: self.phase(cluster) == phase, f"{cluster} {phase}", timeout_s)
+
+    def peer_macs(self, host: str, cluster: str) -> set[str]:
+        response = self.agent_get(host, f"/v1/clusters/{cluster}/peers")
+        if response.status_code == 404:
+            return set()
+        response.raise_for_status()
+        return {mac for peer in response.json()["peers"] for mac in peer["macs"]}
+
+    def inside(self, host: str, argv: list[str]) -> str:
+        return lab_hosts.exec_in(self.host(host), argv).stdout
+
+
+@pytest.fixture(scope="module")
+def lab(lab_image_dir: Path) -> Iterator[Lab]:
+    require(os.path.exists("/usr/bin/unshare"), "needs util-linux unshare")
+    settings = LabSettings(
+        hosts=3,
+        root=ROOT,
+        subnet=SUBNET,
+        bridge="halabt9",
+        veth_prefix="halabtv",
+        context_file=ROOT / "zone-client.json",
+        agent_extra_toml=AGENT_EXTRA,
+        image_dir=lab_image_dir,
+    )
+    down(settings, purge=True, progress=print)  # a crashed earlier run
+    try:
+        context = up(settings, progress=print)
+        lab = Lab(settings, context)
+        # Forwarding on in every host, as libvirt and most hosts have it: then only the
+        # agent's per-bridge switch (and the separate VNIs) keep the clusters apart.
+        for host in ("h1", "h2", "h3"):
+            lab.inside(host, ["sysctl", "-w", "net.ipv4.ip_forward=1"])
+        yield lab
+    finally:
+        for host in settings.plan().hosts:
+            log = host.command_log
+            if log.exists() and not IN_CI:
+                print(f"--- {host.name} agent log (tail)\n" + log.read_text()[-3000:])
+        down(settings, purge=True, progress=print)
+
+
+def test_cluster_becomes_ready_with_masters_on_three_hosts(lab: Lab) -> None:
+    spec = {
+        "kubernetes_version": "1.31.2",
+        "image": "lab",
+        "masters": {"count": 3, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
+        "workers": {"count": 2, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
+    }
+    view = lab.zone.put_cluster("demo", spec)
+    assert view["status"]["node_subnet"] == f"{DEMO_NET}.0/24"
+    lab.wait_phase("demo", "Ready")
+    nodes = lab.nodes("demo")
+    assert sorted(nodes) == ["m1", "m2", "m3", "w1", "w2"]
+    assert {nodes[m]["host"] for m in ("m1", "m2", "m3")} == {"h1", "h2", "h3"}
+    for name, node in nodes.items():
+        agent_node = lab.agent_get(node["host"], f"/v1/clusters/demo/nodes/{name}").json()
+        assert agent_node["status"]["phase"] == "Ready"
+        assert agent_node["spec"]["network"]["address"] == f"{node['address']}/24"
+    domains = {h: lab.inside(h, ["virsh", "list", "--name"]).split() for h in ("h1", "h2", "h3")}
+    assert sorted(d for names in domains.values() for d in names) == [
+        f"demo-{n}" for n in ("m1", "m2", "m3", "w1", "w2")
+    ]
+
+
+def test_second_cluster_gets_its_own_network(lab: Lab) -> None:
+    spec = {
+        "kubernetes_version": "1.31.2",
+        "masters": {"count": 1, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
+    }
+    view = lab.zone.put_cluster("other", spec)
+    assert view["status"]["vni"] != lab.zone.cluster("demo")["status"]["vni"]
+    lab.wait_phase("other", "Ready")
+    assert lab.nodes("other")["m1"]["address"] == OTHER_M1
+
+
+def test_new_worker_reaches_its_cluster_across_hosts_and_not_the_other(lab: Lab) -> None:
+    assert lab.inside("h1", ["sysctl", "-n", "net.ipv4.ip_forward"]).strip() == "1"
+    spec = lab.zone.cluster("demo")["spec"]
+    spec["workers"]["count"] = 3
+    lab.zone.put_cluster("demo", spec)
+    lab.wait_phase("demo", "Ready")
+    nodes = lab.nodes("demo")
+    w3 = nodes["w3"]
+    guest = lab.agent_get(w3["host"], "/v1/clusters/demo/nodes/w3").json()["status"]["guest"]
+    pings = guest["pings"]
+    elsewhere = [n["address"] for n in nodes.values() if n["host"] != w3["host"]]
+    assert elsewhere, "every node on one host: nothing crosses VXLAN"
+    for address in elsewhere:
+        assert pings[address] is True, (address, pings)
+    assert pings[OTHER_M1] is False, pings
+    mac = mac_address("demo", "w3")
+    for host in {"h1", "h2", "h3"} - {w3["host"]}:
+        assert mac in lab.peer_macs(host, "demo"), host
+
+
+def test_scaling_down_updates_every_hosts_peers(lab: Lab) -> None:
+    spec = lab.zone.cluster("demo")["spec"]
+    w3_host = lab.nodes("demo")["w3"]["host"]
+    spec["workers"]["count"] = 2
+    lab.zone.put_cluster("demo", spec)
+    poll(lambda: "w3" not in lab.nodes("demo"), "w3 gone from the zone")
+    response = lab.agent_get(w3_host, "/v1/clusters/demo/nodes/w3")
+    assert response.status_code == 404
+    mac = mac_address("demo", "w3")
+    for host in ("h1", "h2", "h3"):
+        poll(lambda host=host: mac not in lab.peer_macs(host, "demo"), f"{host} without w3")
+    assert lab.phase("demo") == "Ready"
+
+
+def test_killed_agent_degrades_the_cluster_and_converges_when_back(lab: Lab) -> None:
+    victim = lab.nodes("demo")["m2"]["host"]
+    others = {"h1", "h2", "h3"} - {victim}
+    before = {h: lab.inside(h, ["virsh", "list", "--name"]).split() for h in others}
+    pids = agent_pids(lab.host(victim))
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    lab.wait_phase("demo", "Degraded", timeout_s=60)
+    status = lab.zone.cluster("demo")["status"]
+    assert f"host {victim} is not reporting" in status["message"]
+    for node in status["nodes"]:
+        assert node["phase"] == ("Unknown" if node["host"] == victim else "Ready"), node
+    assert {h: lab.inside(h, ["virsh", "list", "--name"]).split() for h in others} == before
+    # Its VMs keep running while the agent is away.
+    assert "demo-m2" in lab.inside(victim, ["virsh", "list", "--name"]).split()
+    start_agent(lab.host(victim))
+    lab.wait_phase("demo", "Ready", timeout_s=120)
+
+
+def test_zone_restarted_mid_creation_still_completes(lab: Lab) -> None:
+    spec = {
+        "kubernetes_version": "1.31.2",
+        "masters": {"count": 1, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
+        "workers": {"count": 1, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
+    }
+    lab.zone.put_cluster("third", spec)
+    stop_zone(lab.settings.root, timeout_s=0)  # SIGTERM, then SIGKILL at once
+    start_zone(lab.settings, zone_dir(lab.settings.root) / "zone.toml", lab.context)
+    lab.wait_phase("third", "Ready")
+
+
+def test_deleting_leaves_nothing_on_any_host(lab: Lab) -> None:
+    for cluster in ("demo", "other", "third"):
+        lab.zone.delete_cluster(cluster)
+    for cluster in ("demo", "other", "third"):
+        lab.zone.wait(cluster, "Gone", timeout_s=300)
+    for host in ("h1", "h2", "h3"):
+        assert lab.inside(host, ["virsh", "list", "--all", "--name"]).split() == [], host
+        links = lab.inside(host, ["ip", "-o", "link", "show"])
+        assert "habr" not in links and "havx" not in links, links
+        assert lab.agent_get(host, "/v1/nodes").json()["items"] == []
+        nodes_dir = lab.host(host).state_dir / "nodes"
+        assert not nodes_dir.exists() or not any(nodes_dir.iterdir()), host
+    assert lab.zone.clusters() == []
