@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
-from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +22,6 @@ from hostagent.zone import cli as zone_cli
 COLUMNS = ("CLUSTER", "NODE", "ROLE", "PHASE", "AGE", "ADDRESS", "MESSAGE")
 
 
-def _age(stamp: str) -> str:
-    then = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-    seconds = int((datetime.now(UTC) - then).total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
 def table(nodes: list[dict[str, Any]]) -> str:
     rows = [COLUMNS] + [
         (
@@ -41,22 +29,13 @@ def table(nodes: list[dict[str, Any]]) -> str:
             n["name"],
             n["spec"]["role"],
             n["status"]["phase"],
-            _age(n["status"]["updated_at"]),
+            tables.age(n["status"]["updated_at"]),
             n["spec"]["network"]["address"],
             n["status"]["message"][:60],
         )
         for n in nodes
     ]
     return tables.render(rows)
-
-
-def emit(data: Any, output: str, as_table: Callable[[], str]) -> None:
-    if output == "json":
-        print(json.dumps(data, indent=2))
-    elif output == "yaml":
-        print(yaml.safe_dump(data, sort_keys=False), end="")
-    else:
-        print(as_table())
 
 
 def read_nodes(path: Path) -> list[dict[str, Any]]:
@@ -117,12 +96,12 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> None:
 
 def cmd_get(args: argparse.Namespace, config: Config) -> None:
     node = client_for(args, config).get_node(args.cluster, args.node)
-    emit(node, args.output, lambda: table([node]))
+    tables.emit(node, args.output, lambda: table([node]))
 
 
 def cmd_list(args: argparse.Namespace, config: Config) -> None:
     nodes = client_for(args, config).nodes()
-    emit({"items": nodes}, args.output, lambda: table(nodes))
+    tables.emit({"items": nodes}, args.output, lambda: table(nodes))
 
 
 def cmd_delete(args: argparse.Namespace, config: Config) -> None:
@@ -137,7 +116,7 @@ def cmd_delete(args: argparse.Namespace, config: Config) -> None:
 
 def cmd_host(args: argparse.Namespace, config: Config) -> None:
     info = client_for(args, config).host()
-    emit(info, args.output if args.output != "table" else "yaml", lambda: "")
+    tables.emit(info, args.output if args.output != "table" else "yaml", lambda: "")
 
 
 def cmd_render(args: argparse.Namespace, config: Config) -> None:
@@ -222,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup(logging.DEBUG if args.verbose else logging.INFO, args.log_format, os.environ)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
-        config = load_config(args.config)
+        # The zone, cluster and lab verbs never read the agent's configuration (the zone
+        # runs as its own user, which may not read /etc/hostagent/hostagent.toml).
+        config = load_config(args.config) if getattr(args, "agent_config", True) else Config()
         args.func(args, config)
     except HostAgentError as exc:
         raise SystemExit(f"hostagent: {exc}") from exc

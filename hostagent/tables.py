@@ -1,8 +1,14 @@
-"""Plain-text tables for the CLI: left-aligned columns, two spaces apart."""
+"""The CLI's output: plain-text tables (left-aligned columns, two spaces apart), JSON or
+YAML, and ages."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import yaml
 
 
 def render(rows: Sequence[Sequence[str]]) -> str:
@@ -11,3 +17,22 @@ def render(rows: Sequence[Sequence[str]]) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
+
+
+def age(stamp: str) -> str:
+    """How long ago an API timestamp (2026-11-24T03:00:00.000000Z) was: 5s, 3m, 2h, 1d."""
+    then = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    seconds = int((datetime.now(UTC) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def emit(data: Any, output: str, as_table: Callable[[], str]) -> None:
+    if output == "json":
+        print(json.dumps(data, indent=2))
+    elif output == "yaml":
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    else:
+        print(as_table())

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from hostagent import tables
 from hostagent.config import Config
 from hostagent.lab.plan import DEFAULT_ROOT
 from hostagent.lab.zonelab import LabSettings, down, status, up
+from hostagent.zone.client import ZoneClient, resolve_context
+from hostagent.zone.describe import describe
+
+DEMO_CLUSTER: dict[str, Any] = {
+    "kubernetes_version": "1.31.2",
+    "image": "lab",
+    "masters": {"count": 3, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
+    "workers": {"count": 2, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
+}
 
 
 def _settings(args: argparse.Namespace) -> LabSettings:
@@ -24,6 +35,43 @@ def _settings(args: argparse.Namespace) -> LabSettings:
 def cmd_lab_up(args: argparse.Namespace, _: Config) -> None:
     up(_settings(args), progress=lambda line: print(f"lab: {line}", flush=True))
     print("next: hostagent cluster create demo --masters 3 --workers 2 --wait")
+
+
+def cmd_lab_demo(args: argparse.Namespace, _: Config) -> None:
+    """The README's demo: a lab of 3 hosts (unless one is up) and cluster demo on it."""
+    settings = _settings(args)
+
+    def say(line: str) -> None:
+        print(f"lab: {line}", flush=True)
+
+    context = up(settings, progress=say) if not settings.context_file.exists() else None
+    if context is None:
+        say(f"using the lab that is up (zone context {settings.context_file})")
+    client = ZoneClient(resolve_context(None, None, settings.context_file, {}))
+    try:
+        names = {c["name"] for c in client.clusters()}
+        if "demo" not in names:
+            view = client.put_cluster("demo", DEMO_CLUSTER)
+            placed = ", ".join(f"{n['name']} on {n['host']}" for n in view["status"]["nodes"])
+            say(f"cluster demo: vni {view['status']['vni']}, {placed}")
+        client.wait("demo", "Ready", timeout_s=args.timeout, progress=print)
+        print()
+        print(describe(client.cluster("demo"), tables.age))
+    finally:
+        client.close()
+    cli = Path(sys.executable).with_name("hostagent")
+    print(
+        f"""
+Every node is Ready: each VM booted on its lab host (a namespace with its own libvirtd
+and agent), with certificates from the cluster's CA in the zone, on the cluster's own
+network (VNI above; VXLAN between the hosts), and phoned home to its host's agent.
+  {cli} zone hosts                        the lab's hosts as the zone sees them
+  {cli} cluster describe demo             this tree again
+  {cli} cluster scale demo --workers 3 --wait
+  {cli} cluster delete demo --wait
+  {cli} lab down                          stop everything (add --purge for the files)
+Logs: {settings.root}/<host>/logs/ (agent: command.log) and {settings.root}/zone/zone.log"""
+    )
 
 
 def cmd_lab_down(args: argparse.Namespace, _: Config) -> None:
@@ -43,10 +91,17 @@ def add_commands(sub: Any) -> None:
         ("up", cmd_lab_up, "start the zone and the hosts, until every host is Ready"),
         ("down", cmd_lab_down, "stop everything (VMs included) and remove the lab's links"),
         ("status", cmd_lab_status, "the zone's view of the lab's hosts"),
+        (
+            "demo",
+            cmd_lab_demo,
+            "a lab of 3 hosts (unless up) and cluster demo (3 masters, 2 workers)",
+        ),
     ):
         parser = verbs.add_parser(name, help=text)
         parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="the lab's files")
-        parser.set_defaults(func=func)
+        parser.set_defaults(agent_config=False, func=func)
+        if name == "demo":
+            parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait")
         if name == "up":
             parser.add_argument("--hosts", type=int, default=3, help="how many hosts (1..200)")
             parser.add_argument(

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hostagent import tables
 from hostagent.config import Config
 from hostagent.zone.auth import ensure_secret, host_token
 from hostagent.zone.client import ZoneClient, resolve_context
@@ -38,8 +39,6 @@ def cmd_host_token(args: argparse.Namespace, _: Config) -> None:
 
 
 def cmd_hosts(args: argparse.Namespace, _: Config) -> None:
-    from hostagent.cli import emit
-
     hosts = _client(args).hosts()
 
     def table() -> str:
@@ -56,12 +55,9 @@ def cmd_hosts(args: argparse.Namespace, _: Config) -> None:
             )
             for h in hosts
         ]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-        return "\n".join(
-            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows
-        )
+        return tables.render(rows)
 
-    emit({"items": hosts}, args.output, table)
+    tables.emit({"items": hosts}, args.output, table)
 
 
 def cluster_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,8 +100,6 @@ def cmd_cluster_get(args: argparse.Namespace, _: Config) -> None:
 
 
 def cmd_cluster_list(args: argparse.Namespace, _: Config) -> None:
-    from hostagent.cli import emit
-
     clusters = _client(args).clusters()
 
     def table() -> str:
@@ -124,13 +118,11 @@ def cmd_cluster_list(args: argparse.Namespace, _: Config) -> None:
             "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows
         )
 
-    emit({"items": clusters}, args.output, table)
+    tables.emit({"items": clusters}, args.output, table)
 
 
 def cmd_cluster_describe(args: argparse.Namespace, _: Config) -> None:
-    from hostagent.cli import _age
-
-    print(describe(_client(args).cluster(args.name), _age))
+    print(describe(_client(args).cluster(args.name), tables.age))
 
 
 def cmd_cluster_delete(args: argparse.Namespace, _: Config) -> None:
@@ -165,15 +157,15 @@ def add_commands(sub: Any) -> None:
     )
     serve = zone.add_parser("serve", help="run the zone")
     serve.add_argument("--zone-config", type=Path, help="TOML (default /etc/hostagent/zone.toml)")
-    serve.set_defaults(func=cmd_zone_serve)
+    serve.set_defaults(agent_config=False, func=cmd_zone_serve)
     token = zone.add_parser("host-token", help="print the token a host's agent registers with")
     token.add_argument("host")
     token.add_argument("--zone-config", type=Path, help="TOML (default /etc/hostagent/zone.toml)")
-    token.set_defaults(func=cmd_host_token)
+    token.set_defaults(agent_config=False, func=cmd_host_token)
     hosts = zone.add_parser("hosts", help="the zone's hosts")
     hosts.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     _zone_flags(hosts)
-    hosts.set_defaults(func=cmd_hosts)
+    hosts.set_defaults(agent_config=False, func=cmd_hosts)
 
     cluster = sub.add_parser("cluster", help="guest clusters through the zone")
     verbs = cluster.add_subparsers(dest="verb", required=True)
@@ -185,7 +177,7 @@ def add_commands(sub: Any) -> None:
         if wait:
             parser.add_argument("--wait", action="store_true", help="show progress until done")
             parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait")
-        parser.set_defaults(func=func)
+        parser.set_defaults(agent_config=False, func=func)
         return parser
 
     create = verb("create", "create a cluster", cmd_cluster_create, wait=True)
@@ -205,4 +197,4 @@ def add_commands(sub: Any) -> None:
     listing = verbs.add_parser("list", help="every cluster")
     listing.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     _zone_flags(listing)
-    listing.set_defaults(func=cmd_cluster_list)
+    listing.set_defaults(agent_config=False, func=cmd_cluster_list)

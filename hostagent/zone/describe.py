@@ -38,7 +38,7 @@ def describe(cluster: dict[str, Any], age: Callable[[str], str]) -> str:
                     f"{stem}{twig}{node['name']}",
                     node["host"],
                     node["phase"],
-                    age(node["updated_at"]),
+                    age(node["created_at"]),
                     node["address"],
                     node["message"],
                 )

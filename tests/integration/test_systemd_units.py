@@ -176,3 +176,38 @@ def test_serve_notifies_systemd(notify_socket: tuple[socket.socket, Path]) -> No
         raise
     finally:
         cleanup(agent, [])
+
+
+def test_zone_serve_notifies_systemd(
+    notify_socket: tuple[socket.socket, Path], tmp_path: Path
+) -> None:
+    """`hostagent zone serve` as hostagent-zone.service runs it: READY, watchdog, STOPPING,
+    under MemoryDenyWriteExecute where the kernel has it, its config read from --zone-config."""
+    sock, path = notify_socket
+    with socket.socket() as probe:  # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "zone.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[api]\nlisten = "127.0.0.1:{port}"\n')
+    prelude = MDWE if mdwe_available() else ""
+    env = dict(os.environ, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="2000000")
+    program = prelude + "import runpy; runpy.run_module('hostagent', run_name='__main__')"
+    log = tmp_path / "zone.log"
+    with log.open("ab") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-c", program, "zone", "serve", "--zone-config", str(config)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        assert wait_for(sock, process, "READY=1", 30) == ["READY=1"], log.read_text()
+        wait_for(sock, process, "WATCHDOG=1", 10)
+        assert (tmp_path / "state" / "api-token").stat().st_mode & 0o777 == 0o600
+        process.send_signal(signal.SIGTERM)
+        wait_for(sock, process, "STOPPING=1", 30)
+        assert process.wait(30) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
