@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from pydantic import BaseModel
 
 from hostagent import __version__
@@ -50,19 +51,30 @@ def error_response(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
-@web.middleware
-async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except HostAgentError as exc:
-        status = STATUS.get(type(exc), 500)
-        if status == 500:
-            log.error("%s %s: %s", request.method, request.path, exc)
-        return error_response(status, exc.code, str(exc))
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
-        raise
+def error_middleware(statuses: Mapping[type[HostAgentError], int]) -> Middleware:
+    """Errors of the one hierarchy -> API.md's error shape, by the nearest class in
+    statuses (500, logged, for anything unmapped)."""
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except HostAgentError as exc:
+            kinds = type(exc).__mro__
+            status = next((statuses[k] for k in kinds if k in statuses), 500)
+            if status == 500:
+                log.error("%s %s: %s", request.method, request.path, exc)
+            return error_response(status, exc.code, str(exc))
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                reason = exc.reason.lower().replace(" ", "_")
+                return error_response(exc.status, reason, exc.reason)
+            raise
+
+    return errors
+
+
+errors = error_middleware(STATUS)
 
 
 @web.middleware

@@ -16,6 +16,20 @@ class ApiError(Exception):
         self.code = code
 
 
+def call_json(http: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    """One request; the JSON answer (None for an empty one), ApiError for 4xx/5xx with the
+    error shape of API.md when the server sent one."""
+    response = http.request(method, path, **kwargs)
+    if response.status_code >= 400:
+        try:
+            error = response.json()["error"]
+            code, message = error["code"], error["message"]
+        except (ValueError, KeyError, TypeError):
+            raise ApiError(response.status_code, "http", response.text) from None
+        raise ApiError(response.status_code, code, message)
+    return response.json() if response.content else None
+
+
 class Client:
     def __init__(self, url: str, token: str, timeout_s: float = 30.0) -> None:
         self.http = httpx.Client(
@@ -26,14 +40,7 @@ class Client:
         self.http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.http.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            try:
-                error = response.json()["error"]
-                raise ApiError(response.status_code, error["code"], error["message"])
-            except (ValueError, KeyError, TypeError):
-                raise ApiError(response.status_code, "http", response.text) from None
-        return response.json() if response.status_code != 204 else None
+        return call_json(self.http, method, path, **kwargs)
 
     def healthy(self) -> bool:
         try:

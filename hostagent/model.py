@@ -27,6 +27,18 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+def check_kubernetes_version(value: str) -> str:
+    if not KUBERNETES_VERSION.fullmatch(value):
+        raise ValueError(f"kubernetes_version {value[:40]!r} must look like 1.31.2")
+    return value
+
+
+def check_ssh_keys(value: list[str]) -> list[str]:
+    if any("\n" in key or "\r" in key for key in value):
+        raise ValueError("an SSH key must be a single line")
+    return value
+
+
 class Phase(enum.StrEnum):
     PENDING = "Pending"
     PROVISIONING = "Provisioning"
@@ -173,17 +185,12 @@ class NodeSpec(_Strict):
     @field_validator("kubernetes_version")
     @classmethod
     def _version(cls, value: str) -> str:
-        if not KUBERNETES_VERSION.fullmatch(value):
-            raise ValueError(f"kubernetes_version {value[:40]!r} must look like 1.31.2")
-        return value
+        return check_kubernetes_version(value)
 
     @field_validator("ssh_authorized_keys")
     @classmethod
     def _keys(cls, value: list[str]) -> list[str]:
-        for key in value:
-            if "\n" in key or "\r" in key:
-                raise ValueError("an SSH key must be a single line")
-        return value
+        return check_ssh_keys(value)
 
     @model_validator(mode="after")
     def _etcd_disk(self) -> NodeSpec:

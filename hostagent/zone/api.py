@@ -11,7 +11,7 @@ from aiohttp import web
 
 from hostagent import __version__
 from hostagent.api import STATUS as AGENT_STATUS
-from hostagent.api import Handler, error_response
+from hostagent.api import Handler, error_middleware
 from hostagent.errors import Forbidden, HostAgentError, Unauthorized, Unavailable
 from hostagent.zone.auth import host_of
 from hostagent.zone.model import ClusterSpec, HostReport, SignRequest
@@ -38,19 +38,7 @@ _HOST = "host:"
 MAX_TTL = dt.timedelta(days=365)
 
 
-@web.middleware
-async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except HostAgentError as exc:
-        status = next((code for kind, code in STATUS.items() if type(exc) is kind), None)
-        if status is None:
-            status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
-        return error_response(status, exc.code, str(exc))
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
-        raise
+errors = error_middleware(STATUS)
 
 
 @web.middleware

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from hostagent.client import ApiError
+from hostagent.client import ApiError, call_json
 
 LAB_CONTEXT = Path("/var/lib/hostagent-lab/zone-client.json")
 DEFAULT_URL = "http://127.0.0.1:8471"
@@ -78,14 +78,7 @@ class ZoneClient:
         self.http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.http.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            try:
-                error = response.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                raise ApiError(response.status_code, "http", response.text) from None
-            raise ApiError(response.status_code, error["code"], error["message"])
-        return response.json() if response.content else None
+        return call_json(self.http, method, path, **kwargs)
 
     def put_cluster(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self._call("PUT", f"/v1/clusters/{name}", json=spec)

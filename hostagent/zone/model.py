@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hostagent.model import KUBERNETES_VERSION, check_name
+from hostagent.model import check_kubernetes_version, check_name, check_ssh_keys
 
 
 class _Strict(BaseModel):
@@ -44,9 +44,7 @@ class ClusterSpec(_Strict):
     @field_validator("kubernetes_version")
     @classmethod
     def _version(cls, value: str) -> str:
-        if not KUBERNETES_VERSION.fullmatch(value):
-            raise ValueError(f"kubernetes_version {value[:40]!r} must look like 1.31.2")
-        return value
+        return check_kubernetes_version(value)
 
     @field_validator("image")
     @classmethod
@@ -66,9 +64,7 @@ class ClusterSpec(_Strict):
     @field_validator("ssh_authorized_keys")
     @classmethod
     def _keys(cls, value: list[str]) -> list[str]:
-        if any("\n" in key or "\r" in key for key in value):
-            raise ValueError("an SSH key must be a single line")
-        return value
+        return check_ssh_keys(value)
 
     def fixed_part(self) -> dict[str, Any]:
         """Everything but the worker count: what may not change once the cluster exists."""
