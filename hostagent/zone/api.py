@@ -93,6 +93,12 @@ async def put_host(request: web.Request) -> web.Response:
     return web.json_response(body, status=201 if created else 200)
 
 
+async def delete_host(request: web.Request) -> web.Response:
+    _admin(request)
+    await request.app[SERVICE].remove_host(request.match_info["host"])
+    return web.Response(status=204)
+
+
 async def list_hosts(request: web.Request) -> web.Response:
     _admin(request)
     return web.json_response({"items": request.app[SERVICE].hosts_view()})
@@ -176,6 +182,7 @@ def zone_app(
     app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_put("/v1/hosts/{host}", put_host)
     app.router.add_get("/v1/hosts", list_hosts)
+    app.router.add_delete("/v1/hosts/{host}", delete_host)
     app.router.add_get("/v1/clusters", list_clusters)
     cluster = "/v1/clusters/{cluster}"
     app.router.add_put(cluster, put_cluster)

@@ -60,6 +60,11 @@ def cmd_hosts(args: argparse.Namespace, _: Config) -> None:
     tables.emit({"items": hosts}, args.output, table)
 
 
+def cmd_remove_host(args: argparse.Namespace, _: Config) -> None:
+    _client(args).remove_host(args.host)
+    print(f"host {args.host}: removed from the zone")
+
+
 def cluster_spec(args: argparse.Namespace) -> dict[str, Any]:
     keys = [Path(p).read_text().strip() for p in args.ssh_key or []]
     pool = {"vcpus": args.vcpus, "memory_mib": args.memory_mib, "disk_gib": args.disk_gib}
@@ -166,6 +171,10 @@ def add_commands(sub: Any) -> None:
     hosts.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     _zone_flags(hosts)
     hosts.set_defaults(agent_config=False, func=cmd_hosts)
+    remove = zone.add_parser("remove-host", help="forget a host that runs no wanted node")
+    remove.add_argument("host")
+    _zone_flags(remove)
+    remove.set_defaults(agent_config=False, func=cmd_remove_host)
 
     cluster = sub.add_parser("cluster", help="guest clusters through the zone")
     verbs = cluster.add_subparsers(dest="verb", required=True)

@@ -96,6 +96,9 @@ class ZoneClient:
         result: dict[str, Any] = self._call("DELETE", f"/v1/clusters/{name}")
         return result
 
+    def remove_host(self, host: str) -> None:
+        self._call("DELETE", f"/v1/hosts/{host}")
+
     def hosts(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", "/v1/hosts")["items"]
         return result

@@ -63,6 +63,7 @@ def _paths() -> dict[str, Any]:
                 "Register or heartbeat (the host's own token); 201 the first time",
                 requestBody=_body("HostReport"),
             ),
+            "delete": op("Forget a host that runs no wanted node (admin token)", "204"),
         },
         "/v1/clusters": {"get": op("Every cluster with its status")},
         "/v1/clusters/{cluster}": {

@@ -102,6 +102,27 @@ class ZoneService:
         timeout = self.config.hosts.heartbeat_timeout_s
         return [host_view(h, self.clock(), timeout) for h in self.store.hosts()]
 
+    async def remove_host(self, host: str) -> None:
+        """Forget a host (decommissioned, or dead for good). Refused while it holds a node
+        the zone still wants; the nodes it held that were being removed are forgotten, so
+        a deletion waiting for a dead host completes."""
+        _name("host", host)
+        if self.store.host(host) is None:
+            raise NotFound(f"host {host} is not registered")
+        nodes = [n for n in self.store.nodes() if n.host == host]
+        clusters = {c.name: c for c in self.store.clusters()}
+        live = [n for n in nodes if not n.deleting and not clusters[n.cluster].deleting]
+        if live:
+            names = ", ".join(f"{n.cluster}/{n.name}" for n in live)
+            raise Conflict(
+                f"host {host} still runs {names}; delete or scale those down first (a node "
+                "is never moved silently)"
+            )
+        for node in nodes:
+            await self.node_gone(host, f"{node.cluster}/{node.name}")
+        self.store.remove_host(host)
+        log.info("host %s removed from the zone", host)
+
     def _state(self, record: HostRecord) -> HostState:
         return host_state(record, self.clock(), self.config.hosts.heartbeat_timeout_s)
 

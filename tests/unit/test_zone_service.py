@@ -286,3 +286,25 @@ async def test_state_survives_a_restart(tmp_path: Path, clock: Clock) -> None:
 def test_pools_must_fit_their_slices() -> None:
     with pytest.raises(ValueError, match="node_pool must be a /24 or larger"):
         ZoneNetworkConfig(node_pool="10.0.0.0/25")
+
+
+async def test_a_dead_host_can_be_forgotten_once_it_holds_nothing_wanted(
+    service: ZoneService, clock: Clock
+) -> None:
+    register(service, hosts=2)
+    await service.put_cluster("demo", spec(1, 1))
+    dead = service.store.nodes("demo")[0].host
+    with pytest.raises(Conflict, match="still runs"):
+        await service.remove_host(dead)
+    service.delete_cluster("demo")
+    alive = next(h for h in ("h1", "h2") if h != dead)
+    for node in service.store.nodes("demo"):
+        if node.host == alive:
+            await service.node_gone(alive, f"demo/{node.name}")
+    assert service.cluster("demo")["status"]["phase"] == "Deleting"  # waits for the dead host
+    await service.remove_host(dead)
+    with pytest.raises(NotFound):
+        service.cluster("demo")
+    assert [h["host"] for h in service.hosts_view()] == [alive]
+    with pytest.raises(NotFound):
+        await service.remove_host(dead)
