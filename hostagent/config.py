@@ -25,6 +25,7 @@ from pydantic import (
 
 from cloudconfig import context
 from hostagent.errors import ConfigError
+from hostagent.model import DNS1123_LABEL
 
 DEFAULT_CONFIG_PATH = Path("/etc/hostagent/hostagent.toml")
 
@@ -283,6 +284,11 @@ class Config(_Section):
     def _zone(self) -> Config:
         if self.pki.backend == "zone" and self.zone.url is None:
             raise ValueError("pki.backend 'zone' needs [zone] url (and token_file)")
+        if self.zone.url is not None and not DNS1123_LABEL.fullmatch(self.host_id):
+            raise ValueError(
+                f"host_id {self.host_id[:80]!r}: in a zone a host id must be a DNS-1123 label "
+                "(lowercase a-z, 0-9, '-'; the zone's host tokens carry it); set host_id"
+            )
         if self.zone.url is not None and self.agent_url is None:
             raise ValueError(
                 f"zone.api_url: set it: api.listen {self.api.listen} does not say how the "

@@ -51,9 +51,13 @@ def resolve_context(
     if path is not None:
         try:
             saved = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"hostagent: cannot read zone context {path}: {exc}") from exc
-        url, token, ca_file = url or saved["url"], token or saved["token"], saved.get("ca_file")
+            url, token = url or saved["url"], token or saved.get("token")
+            ca_file = saved.get("ca_file")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SystemExit(
+                f"hostagent: cannot read zone context {path} (a JSON object with url, and "
+                f"token and ca_file where needed): {exc!r}"
+            ) from exc
     if token is None:
         try:
             token = DEFAULT_TOKEN_FILE.read_text().strip()

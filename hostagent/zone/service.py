@@ -92,6 +92,12 @@ class ZoneService:
         ]
         for key in stale:
             self.store.set_delivery(host, "node", key, None)
+        # An agent that lost a node may have lost its state and its peer lists with it:
+        # send the peers of those clusters again too.
+        lost = {key.partition("/")[0] for key in stale}
+        for kind, key in list(self.store.deliveries(host)):
+            if kind == "peers" and key in lost:
+                self.store.set_delivery(host, "peers", key, None)
         if created or not was_ready or stale:
             if not was_ready and not created:
                 log.info("host %s is reporting again", host)

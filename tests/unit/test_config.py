@@ -316,3 +316,13 @@ def test_read_secret(tmp_path: Path) -> None:
         read_secret(token, "zone.token_file")
     with pytest.raises(ConfigError, match=r"zone\.token_file: cannot read"):
         read_secret(tmp_path / "missing", "zone.token_file")
+
+
+def test_a_zone_needs_a_dns_label_host_id(tmp_path: Path) -> None:
+    path = tmp_path / "hostagent.toml"
+    path.write_text(
+        'host_id = "Host_A.example"\n[zone]\nurl = "http://127.0.0.1:8471"\n'
+        f'token_file = "{tmp_path / "token"}"\n'
+    )
+    with pytest.raises(ConfigError, match="DNS-1123 label"):
+        load_config(path)

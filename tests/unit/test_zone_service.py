@@ -308,3 +308,12 @@ async def test_a_dead_host_can_be_forgotten_once_it_holds_nothing_wanted(
     assert [h["host"] for h in service.hosts_view()] == [alive]
     with pytest.raises(NotFound):
         await service.remove_host(dead)
+
+
+async def test_an_agent_that_lost_its_state_gets_its_peers_again(service: ZoneService) -> None:
+    register(service, hosts=2)
+    service.store.set_delivery("h1", "node", "demo/m1", "abc")
+    service.store.set_delivery("h1", "peers", "demo", "p1")
+    service.store.set_delivery("h1", "peers", "other", "p2")
+    service.report("h1", report(1))  # no nodes at all: the agent's store is gone
+    assert service.store.deliveries("h1") == {("peers", "other"): "p2"}
