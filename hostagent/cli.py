@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,9 @@ def read_nodes(path: Path) -> list[dict[str, Any]]:
 
 
 def client_for(args: argparse.Namespace, config: Config) -> Client:
-    url = args.url or os.environ.get("HOSTAGENT_URL") or f"http://{config.api.listen}"
+    tls = config.api.tls_cert is not None
+    default_url = f"{'https' if tls else 'http'}://{config.api.listen}"
+    url = args.url or os.environ.get("HOSTAGENT_URL") or default_url
     token = args.token or os.environ.get("HOSTAGENT_TOKEN")
     if token is None:
         try:
@@ -63,7 +66,17 @@ def client_for(args: argparse.Namespace, config: Config) -> Client:
             raise SystemExit(
                 f"no API token: pass --token or make {config.token_file} readable ({exc.strerror})"
             ) from exc
-    return Client(url, token)
+    return Client(url, token, verify=_trust(config))
+
+
+def _trust(config: Config) -> ssl.SSLContext:
+    """The system's CAs, plus the agent's own certificate when it serves TLS: the CLI on
+    the host trusts the agent it was configured with, whoever issued its certificate."""
+    context = ssl.create_default_context()
+    if config.api.tls_cert is not None and config.api.tls_cert.exists():
+        context.load_verify_locations(cafile=config.api.tls_cert)
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> None:

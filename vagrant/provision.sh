@@ -84,13 +84,15 @@ install_agent() {
   # Without PyPI (or behind a TLS-intercepting proxy the guest does not trust), put the
   # wheels in vagrant/wheelhouse on the workstation (pip wheel -w vagrant/wheelhouse .)
   # and the install uses only them.
-  local pip_args=()
+  # The wheelhouse holds hostagent's own wheel too: install that, since building from
+  # the sources would need setuptools from an index.
   if [ -d "$SRC/vagrant/wheelhouse" ]; then
-    pip_args=(--no-index --find-links "$SRC/vagrant/wheelhouse")
+    /opt/hostagent/bin/pip install -q --no-index --find-links "$SRC/vagrant/wheelhouse" \
+      --force-reinstall hostagent
   else
     /opt/hostagent/bin/pip install -q --upgrade pip
+    /opt/hostagent/bin/pip install -q "$SRC"
   fi
-  /opt/hostagent/bin/pip install -q "${pip_args[@]}" "$SRC"
   install -d -m 0755 /opt/hostagent/share/doc/hostagent
   install -m 0644 "$SRC"/docs/*.md /opt/hostagent/share/doc/hostagent/
 
