@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from network.model import ISOLATION_PRIORITY
+
 
 @dataclass(frozen=True)
 class CreateBridge:
@@ -60,6 +62,27 @@ class DisableForwarding:
 
     def __str__(self) -> str:
         return f"disable IPv4 forwarding on {self.name}"
+
+
+@dataclass(frozen=True)
+class AddIsolationRule:
+    """`ip rule add iif <bridge> pref 900 prohibit`: the host routes nothing that arrives on
+    a cluster bridge (its own addresses excepted), whatever net.ipv4.ip_forward says."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"add rule iif {self.name} pref {ISOLATION_PRIORITY} prohibit"
+
+
+@dataclass(frozen=True)
+class DeleteIsolationRule:
+    """The isolation rule of a bridge of ours that no wanted cluster has (or that is gone)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"delete rule iif {self.name} pref {ISOLATION_PRIORITY} prohibit"
 
 
 @dataclass(frozen=True)
@@ -139,6 +162,8 @@ Action = (
     | RemoveAddress
     | SetMtu
     | DisableForwarding
+    | AddIsolationRule
+    | DeleteIsolationRule
     | SetUp
     | CreateVxlan
     | DeleteVxlan

@@ -28,6 +28,12 @@ from network.names import (
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + the inner Ethernet header 14
 DEFAULT_PORT = 4789  # IANA; the kernel's own default (8472) is Linux-only
 ZERO_MAC = "00:00:00:00:00:00"  # the FDB "flood" entry: broadcast and unknown unicast
+# `ip rule ... pref` of the isolation rule (`iif habr<vni> pref 900 prohibit`, see
+# docs/network.md): after 0, where the local table is looked up, so the host's own
+# addresses stay reachable from the bridge; ahead of main (32766), default (32767) and the
+# catch-all rules VPN tools add (Tailscale's 5210..5270, wg-quick's just below 32766),
+# which would route what arrives; clear of 1000, where the VRF driver puts its l3mdev rule.
+ISOLATION_PRIORITY = 900
 MIN_MTU = 576
 MAX_MTU = 65_535
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
@@ -324,6 +330,8 @@ class HostSeen:
 
     other_links: the names of every link that is neither a bridge nor a VXLAN device.
     taps: every tun/tap device (these are among other_links too).
+    isolation_rules: the iif names of the IPv4 rules `iif <name> pref ISOLATION_PRIORITY
+    prohibit` that match on nothing else, whoever added them (rules carry no alias).
     """
 
     bridges: tuple[BridgeSeen, ...] = ()
@@ -331,6 +339,7 @@ class HostSeen:
     other_links: frozenset[str] = frozenset()
     addresses: tuple[AddressSeen, ...] = ()
     taps: tuple[TapSeen, ...] = ()
+    isolation_rules: frozenset[str] = frozenset()
 
     def holder(self, address: str) -> AddressSeen | None:
         return next((seen for seen in self.addresses if seen.address == address), None)

@@ -25,6 +25,7 @@ _HOST = r"[A-Za-z0-9._-]{1,64}"
 _CLUSTER = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _ALIAS = re.compile(rf"hostagent host=({_HOST}) cluster=({_CLUSTER}) vni=([0-9]{{1,8}})")
 _TAP = re.compile(rf"{_TAP_PREFIX}[0-9a-f]{{{_TAP_HASH_CHARS}}}")
+_BRIDGE = re.compile(rf"{_BRIDGE_PREFIX}([1-9][0-9]{{0,7}})")
 
 
 class Owner(NamedTuple):
@@ -61,6 +62,12 @@ def _digest(cluster: str, node: str) -> bytes:
 def bridge_name(vni: int) -> str:
     """The cluster's bridge on this host, e.g. habr42 (at most 12 characters)."""
     return f"{_BRIDGE_PREFIX}{_check_vni(vni)}"
+
+
+def is_bridge_name(name: str) -> bool:
+    """Whether name has the form bridge_name gives (for rules, which carry no alias)."""
+    match = _BRIDGE.fullmatch(name)
+    return match is not None and int(match.group(1)) <= MAX_VNI
 
 
 def vxlan_name(vni: int) -> str:

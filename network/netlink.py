@@ -4,7 +4,8 @@ Blocking, synchronous calls: the daemon runs them with asyncio.to_thread. pyrout
 drives its own event loop with run_until_complete, so it cannot run in a thread whose event
 loop is running; Netlink refuses that with a clear error instead of pyroute2's obscure one.
 
-Creating and deleting devices goes through pyroute2, one request at a time. The small
+Creating and deleting devices, and the bridges' isolation rules (`ip rule ... prohibit`,
+a few per cluster's lifetime), goes through pyroute2, one request at a time. The small
 changes (FDB entries, the bulk of the work at about 20 per cluster with 10 peers; up, MTU,
 master; addresses; IPv4 forwarding off) are collected and sent in batches through
 network.batch on a second rtnetlink socket of the same session. A batch is flushed before
@@ -34,11 +35,13 @@ from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 from network import batch
 from network.actions import (
     Action,
+    AddIsolationRule,
     AppendFdb,
     CreateBridge,
     CreateVxlan,
     DeleteBridge,
     DeleteFdb,
+    DeleteIsolationRule,
     DeleteVxlan,
     DisableForwarding,
     RemoveAddress,
@@ -48,6 +51,7 @@ from network.actions import (
     SetUp,
 )
 from network.model import (
+    ISOLATION_PRIORITY,
     BridgeWanted,
     ClusterNetworkWanted,
     ForeignDeviceError,
@@ -133,8 +137,8 @@ class Netlink:
         self._closed = True
 
     def observe(self) -> HostSeen:
-        """Every bridge and VXLAN device in the namespace, ours or not, and the host's
-        IPv4 addresses (to find the underlay device and its MTU)."""
+        """Every bridge and VXLAN device in the namespace, ours or not, the host's IPv4
+        addresses (to find the underlay device and its MTU) and the isolation rules."""
         with self._session() as session:
             return _observe(session)
 
@@ -280,6 +284,10 @@ class _Session:
         self.requests += 1
         return self.ipr.fdb(*args, **kwargs)
 
+    def rule(self, *args: Any, **kwargs: Any) -> Any:
+        self.requests += 1
+        return self.ipr.rule(*args, **kwargs)
+
     def dump(self, what: str, **filters: Any) -> list[Any]:
         method = getattr(self, what)
         return retry_dump(lambda: method("dump", **filters))
@@ -348,8 +356,9 @@ def _observe(session: _Session) -> HostSeen:
     links = session.dump("link")
     addresses = session.dump("addr", family=socket.AF_INET)
     fdb = session.dump("fdb")
+    rules = session.dump("rule", family=socket.AF_INET)
     session.links = link_refs(links)
-    return host_seen(links, addresses, fdb)
+    return host_seen(links, addresses, fdb, rules)
 
 
 def _apply_all(session: _Session, actions: Iterable[Action]) -> None:
@@ -385,6 +394,10 @@ def _apply_one(session: _Session, action: Action) -> None:
             _create_vxlan(session, action)
         case DeleteBridge(name=name) | DeleteVxlan(name=name):
             _delete(session, name, _BRIDGE if isinstance(action, DeleteBridge) else _VXLAN)
+        case AddIsolationRule(name=name):
+            _add_rule(session, name)
+        case DeleteIsolationRule(name=name):
+            _delete_rule(session, name)
         case (
             AppendFdb()
             | DeleteFdb()
@@ -445,6 +458,39 @@ def _delete(session: _Session, name: str, kinds: tuple[str, ...]) -> None:
         if err.code != errno.ENODEV:
             raise
     del session.links[name]
+
+
+def _isolation_rule(bridge: str) -> dict[str, Any]:
+    """`ip rule ... iif <bridge> pref ISOLATION_PRIORITY prohibit`, as pyroute2 spells it."""
+    return {
+        "family": socket.AF_INET,
+        "iifname": bridge,
+        "priority": ISOLATION_PRIORITY,
+        "action": "FR_ACT_PROHIBIT",
+    }
+
+
+def _add_rule(session: _Session, bridge: str) -> None:
+    session.owned(bridge, _BRIDGE)
+    try:
+        session.rule("add", **_isolation_rule(bridge))
+    except NetlinkError as err:
+        if err.code != errno.EEXIST:  # the very same rule, added meanwhile
+            raise
+
+
+def _delete_rule(session: _Session, bridge: str) -> None:
+    """The rule of a bridge of ours, or of one gone (a detached rule: no device to check).
+    The kernel deletes the first rule matching what the request names: a narrower rule
+    (same iif, priority and action, plus another selector) listed before ours would go
+    instead, and ours at the next reconcile. Nobody but hostagent should use that priority."""
+    if bridge in session.links:
+        session.owned(bridge, _BRIDGE)
+    try:
+        session.rule("del", **_isolation_rule(bridge))
+    except NetlinkError as err:
+        if err.code != errno.ENOENT:  # already gone: deletes are idempotent
+            raise
 
 
 def _in_netns(namespace: str | None, call: Callable[[], T]) -> T:

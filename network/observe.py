@@ -1,7 +1,7 @@
 """Kernel messages (as pyroute2 decodes them) -> HostSeen: parsing only, no requests.
 
-netlink.py makes the three dumps (links, IPv4 addresses, AF_BRIDGE FDB) and hands the
-messages here; each message is read through .get() and [] only.
+netlink.py makes the four dumps (links, IPv4 addresses, AF_BRIDGE FDB, IPv4 rules) and
+hands the messages here; each message is read through .get() and [] only.
 """
 
 from __future__ import annotations
@@ -10,11 +10,36 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from network.model import AddressSeen, BridgeSeen, FdbEntry, HostSeen, TapSeen, VxlanSeen
+from network.model import (
+    ISOLATION_PRIORITY,
+    AddressSeen,
+    BridgeSeen,
+    FdbEntry,
+    HostSeen,
+    TapSeen,
+    VxlanSeen,
+)
 from network.names import Owner, parse_owner_alias
 
 IFF_UP = 0x1
 NTF_SELF = 0x02  # an entry of the device itself, not of the bridge it is a port of
+AF_INET = 2
+FR_ACT_PROHIBIT = 8  # linux/fib_rules.h: 6 is blackhole, 7 unreachable, 8 prohibit (EACCES)
+FIB_RULE_INVERT = 0x2  # `ip rule add not ...`
+# Selectors besides iif: a rule with any of them matches less than ours does.
+_RULE_SELECTORS = (
+    "src",
+    "dst",
+    "oifname",
+    "fwmark",
+    "fwmask",
+    "uid_range",
+    "ip_proto",
+    "sport_range",
+    "dport_range",
+    "l3mdev",
+    "tun_id",
+)
 
 
 @dataclass(frozen=True)
@@ -45,7 +70,9 @@ def _ref(link: Any) -> LinkRef:
     )
 
 
-def host_seen(links: Iterable[Any], addresses: Iterable[Any], fdb: Iterable[Any]) -> HostSeen:
+def host_seen(
+    links: Iterable[Any], addresses: Iterable[Any], fdb: Iterable[Any], rules: Iterable[Any] = ()
+) -> HostSeen:
     links = list(links)
     names = {int(link["index"]): str(link.get("ifname")) for link in links}
     ipv4 = _ipv4_by_index(addresses)
@@ -61,6 +88,23 @@ def host_seen(links: Iterable[Any], addresses: Iterable[Any], fdb: Iterable[Any]
         other_links=frozenset(str(link.get("ifname")) for link in others),
         addresses=tuple(_addresses(links, ipv4)),
         taps=tuple(_tap(link, names) for link in by_kind.get("tun", [])),
+        isolation_rules=isolation_rules(rules),
+    )
+
+
+def isolation_rules(rules: Iterable[Any]) -> frozenset[str]:
+    """The iif names of the IPv4 rules `iif <name> pref ISOLATION_PRIORITY prohibit` that
+    select on nothing else (a narrower rule would let the rest through)."""
+    return frozenset(
+        str(rule.get("iifname"))
+        for rule in rules
+        if rule["family"] == AF_INET
+        and rule["action"] == FR_ACT_PROHIBIT
+        and rule.get("priority") == ISOLATION_PRIORITY
+        and rule.get("iifname")
+        and not (rule["src_len"] or rule["dst_len"] or rule["tos"])
+        and not rule["flags"] & FIB_RULE_INVERT
+        and all(rule.get(key) is None for key in _RULE_SELECTORS)
     )
 
 

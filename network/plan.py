@@ -3,9 +3,13 @@
 Ownership is read from the device alias (names.owner_alias), never from the name alone: a
 device without our alias, or with the alias of another host's agent, is someone else's,
 and no action is ever planned for it. Stale devices of ours go first (VXLAN devices, then
-bridges), then each wanted cluster is converged: its bridge, the taps of its running VMs
-that are not in it, its VXLAN device, then its FDB entries by difference, so a peer
-coming or going touches only that peer's entries.
+bridges, then their isolation rules), then each wanted cluster is converged: its bridge
+(with its isolation rule), the taps of its running VMs that are not in it, its VXLAN
+device, then its FDB entries by difference, so a peer coming or going touches only that
+peer's entries.
+
+Rules carry no alias: an isolation rule (iif habr<vni>, our priority, prohibit) is ours
+to delete only when that bridge is ours or no device holds its name any more.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from collections.abc import Iterable
 
 from network.actions import (
     Action,
+    AddIsolationRule,
     AppendFdb,
     CreateBridge,
     CreateVxlan,
     DeleteBridge,
     DeleteFdb,
+    DeleteIsolationRule,
     DeleteVxlan,
     DisableForwarding,
     RemoveAddress,
@@ -43,9 +49,11 @@ from network.model import (
     VxlanSeen,
     interface,
 )
+from network.names import is_bridge_name
 
 __all__ = [
     "Action",
+    "AddIsolationRule",
     "AppendFdb",
     "BridgeSeen",
     "BridgeWanted",
@@ -54,6 +62,7 @@ __all__ = [
     "CreateVxlan",
     "DeleteBridge",
     "DeleteFdb",
+    "DeleteIsolationRule",
     "DeleteVxlan",
     "DisableForwarding",
     "ForeignDeviceError",
@@ -91,9 +100,15 @@ def plan(wanted: HostNetworkWanted, seen: HostSeen) -> list[Action]:
     stale_bridges = [b.name for b in seen.bridges if _is_stale_bridge(b, clusters, host)]
     actions: list[Action] = [DeleteVxlan(name) for name in stale_vxlans]
     actions += [DeleteBridge(name) for name in stale_bridges]
+    actions += [
+        DeleteIsolationRule(name)
+        for name in sorted(seen.isolation_rules)
+        if _is_stale_rule(name, clusters, host, seen)
+    ]
     for cluster in clusters:
         bridge = None if cluster.bridge in stale_bridges else bridges.get(cluster.bridge)
-        actions += _converge_bridge(cluster, host, bridge, device_mtu)
+        guarded = cluster.bridge in seen.isolation_rules
+        actions += _converge_bridge(cluster, host, bridge, device_mtu, guarded)
         actions += _plug_taps(cluster, seen.taps, bridge is None)
         if underlay is None or device_mtu is None:
             continue
@@ -240,9 +255,29 @@ def _is_stale_vxlan(
     )
 
 
+def _is_stale_rule(
+    name: str, wanted: Iterable[ClusterNetworkWanted], host: str, seen: HostSeen
+) -> bool:
+    """An isolation rule no wanted cluster needs, on a bridge of ours or on a name no device
+    holds (a detached rule guards nothing: it is what deleting a bridge of ours leaves
+    behind when the agent stops in between). A rule naming anyone else's device stays."""
+    if not is_bridge_name(name) or any(cluster.bridge == name for cluster in wanted):
+        return False
+    bridge = next((bridge for bridge in seen.bridges if bridge.name == name), None)
+    if bridge is not None:
+        return _is_ours(bridge, host)
+    return name not in seen.other_links and all(vxlan.name != name for vxlan in seen.vxlans)
+
+
 def _converge_bridge(
-    wanted: ClusterNetworkWanted, host: str, seen: BridgeSeen | None, device_mtu: int | None
+    wanted: ClusterNetworkWanted,
+    host: str,
+    seen: BridgeSeen | None,
+    device_mtu: int | None,
+    guarded: bool,
 ) -> list[Action]:
+    """guarded: the bridge's isolation rule is there (it outlives the bridge: rules name
+    their iif, so a bridge made anew is guarded by the rule its predecessor had)."""
     mtu = wanted.mtu if device_mtu is None else device_mtu
     actions: list[Action] = []
     if seen is None:
@@ -262,6 +297,8 @@ def _converge_bridge(
         actions.append(SetMtu(seen.name, mtu))
     if seen.forwarding:
         actions.append(DisableForwarding(seen.name))
+    if not guarded:
+        actions.append(AddIsolationRule(seen.name))
     if not seen.up:
         actions.append(SetUp(seen.name))
     return actions

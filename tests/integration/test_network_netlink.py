@@ -22,12 +22,15 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
 
 from network import batch
+from network.model import ISOLATION_PRIORITY
 from network.names import tap_name
 from network.netlink import Netlink, retry_dump
 from network.plan import (
+    AddIsolationRule,
     BridgeWanted,
     ClusterNetworkWanted,
     DeleteBridge,
+    DeleteIsolationRule,
     DisableForwarding,
     ForeignDeviceError,
     NetworkError,
@@ -101,7 +104,7 @@ def test_foreign_bridge_with_other_name_is_left_alone(net: Netlink, raw: Any) ->
     raw.link("add", ifname="virbr0", kind="bridge")
     raw.addr("add", index=raw.link_lookup(ifname="virbr0")[0], address="192.168.1.1", prefixlen=24)
     net.reconcile([ALPHA], host=HOST)
-    assert net.reconcile([], host=HOST) == [DeleteBridge("habr42")]
+    assert net.reconcile([], host=HOST) == [DeleteBridge("habr42"), DeleteIsolationRule("habr42")]
     [left] = net.observe().bridges
     assert (left.name, left.alias, left.addresses, left.up) == (
         "virbr0",
@@ -113,7 +116,10 @@ def test_foreign_bridge_with_other_name_is_left_alone(net: Netlink, raw: Any) ->
 
 def test_stale_bridge_of_ours_is_removed(net: Netlink) -> None:
     net.reconcile([ALPHA, BETA], host=HOST)
-    assert net.reconcile([BETA], host=HOST) == [DeleteBridge("habr42")]
+    assert net.reconcile([BETA], host=HOST) == [
+        DeleteBridge("habr42"),
+        DeleteIsolationRule("habr42"),
+    ]
     assert [bridge.name for bridge in net.observe().bridges] == ["habr43"]
 
 
@@ -163,7 +169,7 @@ def test_two_agents_in_one_namespace_leave_each_other_alone(net: Netlink, raw: A
         net.reconcile([ALPHA, BETA], host=HOST)
     with pytest.raises(ForeignDeviceError, match=r"habr43 .* belongs to hostagent host 'lab-2"):
         net.apply([SetMtu("habr43", 1500)], host=HOST)
-    assert net.reconcile([], host=HOST) == [DeleteBridge("habr42")]
+    assert net.reconcile([], host=HOST) == [DeleteBridge("habr42"), DeleteIsolationRule("habr42")]
     assert net.reconcile([BETA], host=other) == []
     [left] = net.observe().bridges
     assert (left.name, left.mtu) == ("habr43", 1400)
@@ -257,11 +263,11 @@ def test_bridges_never_forward_ipv4_even_after_ip_forward_is_set(net: Netlink, n
 def test_requests_are_counted(net: Netlink) -> None:
     before = net.requests
     net.observe()
-    assert net.requests - before == 3  # link, address and FDB dumps
+    assert net.requests - before == 4  # link, address, FDB and rule dumps
     net.reconcile([ALPHA], host=HOST)
-    # observe: 3 dumps; reconcile: 3 dumps, then add (its echo gives the index), set alias
-    # and mtu, address, forwarding off, up (the last two in one batch)
-    assert net.requests - before == 3 + 3 + 2 + 1 + 2
+    # observe: 4 dumps; reconcile: 4 dumps, then add (its echo gives the index), set alias
+    # and mtu, address and forwarding off (one batch), the isolation rule, up
+    assert net.requests - before == 4 + 4 + 2 + 2 + 1 + 1
 
 
 def test_underlay_address_must_be_on_the_host(net: Netlink) -> None:
@@ -384,3 +390,61 @@ def test_nothing_follows_a_failed_forwarding_off(
     with pytest.raises(NetworkError, match="disable IPv4 forwarding on habr42 failed"):
         net.apply([DisableForwarding("habr42"), SetUp("habr42")], host=HOST)
     assert len(sent) == 1 and len(sent[0]) == 1  # SetUp was never sent
+
+
+PROHIBIT = 8  # FR_ACT_PROHIBIT
+
+
+def rules(raw: Any) -> set[tuple[str, int, int]]:
+    """(iif, priority, action) of every IPv4 rule that names an input device."""
+    return {
+        (rule.get("iifname"), rule.get("priority"), rule["action"])
+        for rule in raw.rule("dump", family=socket.AF_INET)
+        if rule.get("iifname")
+    }
+
+
+def test_isolation_rule_comes_and_goes_with_the_bridge(net: Netlink, raw: Any) -> None:
+    net.reconcile([ALPHA, BETA], host=HOST)
+    ours = {(f"habr{vni}", ISOLATION_PRIORITY, PROHIBIT) for vni in (42, 43)}
+    assert rules(raw) == ours
+    assert net.observe().isolation_rules == {"habr42", "habr43"}
+    # An operator's rules: another priority, another iif, another action.
+    raw.rule("add", iifname="habr42", priority=ISOLATION_PRIORITY + 1, action="FR_ACT_PROHIBIT")
+    raw.rule("add", iifname="virbr0", priority=ISOLATION_PRIORITY, action="FR_ACT_PROHIBIT")
+    raw.rule("add", iifname="habr43", priority=ISOLATION_PRIORITY, table=100)
+    theirs = rules(raw) - ours
+    assert len(theirs) == 3
+    assert net.reconcile([ALPHA, BETA], host=HOST) == []
+    assert net.reconcile([ALPHA], host=HOST) == [
+        DeleteBridge("habr43"),
+        DeleteIsolationRule("habr43"),
+    ]
+    assert net.reconcile([], host=HOST) == [DeleteBridge("habr42"), DeleteIsolationRule("habr42")]
+    assert net.reconcile([], host=HOST) == []
+    assert rules(raw) == theirs
+
+
+def test_missing_rule_is_added_and_one_left_behind_is_removed(net: Netlink, raw: Any) -> None:
+    net.reconcile([ALPHA], host=HOST)
+    raw.rule("del", iifname="habr42", priority=ISOLATION_PRIORITY, action="FR_ACT_PROHIBIT")
+    assert net.reconcile([ALPHA], host=HOST) == [AddIsolationRule("habr42")]
+    # The kernel keeps a rule whose device is gone ("detached"): as when the agent stops
+    # between deleting a bridge and its rule.
+    raw.link("del", index=raw.link_lookup(ifname="habr42")[0])
+    assert rules(raw) == {("habr42", ISOLATION_PRIORITY, PROHIBIT)}
+    assert net.reconcile([], host=HOST) == [DeleteIsolationRule("habr42")]
+    assert rules(raw) == set()
+
+
+def test_another_agents_rule_is_left_alone(net: Netlink, raw: Any) -> None:
+    other = "lab-2.example"
+    net.reconcile([BETA], host=other)
+    assert net.reconcile([], host=HOST) == []
+    for action in (DeleteIsolationRule("habr43"), AddIsolationRule("habr43")):
+        with pytest.raises(ForeignDeviceError, match=r"habr43 .* belongs to hostagent host"):
+            net.apply([action], host=HOST)
+    raw.link("add", ifname="virbr0", kind="bridge")
+    with pytest.raises(ForeignDeviceError, match=r"virbr0 .*not created by hostagent"):
+        net.apply([AddIsolationRule("virbr0")], host=HOST)
+    assert rules(raw) == {("habr43", ISOLATION_PRIORITY, PROHIBIT)}

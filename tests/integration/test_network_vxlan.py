@@ -32,14 +32,16 @@ import pytest
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 
-from network.model import VXLAN_OVERHEAD, ZERO_MAC, FdbEntry
+from network.model import ISOLATION_PRIORITY, VXLAN_OVERHEAD, ZERO_MAC, FdbEntry
 from network.names import mac_address
 from network.netlink import Netlink
 from network.plan import (
+    AddIsolationRule,
     AppendFdb,
     ClusterNetworkWanted,
     DeleteBridge,
     DeleteFdb,
+    DeleteIsolationRule,
     DeleteVxlan,
     DisableForwarding,
     ForeignDeviceError,
@@ -349,6 +351,17 @@ def wired(lab: Lab) -> Lab:
     return lab
 
 
+def isolation_rules(lab: Lab, host: str) -> set[str]:
+    """The iif of each `iif <dev> pref ISOLATION_PRIORITY prohibit` rule on host."""
+    with IPRoute(netns=lab.ns(host), flags=0) as ipr:
+        found = ipr.rule("dump", family=socket.AF_INET)
+        return {
+            str(rule.get("iifname"))
+            for rule in found
+            if rule.get("priority") == ISOLATION_PRIORITY and rule["action"] == 8  # prohibit
+        }
+
+
 def vxlan_fdb(lab: Lab, host: str, vni: int) -> set[FdbEntry]:
     [seen] = [v for v in lab.nets[host].observe().vxlans if v.vni == vni]
     return set(seen.fdb)
@@ -393,12 +406,46 @@ def test_clusters_stay_apart_even_with_ip_forward_on(wired: Lab) -> None:
     with IPRoute(netns=wired.ns("a2"), flags=0) as ipr:
         ipr.route("add", dst="10.200.0.0/24", oif=ipr.link_lookup(ifname="eth0")[0])
     assert not ping(wired.ns("a2"), vm_address("b2"), tries=2)
-    # Control: ip_forward=1 written again re-enables forwarding on every device, and then
-    # h1 routes between its clusters; the next reconcile takes that back.
+    # ip_forward=1 written again re-enables forwarding on every device (the next reconcile
+    # takes that back); until then the isolation rules alone keep the clusters apart.
     set_ip_forward(wired, "h1")
-    assert ping(wired.ns("b1"), vm_address("a1"))
+    assert read_proc(wired.ns("h1"), "/proc/sys/net/ipv4/conf/habr200/forwarding") == "1"
+    assert isolation_rules(wired, "h1") == {"habr100", "habr200"}
+    assert not ping(wired.ns("b1"), vm_address("a1"), tries=2)
+    assert not ping(wired.ns("a1"), vm_address("b1"), tries=2)
+    assert not ping(wired.ns("b1"), vm_address("a2"), tries=2)  # on to another host, too
+    assert ping(wired.ns("b1"), "10.200.0.1")  # the host's own address: its gateway
+    assert ping(wired.ns("a1"), "10.100.0.1")
+    assert ping(wired.ns("b1"), vm_address("b2"))  # its own cluster, across hosts
     assert wired.reconcile("h1") == [DisableForwarding("habr100"), DisableForwarding("habr200")]
     assert not ping(wired.ns("b1"), vm_address("a1"), tries=2)
+
+
+def test_the_isolation_rules_are_what_hold_with_ip_forward_on(wired: Lab) -> None:
+    # Control: without the rules, forwarding back on lets h1 route between its clusters.
+    with IPRoute(netns=wired.ns("h1"), flags=0) as ipr:
+        for bridge in ("habr100", "habr200"):
+            ipr.rule("del", iifname=bridge, priority=ISOLATION_PRIORITY, action="FR_ACT_PROHIBIT")
+    set_ip_forward(wired, "h1")
+    assert ping(wired.ns("b1"), vm_address("a1"))
+    assert wired.reconcile("h1") == [
+        DisableForwarding("habr100"),
+        AddIsolationRule("habr100"),
+        DisableForwarding("habr200"),
+        AddIsolationRule("habr200"),
+    ]
+    set_ip_forward(wired, "h1")
+    assert not ping(wired.ns("b1"), vm_address("a1"), tries=2)
+    # The cluster leaves h1: its bridge goes, and its rule with it.
+    alpha = [c for c in wired.wanted("h1") if c.cluster == "alpha"]
+    assert wired.nets["h1"].reconcile(alpha, wired.underlay("h1"), host="h1") == [
+        DeleteVxlan("havx200"),
+        DeleteBridge("habr200"),
+        DeleteIsolationRule("habr200"),
+        DisableForwarding("habr100"),
+    ]
+    assert isolation_rules(wired, "h1") == {"habr100"}
+    assert ping(wired.ns("a1"), "10.100.0.1")
 
 
 def test_cluster_mtu_passes_and_one_byte_more_does_not(wired: Lab) -> None:
@@ -440,7 +487,7 @@ def test_peers_change_by_difference(wired: Lab) -> None:
         DeleteFdb("havx100", ZERO_MAC, "192.0.2.3"),
         DeleteFdb("havx100", a3, "192.0.2.3"),
     ]
-    assert requests == 3 + 2  # link, address and FDB dumps, then one request per entry
+    assert requests == 4 + 2  # link, address, FDB and rule dumps, then one per entry
     assert {(kind, dst) for kind, _, _, dst in events} == {(29, "192.0.2.3")}  # RTM_DELNEIGH
     assert vxlan_fdb(wired, "h1", 100) == before - {
         FdbEntry(ZERO_MAC, "192.0.2.3"),
@@ -494,7 +541,9 @@ def test_cluster_leaving_a_host_takes_only_its_devices(wired: Lab) -> None:
     assert net.reconcile(alpha, wired.underlay("h2"), host="h2") == [
         DeleteVxlan("havx200"),
         DeleteBridge("habr200"),
+        DeleteIsolationRule("habr200"),
     ]
+    assert isolation_rules(wired, "h2") == {"habr100"}
     seen = net.observe()
     assert {v.name for v in seen.vxlans} == {"havx100", "flannel.1"}
     assert {b.name for b in seen.bridges} == {"habr100", "virbr0"}

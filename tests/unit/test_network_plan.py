@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
-from network.model import AddressSeen, BridgeWanted, FdbEntry, Peer, TapSeen
+from network.model import ISOLATION_PRIORITY, AddressSeen, BridgeWanted, FdbEntry, Peer, TapSeen
 from network.names import (
     IFNAMSIZ,
     MAX_VNI,
     Owner,
     bridge_name,
+    is_bridge_name,
     is_tap_name,
     mac_address,
     owner_alias,
@@ -22,8 +23,10 @@ from network.names import (
     tap_name,
     vxlan_name,
 )
+from network.observe import isolation_rules
 from network.plan import (
     Action,
+    AddIsolationRule,
     AppendFdb,
     BridgeSeen,
     ClusterNetworkWanted,
@@ -31,6 +34,7 @@ from network.plan import (
     CreateVxlan,
     DeleteBridge,
     DeleteFdb,
+    DeleteIsolationRule,
     DeleteVxlan,
     DisableForwarding,
     ForeignDeviceError,
@@ -55,6 +59,7 @@ LOCAL = "192.0.2.1"
 UNDERLAY = Underlay(LOCAL)
 ETH0 = AddressSeen(LOCAL, "eth0", 1500)
 ZERO = "00:00:00:00:00:00"
+RULE42 = frozenset({"habr42"})  # the isolation rule of alpha's bridge
 
 
 def simulate(seen: HostSeen, actions: list[Action]) -> HostSeen:
@@ -65,6 +70,7 @@ def simulate(seen: HostSeen, actions: list[Action]) -> HostSeen:
     bridges = {bridge.name: bridge for bridge in seen.bridges}
     vxlans = {vxlan.name: vxlan for vxlan in seen.vxlans}
     taps = {tap.name: tap for tap in seen.taps}
+    rules = set(seen.isolation_rules)
 
     def bridge(name: str) -> BridgeSeen:
         assert ours(bridges[name]), f"{name} is not ours"
@@ -102,6 +108,14 @@ def simulate(seen: HostSeen, actions: list[Action]) -> HostSeen:
                 change(name, mtu=mtu)
             case DisableForwarding(name=name):
                 change(bridge(name).name, forwarding=False)
+            case AddIsolationRule(name=name):
+                assert bridge(name).name not in rules, f"rule for {name} exists"
+                rules.add(name)
+            case DeleteIsolationRule(name=name):
+                assert name in rules, f"no rule for {name}"
+                assert name not in bridges or bridge(name), "a live bridge of another's"
+                assert name not in {*vxlans, *seen.other_links}, f"{name} is another device"
+                rules.remove(name)
             case SetUp(name=name):
                 change(name, up=True)
             case CreateVxlan(name=name, alias=alias, vni=vni, local=local, port=port):
@@ -128,6 +142,7 @@ def simulate(seen: HostSeen, actions: list[Action]) -> HostSeen:
         bridges=tuple(bridges.values()),
         vxlans=tuple(vxlans.values()),
         taps=tuple(taps.values()),
+        isolation_rules=frozenset(rules),
     )
 
 
@@ -173,8 +188,13 @@ def vxlan_of(want: ClusterNetworkWanted, owner: str = HOST, **changes: object) -
     return dataclasses.replace(good, **changes)  # type: ignore[arg-type]
 
 
+def guarded(*seen: BridgeSeen) -> frozenset[str]:
+    """The isolation rules a kernel holds with these bridges: hostagents' bridges have one."""
+    return frozenset(bridge.name for bridge in seen if bridge.owner is not None)
+
+
 def bridges(*seen: BridgeSeen, others: tuple[str, ...] = ()) -> HostSeen:
-    return HostSeen(bridges=seen, other_links=frozenset(others))
+    return HostSeen(bridges=seen, other_links=frozenset(others), isolation_rules=guarded(*seen))
 
 
 def foreign(name: str, alias: str | None = None) -> BridgeSeen:
@@ -288,6 +308,7 @@ def test_creates_missing_bridge() -> None:
         CreateBridge("habr42", "hostagent host=h1 cluster=alpha vni=42", 1450),
         SetAddress("habr42", "10.42.0.1/24"),
         DisableForwarding("habr42"),
+        AddIsolationRule("habr42"),
         SetUp("habr42"),
     ]
 
@@ -321,7 +342,7 @@ def test_deletes_only_stale_bridges_of_ours() -> None:
         foreign("docker0", alias="docker bridge"),
         foreign("habr99", alias="hostagent, hand made"),
     )
-    assert plan(host(keep), seen) == [DeleteBridge("habr43")]
+    assert plan(host(keep), seen) == [DeleteBridge("habr43"), DeleteIsolationRule("habr43")]
 
 
 def test_recreates_bridge_of_ours_left_by_another_cluster() -> None:
@@ -374,7 +395,7 @@ def test_without_underlay_peers_are_refused() -> None:
 
 def test_without_underlay_vxlan_devices_of_ours_go() -> None:
     want = wanted()
-    seen = HostSeen(bridges=(seen_of(want),), vxlans=(vxlan_of(want),))
+    seen = HostSeen(bridges=(seen_of(want),), vxlans=(vxlan_of(want),), isolation_rules=RULE42)
     assert plan(host(want), seen) == [DeleteVxlan("havx42")]
 
 
@@ -414,6 +435,7 @@ def on_host(*seen_bridges: BridgeSeen, vxlans: tuple[VxlanSeen, ...] = ()) -> Ho
         vxlans=vxlans,
         other_links=frozenset({"lo", "eth0"}),
         addresses=(ETH0,),
+        isolation_rules=guarded(*seen_bridges),
     )
 
 
@@ -428,6 +450,7 @@ def test_creates_bridge_vxlan_and_fdb_for_a_new_cluster() -> None:
         CreateBridge("habr42", "hostagent host=h1 cluster=alpha vni=42", 1450),
         SetAddress("habr42", "10.42.0.1/24"),
         DisableForwarding("habr42"),
+        AddIsolationRule("habr42"),
         SetUp("habr42"),
         CreateVxlan(
             "havx42", "hostagent host=h1 cluster=alpha vni=42", 42, LOCAL, 4789, 1450, "habr42"
@@ -561,6 +584,7 @@ def test_lost_bridge_is_recreated_and_vxlan_put_back_in() -> None:
         CreateBridge("habr42", want.alias(HOST), 1450),
         SetAddress("habr42", "10.42.0.1/24"),
         DisableForwarding("habr42"),
+        AddIsolationRule("habr42"),
         SetUp("habr42"),
         SetMaster("havx42", "habr42"),
     ]
@@ -585,6 +609,7 @@ def test_cluster_no_longer_served_loses_both_devices() -> None:
     assert plan(host(keep, underlay=UNDERLAY), wired(keep, gone)) == [
         DeleteVxlan("havx43"),
         DeleteBridge("habr43"),
+        DeleteIsolationRule("habr43"),
     ]
 
 
@@ -691,12 +716,14 @@ def test_two_hosts_each_plan_leaves_the_others_devices_alone() -> None:
     assert plan(host(MINE, underlay=UNDERLAY), seen) == []
     assert plan(host(THEIRS, underlay=UNDERLAY, name=OTHER), seen) == []
     # Each agent serving nothing any more takes only its own devices.
-    assert plan(host(underlay=UNDERLAY), seen) == [DeleteVxlan("havx42"), DeleteBridge("habr42")]
+    gone = [DeleteVxlan("havx42"), DeleteBridge("habr42"), DeleteIsolationRule("habr42")]
+    assert plan(host(underlay=UNDERLAY), seen) == gone
     assert plan(host(underlay=UNDERLAY, name=OTHER), seen) == [
         DeleteVxlan("havx43"),
         DeleteBridge("habr43"),
+        DeleteIsolationRule("habr43"),
     ]
-    assert plan(host(), seen) == [DeleteVxlan("havx42"), DeleteBridge("habr42")]
+    assert plan(host(), seen) == gone
 
 
 def test_two_hosts_drift_on_the_others_devices_is_not_repaired() -> None:
@@ -761,6 +788,7 @@ def test_taps_out_of_the_bridge_are_put_back() -> None:
     want = wanted(taps=(TAP1, TAP2, TAP3))
     seen = HostSeen(
         bridges=(seen_of(want),),
+        isolation_rules=RULE42,
         taps=(TapSeen(TAP3, None), TapSeen(TAP1, "habr42"), TapSeen(TAP2, "virbr0")),
     )
     assert plan(host(want), seen) == [SetMaster(TAP2, "habr42"), SetMaster(TAP3, "habr42")]
@@ -771,6 +799,7 @@ def test_missing_taps_are_skipped_and_other_taps_left_alone() -> None:
     want = wanted(taps=(TAP1, TAP2))
     seen = HostSeen(
         bridges=(seen_of(want),),
+        isolation_rules=RULE42,
         taps=(TapSeen(TAP1, None), TapSeen(TAP3, None), TapSeen("vnet0", None)),
     )
     assert plan(host(want), seen) == [SetMaster(TAP1, "habr42")]
@@ -784,6 +813,7 @@ def test_lost_bridge_is_recreated_with_its_taps_and_vxlan() -> None:
         CreateBridge("habr42", want.alias(HOST), 1450),
         SetAddress("habr42", "10.42.0.1/24"),
         DisableForwarding("habr42"),
+        AddIsolationRule("habr42"),
         SetUp("habr42"),
         SetMaster(TAP1, "habr42"),
         SetMaster(TAP2, "habr42"),
@@ -816,3 +846,141 @@ def test_plan_after_apply_with_taps_is_empty(underlay: Underlay | None) -> None:
     after = simulate(seen, plan(want, seen))
     assert {tap.name: tap.master for tap in after.taps} == {TAP1: "habr42", TAP2: "habr42"}
     assert plan(want, after) == []
+
+
+# --- plan: isolation rules (`ip rule add iif habr<vni> pref 900 prohibit`) ---------------
+
+
+@pytest.mark.parametrize("vni", [1, 42, MAX_VNI])
+def test_bridge_names_are_recognised(vni: int) -> None:
+    assert is_bridge_name(bridge_name(vni))
+
+
+@pytest.mark.parametrize(
+    "name", ["habr0", "habr042", f"habr{MAX_VNI + 1}", "habr", "habr4x", "havx42", "virbr0"]
+)
+def test_other_names_are_not_bridge_names(name: str) -> None:
+    assert not is_bridge_name(name)
+
+
+def test_rule_is_added_to_a_bridge_of_ours_without_one() -> None:
+    want = wanted()
+    seen = dataclasses.replace(bridges(seen_of(want)), isolation_rules=frozenset())
+    assert plan(host(want), seen) == [AddIsolationRule("habr42")]
+    assert plan(host(want), simulate(seen, [AddIsolationRule("habr42")])) == []
+
+
+def test_rule_comes_before_a_new_bridge_is_up() -> None:
+    actions = plan(host(wanted()), HostSeen())
+    assert actions.index(AddIsolationRule("habr42")) < actions.index(SetUp("habr42"))
+
+
+def test_rule_is_kept_while_the_cluster_is_wanted() -> None:
+    want = wanted()
+    assert plan(host(want), bridges(seen_of(want))) == []
+    # The bridge deleted behind the agent's back: the kernel keeps the rule (detached).
+    lost = HostSeen(isolation_rules=RULE42)
+    assert AddIsolationRule("habr42") not in plan(host(want), lost)
+    assert DeleteIsolationRule("habr42") not in plan(host(want), lost)
+
+
+def test_rule_goes_after_its_bridge() -> None:
+    actions = plan(host(), bridges(seen_of(wanted())))
+    assert actions == [DeleteBridge("habr42"), DeleteIsolationRule("habr42")]
+
+
+def test_rule_left_behind_by_a_bridge_of_ours_is_removed() -> None:
+    # The agent stopped between deleting the bridge and its rule; no device holds the name.
+    seen = HostSeen(isolation_rules=frozenset({"habr43"}))
+    assert plan(host(wanted()), seen)[0] == DeleteIsolationRule("habr43")
+    assert plan(host(), seen) == [DeleteIsolationRule("habr43")]
+
+
+@pytest.mark.parametrize(
+    "seen",
+    [
+        # iif names hostagent never gives a bridge
+        HostSeen(isolation_rules=frozenset({"virbr0", "eth0", "habr042", "havx42", "habr0"})),
+        # bridges named like ours with someone else's alias, or another host's agent's
+        bridges(foreign("habr43"), foreign("habr44", "hostagent, hand made"), foreign("habr45")),
+        bridges(seen_of(THEIRS, OTHER)),
+        bridges(foreign("habr46", LEGACY)),
+        # a device that is not a bridge holds the name
+        dataclasses.replace(bridges(others=("habr47",)), isolation_rules=frozenset({"habr47"})),
+        on_host(vxlans=(foreign_vxlan("habr48", 48),)),
+    ],
+)
+def test_rules_not_ours_are_never_deleted(seen: HostSeen) -> None:
+    rules = seen.isolation_rules | {b.name for b in seen.bridges} | {v.name for v in seen.vxlans}
+    seen = dataclasses.replace(seen, isolation_rules=rules)
+    for want in (host(), host(wanted()), host(wanted(), underlay=UNDERLAY)):
+        if want.underlay is not None:
+            seen = dataclasses.replace(seen, addresses=(ETH0,))
+        assert not [a for a in plan(want, seen) if isinstance(a, DeleteIsolationRule)]
+
+
+def test_rules_of_two_agents_in_one_namespace_are_each_their_own() -> None:
+    seen = side_by_side()
+    assert seen.isolation_rules == {"habr42", "habr43"}
+    assert plan(host(MINE, underlay=UNDERLAY), seen) == []
+    removed = plan(host(underlay=UNDERLAY), seen)
+    assert [a for a in removed if isinstance(a, DeleteIsolationRule)] == [
+        DeleteIsolationRule("habr42")
+    ]
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [frozenset(), RULE42, frozenset({"habr42", "habr43", "habr7", "virbr0"})],
+)
+def test_plan_after_apply_with_rules_is_empty(rules: frozenset[str]) -> None:
+    seen = dataclasses.replace(wired(*CLUSTERS), isolation_rules=rules)
+    want = host(CLUSTERS[0], underlay=UNDERLAY)
+    after = simulate(seen, plan(want, seen))
+    assert after.isolation_rules == {"habr42", "virbr0"} & (rules | {"habr42"})
+    assert plan(want, after) == []
+
+
+# What observe counts as an isolation rule: pyroute2's decoded RTM_NEWRULE, read with
+# [] and .get() (plain dicts here).
+
+
+def rule(**changes: object) -> dict[str, object]:
+    ours = {
+        "family": 2,
+        "action": 8,  # FR_ACT_PROHIBIT
+        "priority": ISOLATION_PRIORITY,
+        "iifname": "habr42",
+        "src_len": 0,
+        "dst_len": 0,
+        "tos": 0,
+        "flags": 0,
+        "table": 0,
+    }
+    return {**ours, **changes}
+
+
+def test_observe_reads_isolation_rules() -> None:
+    assert isolation_rules([rule(), rule(iifname="habr7")]) == {"habr42", "habr7"}
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"priority": ISOLATION_PRIORITY + 1},
+        {"priority": None},  # the local table's rule at 0 has no FRA_PRIORITY
+        {"action": 6},  # blackhole
+        {"action": 1, "table": 254},  # lookup main
+        {"family": 10},  # IPv6
+        {"iifname": None},
+        {"src_len": 8, "src": "10.0.0.0"},
+        {"dst_len": 24, "dst": "10.42.0.0"},
+        {"tos": 16},
+        {"flags": 0x2},  # not iif habr42
+        {"fwmark": 1},
+        {"oifname": "eth0"},
+        {"ip_proto": 6},
+    ],
+)
+def test_observe_ignores_rules_that_are_not_isolation_rules(other: dict[str, object]) -> None:
+    assert isolation_rules([rule(**other)]) == frozenset()
