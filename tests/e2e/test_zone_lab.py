@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import ssl
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from hostagent.lab.zonelab import (
 from hostagent.zone.client import ZoneClient, ZoneContext
 from network.names import mac_address
 from tests.conftest import IN_CI, require
+from tests.e2e.agent import poll
 
 pytestmark = pytest.mark.e2e
 
@@ -54,17 +54,6 @@ AGENT_EXTRA = f"""
 path = "/etc/hostagent/ping-targets"
 content = "PING_TARGETS={",".join(PING_TARGETS)}"
 """
-
-
-def poll(check: Callable[[], Any], what: str, timeout_s: float = 300.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} after {timeout_s:.0f} s")
-        time.sleep(1.0)
 
 
 class Lab:
@@ -99,7 +88,7 @@ class Lab:
         return phase
 
     def wait_phase(self, cluster: str, phase: str, timeout_s: float = 600.0) -> None:
-        poll(lambda: self.phase(cluster) == phase, f"{cluster} {phase}", timeout_s)
+        poll(lambda: self.phase(cluster) == phase, timeout_s, f"{cluster} {phase}", 1.0)
 
     def peer_macs(self, host: str, cluster: str) -> set[str]:
         response = self.agent_get(host, f"/v1/clusters/{cluster}/peers")
@@ -204,12 +193,12 @@ def test_scaling_down_updates_every_hosts_peers(lab: Lab) -> None:
     w3_host = lab.nodes("demo")["w3"]["host"]
     spec["workers"]["count"] = 2
     lab.zone.put_cluster("demo", spec)
-    poll(lambda: "w3" not in lab.nodes("demo"), "w3 gone from the zone")
+    poll(lambda: "w3" not in lab.nodes("demo"), 300, "w3 gone from the zone")
     response = lab.agent_get(w3_host, "/v1/clusters/demo/nodes/w3")
     assert response.status_code == 404
     mac = mac_address("demo", "w3")
     for host in ("h1", "h2", "h3"):
-        poll(lambda host=host: mac not in lab.peer_macs(host, "demo"), f"{host} without w3")
+        poll(lambda host=host: mac not in lab.peer_macs(host, "demo"), 300, f"{host} without w3")
     assert lab.phase("demo") == "Ready"
 
 

@@ -37,6 +37,7 @@ from hostagent.labimage.cloudinit import (
     build_cloudinit_image,
 )
 from tests.conftest import require, require_libvirt
+from tests.guestxml import GuestXml, guest_xml
 
 pytestmark = pytest.mark.integration
 
@@ -338,56 +339,22 @@ def prepare(image: Path, guest: Guest, bridge: Bridge, url: str) -> str:
 
 
 def domain_xml(image: Path, meta: dict[str, str], guest: Guest, bridge: Bridge) -> str:
-    return f"""
-<domain type='qemu'>
-  <name>{guest.name}</name>
-  <memory unit='MiB'>{MEMORY_MIB}</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{image / meta["kernel"]}</kernel>
-    <initrd>{image / meta["initrd"]}</initrd>
-    <cmdline>{meta["cmdline"]}</cmdline>
-  </os>
-  <features><acpi/><apic/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{guest.work / "overlay.qcow2"}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <controller type='scsi' index='0' model='virtio-scsi'/>
-    <disk type='file' device='cdrom'>
-      <driver name='qemu' type='raw'/>
-      <source file='{guest.work / "cidata.iso"}'/>
-      <target dev='sda' bus='scsi'/>
-      <readonly/>
-    </disk>
-    <filesystem type='mount' accessmode='squash'>
-      <source dir='{guest.work / "pki"}'/>
-      <target dir='pki'/>
-      <readonly/>
-    </filesystem>
-    <interface type='bridge'>
-      <mac address='{guest.mac}'/>
-      <source bridge='{bridge.name}'/>
-      <model type='virtio'/>
-    </interface>
-    <serial type='file'>
-      <source path='{guest.console}'/>
-      <target port='0'/>
-    </serial>
-    <console type='file'>
-      <source path='{guest.console}'/>
-      <target type='serial' port='0'/>
-    </console>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
+    return guest_xml(
+        GuestXml(
+            name=guest.name,
+            memory_mib=MEMORY_MIB,
+            image=image,
+            meta=meta,
+            overlay=guest.work / "overlay.qcow2",
+            iso=guest.work / "cidata.iso",
+            share=guest.work / "pki",
+            share_tag="pki",
+            share_access="squash",
+            mac=guest.mac,
+            bridge=bridge.name,
+            console=guest.console,
+        )
+    )
 
 
 @contextlib.contextmanager

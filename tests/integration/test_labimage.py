@@ -33,6 +33,7 @@ import yaml
 
 from hostagent.labimage.build import CMDLINE, build_lab_image
 from tests.conftest import require
+from tests.guestxml import GuestXml, guest_xml
 
 pytestmark = pytest.mark.integration
 
@@ -291,63 +292,24 @@ def _pki_share(path: Path) -> None:
         os.chown(item, qemu.pw_uid, qemu.pw_gid)
 
 
-def _cdrom_xml(iso: Path) -> str:
-    return f"""
-    <disk type='file' device='cdrom'>
-      <driver name='qemu' type='raw'/>
-      <source file='{iso}'/>
-      <target dev='sda' bus='scsi'/>
-      <readonly/>
-    </disk>"""
-
-
 def _domain_xml(image: Path, work: Path, guest: Guest, bridge: Bridge) -> str:
-    meta = json.loads((image / "image.json").read_text())
     iso = work / "cidata.iso"
-    return f"""
-<domain type='qemu'>
-  <name>{guest.name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{image / meta["kernel"]}</kernel>
-    <initrd>{image / meta["initrd"]}</initrd>
-    <cmdline>{meta["cmdline"]}</cmdline>
-  </os>
-  <features><acpi/><apic/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{work / "overlay.qcow2"}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <controller type='scsi' index='0' model='virtio-scsi'/>{_cdrom_xml(iso) if iso.exists() else ""}
-    <filesystem type='mount' accessmode='passthrough'>
-      <source dir='{work / "pki"}'/>
-      <target dir='hostagent-pki'/>
-      <readonly/>
-    </filesystem>
-    <interface type='bridge'>
-      <mac address='{guest.mac}'/>
-      <source bridge='{bridge.name}'/>
-      <model type='virtio'/>
-    </interface>
-    <serial type='file'>
-      <source path='{guest.console}'/>
-      <target port='0'/>
-    </serial>
-    <console type='file'>
-      <source path='{guest.console}'/>
-      <target type='serial' port='0'/>
-    </console>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
+    return guest_xml(
+        GuestXml(
+            name=guest.name,
+            memory_mib=256,
+            image=image,
+            meta=json.loads((image / "image.json").read_text()),
+            overlay=work / "overlay.qcow2",
+            iso=iso if iso.exists() else None,
+            share=work / "pki",
+            share_tag="hostagent-pki",
+            share_access="passthrough",
+            mac=guest.mac,
+            bridge=bridge.name,
+            console=guest.console,
+        )
+    )
 
 
 def _prepare(image: Path, work: Path, guest: Guest, bridge: Bridge, url: str | None) -> str:
