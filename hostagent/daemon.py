@@ -19,7 +19,7 @@ import psutil
 from aiohttp import web
 
 from hostagent import __version__, capacity, certificates
-from hostagent.access import check_qemu_can_reach
+from hostagent.access import KvmDevice, check_qemu_can_reach, kvm_device
 from hostagent.api import api_app, phone_home_app
 from hostagent.config import Config, read_secret
 from hostagent.errors import HostAgentError, ProvisioningError
@@ -44,6 +44,9 @@ from pki.files import read_expiries
 from pki.renewal import Renewer
 
 log = logging.getLogger(__name__)
+# A define or start slower than this is worth a warning: here they take milliseconds.
+SLOW_CALLS = ("define", "start")
+SLOW_CALL_S = 5.0
 CA_NAMES = {cert.name for cert in layout.CERTS if cert.ca_only}
 
 
@@ -102,6 +105,7 @@ class Agent:
             workers=config.reconciler.concurrency + 2,
             on_lifecycle=self._on_lifecycle,
             on_reconnect=self._on_reconnect,
+            on_timed=self._libvirt_timed,
         )
         self.pki = certificates.make_backend(config)
         self.renewer = Renewer(
@@ -118,6 +122,7 @@ class Agent:
             self.renewer.status,
             self._expiries,
             self.zone.status if self.zone else None,
+            kvm_unusable=lambda: self.kvm_device().problem is not None,
         )
         self.service = NodeService(config, self.store, self.images, self.physical, self._notify)
         self.netlink = Netlink()
@@ -130,6 +135,8 @@ class Agent:
         configured = config.libvirt.domain_type
         self.domain_type: str | None = None if configured == "auto" else configured
         self.reconciler: Reconciler | None = None
+        self.runner: web.AppRunner | None = None
+        self.sites: PhoneHomeSites | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def _zone_client(self, config: Config) -> ZoneClient | None:
@@ -206,9 +213,32 @@ class Agent:
     async def _resolve_domain_type(self) -> None:
         """auto: probe once libvirt answers; nodes wait for it (define refuses meanwhile)."""
         if self.domain_type is None:
-            self.domain_type = await resolve_domain_type(self.config, self.virt, self.images)
+            try:
+                self.domain_type = await resolve_domain_type(self.config, self.virt, self.images)
+            except LibvirtUnavailable as exc:
+                log.warning("domain type: undecided until libvirt answers again (%s)", exc)
+                return
             if self.reconciler is not None:
                 self.reconciler.provisioner.domain_type = self.domain_type
+
+    def kvm_device(self) -> KvmDevice:
+        return kvm_device(self.config.libvirt.qemu_user)
+
+    def _libvirt_timed(self, call: str, seconds: float) -> None:
+        self.metrics.libvirt_call_seconds.labels(call=call).observe(seconds)
+        if call in SLOW_CALLS and seconds > SLOW_CALL_S:
+            problem = self.kvm_device().problem
+            log.warning(
+                "libvirt took %.1fs to %s a domain (%s)",
+                seconds,
+                call,
+                f"{problem}; see docs/operations.md" if problem else "is libvirtd overloaded?",
+            )
+
+    def _warn_about_kvm_device(self) -> None:
+        device = self.kvm_device()
+        if device.problem is not None:
+            log.warning("%s. Fix: %s", device.problem, device.fix)
 
     async def check_peers_forever(self) -> None:
         """Underlay health: ping every peer host of every cluster, now and then."""
@@ -269,6 +299,7 @@ class Agent:
             "allocatable": _resources(offer),
             "allocated": _resources(used),
             "domain_type": self.domain_type,
+            "kvm_device": self.kvm_device().as_dict(),
             "version": __version__,
             "libvirt_uri": self.config.libvirt.uri,
             "libvirt_connected": self.virt.connected.is_set(),
@@ -282,6 +313,7 @@ class Agent:
         }
 
     async def start(self) -> None:
+        self._warn_about_kvm_device()
         try:
             await self.virt.connect()
         except LibvirtUnavailable as exc:
@@ -359,8 +391,10 @@ class Agent:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.runner.cleanup()
-        await self.sites.runner.cleanup()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.sites is not None:
+            await self.sites.runner.cleanup()
         await self.virt.close()
         self.netlink.close()
         self.store.close()

@@ -12,9 +12,11 @@ import logging
 import os
 from pathlib import Path
 
+from hostagent.access import KVM_DEVICE, kvm_device
 from hostagent.config import Config
+from hostagent.errors import ProvisioningError
 from hostagent.images import ImageCatalog
-from hostagent.virt.libvirt import Libvirt
+from hostagent.virt.libvirt import Libvirt, LibvirtUnavailable
 from hostagent.virt.probe import MARKER, probe_xml
 
 log = logging.getLogger(__name__)
@@ -30,10 +32,16 @@ def _probe_kernel(images: ImageCatalog) -> Path | None:
 
 
 async def resolve_domain_type(config: Config, virt: Libvirt, images: ImageCatalog) -> str:
+    """kvm only when QEMU's user may open /dev/kvm, libvirt offers kvm and a kernel really
+    boots under it; else qemu.
+
+    Never raises for a KVM that does not work: that is what qemu is for. Only a proven
+    answer is cached (per boot); a refusal may be gone after a fix and a libvirtd restart.
+    """
     wanted = config.libvirt.domain_type
     if wanted != "auto":
         return wanted
-    if not Path("/dev/kvm").exists():
+    if not KVM_DEVICE.exists():
         log.info("domain type: qemu (no /dev/kvm)")
         return "qemu"
     cache = config.state_dir / "kvm-probe.json"
@@ -44,11 +52,27 @@ async def resolve_domain_type(config: Config, virt: Libvirt, images: ImageCatalo
             return str(cached["domain_type"])
     except (OSError, ValueError):
         pass
+    device = kvm_device(config.libvirt.qemu_user, KVM_DEVICE)
+    if device.problem is not None:
+        log.warning("domain type: qemu (%s)", device.problem)
+        return "qemu"
+    refusal = await virt.offers_kvm()
+    if refusal is not None:
+        log.warning("domain type: qemu (libvirt offers no kvm domain: %s)", refusal)
+        return "qemu"
     kernel = _probe_kernel(images)
     if kernel is None:
         log.warning("domain type: qemu (no kernel to prove KVM with; build the lab image)")
         return "qemu"
-    result = "kvm" if await kernel_boots(config, virt, kernel, "kvm") else "qemu"
+    try:
+        booted = await kernel_boots(config, virt, kernel, "kvm")
+    except LibvirtUnavailable:
+        raise
+    except ProvisioningError as exc:
+        log.warning("domain type: qemu (a kvm guest cannot even be created: %s)", exc)
+        return "qemu"
+    result = "kvm" if booted else "qemu"
+    log.info("domain type: %s (probed; cached until the host reboots)", result)
     cache.write_text(json.dumps({"boot_id": boot_id, "domain_type": result}))
     return result
 

@@ -23,6 +23,7 @@ class Metrics:
         renewals: RenewalStatus,
         expiries: Expiries,
         zone: Callable[[], ZoneStatus] | None = None,
+        kvm_unusable: Callable[[], bool] = lambda: False,
     ) -> None:
         self.registry = CollectorRegistry()
         self.nodes = Gauge(
@@ -40,6 +41,19 @@ class Metrics:
         self.libvirt_reconnects = Gauge(
             "hostagent_libvirt_reconnects",
             "Times the agent reconnected to libvirtd since it started",
+            registry=self.registry,
+        )
+        self.libvirt_call_seconds = Histogram(
+            "hostagent_libvirt_call_duration_seconds",
+            "Time one libvirt call took, by call (define, start, lookup, list, ...)",
+            ["call"],
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+            registry=self.registry,
+        )
+        self.kvm_device_unusable = Gauge(
+            "hostagent_kvm_device_unusable",
+            "1 when /dev/kvm exists but QEMU's user cannot open it: libvirt then re-probes "
+            "QEMU on every call (fix in docs/operations.md)",
             registry=self.registry,
         )
         self.phone_homes = Counter(
@@ -64,12 +78,14 @@ class Metrics:
         self._reconnects = reconnects
         self._renewals = renewals
         self._expiries = expiries
+        self._kvm_unusable = kvm_unusable
 
     def render(self) -> bytes:
         counts = self._phases()
         for phase in Phase:
             self.nodes.labels(phase=phase.value).set(counts.get(phase, 0))
         self.libvirt_reconnects.set(self._reconnects())
+        self.kvm_device_unusable.set(1 if self._kvm_unusable() else 0)
         self.cert_expiry.clear()
         self.cert_failures.clear()
         for (cluster, node), when in self._expiries().items():

@@ -28,18 +28,6 @@ fi
 # The lab image is built from Debian's packages with apt-get download: it needs package lists.
 if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then apt-get update -qq; fi
 
-start_daemon() {
-  if pgrep -x "$1" >/dev/null; then return; fi
-  echo "setup-host: starting $1"
-  if [ -d /run/systemd/system ]; then systemctl start "$1"; else "$1" -d; fi
-}
-start_daemon virtlogd
-start_daemon libvirtd
-for _ in $(seq 1 50); do
-  virsh -c qemu:///system version >/dev/null 2>&1 && break
-  sleep 0.2
-done
-
 stamp=.venv/.installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
@@ -49,3 +37,30 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   .venv/bin/pip install -q -e '.[test]'
   echo "$want" > "$stamp"
 fi
+
+# Without udev (containers, CI runners, minimal inits) /dev/kvm stays root-only, and
+# libvirt then re-probes QEMU on every call: 20-150 s per define instead of milliseconds
+# (docs/operations.md). Give it udev's permissions; a host where udev runs is left alone.
+granted=$(.venv/bin/hostagent lab kvm-permissions)
+if [ -n "$granted" ]; then echo "setup-host: $granted"; fi
+
+start_daemon() {
+  if pgrep -x "$1" >/dev/null; then return; fi
+  echo "setup-host: starting $1"
+  if [ -d /run/systemd/system ]; then systemctl start "$1"; else "$1" -d; fi
+}
+if [ -n "$granted" ] && pgrep -x libvirtd >/dev/null; then
+  echo "setup-host: restarting libvirtd so it probes QEMU again with the new permissions"
+  if [ -d /run/systemd/system ]; then
+    systemctl restart libvirtd
+  else
+    pkill -x libvirtd
+    for _ in $(seq 1 100); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+  fi
+fi
+start_daemon virtlogd
+start_daemon libvirtd
+for _ in $(seq 1 50); do
+  virsh -c qemu:///system version >/dev/null 2>&1 && break
+  sleep 0.2
+done

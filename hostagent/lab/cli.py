@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hostagent import tables
+from hostagent.access import grant_udev_permissions
 from hostagent.config import Config
 from hostagent.lab.plan import DEFAULT_ROOT
 from hostagent.lab.zonelab import LabSettings, down, status, up
@@ -80,6 +81,13 @@ def cmd_lab_down(args: argparse.Namespace, _: Config) -> None:
         print("lab: nothing to remove")
 
 
+def cmd_lab_kvm_permissions(_args: argparse.Namespace, _: Config) -> None:
+    """For machines without udev (containers, CI runners, minimal inits): see access.py."""
+    granted = grant_udev_permissions()
+    if granted:
+        print(granted)
+
+
 def cmd_lab_status(args: argparse.Namespace, _: Config) -> None:
     print(json.dumps(status(_settings(args)), indent=2))
 
@@ -95,6 +103,12 @@ def add_commands(sub: Any) -> None:
             "demo",
             cmd_lab_demo,
             "a lab of 3 hosts (unless up) and cluster demo (3 masters, 2 workers)",
+        ),
+        (
+            "kvm-permissions",
+            cmd_lab_kvm_permissions,
+            "give /dev/kvm udev's group and mode (kvm, 0660) where no udev runs; "
+            "prints what it changed",
         ),
     ):
         parser = verbs.add_parser(name, help=text)

@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from hostagent.access import grant_udev_permissions
 from hostagent.lab import hosts, links, procs
 from hostagent.lab.hosts import LabHost
 from hostagent.lab.plan import PID_FILE, HostPlan, LabPlan, host_index
@@ -26,12 +27,16 @@ def lab_up(
     *,
     command: CommandFor | None = None,
     timeout: float = hosts.START_TIMEOUT_S,
+    progress: Callable[[str], None] = log.info,
 ) -> list[LabHost]:
-    """The bridge, then every host of the plan, one after the other.
+    """/dev/kvm's permissions, the bridge, then every host of the plan, one after the other.
 
     command: the command each host runs once its libvirtd answers (its agent). On a
     failure, what this call started is stopped again, and the error raised.
     """
+    granted = grant_udev_permissions()
+    if granted:
+        progress(granted)
     created = links.ensure_bridge(plan.bridge, plan.gateway)
     if created:
         log.info("bridge %s up (%s)", plan.bridge, plan.gateway)

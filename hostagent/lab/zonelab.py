@@ -231,7 +231,7 @@ def up(settings: LabSettings, progress: Callable[[str], None] = print) -> ZoneCo
     progress(f"zone at {context.url}")
     agents = {host.name: write_agent_config(settings, plan, host) for host in plan.hosts}
     try:
-        lab_up(plan, command=lambda host: _agent_argv(agents[host.name]))
+        lab_up(plan, command=lambda host: _agent_argv(agents[host.name]), progress=progress)
         progress(f"{len(plan.hosts)} hosts started: {', '.join(h.name for h in plan.hosts)}")
         wait_hosts_ready(context, [h.name for h in plan.hosts], progress)
     except BaseException:

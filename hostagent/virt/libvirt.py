@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ def _start_event_loop() -> None:
     with _event_lock:
         if _event_thread is not None:
             return
+        # Errors arrive as exceptions with the same text; libvirt would also print each
+        # one to stderr, a second, unformatted copy in the agent's log.
+        libvirt.registerErrorHandler(lambda _ctx, _error: None, None)
         libvirt.virEventRegisterDefaultImpl()
 
         def run() -> None:
@@ -65,13 +69,16 @@ class Libvirt:
         workers: int,
         on_lifecycle: Callable[[str], None],
         on_reconnect: Callable[[], None],
+        on_timed: Callable[[str, float], None] = lambda _call, _seconds: None,
     ) -> None:
         self.uri = uri
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
         self._conn: Any = None
+        self._events = -1
         self._lost = asyncio.Event()
         self._on_lifecycle = on_lifecycle
         self._on_reconnect = on_reconnect
+        self._on_timed = on_timed
         self.reconnects = 0
         self.connected = asyncio.Event()
 
@@ -96,7 +103,7 @@ class Libvirt:
             conn.registerCloseCallback(
                 lambda _c, _reason, _o: loop.call_soon_threadsafe(self.mark_lost), None
             )
-            conn.domainEventRegisterAny(
+            self._events = conn.domainEventRegisterAny(
                 None,
                 libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                 lambda _c, dom, _event, _detail, _o: loop.call_soon_threadsafe(
@@ -138,8 +145,16 @@ class Libvirt:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
+
+            def close() -> None:
+                # The callbacks hold references: without this the connection stays open
+                # and hands events to an event loop that may be gone.
+                conn.domainEventDeregisterAny(self._events)
+                conn.unregisterCloseCallback()
+                conn.close()
+
             with contextlib.suppress(libvirt.libvirtError):
-                await self._call(conn.close)
+                await self._call(close)
         self._pool.shutdown(wait=False)
 
     async def alive(self) -> bool:
@@ -168,7 +183,7 @@ class Libvirt:
                     found.append(info)
             return found
 
-        return await self._wrap(collect, "list domains")
+        return await self._wrap("list", collect, "list domains")
 
     async def domain(self, name: str, host: str) -> DomainInfo | None:
         conn = self._need()
@@ -188,11 +203,11 @@ class Libvirt:
                 )
             return info
 
-        return await self._wrap(lookup, f"look up domain {name}")
+        return await self._wrap("lookup", lookup, f"look up domain {name}")
 
     async def define(self, xml: str) -> None:
         conn = self._need()
-        await self._wrap(lambda: conn.defineXML(xml), "define domain")
+        await self._wrap("define", lambda: conn.defineXML(xml), "define domain")
 
     async def start(self, name: str) -> int:
         conn = self._need()
@@ -202,7 +217,7 @@ class Libvirt:
             dom.create()
             return int(dom.ID())
 
-        return await self._wrap(start, f"start domain {name}")
+        return await self._wrap("start", start, f"start domain {name}")
 
     async def shutdown(self, name: str, timeout_s: float) -> None:
         """ACPI power-off, then destroy when the guest has not stopped within timeout_s."""
@@ -213,11 +228,13 @@ class Libvirt:
             if dom.isActive():
                 dom.shutdown()
 
-        await self._wrap(request, f"shut down domain {name}")
+        await self._wrap("shutdown", request, f"shut down domain {name}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
-            if not await self._wrap(lambda: conn.lookupByName(name).isActive(), "poll domain"):
+            if not await self._wrap(
+                "is_active", lambda: conn.lookupByName(name).isActive(), "poll domain"
+            ):
                 return
             await asyncio.sleep(0.5)
         log.warning("domain %s ignored ACPI shutdown for %.0fs; destroying it", name, timeout_s)
@@ -231,15 +248,38 @@ class Libvirt:
             if dom.isActive():
                 dom.destroy()
 
-        await self._wrap(destroy, f"destroy domain {name}")
+        await self._wrap("destroy", destroy, f"destroy domain {name}")
 
     async def undefine(self, name: str) -> None:
         conn = self._need()
-        await self._wrap(lambda: conn.lookupByName(name).undefine(), f"undefine domain {name}")
+        await self._wrap(
+            "undefine", lambda: conn.lookupByName(name).undefine(), f"undefine domain {name}"
+        )
 
     async def run_transient(self, xml: str) -> str:
         conn = self._need()
-        return str(await self._wrap(lambda: conn.createXML(xml, 0).name(), "start probe domain"))
+        return str(
+            await self._wrap(
+                "create_transient", lambda: conn.createXML(xml, 0).name(), "start probe domain"
+            )
+        )
+
+    async def offers_kvm(self) -> str | None:
+        """None when libvirt offers a kvm domain type for x86_64, else libvirt's reason."""
+        conn = self._need()
+
+        def domain_capabilities() -> str | None:
+            try:
+                conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
+            except libvirt.libvirtError as exc:
+                if not conn.isAlive():
+                    raise
+                return str(exc)
+            return None
+
+        return await self._wrap(
+            "domain_capabilities", domain_capabilities, "read kvm domain capabilities"
+        )
 
     async def is_active(self, name: str) -> bool:
         conn = self._need()
@@ -252,15 +292,19 @@ class Libvirt:
                     return False
                 raise
 
-        return await self._wrap(active, f"query domain {name}")
+        return await self._wrap("is_active", active, f"query domain {name}")
 
-    async def _wrap(self, fn: Callable[[], T], what: str) -> T:
+    async def _wrap(self, call: str, fn: Callable[[], T], what: str) -> T:
+        """Run fn off the loop; `call` names it in the timings (a metric label)."""
+        started = time.monotonic()
         try:
             return await self._call(fn)
         except libvirt.libvirtError as exc:
             if not await self.alive():
                 raise LibvirtUnavailable(f"{what}: libvirt is not reachable ({exc})") from exc
             raise ProvisioningError(f"{what}: {exc}") from exc
+        finally:
+            self._on_timed(call, time.monotonic() - started)
 
 
 def _info(dom: Any) -> DomainInfo | None:

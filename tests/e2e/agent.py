@@ -57,7 +57,7 @@ class Agent:
     def log_path(self) -> Path:
         return self.state_dir / "agent.log"
 
-    def write_config(self, extra: str = "") -> None:
+    def write_config(self, extra: str = "", domain_type: str = "qemu") -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(
             f'host_id = "{self.host_id}"\n'
@@ -65,11 +65,11 @@ class Agent:
             f'image_dir = "{self.image_dir}"\n'
             f'[api]\nlisten = "127.0.0.1:{self.api_port}"\n'
             f"[phone_home]\nport = {self.phone_home_port}\n"
-            '[libvirt]\ndomain_type = "qemu"\nshutdown_timeout_s = 20\n'
+            f'[libvirt]\ndomain_type = "{domain_type}"\nshutdown_timeout_s = 20\n'
             "[reconciler]\nbackoff_initial_s = 0.5\n" + extra
         )
 
-    def start(self) -> Client:
+    def start(self, timeout_s: float = 60) -> Client:
         if not self.config_path.exists():
             self.write_config()
         log = self.log_path.open("ab")
@@ -79,7 +79,7 @@ class Agent:
             stderr=subprocess.STDOUT,
         )
         client = Client(f"http://127.0.0.1:{self.api_port}", "unused")
-        poll(lambda: self._up(client), 60, "the agent to answer /healthz")
+        poll(lambda: self._up(client), timeout_s, "the agent to answer /healthz")
         token = (self.state_dir / "api-token").read_text().strip()
         return Client(f"http://127.0.0.1:{self.api_port}", token)
 
