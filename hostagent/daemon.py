@@ -22,7 +22,7 @@ from hostagent import __version__, capacity, certificates
 from hostagent.access import KvmDevice, check_qemu_can_reach, kvm_device
 from hostagent.api import api_app, phone_home_app
 from hostagent.config import Config, read_secret
-from hostagent.errors import HostAgentError, ProvisioningError
+from hostagent.errors import ProvisioningError
 from hostagent.images import ImageCatalog
 from hostagent.kvmprobe import resolve_domain_type
 from hostagent.metrics import Metrics
@@ -414,7 +414,7 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await agent.start()
-    except HostAgentError:
+    except BaseException:
         await agent.stop()
         raise
     notifier.notify("READY=1")
