@@ -1,11 +1,14 @@
 """A master and a worker of one cluster as real VMs (libvirtd + QEMU/TCG), end to end.
 
-One agent, one pair of VMs for the whole module: the checks run in order against them
-(bad input, Ready, domain XML, restart adoption, orphan clean-up, delete).
+One agent and one pair of VMs for the whole module. Each test establishes the state it
+checks (`ready`: the agent serving, m1 and w1 present and Ready, created or waited for as
+needed), so any test passes on its own; in file order each finds what the one before
+left (bad input, Ready, domain XML, restart adoption, orphan clean-up, delete).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import shutil
@@ -82,9 +85,42 @@ def agent(lab_image_dir: Path) -> Iterator[Agent]:
         cleanup(agent, [BRIDGE])
 
 
+NODES = {"m1": ("master", 11), "w1": ("worker", 21)}
+
+
+def serving(agent: Agent) -> Client:
+    """A client of the agent, started first when it is not running."""
+    if agent.process is None or agent.process.poll() is not None:
+        return agent.start()
+    token = (agent.state_dir / "api-token").read_text().strip()
+    return Client(f"http://127.0.0.1:{agent.api_port}", token)
+
+
+def ready(agent: Agent, *names: str) -> Client:
+    """The named nodes (default: m1 and w1) Ready: put with their spec when missing,
+    as they are otherwise (an earlier test may have changed a spec), then waited for."""
+    client = serving(agent)
+    for name in names or tuple(NODES):
+        try:
+            client.get_node(CLUSTER, name)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            role, host_part = NODES[name]
+            client.put_node(CLUSTER, name, spec(role, host_part))
+    client.wait([(CLUSTER, n) for n in names or NODES], timeout_s=420, progress=print)
+    wait_settled(client)
+    return client
+
+
 @pytest.fixture(scope="module")
 def client(agent: Agent) -> Client:
-    return agent.start()
+    return serving(agent)
+
+
+@pytest.fixture
+def pair(agent: Agent) -> Client:
+    return ready(agent)
 
 
 def raw(client: Client, method: str, path: str, body: bytes | None = None) -> httpx.Response:
@@ -97,6 +133,7 @@ def wait_settled(client: Client) -> None:
 
 def test_bad_input_is_refused_and_changes_nothing(agent: Agent, client: Client) -> None:
     before = client.nodes()
+    domains = owned_domains(agent.host_id)
     good = json.dumps(spec("master", 11)).encode()
     cases = [
         ("PUT", f"/v1/clusters/{CLUSTER}/nodes/m1", b"{not json", 400),
@@ -142,10 +179,14 @@ def test_bad_input_is_refused_and_changes_nothing(agent: Agent, client: Client) 
     unauthenticated = httpx.get(f"http://127.0.0.1:{agent.api_port}/v1/nodes")
     assert unauthenticated.status_code == 401
     assert client.nodes() == before
-    assert owned_domains(agent.host_id) == []
+    assert owned_domains(agent.host_id) == domains
 
 
 def test_master_and_worker_become_ready(agent: Agent, client: Client) -> None:
+    for node in ("m1", "w1"):
+        with contextlib.suppress(ApiError):
+            client.delete_node(CLUSTER, node)  # made by a test before: made anew here
+    client.wait([(CLUSTER, "m1"), (CLUSTER, "w1")], until="Gone", timeout_s=120)
     for node in ("m1", "w1"):
         pki = agent.state_dir / "nodes" / CLUSTER / node / "pki"
         pki.mkdir(parents=True)
@@ -165,7 +206,8 @@ def test_master_and_worker_become_ready(agent: Agent, client: Client) -> None:
     assert link_exists(BRIDGE)
 
 
-def test_certificates_are_readable_in_the_guest_and_read_only(client: Client) -> None:
+def test_certificates_are_readable_in_the_guest_and_read_only(pair: Client) -> None:
+    client = pair
     for node, role in (("m1", "master"), ("w1", "worker")):
         status = client.get_node(CLUSTER, node)["status"]
         guest, expiries = status["guest"], status["certificates"]
@@ -179,23 +221,26 @@ def test_certificates_are_readable_in_the_guest_and_read_only(client: Client) ->
             assert datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ") > datetime(2027, 1, 1)
 
 
-def test_same_node_with_another_role_is_a_conflict(client: Client) -> None:
+def test_same_node_with_another_role_is_a_conflict(pair: Client) -> None:
+    client = pair
     with pytest.raises(ApiError) as error:
         client.put_node(CLUSTER, "m1", spec("worker", 11))
     assert error.value.status == 409
     assert client.get_node(CLUSTER, "m1")["spec"]["role"] == "master"
 
 
-def test_same_spec_again_changes_nothing(client: Client) -> None:
+def test_same_spec_again_changes_nothing(pair: Client) -> None:
+    client = pair
     before = client.get_node(CLUSTER, "m1")
     response = raw(
-        client, "PUT", f"/v1/clusters/{CLUSTER}/nodes/m1", json.dumps(spec("master", 11)).encode()
+        client, "PUT", f"/v1/clusters/{CLUSTER}/nodes/m1", json.dumps(before["spec"]).encode()
     )
     assert response.status_code == 200
     assert client.get_node(CLUSTER, "m1")["status"] == before["status"]
 
 
-def test_beyond_free_capacity_is_507(client: Client) -> None:
+def test_beyond_free_capacity_is_507(pair: Client) -> None:
+    client = pair
     host = client.host()
     free = host["allocatable"]["memory_mib"] - host["allocated"]["memory_mib"]
     # Fits the host's allocatable memory but not what is left: overhead takes the rest.
@@ -206,7 +251,7 @@ def test_beyond_free_capacity_is_507(client: Client) -> None:
     assert len(client.nodes()) == 2
 
 
-def test_domain_xml_validates(client: Client) -> None:
+def test_domain_xml_validates(pair: Client) -> None:
     for node in ("m1", "w1"):
         xml = subprocess.run(
             ["virsh", "-c", "qemu:///system", "dumpxml", f"{CLUSTER}-{node}"],
@@ -220,7 +265,7 @@ def test_domain_xml_validates(client: Client) -> None:
         assert result.returncode == 0, result.stderr + result.stdout
 
 
-def test_phone_home_with_another_nodes_token_is_refused(agent: Agent, client: Client) -> None:
+def test_phone_home_with_another_nodes_token_is_refused(agent: Agent, pair: Client) -> None:
     with sqlite3.connect(agent.state_dir / "state.db") as db:
         (w1_token,) = db.execute(
             "SELECT token FROM nodes WHERE cluster = ? AND name = 'w1'", (CLUSTER,)
@@ -231,7 +276,8 @@ def test_phone_home_with_another_nodes_token_is_refused(agent: Agent, client: Cl
     assert httpx.post(url, json={}).status_code == 401
 
 
-def test_changed_spec_recreates_the_domain_and_grows_the_disk(agent: Agent, client: Client) -> None:
+def test_changed_spec_recreates_the_domain_and_grows_the_disk(agent: Agent, pair: Client) -> None:
+    client = pair
     pid = qemu_pid(f"{CLUSTER}-w1")
     changed = spec("worker", 21, memory_mib=320, disk_gib=3)
     response = raw(client, "PUT", f"/v1/clusters/{CLUSTER}/nodes/w1", json.dumps(changed).encode())
@@ -253,7 +299,8 @@ def test_changed_spec_recreates_the_domain_and_grows_the_disk(agent: Agent, clie
     assert error.value.status == 422  # disks only grow
 
 
-def test_new_image_recreates_the_root_disk_but_keeps_etcds(agent: Agent, client: Client) -> None:
+def test_new_image_recreates_the_root_disk_but_keeps_etcds(agent: Agent, pair: Client) -> None:
+    client = pair
     files = agent.state_dir / "nodes" / CLUSTER / "m1"
     etcd_before = (files / "etcd.qcow2").stat()
     assert "/lab/" in backing_file(files / "disk.qcow2")
@@ -284,7 +331,8 @@ def backing_file(path: Path) -> str:
     return str(json.loads(info)["backing-filename"])
 
 
-def test_a_vm_stopped_behind_the_agents_back_is_started_again(agent: Agent, client: Client) -> None:
+def test_a_vm_stopped_behind_the_agents_back_is_started_again(agent: Agent, pair: Client) -> None:
+    client = pair
     pid = qemu_pid(f"{CLUSTER}-w1")
     subprocess.run(["virsh", "-c", "qemu:///system", "destroy", f"{CLUSTER}-w1"], check=True)
     poll(lambda: qemu_pid(f"{CLUSTER}-w1") not in (None, pid), 60, "w1 to be started again")
@@ -296,7 +344,7 @@ def test_a_vm_stopped_behind_the_agents_back_is_started_again(agent: Agent, clie
     assert phases[-2:] == ["Running", "Ready"], phases
 
 
-def test_metrics_count_nodes_by_phase(agent: Agent) -> None:
+def test_metrics_count_nodes_by_phase(agent: Agent, pair: Client) -> None:
     text = httpx.get(f"http://127.0.0.1:{agent.api_port}/metrics").text
     expiry = "hostagent_certificate_soonest_expiry_timestamp_seconds"
     assert f'{expiry}{{cluster="{CLUSTER}",node="w1"}}' in text
@@ -304,7 +352,7 @@ def test_metrics_count_nodes_by_phase(agent: Agent) -> None:
     assert "hostagent_reconcile_duration_seconds_count" in text
 
 
-def test_cli_lists_and_gets_nodes(agent: Agent, client: Client) -> None:
+def test_cli_lists_and_gets_nodes(agent: Agent, pair: Client) -> None:
     base = [sys.executable, "-m", "hostagent", "-c", str(agent.config_path)]
     table = subprocess.run([*base, "list"], check=True, capture_output=True, text=True).stdout
     header, *rows = table.splitlines()
@@ -319,7 +367,8 @@ def test_cli_lists_and_gets_nodes(agent: Agent, client: Client) -> None:
     assert json.loads(got)["status"]["guest"]["hostname"] == "w1"
 
 
-def test_agent_reconnects_when_libvirtd_restarts(agent: Agent, client: Client) -> None:
+def test_agent_reconnects_when_libvirtd_restarts(agent: Agent, pair: Client) -> None:
+    client = pair
     pid = qemu_pid(f"{CLUSTER}-m1")
     restart_libvirtd()
     health = f"http://127.0.0.1:{agent.api_port}/healthz"
@@ -338,7 +387,8 @@ def test_agent_reconnects_when_libvirtd_restarts(agent: Agent, client: Client) -
     assert client.get_node(CLUSTER, "m1")["status"]["phase"] == "Ready"
 
 
-def test_kill_9_and_restart_adopts_running_vms(agent: Agent, client: Client) -> None:
+def test_kill_9_and_restart_adopts_running_vms(agent: Agent, pair: Client) -> None:
+    client = pair
     domains = [f"{CLUSTER}-m1", f"{CLUSTER}-w1"]
     pids = {name: qemu_pid(name) for name in domains}
     assert all(pids.values()), pids
@@ -361,14 +411,11 @@ def test_kill_9_and_restart_adopts_running_vms(agent: Agent, client: Client) -> 
 
 
 def test_delete_leaves_nothing_behind(agent: Agent) -> None:
-    client = (
-        agent.start()
-        if agent.process is None
-        else Client(
-            f"http://127.0.0.1:{agent.api_port}",
-            (agent.state_dir / "api-token").read_text().strip(),
-        )
-    )
+    client = ready(agent, "m1")
+    for name in set(NODES) - {"m1"}:
+        with contextlib.suppress(ApiError):
+            client.delete_node(CLUSTER, name)
+    client.wait([(CLUSTER, n) for n in set(NODES) - {"m1"}], until="Gone", timeout_s=120)
     node_dir = agent.state_dir / "nodes" / CLUSTER / "m1"
     assert (node_dir / "disk.qcow2").exists() and (node_dir / "cidata.iso").exists()
     response = raw(client, "DELETE", f"/v1/clusters/{CLUSTER}/nodes/m1")

@@ -1,13 +1,15 @@
 """The zone driving real agents: a lab of 3 hosts (each its own namespaces, libvirtd and
 agent), real lab VMs under TCG, real VXLAN between the hosts.
 
-One lab and one cluster serve every check, in order (each test builds on the one before;
-they share a module-scoped lab): the cluster of 3 masters and 2 workers reaches Ready with
-masters on 3 hosts; a second cluster; a new worker pings the nodes of its cluster on the
-other hosts across VXLAN and cannot reach the other cluster's node even with forwarding
-on in every host; scaling updates every host's peers; a killed agent makes the cluster
-Degraded and leaves the other hosts alone, and it converges when back; a zone restarted
-mid-creation still completes the cluster; deleting leaves nothing on any host.
+One module-scoped lab serves every check. Each test establishes the clusters it needs
+(`ensure`: created when missing, then Ready), so any test passes on its own, and in file
+order each finds what the one before left and waits for nothing more: the cluster of 3
+masters and 2 workers reaches Ready with masters on 3 hosts; a second cluster; a new
+worker pings the nodes of its cluster on the other hosts across VXLAN and cannot reach
+the other cluster's node even with forwarding on in every host; scaling updates every
+host's peers; a killed agent makes the cluster Degraded and leaves the other hosts
+alone, and it converges when back; a zone restarted mid-creation still completes the
+cluster; deleting leaves nothing on any host.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from hostagent.client import ApiError
 from hostagent.lab import hosts as lab_hosts
 from hostagent.lab.plan import HostPlan
 from hostagent.lab.zonelab import (
@@ -49,6 +52,16 @@ OTHER_M1 = "10.128.1.10"  # the second cluster's first node
 # Workers ping these at boot (an extension file in every agent's configuration): every
 # node of demo, and the other cluster's master.
 PING_TARGETS = [f"{DEMO_NET}.{i}" for i in range(10, 16)] + [OTHER_M1]
+DEMO_SPEC: dict[str, Any] = {
+    "kubernetes_version": "1.31.2",
+    "image": "lab",
+    "masters": {"count": 3, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
+    "workers": {"count": 2, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
+}
+OTHER_SPEC: dict[str, Any] = {
+    "kubernetes_version": "1.31.2",
+    "masters": {"count": 1, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
+}
 AGENT_EXTRA = f"""
 [[cloudconfig.worker.files]]
 path = "/etc/hostagent/ping-targets"
@@ -90,6 +103,22 @@ class Lab:
     def wait_phase(self, cluster: str, phase: str, timeout_s: float = 600.0) -> None:
         poll(lambda: self.phase(cluster) == phase, timeout_s, f"{cluster} {phase}", 1.0)
 
+    def ensure(self, cluster: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """The cluster Ready: created with spec when missing, as it is otherwise."""
+        try:
+            view = self.zone.cluster(cluster)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            view = self.zone.put_cluster(cluster, spec)
+        self.wait_phase(cluster, "Ready")
+        return view
+
+    def ensure_clusters(self) -> None:
+        """demo, then other: in this order they get the subnets the tests name."""
+        self.ensure("demo", DEMO_SPEC)
+        self.ensure("other", OTHER_SPEC)
+
     def peer_macs(self, host: str, cluster: str) -> set[str]:
         response = self.agent_get(host, f"/v1/clusters/{cluster}/peers")
         if response.status_code == 404:
@@ -127,13 +156,7 @@ def lab(lab_image_dir: Path) -> Iterator[Lab]:
 
 
 def test_cluster_becomes_ready_with_masters_on_three_hosts(lab: Lab) -> None:
-    spec = {
-        "kubernetes_version": "1.31.2",
-        "image": "lab",
-        "masters": {"count": 3, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
-        "workers": {"count": 2, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
-    }
-    view = lab.zone.put_cluster("demo", spec)
+    view = lab.zone.put_cluster("demo", DEMO_SPEC)
     assert view["status"]["node_subnet"] == f"{DEMO_NET}.0/24"
     lab.wait_phase("demo", "Ready")
     nodes = lab.nodes("demo")
@@ -150,11 +173,8 @@ def test_cluster_becomes_ready_with_masters_on_three_hosts(lab: Lab) -> None:
 
 
 def test_second_cluster_gets_its_own_network(lab: Lab) -> None:
-    spec = {
-        "kubernetes_version": "1.31.2",
-        "masters": {"count": 1, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
-    }
-    view = lab.zone.put_cluster("other", spec)
+    lab.ensure("demo", DEMO_SPEC)
+    view = lab.zone.put_cluster("other", OTHER_SPEC)
     assert view["status"]["vni"] != lab.zone.cluster("demo")["status"]["vni"]
     lab.wait_phase("other", "Ready")
     assert lab.nodes("other")["m1"]["address"] == OTHER_M1
@@ -165,6 +185,7 @@ def test_new_worker_reaches_its_cluster_across_hosts_and_not_the_other(lab: Lab)
     # an operator might): the kernel turns it back on for every bridge too. The agent's
     # next rewire turns the bridges' switches off again; until then its per-bridge prohibit
     # rule keeps the clusters apart (shown alone in tests/integration/test_network_vxlan.py).
+    lab.ensure_clusters()
     switch = f"net.ipv4.conf.habr{lab.zone.cluster('demo')['status']['vni']}.forwarding"
     for host in ("h1", "h2", "h3"):
         # The kernel rewrites every device's switch only when the value changes: 0, then 1.
@@ -189,7 +210,11 @@ def test_new_worker_reaches_its_cluster_across_hosts_and_not_the_other(lab: Lab)
 
 
 def test_scaling_down_updates_every_hosts_peers(lab: Lab) -> None:
-    spec = lab.zone.cluster("demo")["spec"]
+    spec = lab.ensure("demo", DEMO_SPEC)["spec"]
+    if spec["workers"]["count"] != 3:
+        spec["workers"]["count"] = 3
+        lab.zone.put_cluster("demo", spec)
+        lab.wait_phase("demo", "Ready")
     w3_host = lab.nodes("demo")["w3"]["host"]
     spec["workers"]["count"] = 2
     lab.zone.put_cluster("demo", spec)
@@ -203,6 +228,7 @@ def test_scaling_down_updates_every_hosts_peers(lab: Lab) -> None:
 
 
 def test_killed_agent_degrades_the_cluster_and_converges_when_back(lab: Lab) -> None:
+    lab.ensure("demo", DEMO_SPEC)
     victim = lab.nodes("demo")["m2"]["host"]
     others = {"h1", "h2", "h3"} - {victim}
     before = {h: lab.inside(h, ["virsh", "list", "--name"]).split() for h in others}
@@ -234,9 +260,11 @@ def test_zone_restarted_mid_creation_still_completes(lab: Lab) -> None:
 
 
 def test_deleting_leaves_nothing_on_any_host(lab: Lab) -> None:
-    for cluster in ("demo", "other", "third"):
+    lab.ensure("demo", DEMO_SPEC)  # VMs on every host, whatever ran before
+    clusters = [c["name"] for c in lab.zone.clusters()]
+    for cluster in clusters:
         lab.zone.delete_cluster(cluster)
-    for cluster in ("demo", "other", "third"):
+    for cluster in clusters:
         lab.zone.wait(cluster, "Gone", timeout_s=300)
     for host in ("h1", "h2", "h3"):
         assert lab.inside(host, ["virsh", "list", "--all", "--name"]).split() == [], host
