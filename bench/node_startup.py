@@ -33,6 +33,9 @@ from tests.e2e.agent import Agent, cleanup
 
 VNI = 190_000 + secrets.randbelow(9_000)
 SUBNET = "10.252.7"
+# The baseline's own network: it runs between the agent's rounds.
+BASE_VNI = VNI + 1
+BASE_SUBNET = "10.252.8"
 
 
 def node_spec(index: int) -> dict[str, Any]:
@@ -80,16 +83,18 @@ async def baseline(image_dir: Path, work: Path, count: int) -> float:
     cluster = f"base{secrets.token_hex(2)}"
     conn = libvirt.open("qemu:///system")
     netlink = Netlink()
-    bridge = BridgeWanted(names.bridge_name(VNI), cluster, VNI, f"{SUBNET}.1/24", 1450)
+    bridge = BridgeWanted(
+        names.bridge_name(BASE_VNI), cluster, BASE_VNI, f"{BASE_SUBNET}.1/24", 1450
+    )
 
     async def one(index: int) -> None:
         node = f"n{index}"
         files = work / f"{cluster}-{node}"
         (files / "pki").mkdir(parents=True)
         mac = names.mac_address(cluster, node)
-        address = f"{SUBNET}.{10 + index}/24"
-        ctx = NodeContext(cluster, node, "master", node, node, mac, address, f"{SUBNET}.1",
-                          1450, "1.31.2", (), f"http://{SUBNET}.1:1/x", "ab")  # fmt: skip
+        address = f"{BASE_SUBNET}.{10 + index}/24"
+        ctx = NodeContext(cluster, node, "master", node, node, mac, address, f"{BASE_SUBNET}.1",
+                          1450, "1.31.2", (), f"http://{BASE_SUBNET}.1:1/x", "ab")  # fmt: skip
         build_config_drive(files / "cidata.iso", config_drive_files(ctx))
         await disk.ensure_overlay(files / "disk.qcow2", image.disk, 2)
         params = DomainParams(f"{cluster}-{node}", "qemu", 1, 256, image.kernel, image.initrd,
@@ -128,19 +133,29 @@ def main() -> None:
     agent = Agent(state_dir=state / "agent", image_dir=IMAGE_CACHE)
     # 8 one-vCPU lab VMs on a 2-core machine: allow the overcommit for the benchmark.
     agent.write_config("[capacity]\nreserved_vcpus = 0\nvcpu_ratio = 8.0\n")
+    one: list[dict[str, float]] = []
+    eight: list[dict[str, float]] = []
+    base: list[float] = []
+    base8: list[float] = []
     try:
         client = agent.start()
-        one = [
-            agent_round(agent, client, 1, f"b1-{secrets.token_hex(2)}") for r in range(args.repeat)
-        ]
-        eight = [
-            agent_round(agent, client, 8, f"b8-{secrets.token_hex(2)}") for r in range(args.repeat)
-        ]
-        agent.stop()
-        base = [asyncio.run(baseline(IMAGE_CACHE, state / f"b{r}", 1)) for r in range(args.repeat)]
-        base8 = [asyncio.run(baseline(IMAGE_CACHE, state / f"c{r}", 8)) for r in range(args.repeat)]
+        # Interleaved, so the agent and the baseline meet the same machine (page cache,
+        # libvirtd's state, what the other cores are doing) round for round.
+        for r in range(args.repeat):
+            base.append(asyncio.run(baseline(IMAGE_CACHE, state / f"b{r}", 1)))
+            one.append(agent_round(agent, client, 1, f"b1-{secrets.token_hex(2)}"))
+            print(
+                f"  round {r + 1}, 1 node: baseline {base[-1]:.3f}, agent {one[-1]['running']:.3f}"
+            )
+        for r in range(args.repeat):
+            base8.append(asyncio.run(baseline(IMAGE_CACHE, state / f"c{r}", 8)))
+            eight.append(agent_round(agent, client, 8, f"b8-{secrets.token_hex(2)}"))
+            print(
+                f"  round {r + 1}, 8 nodes: baseline {base8[-1]:.3f}, "
+                f"agent {eight[-1]['running']:.3f}"
+            )
     finally:
-        cleanup(agent, [names.bridge_name(VNI)])
+        cleanup(agent, [names.bridge_name(VNI), names.bridge_name(BASE_VNI)])
     med = statistics.median
     r1, y1 = med(x["running"] for x in one), med(x["ready"] for x in one)
     r8, y8 = med(x["running"] for x in eight), med(x["ready"] for x in eight)

@@ -134,6 +134,7 @@ class Agent:
         self.peer_health: dict[str, PeerHealth] = {}
         configured = config.libvirt.domain_type
         self.domain_type: str | None = None if configured == "auto" else configured
+        self.domain_type_reason = "configured" if self.domain_type else "auto: not decided yet"
         self.reconciler: Reconciler | None = None
         self.runner: web.AppRunner | None = None
         self.sites: PhoneHomeSites | None = None
@@ -214,10 +215,11 @@ class Agent:
         """auto: probe once libvirt answers; nodes wait for it (define refuses meanwhile)."""
         if self.domain_type is None:
             try:
-                self.domain_type = await resolve_domain_type(self.config, self.virt, self.images)
+                choice = await resolve_domain_type(self.config, self.virt, self.images)
             except LibvirtUnavailable as exc:
                 log.warning("domain type: undecided until libvirt answers again (%s)", exc)
                 return
+            self.domain_type, self.domain_type_reason = choice.domain_type, choice.reason
             if self.reconciler is not None:
                 self.reconciler.provisioner.domain_type = self.domain_type
 
@@ -299,6 +301,7 @@ class Agent:
             "allocatable": _resources(offer),
             "allocated": _resources(used),
             "domain_type": self.domain_type,
+            "domain_type_reason": self.domain_type_reason,
             "kvm_device": self.kvm_device().as_dict(),
             "version": __version__,
             "libvirt_uri": self.config.libvirt.uri,

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from hostagent.access import KVM_DEVICE, kvm_device
@@ -31,50 +32,62 @@ def _probe_kernel(images: ImageCatalog) -> Path | None:
     return candidates[-1] if candidates else None
 
 
-async def resolve_domain_type(config: Config, virt: Libvirt, images: ImageCatalog) -> str:
+@dataclass(frozen=True)
+class DomainTypeChoice:
+    domain_type: str
+    reason: str  # for a person: GET /v1/host shows it, the log says it once
+
+
+async def resolve_domain_type(
+    config: Config, virt: Libvirt, images: ImageCatalog
+) -> DomainTypeChoice:
     """kvm only when QEMU's user may open /dev/kvm, libvirt offers kvm and a kernel really
     boots under it; else qemu.
 
     Never raises for a KVM that does not work: that is what qemu is for. Only a proven
     answer is cached (per boot); a refusal may be gone after a fix and a libvirtd restart.
     """
+    choice = await _choose(config, virt, images)
+    level = (
+        logging.WARNING if choice.domain_type == "qemu" and KVM_DEVICE.exists() else logging.INFO
+    )
+    log.log(level, "domain type: %s (%s)", choice.domain_type, choice.reason)
+    return choice
+
+
+async def _choose(config: Config, virt: Libvirt, images: ImageCatalog) -> DomainTypeChoice:
     wanted = config.libvirt.domain_type
     if wanted != "auto":
-        return wanted
+        return DomainTypeChoice(wanted, "configured")
     if not KVM_DEVICE.exists():
-        log.info("domain type: qemu (no /dev/kvm)")
-        return "qemu"
+        return DomainTypeChoice("qemu", f"auto: no {KVM_DEVICE}")
     cache = config.state_dir / "kvm-probe.json"
     boot_id = BOOT_ID.read_text().strip()
     try:
         cached = json.loads(cache.read_text())
         if cached.get("boot_id") == boot_id:
-            return str(cached["domain_type"])
+            return DomainTypeChoice(str(cached["domain_type"]), f"auto: probed ({cache})")
     except (OSError, ValueError):
         pass
     device = kvm_device(config.libvirt.qemu_user, KVM_DEVICE)
     if device.problem is not None:
-        log.warning("domain type: qemu (%s)", device.problem)
-        return "qemu"
+        return DomainTypeChoice("qemu", f"auto: {device.problem}")
     refusal = await virt.offers_kvm()
     if refusal is not None:
-        log.warning("domain type: qemu (libvirt offers no kvm domain: %s)", refusal)
-        return "qemu"
+        return DomainTypeChoice("qemu", f"auto: libvirt offers no kvm domain: {refusal}")
     kernel = _probe_kernel(images)
     if kernel is None:
-        log.warning("domain type: qemu (no kernel to prove KVM with; build the lab image)")
-        return "qemu"
+        return DomainTypeChoice("qemu", "auto: no kernel to prove KVM with; build the lab image")
     try:
         booted = await kernel_boots(config, virt, kernel, "kvm")
     except LibvirtUnavailable:
         raise
     except ProvisioningError as exc:
-        log.warning("domain type: qemu (a kvm guest cannot even be created: %s)", exc)
-        return "qemu"
+        return DomainTypeChoice("qemu", f"auto: a kvm guest cannot even be created: {exc}")
     result = "kvm" if booted else "qemu"
-    log.info("domain type: %s (probed; cached until the host reboots)", result)
     cache.write_text(json.dumps({"boot_id": boot_id, "domain_type": result}))
-    return result
+    verdict = "booted" if booted else "did not finish booting"
+    return DomainTypeChoice(result, f"auto: a kernel under kvm {verdict}; cached until reboot")
 
 
 async def kernel_boots(config: Config, virt: Libvirt, kernel: Path, domain_type: str) -> bool:

@@ -37,6 +37,13 @@ from pki.provision import provision_node
 log = logging.getLogger(__name__)
 
 
+async def _all(*steps: Awaitable[None]) -> None:
+    """Run the steps at once, each to its end, then raise the first error."""
+    for result in await asyncio.gather(*steps, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
+
+
 class NodeFiles:
     """Where a node's files live on the host."""
 
@@ -96,9 +103,22 @@ class Provisioner:
             await self.on_networks(wanted)
 
     async def prepare_files(self, record: NodeRecord, peers: Iterable[NodeRecord]) -> None:
+        """Certificates, config drive and disks: independent of each other, made at once.
+
+        Every part runs to its end even when another fails (each is idempotent, and none
+        may still be writing when the reconciler retries); then the first error is raised.
+        """
         files = self.files(record.key)
         image = self.image(record.spec)
         await asyncio.to_thread(self._make_dirs, files)
+        context = self.context(record, peers)
+        await _all(
+            self._certificates(record, files),
+            self._config_drive(context, files),
+            self._disks(record, image, files),
+        )
+
+    async def _certificates(self, record: NodeRecord, files: NodeFiles) -> None:
         uid, gid = certificates.qemu_owner(self.config)
         await provision_node(
             self.pki,
@@ -109,18 +129,24 @@ class Provisioner:
             uid=uid,
             gid=gid,
         )
-        context = self.context(record, peers)
+
+    async def _config_drive(self, context: NodeContext, files: NodeFiles) -> None:
+        template_dir = self.config.cloudconfig.template_dir
         try:
-            contents = config_drive_files(context, self.config.cloudconfig.template_dir)
+            contents = await asyncio.to_thread(config_drive_files, context, template_dir)
         except ValueError as exc:  # e.g. an operator's override template that fails
             raise ProvisioningError(f"rendering the cloud-config failed: {exc}") from exc
         await asyncio.to_thread(build_config_drive, files.config_drive, contents)
-        await disk.ensure_overlay(files.disk, image.disk, record.spec.disk_gib)
+
+    async def _disks(self, record: NodeRecord, image: Image, files: NodeFiles) -> None:
+        overlay = disk.ensure_overlay(files.disk, image.disk, record.spec.disk_gib)
         etcd_size = record.spec.etcd_disk_size
-        if etcd_size is not None:
-            # etcd's data lives apart from the root disk, which may be re-created
-            # (a new image): losing etcd with it was Giantnetes' worst recurring failure.
-            await disk.ensure_blank(files.etcd_disk, etcd_size)
+        if etcd_size is None:
+            await overlay
+            return
+        # etcd's data lives apart from the root disk, which may be re-created (a new
+        # image): losing etcd with it was Giantnetes' worst recurring failure.
+        await _all(overlay, disk.ensure_blank(files.etcd_disk, etcd_size))
 
     def _make_dirs(self, files: NodeFiles) -> None:
         # QEMU runs as its own user: it must traverse to the node's files and read the

@@ -103,6 +103,7 @@ def test_serve_starts_with_auto_where_qemu_cannot_open_kvm(
         client = agent.start(timeout_s=300)
         host = poll(lambda: _decided(client.host()), 300, "the domain type to be decided")
         assert host["domain_type"] == "qemu"
+        assert host["domain_type_reason"].startswith("auto: /dev/kvm is crw------- root:root")
         kvm = host["kvm_device"]
         assert kvm["present"] and not kvm["usable_by_qemu"]
         assert kvm["mode"] == "crw-------" and kvm["owner"] == "root:root"
@@ -113,7 +114,7 @@ def test_serve_starts_with_auto_where_qemu_cannot_open_kvm(
         assert 'hostagent_libvirt_call_duration_seconds_count{call="list"}' in (metrics)
         log = agent.log_path.read_text()
         assert "QEMU's user libvirt-qemu cannot open it" in log
-        assert "domain type: qemu (/dev/kvm is crw------- root:root" in log
+        assert "domain type: qemu (auto: /dev/kvm is crw------- root:root" in log
         assert "libvirt:" not in log, "libvirt's own stderr copy of an error"
         assert "Traceback" not in log
         assert not (state / "kvm-probe.json").exists(), "a refusal must not be cached"
@@ -140,6 +141,7 @@ async def test_a_kvm_guest_libvirt_cannot_create_means_qemu(
     )
     tmp_path.chmod(0o755)
     found = await resolve_domain_type(config, virt, ImageCatalog(config.images))
-    assert found == "qemu"
+    assert found.domain_type == "qemu"
+    assert found.reason.startswith("auto: a kvm guest cannot even be created: start probe domain")
     assert not (tmp_path / "kvm-probe.json").exists()
     assert not await virt.is_active(f"hostagent-probe-{os.getpid()}"), "probe domain left"

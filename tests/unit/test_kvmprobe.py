@@ -47,7 +47,9 @@ async def test_a_device_qemu_cannot_open_means_qemu_without_asking_libvirt(
     )
     virt = _virt(mocker, None)
     config.state_dir.mkdir()
-    assert await kvmprobe.resolve_domain_type(nobody, virt, ImageCatalog(config.images)) == "qemu"
+    assert (
+        await kvmprobe.resolve_domain_type(nobody, virt, ImageCatalog(config.images))
+    ).domain_type == "qemu"
     virt.offers_kvm.assert_not_called()
     virt.run_transient.assert_not_called()
     assert "QEMU's user nobody cannot open it" in caplog.text
@@ -60,10 +62,12 @@ async def test_no_kvm_domain_type_in_libvirt_means_qemu(
     refusal = "could not get preferred machine for /usr/bin/qemu-system-x86_64 type=kvm"
     virt = _virt(mocker, refusal)
     config.state_dir.mkdir()
-    assert await kvmprobe.resolve_domain_type(config, virt, ImageCatalog(config.images)) == "qemu"
+    assert (
+        await kvmprobe.resolve_domain_type(config, virt, ImageCatalog(config.images))
+    ).domain_type == "qemu"
     virt.run_transient.assert_not_called()
     assert not (config.state_dir / "kvm-probe.json").exists(), "a refusal is not cached"
-    assert f"domain type: qemu (libvirt offers no kvm domain: {refusal})" in caplog.text
+    assert f"domain type: qemu (auto: libvirt offers no kvm domain: {refusal})" in caplog.text
 
 
 async def test_a_kvm_guest_that_cannot_be_created_means_qemu(
@@ -72,7 +76,9 @@ async def test_a_kvm_guest_that_cannot_be_created_means_qemu(
     denied = ProvisioningError("start probe domain: Could not access KVM kernel module")
     virt = _virt(mocker, None, denied)
     config.state_dir.mkdir()
-    assert await kvmprobe.resolve_domain_type(config, virt, ImageCatalog(config.images)) == "qemu"
+    assert (
+        await kvmprobe.resolve_domain_type(config, virt, ImageCatalog(config.images))
+    ).domain_type == "qemu"
     assert not (config.state_dir / "kvm-probe.json").exists()
     assert "a kvm guest cannot even be created" in caplog.text
 
@@ -89,5 +95,7 @@ async def test_a_configured_type_is_taken_as_it_is(config: Config, mocker: Mocke
     kvm = config.model_copy(
         update={"libvirt": config.libvirt.model_copy(update={"domain_type": "kvm"})}
     )
-    assert await kvmprobe.resolve_domain_type(kvm, virt, ImageCatalog(config.images)) == "kvm"
+    assert (
+        await kvmprobe.resolve_domain_type(kvm, virt, ImageCatalog(config.images))
+    ).domain_type == "kvm"
     virt.offers_kvm.assert_not_called()
