@@ -11,17 +11,17 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from pydantic import BaseModel
 
+from common.errors import HostAgentError
+from common.names import check_name
 from hostagent import __version__
 from hostagent.errors import (
     Conflict,
-    HostAgentError,
     Invalid,
     MalformedRequest,
     NotFound,
     OutOfCapacity,
     Unauthorized,
 )
-from hostagent.model import check_name
 from hostagent.networks import PeerList, StoredPeers, parse_peers
 from hostagent.nodes import NodeService, parse_key, parse_spec
 from hostagent.openapi import openapi_document

@@ -12,8 +12,9 @@ from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 
+from common.errors import ProvisioningError
 from hostagent.config import Config, VaultConfig, read_secret
-from hostagent.errors import ConfigError, ProvisioningError
+from hostagent.errors import ConfigError
 from hostagent.store import NodeRecord
 from pki import layout
 from pki.backend import Backend
@@ -84,8 +85,18 @@ def ttl(config: Config) -> timedelta:
 
 
 def identity(record: NodeRecord) -> NodeIdentity:
+    """What the node's certificates depend on, from its record."""
+    spec = record.spec
     try:
-        return NodeIdentity.from_spec(record.key.cluster, record.key.name, record.spec)
+        return NodeIdentity(
+            cluster=record.key.cluster,
+            name=record.key.name,
+            role=spec.role.value,
+            address=str(spec.network.interface.ip),
+            service_cidr=spec.cluster.service_cidr,
+            cluster_domain=spec.cluster.cluster_domain,
+            api_endpoint=spec.cluster.api_endpoint,
+        )
     except ValueError as exc:
         raise ProvisioningError(f"certificates of {record.key}: {exc}") from exc
 

@@ -13,30 +13,13 @@ from typing import Any
 
 import yaml
 
+from common.errors import HostAgentError
 from hostagent import logs, tables
 from hostagent.client import ApiError, Client
 from hostagent.config import Config, load_config
-from hostagent.errors import HostAgentError
+from hostagent.demo import run_demo
 from hostagent.lab import cli as lab_cli
 from hostagent.zone import cli as zone_cli
-
-COLUMNS = ("CLUSTER", "NODE", "ROLE", "PHASE", "AGE", "ADDRESS", "MESSAGE")
-
-
-def table(nodes: list[dict[str, Any]]) -> str:
-    rows = [COLUMNS] + [
-        (
-            n["cluster"],
-            n["name"],
-            n["spec"]["role"],
-            n["status"]["phase"],
-            tables.age(n["status"]["updated_at"]),
-            n["spec"]["network"]["address"],
-            n["status"]["message"][:60],
-        )
-        for n in nodes
-    ]
-    return tables.render(rows)
 
 
 def read_nodes(path: Path) -> list[dict[str, Any]]:
@@ -109,12 +92,12 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> None:
 
 def cmd_get(args: argparse.Namespace, config: Config) -> None:
     node = client_for(args, config).get_node(args.cluster, args.node)
-    tables.emit(node, args.output, lambda: table([node]))
+    tables.emit(node, args.output, lambda: tables.nodes([node]))
 
 
 def cmd_list(args: argparse.Namespace, config: Config) -> None:
     nodes = client_for(args, config).nodes()
-    tables.emit({"items": nodes}, args.output, lambda: table(nodes))
+    tables.emit({"items": nodes}, args.output, lambda: tables.nodes(nodes))
 
 
 def cmd_delete(args: argparse.Namespace, config: Config) -> None:
@@ -144,8 +127,6 @@ def cmd_render(args: argparse.Namespace, config: Config) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> None:
-    from hostagent.demo import run_demo
-
     run_demo(config, client_for)
 
 

@@ -24,8 +24,8 @@ from pydantic import (
 )
 
 from cloudconfig import context
+from common.names import DNS1123_LABEL
 from hostagent.errors import ConfigError
-from hostagent.model import DNS1123_LABEL
 
 DEFAULT_CONFIG_PATH = Path("/etc/hostagent/hostagent.toml")
 

@@ -18,11 +18,12 @@ from typing import Any
 import psutil
 from aiohttp import web
 
+from common.errors import ProvisioningError
 from hostagent import __version__, capacity, certificates
 from hostagent.access import KvmDevice, check_qemu_can_reach, kvm_device
 from hostagent.api import api_app, phone_home_app
 from hostagent.config import Config, read_secret
-from hostagent.errors import ProvisioningError
+from hostagent.errors import LibvirtUnavailable
 from hostagent.images import ImageCatalog
 from hostagent.kvmprobe import resolve_domain_type
 from hostagent.metrics import Metrics
@@ -33,7 +34,7 @@ from hostagent.provisioner import Provisioner
 from hostagent.reconciler import Reconciler
 from hostagent.sdnotify import Notifier
 from hostagent.store import Store
-from hostagent.virt.libvirt import Libvirt, LibvirtUnavailable
+from hostagent.virt.libvirt import Libvirt
 from hostagent.zoneclient import ZoneClient, host_report
 from network.health import PeerHealth, check_peers
 from network.model import ClusterNetworkWanted

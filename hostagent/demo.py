@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hostagent import tables
 from hostagent.client import Client
 from hostagent.config import Config
 from hostagent.labimage.build import build_lab_image
@@ -57,11 +58,9 @@ def run_demo(config: Config, client_for: Callable[..., Client]) -> None:
     for name, (role, address) in NODES.items():
         client.put_node("demo", name, demo_spec(role, address))
     client.wait([("demo", n) for n in NODES], timeout_s=600, progress=print)
-    from hostagent.cli import table
-
     cli = Path(sys.executable).with_name("hostagent")
     print()
-    print(table([n for n in client.nodes() if n["cluster"] == "demo"]))
+    print(tables.nodes([n for n in client.nodes() if n["cluster"] == "demo"]))
     print(
         f"""
 Both nodes are Ready: each VM booted, read its config drive, and phoned home.

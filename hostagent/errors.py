@@ -1,10 +1,7 @@
-"""One exception hierarchy; api.py maps each class to its HTTP status in one place."""
+"""The agent's errors, below the root the PKI shares (common.errors); api.py maps each class
+to its HTTP status in one place."""
 
-
-class HostAgentError(Exception):
-    """Base of every error the agent reports to a caller."""
-
-    code = "internal"
+from common.errors import HostAgentError, ProvisioningError
 
 
 class MalformedRequest(HostAgentError):
@@ -37,10 +34,8 @@ class ConfigError(HostAgentError):
     code = "config"
 
 
-class ProvisioningError(HostAgentError):
-    """A step of making a node failed; the message says what and what to do."""
-
-    code = "provisioning"
+class LibvirtUnavailable(ProvisioningError):
+    """libvirtd cannot be reached right now."""
 
 
 class Forbidden(HostAgentError):

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostagent.model import DNS1123_LABEL
+from common.names import DNS1123_LABEL
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import ProvisioningError
 from hostagent.access import KVM_DEVICE, kvm_device
 from hostagent.config import Config
-from hostagent.errors import ProvisioningError
+from hostagent.errors import LibvirtUnavailable
 from hostagent.images import ImageCatalog
-from hostagent.virt.libvirt import Libvirt, LibvirtUnavailable
+from hostagent.virt.libvirt import Libvirt
 from hostagent.virt.probe import MARKER, probe_xml
 
 log = logging.getLogger(__name__)

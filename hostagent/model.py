@@ -11,20 +11,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+from common.names import check_dns_name, check_name
+
 KUBERNETES_VERSION = re.compile(r"^1\.\d{1,3}\.\d{1,3}$")
 DEFAULT_ETCD_DISK_GIB = 5
 API_ENDPOINT = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?:\d{1,5}$")
-
-
-def check_name(kind: str, value: str) -> str:
-    """Return value when it is a DNS-1123 label, else raise ValueError naming the kind."""
-    if not DNS1123_LABEL.fullmatch(value):
-        raise ValueError(
-            f"{kind} {value[:80]!r} is not a DNS-1123 label: lowercase a-z, 0-9 and '-', "
-            "at most 63 characters, starting and ending with a letter or digit"
-        )
-    return value
 
 
 def check_kubernetes_version(value: str) -> str:
@@ -146,10 +137,7 @@ class ClusterSpec(_Strict):
     @field_validator("cluster_domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        labels = value.split(".")
-        if len(value) > 253 or not all(DNS1123_LABEL.fullmatch(label) for label in labels):
-            raise ValueError(f"cluster_domain {value[:80]!r} is not a DNS name")
-        return value
+        return check_dns_name("cluster_domain", value)
 
     @field_validator("api_endpoint")
     @classmethod

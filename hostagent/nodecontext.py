@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 from cloudconfig import render
 from cloudconfig.context import Extensions, ExtraFile, ExtraUnit, MasterPeer, NodeContext
+from common.errors import ProvisioningError
 from hostagent.config import Config, RoleExtensions
-from hostagent.errors import ProvisioningError
 from hostagent.model import NodeKey, NodeSpec, Role
 from hostagent.store import NodeRecord
 from network import names

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from cloudconfig.configdrive import build_config_drive, config_drive_files
 from cloudconfig.context import NodeContext
+from common.errors import ProvisioningError
 from hostagent import certificates, networks
 from hostagent.config import Config
-from hostagent.errors import ProvisioningError
+from hostagent.errors import LibvirtUnavailable
 from hostagent.images import Image, ImageCatalog
 from hostagent.model import NodeKey, NodeSpec
 from hostagent.networks import PeerSource
@@ -26,7 +27,7 @@ from hostagent.nodecontext import ETCD_DISK_SERIAL, node_context
 from hostagent.store import NodeRecord
 from hostagent.virt import disk
 from hostagent.virt.domain import DataDisk, DomainMeta, DomainParams, domain_xml
-from hostagent.virt.libvirt import Libvirt, LibvirtUnavailable
+from hostagent.virt.libvirt import Libvirt
 from network import names
 from network.model import ClusterNetworkWanted, NetworkError
 from network.netlink import Netlink

@@ -1,66 +1,29 @@
 """The loop that makes libvirt match the desired state, and back.
 
-plan_node() is pure: desired record + observed domain -> steps. The Reconciler owns the
-queue, bounded concurrency, retries with backoff and phases; the Provisioner does the
-side effects. A node is reconciled by at most one worker at a time.
+nodeplan.plan_node() says what to do (pure: desired record + observed domain -> steps).
+The Reconciler owns the queue, bounded concurrency, retries with backoff and phases; the
+Provisioner does the side effects. A node is reconciled by at most one worker at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 
+from common.errors import ProvisioningError
+from common.names import check_name
 from hostagent.config import ReconcilerConfig
-from hostagent.errors import ProvisioningError
+from hostagent.errors import LibvirtUnavailable
 from hostagent.metrics import Metrics
-from hostagent.model import NodeKey, Phase, check_name
+from hostagent.model import NodeKey, Phase
+from hostagent.nodeplan import Step, plan_node
 from hostagent.provisioner import Provisioner
 from hostagent.store import NodeRecord, Store
-from hostagent.virt.libvirt import DomainInfo, LibvirtUnavailable
+from hostagent.virt.domain import DomainInfo
 from pki.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
-
-
-class Step(enum.Enum):
-    SHUTDOWN = "shut down the domain"
-    DESTROY = "destroy the domain"
-    UNDEFINE = "undefine the domain"
-    REMOVE_FILES = "remove the node's files"
-    FORGET = "forget the node"
-    NETWORK = "set up the cluster network"
-    PREPARE = "prepare disk, config drive and certificate directory"
-    DEFINE = "define the domain"
-    START = "start the domain"
-    MARK_RUNNING = "record that the domain runs"
-
-
-CREATE = [Step.NETWORK, Step.PREPARE, Step.DEFINE, Step.START]
-
-
-def plan_node(record: NodeRecord | None, domain: DomainInfo | None) -> list[Step]:
-    """What to do for one node; [] when the world already matches."""
-    if record is None:
-        if domain is None:
-            return []
-        stop = [Step.DESTROY] if domain.running else []
-        return [*stop, Step.UNDEFINE, Step.REMOVE_FILES, Step.NETWORK]
-    if record.deleting:
-        stop = [Step.SHUTDOWN] if domain and domain.running else []
-        undefine = [Step.UNDEFINE] if domain else []
-        return [*stop, *undefine, Step.REMOVE_FILES, Step.FORGET, Step.NETWORK]
-    if domain is None:
-        return list(CREATE)
-    if domain.meta.spec_hash != record.spec.spec_hash():
-        stop = [Step.SHUTDOWN] if domain.running else []
-        return [*stop, Step.UNDEFINE, *CREATE]
-    if not domain.running:
-        return [Step.NETWORK, Step.START]
-    if record.domain_id != domain.domain_id or record.phase not in (Phase.RUNNING, Phase.READY):
-        return [Step.MARK_RUNNING]
-    return []
 
 
 class StartHistory:

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+NODE_COLUMNS = ("CLUSTER", "NODE", "ROLE", "PHASE", "AGE", "ADDRESS", "MESSAGE")
+
 
 def render(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -27,6 +29,23 @@ def age(stamp: str) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def nodes(items: list[dict[str, Any]]) -> str:
+    """The agent's nodes (as the API returns them), one row each."""
+    rows = [NODE_COLUMNS] + [
+        (
+            n["cluster"],
+            n["name"],
+            n["spec"]["role"],
+            n["status"]["phase"],
+            age(n["status"]["updated_at"]),
+            n["spec"]["network"]["address"],
+            n["status"]["message"][:60],
+        )
+        for n in items
+    ]
+    return render(rows)
 
 
 def emit(data: Any, output: str, as_table: Callable[[], str]) -> None:

@@ -13,11 +13,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from common.names import check_name
 from network.names import (
     IFNAMSIZ,
     Owner,
     bridge_name,
-    check_cluster,
     check_host,
     is_tap_name,
     owner_alias,
@@ -152,7 +152,7 @@ class ClusterNetworkWanted:
 
     def __post_init__(self) -> None:
         interface(self.address)
-        check_cluster(self.cluster)
+        check_name("cluster", self.cluster)
         bridge_name(self.vni)  # validates vni
         _check_mtu(self.mtu, f"cluster {self.cluster} MTU")
         object.__setattr__(self, "peers", frozenset(self.peers))

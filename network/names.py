@@ -11,6 +11,8 @@ import hashlib
 import re
 from typing import NamedTuple
 
+from common.names import check_name
+
 IFNAMSIZ = 15
 MAX_VNI = 16_777_215  # 24-bit VXLAN network identifier
 
@@ -22,7 +24,7 @@ _TAP_HASH_CHARS = IFNAMSIZ - len(_TAP_PREFIX) - 1  # 11: one byte of headroom un
 # multicast bit clear, so every address below is a valid unicast NIC address.
 _MAC_PREFIX = "52:54:00"
 _HOST = r"[A-Za-z0-9._-]{1,64}"
-_CLUSTER = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_CLUSTER = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"  # common.names.DNS1123_LABEL, unanchored
 _ALIAS = re.compile(rf"hostagent host=({_HOST}) cluster=({_CLUSTER}) vni=([0-9]{{1,8}})")
 _TAP = re.compile(rf"{_TAP_PREFIX}[0-9a-f]{{{_TAP_HASH_CHARS}}}")
 _BRIDGE = re.compile(rf"{_BRIDGE_PREFIX}([1-9][0-9]{{0,7}})")
@@ -41,12 +43,6 @@ def check_host(host: str) -> str:
     if not re.fullmatch(_HOST, host):
         raise ValueError(f"host id {host[:80]!r} must be 1..64 characters of [A-Za-z0-9._-]")
     return host
-
-
-def check_cluster(cluster: str) -> str:
-    if not re.fullmatch(_CLUSTER, cluster):
-        raise ValueError(f"cluster {cluster[:80]!r} is not a DNS-1123 label")
-    return cluster
 
 
 def _check_vni(vni: int) -> int:
@@ -98,7 +94,7 @@ def mac_address(cluster: str, node: str) -> str:
 def owner_alias(host: str, cluster: str, vni: int) -> str:
     """The IFLA_IFALIAS that marks a device as created by host's agent for this cluster."""
     check_host(host)
-    check_cluster(cluster)
+    check_name("cluster", cluster)
     return f"hostagent host={host} cluster={cluster} vni={_check_vni(vni)}"
 
 

@@ -30,14 +30,10 @@ import ipaddress
 import json
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
-from hostagent.model import DNS1123_LABEL, check_name
+from common.names import check_dns_name, check_name
 from pki import layout
 from pki.keys import KeyType
-
-if TYPE_CHECKING:
-    from hostagent.model import NodeSpec
 
 DEFAULT_TTL = timedelta(days=90)  # renewed at 2/3: every 60 days
 ADMIN_GROUP = "system:masters"  # see the module docstring
@@ -141,23 +137,9 @@ class NodeIdentity:
             raise ValueError(f"role {self.role!r} must be {layout.MASTER} or {layout.WORKER}")
         ipaddress.IPv4Address(self.address)
         ipaddress.IPv4Network(self.service_cidr)
-        labels = self.cluster_domain.split(".")
-        if len(self.cluster_domain) > 253 or not all(map(DNS1123_LABEL.fullmatch, labels)):
-            raise ValueError(f"cluster_domain {self.cluster_domain[:80]!r} is not a DNS name")
+        check_dns_name("cluster_domain", self.cluster_domain)
         if self.api_endpoint is not None and ":" not in self.api_endpoint:
             raise ValueError(f"api_endpoint {self.api_endpoint[:80]!r} must be HOST:PORT")
-
-    @classmethod
-    def from_spec(cls, cluster: str, name: str, spec: NodeSpec) -> NodeIdentity:
-        return cls(
-            cluster=cluster,
-            name=name,
-            role=spec.role.value,
-            address=str(spec.network.interface.ip),
-            service_cidr=spec.cluster.service_cidr,
-            cluster_domain=spec.cluster.cluster_domain,
-            api_endpoint=spec.cluster.api_endpoint,
-        )
 
     @property
     def service_ip(self) -> str:

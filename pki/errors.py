@@ -1,4 +1,4 @@
-"""The PKI's errors, inside the agent's one hierarchy (hostagent.errors).
+"""The PKI's errors, inside the project's one hierarchy (common.errors).
 
 Two kinds matter to callers: the backend could not be reached (wait and retry; nothing
 was written) and the backend refused (a role or policy says no: an operator must act).
@@ -6,7 +6,7 @@ was written) and the backend refused (a role or policy says no: an operator must
 
 from __future__ import annotations
 
-from hostagent.errors import ProvisioningError
+from common.errors import ProvisioningError
 
 
 class PkiError(ProvisioningError):

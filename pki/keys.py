@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-
-if TYPE_CHECKING:
-    from pki.certset import CertRequest
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 RSA_BITS = 2048
@@ -27,6 +24,19 @@ SERVICE_ACCOUNT_BITS = 2048  # kubeadm's sa.key size
 class KeyType(enum.StrEnum):
     ECDSA = "ecdsa"
     RSA = "rsa"
+
+
+class Subject(Protocol):
+    """What a CSR says: pki.certset.CertRequest is one."""
+
+    @property
+    def common_name(self) -> str: ...
+    @property
+    def organizations(self) -> tuple[str, ...]: ...
+    @property
+    def dns_sans(self) -> tuple[str, ...]: ...
+    @property
+    def ip_sans(self) -> tuple[str, ...]: ...
 
 
 def generate_key(key_type: KeyType) -> PrivateKey:
@@ -75,12 +85,12 @@ def service_account_key() -> tuple[str, str]:
     return private_pem(key), public_pem(key)
 
 
-def build_csr(key: PrivateKey, request: CertRequest) -> str:
-    """A PEM CSR carrying the request's subject and SANs, signed by `key`."""
-    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, request.common_name)]
-    attributes += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in request.organizations]
+def build_csr(key: PrivateKey, subject: Subject) -> str:
+    """A PEM CSR carrying `subject`'s names and SANs, signed by `key`."""
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, subject.common_name)]
+    attributes += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in subject.organizations]
     builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(attributes))
-    sans = subject_alt_names(request.dns_sans, request.ip_sans)
+    sans = subject_alt_names(subject.dns_sans, subject.ip_sans)
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()

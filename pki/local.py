@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hostagent.model import check_name
+from common.names import check_name
 from pki import files, keys, roles
 from pki.backend import IssuedCert
 from pki.certset import CA_COMMON_NAMES, PROFILE_BY_NAME, CaName, CertRequest, Usage, usages_for

@@ -21,7 +21,7 @@ from pki.backend import Backend, IssuedCert
 from pki.certset import CA_FILES, DEFAULT_TTL, CertRequest, NodeIdentity, requests_for
 from pki.errors import PkiError
 from pki.keys import KeyType
-from pki.renewal import RENEW_FRACTION, due
+from pki.lifetime import RENEW_FRACTION, due
 
 # One writer per directory at a time: the agent's reconcile and the Renewer may meet.
 _locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()

@@ -1,9 +1,9 @@
-"""Certificate renewal: when (pure) and the loop that does it (`Renewer`).
+"""Certificate renewal: the loop that renews nodes' certificates (`Renewer`).
 
 Like cert-manager, a certificate is renewed 2/3 of the way through its actual lifetime
-(its real notBefore/notAfter, not the TTL that was asked for), with a fresh key each
-time. The service-account key is never rotated: that would invalidate every token of
-the cluster (cert-operator exempts it for the same reason). CAs are not rotated here.
+(pki.lifetime says when), with a fresh key each time. The service-account key is never
+rotated: that would invalidate every token of the cluster (cert-operator exempts it for
+the same reason). CAs are not rotated here.
 
 How the guest notices: the files change in place under its read-only 9p mount, and
 after each renewal the host rewrites `<dir>/.rotated` (a timestamp and the renewed
@@ -37,43 +37,14 @@ from pki import files
 from pki.certset import CA_FILES, DEFAULT_TTL
 from pki.errors import PkiError
 from pki.keys import KeyType
+from pki.lifetime import RENEW_FRACTION, renew_at
+from pki.provision import ensure_certificates
 
 if TYPE_CHECKING:
     from pki.backend import Backend
     from pki.certset import NodeIdentity
 
 log = logging.getLogger(__name__)
-RENEW_FRACTION = 2 / 3
-
-
-def renew_at(
-    not_before: datetime, not_after: datetime, fraction: float = RENEW_FRACTION
-) -> datetime:
-    """The instant at `fraction` of the certificate's lifetime."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction {fraction} must be in (0, 1]")
-    return not_before + (not_after - not_before) * fraction
-
-
-def due(
-    not_before: datetime,
-    not_after: datetime,
-    fraction: float = RENEW_FRACTION,
-    now: datetime | None = None,
-) -> bool:
-    now = now or datetime.now(UTC)
-    return now >= renew_at(not_before, not_after, fraction)
-
-
-def next_check(
-    not_before: datetime,
-    not_after: datetime,
-    fraction: float = RENEW_FRACTION,
-    now: datetime | None = None,
-) -> timedelta:
-    """How long until the certificate is due; zero when it already is."""
-    now = now or datetime.now(UTC)
-    return max(renew_at(not_before, not_after, fraction) - now, timedelta(0))
 
 
 def backoff(failures: int, initial: float = 5.0, maximum: float = 300.0) -> float:
@@ -186,8 +157,6 @@ class Renewer:
         return delay
 
     async def _renew(self, target: RenewalTarget) -> float:
-        from pki.provision import ensure_certificates  # here: provision imports this module
-
         state = self._states.setdefault((target.node.cluster, target.node.name), _State())
         if self._clock() < state.retry_at:
             return state.retry_at - self._clock()

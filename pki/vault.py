@@ -39,7 +39,7 @@ import requests
 from cryptography import x509
 from hvac import exceptions as vault_errors
 
-from hostagent.model import check_name
+from common.names import check_name
 from pki import keys
 from pki.backend import IssuedCert
 from pki.certset import CA_COMMON_NAMES, PROFILES, CaName, CertRequest

@@ -26,7 +26,7 @@ from typing import Any
 
 import requests
 
-from hostagent.model import check_name
+from common.names import check_name
 from pki.backend import IssuedCert
 from pki.certset import CaName, CertRequest
 from pki.errors import BackendRefused, BackendUnavailable, PkiError

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hostagent.errors import HostAgentError
+from common.errors import HostAgentError
 
 
 class LabError(HostAgentError):

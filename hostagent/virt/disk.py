@@ -6,7 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from hostagent.errors import ProvisioningError
+from common.errors import ProvisioningError
 
 GIB = 1024**3
 

@@ -1,4 +1,4 @@
-"""Pure: the libvirt domain XML of a node, and reading our metadata back.
+"""Pure: the libvirt domain XML of a node, and reading our metadata back (DomainInfo).
 
 Built with ElementTree so every user-supplied value is escaped by the serializer; no
 string concatenation of user values.
@@ -30,6 +30,16 @@ class DomainMeta:
     node: str
     host: str
     spec_hash: str
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """A domain as libvirt reports it: ours when it carries our metadata."""
+
+    name: str
+    meta: DomainMeta
+    running: bool
+    domain_id: int | None
 
 
 @dataclass(frozen=True)

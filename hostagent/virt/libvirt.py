@@ -15,13 +15,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import libvirt
 
-from hostagent.errors import ProvisioningError
-from hostagent.virt.domain import DomainMeta, parse_meta
+from common.errors import ProvisioningError
+from hostagent.errors import LibvirtUnavailable
+from hostagent.virt.domain import DomainInfo, parse_meta
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,18 +47,6 @@ def _start_event_loop() -> None:
 
         _event_thread = threading.Thread(target=run, name="libvirt-events", daemon=True)
         _event_thread.start()
-
-
-@dataclass(frozen=True)
-class DomainInfo:
-    name: str
-    meta: DomainMeta
-    running: bool
-    domain_id: int | None
-
-
-class LibvirtUnavailable(ProvisioningError):
-    """libvirtd cannot be reached right now."""
 
 
 class Libvirt:

@@ -9,10 +9,11 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from common.errors import HostAgentError
 from hostagent import __version__
 from hostagent.api import STATUS as AGENT_STATUS
 from hostagent.api import Handler, error_middleware
-from hostagent.errors import Forbidden, HostAgentError, Unauthorized, Unavailable
+from hostagent.errors import Forbidden, Unauthorized, Unavailable
 from hostagent.zone.auth import host_of
 from hostagent.zone.model import ClusterSpec, HostReport, SignRequest
 from hostagent.zone.openapi import zone_openapi

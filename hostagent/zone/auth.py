@@ -11,7 +11,7 @@ import os
 import secrets
 from pathlib import Path
 
-from hostagent.model import DNS1123_LABEL
+from common.names import DNS1123_LABEL
 
 _HOST_PREFIX = "host"
 

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hostagent.model import check_kubernetes_version, check_name, check_ssh_keys
+from common.names import check_name
+from hostagent.model import check_kubernetes_version, check_ssh_keys
 
 
 class _Strict(BaseModel):

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from common.names import check_name
 from hostagent.capacity import Resources
 from hostagent.errors import (
     Conflict,
@@ -28,7 +29,7 @@ from hostagent.errors import (
     OutOfCapacity,
     Unavailable,
 )
-from hostagent.model import Role, check_name
+from hostagent.model import Role
 from hostagent.store import now as stamp
 from hostagent.zone import alloc
 from hostagent.zone.config import ZoneServerConfig

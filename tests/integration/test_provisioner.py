@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import ProvisioningError
 from hostagent.certificates import make_backend
 from hostagent.config import Config
-from hostagent.errors import ProvisioningError
 from hostagent.images import ImageCatalog
 from hostagent.model import NodeKey, NodeSpec, Phase
 from hostagent.provisioner import Provisioner

@@ -10,11 +10,11 @@ from unittest.mock import AsyncMock
 import pytest
 from pytest_mock import MockerFixture
 
+from common.errors import ProvisioningError
 from hostagent import kvmprobe
 from hostagent.config import Config
-from hostagent.errors import ProvisioningError
+from hostagent.errors import LibvirtUnavailable
 from hostagent.images import ImageCatalog
-from hostagent.virt.libvirt import LibvirtUnavailable
 
 
 @pytest.fixture

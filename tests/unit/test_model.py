@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from hostagent.model import NetworkSpec, NodeKey, NodeSpec, Role, check_name
+from common.names import check_name
+from hostagent.model import NetworkSpec, NodeKey, NodeSpec, Role
 
 NETWORK: dict[str, Any] = {
     "vni": 4242,

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
+from common.errors import HostAgentError
 from hostagent.capacity import Resources
 from hostagent.config import CapacityConfig, Config
 from hostagent.errors import (
     Conflict,
-    HostAgentError,
     Invalid,
     MalformedRequest,
     NotFound,

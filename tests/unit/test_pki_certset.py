@@ -7,7 +7,6 @@ from datetime import timedelta
 
 import pytest
 
-from hostagent.model import NodeSpec
 from pki import layout
 from pki.certset import (
     CA_COMMON_NAMES,
@@ -184,23 +183,3 @@ def test_node_identity_rejects_bad_input(kwargs: dict[str, str], message: str) -
     fields = {"cluster": "c1", "name": "w1", "role": "worker", "address": "10.42.0.21", **kwargs}
     with pytest.raises(ValueError, match=message):
         NodeIdentity(**fields)
-
-
-def test_from_spec() -> None:
-    spec = NodeSpec.model_validate(
-        {
-            "role": "master",
-            "vcpus": 2,
-            "memory_mib": 2048,
-            "disk_gib": 10,
-            "image": "debian",
-            "kubernetes_version": "1.31.2",
-            "network": {"vni": 42, "address": "10.42.0.11/24", "gateway": "10.42.0.1"},
-            "cluster": {"service_cidr": "10.100.0.0/16", "api_endpoint": "api.c1.example:6443"},
-        }
-    )
-    node = NodeIdentity.from_spec("c1", "m1", spec)
-    assert node == NodeIdentity(
-        "c1", "m1", "master", "10.42.0.11", "10.100.0.0/16", "cluster.local", "api.c1.example:6443"
-    )
-    assert node.service_ip == "10.100.0.1"

@@ -1,4 +1,5 @@
-"""pki.renewal's arithmetic: when a certificate is due, when to look again, backoff."""
+"""pki.lifetime and pki.renewal's arithmetic: when a certificate is due, when to look again,
+backoff."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pki.renewal import backoff, due, next_check, renew_at
+from pki.lifetime import due, next_check, renew_at
+from pki.renewal import backoff
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 END = START + timedelta(days=90)

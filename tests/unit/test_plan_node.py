@@ -1,4 +1,4 @@
-"""hostagent.reconciler.plan_node: desired record + observed domain -> steps, every branch."""
+"""hostagent.nodeplan.plan_node: desired record + observed domain -> steps, every branch."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from typing import Any
 import pytest
 
 from hostagent.model import NodeKey, NodeSpec, Phase
-from hostagent.reconciler import CREATE, Step, plan_node
+from hostagent.nodeplan import CREATE, Step, plan_node
 from hostagent.store import NodeRecord
-from hostagent.virt.domain import DomainMeta
-from hostagent.virt.libvirt import DomainInfo
+from hostagent.virt.domain import DomainInfo, DomainMeta
 
 KEY = NodeKey(cluster="alpha", name="m1")
 SPEC = NodeSpec.model_validate(
@@ -188,7 +187,7 @@ def test_step_descriptions_are_unique() -> None:
 
 
 def test_start_history_stops_a_crash_loop() -> None:
-    from hostagent.errors import ProvisioningError
+    from common.errors import ProvisioningError
     from hostagent.model import NodeKey
     from hostagent.reconciler import StartHistory
 

@@ -1,0 +1,52 @@
+"""What to do for one node (pure): desired record + observed domain -> steps.
+
+The reconciler carries the steps out; this module knows nothing of libvirt, only of what
+it reported (virt.domain.DomainInfo).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from hostagent.model import Phase
+from hostagent.store import NodeRecord
+from hostagent.virt.domain import DomainInfo
+
+
+class Step(enum.Enum):
+    SHUTDOWN = "shut down the domain"
+    DESTROY = "destroy the domain"
+    UNDEFINE = "undefine the domain"
+    REMOVE_FILES = "remove the node's files"
+    FORGET = "forget the node"
+    NETWORK = "set up the cluster network"
+    PREPARE = "prepare disk, config drive and certificate directory"
+    DEFINE = "define the domain"
+    START = "start the domain"
+    MARK_RUNNING = "record that the domain runs"
+
+
+CREATE = [Step.NETWORK, Step.PREPARE, Step.DEFINE, Step.START]
+
+
+def plan_node(record: NodeRecord | None, domain: DomainInfo | None) -> list[Step]:
+    """What to do for one node; [] when the world already matches."""
+    if record is None:
+        if domain is None:
+            return []
+        stop = [Step.DESTROY] if domain.running else []
+        return [*stop, Step.UNDEFINE, Step.REMOVE_FILES, Step.NETWORK]
+    if record.deleting:
+        stop = [Step.SHUTDOWN] if domain and domain.running else []
+        undefine = [Step.UNDEFINE] if domain else []
+        return [*stop, *undefine, Step.REMOVE_FILES, Step.FORGET, Step.NETWORK]
+    if domain is None:
+        return list(CREATE)
+    if domain.meta.spec_hash != record.spec.spec_hash():
+        stop = [Step.SHUTDOWN] if domain.running else []
+        return [*stop, Step.UNDEFINE, *CREATE]
+    if not domain.running:
+        return [Step.NETWORK, Step.START]
+    if record.domain_id != domain.domain_id or record.phase not in (Phase.RUNNING, Phase.READY):
+        return [Step.MARK_RUNNING]
+    return []
