@@ -34,7 +34,7 @@ class DomainMeta:
 
 @dataclass(frozen=True)
 class DomainInfo:
-    """A domain as libvirt reports it: ours when it carries our metadata."""
+    """One of our domains as libvirt reports it: our metadata, whether it runs, its id."""
 
     name: str
     meta: DomainMeta
