@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pwd
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from common.errors import ProvisioningError
@@ -19,6 +19,7 @@ from hostagent.store import NodeRecord
 from pki import layout
 from pki.backend import Backend
 from pki.certset import NodeIdentity
+from pki.files import read_expiries
 from pki.keys import KeyType
 from pki.local import LocalBackend
 from pki.renewal import RenewalTarget
@@ -119,3 +120,20 @@ def renewal_targets(config: Config, records: Iterable[NodeRecord]) -> list[Renew
         for record in records
         if not record.deleting
     ]
+
+
+# The CA files a node's directory holds are not the node's own certificates.
+_CA_NAMES = {cert.name for cert in layout.CERTS if cert.ca_only}
+
+
+def soonest_expiries(
+    nodes_dir: Path, records: Iterable[NodeRecord]
+) -> dict[tuple[str, str], datetime]:
+    """Per node, when its first certificate (CAs aside) expires, from its manifest."""
+    soonest = {}
+    for record in records:
+        folder = layout.host_dir(nodes_dir / record.key.cluster / record.key.name)
+        leaves = [when for name, when in read_expiries(folder).items() if name not in _CA_NAMES]
+        if leaves:
+            soonest[(record.key.cluster, record.key.name)] = min(leaves)
+    return soonest
