@@ -1,0 +1,1 @@
+"""What the agent, the zone and the libraries under them share: HTTP clients, backoff."""
