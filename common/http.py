@@ -2,9 +2,10 @@
 the zone's PKI, synchronous (`client`, for the CLI and for code run in threads) and
 asynchronous (`async_client`, on the event loop). aiohttp serves; it is not a client here.
 
-Every client gets its trust from `tls_context`: the configured CA file, else the
-system's CAs, as an explicit SSL context, so neither certifi's bundle nor SSL_CERT_FILE
-or REQUESTS_CA_BUNDLE in the environment can replace a configured CA file. A client
+Every client gets its trust from `tls_context`, an explicit SSL context: the configured
+CA file alone, which no SSL_CERT_FILE or REQUESTS_CA_BUNDLE in the environment can
+replace; without one, the system's CAs as OpenSSL finds them (SSL_CERT_FILE included,
+the CLI's documented way to trust a lab CA), never certifi's bundle. A client
 certificate and key, when given, are presented for mutual TLS. Daemons build their
 clients with trust_env=False (the default): no proxy variable in a unit's environment
 reroutes the host token.
