@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ssl
 from os import PathLike
+from typing import TypedDict
 
 import httpx
 
@@ -60,8 +61,24 @@ def is_tls_error(exc: BaseException) -> bool:
     return False
 
 
-def _headers(token: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"} if token is not None else {}
+class _Options(TypedDict):
+    base_url: str
+    headers: dict[str, str]
+    verify: ssl.SSLContext
+    timeout: float
+    trust_env: bool
+
+
+def _options(
+    base_url: str, token: str | None, tls: ssl.SSLContext | None, timeout_s: float, trust_env: bool
+) -> _Options:
+    return {
+        "base_url": base_url,
+        "headers": {"Authorization": f"Bearer {token}"} if token is not None else {},
+        "verify": tls or tls_context(),
+        "timeout": timeout_s,
+        "trust_env": trust_env,
+    }
 
 
 def client(
@@ -74,13 +91,7 @@ def client(
 ) -> httpx.Client:
     """A synchronous client; `tls` from tls_context (None: the system's CAs). One client
     may be shared by threads."""
-    return httpx.Client(
-        base_url=base_url,
-        headers=_headers(token),
-        verify=tls or tls_context(),
-        timeout=timeout_s,
-        trust_env=trust_env,
-    )
+    return httpx.Client(**_options(base_url, token, tls, timeout_s, trust_env))
 
 
 def async_client(
@@ -94,13 +105,7 @@ def async_client(
 ) -> httpx.AsyncClient:
     """An asynchronous client for one event loop; keeps up to max_connections open (the
     zone: one per agent)."""
-    return httpx.AsyncClient(
-        base_url=base_url,
-        headers=_headers(token),
-        verify=tls or tls_context(),
-        timeout=timeout_s,
-        trust_env=trust_env,
-        limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        ),
+    limits = httpx.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections
     )
+    return httpx.AsyncClient(limits=limits, **_options(base_url, token, tls, timeout_s, trust_env))

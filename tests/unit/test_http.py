@@ -5,20 +5,18 @@ client certificate presented for mutual TLS, and which failures count as TLS fai
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from common import http
-from hostagent.lab.tls import ensure_ca, issue_server_cert
+from hostagent.lab.tls import issue_server_cert
+from pki import keys
+from pki.certset import NodeIdentity, requests_for
+from pki.local import LocalBackend
 from tests.fakezone import free_port, serve_tls
 
 
@@ -36,44 +34,31 @@ def app() -> web.Application:
     return application
 
 
-def server_context(tmp_path: Path, *, require_client_cert: bool = False) -> ssl.SSLContext:
+def server_context(tmp_path: Path, *, client_ca: str | None = None) -> ssl.SSLContext:
+    """The server's certificate from the lab CA (in tmp_path/ca); with client_ca (PEM), a
+    client certificate that it signed is required."""
     cert, key = issue_server_cert(tmp_path / "ca", "server", "127.0.0.1", tmp_path / "tls")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    if require_client_cert:
-        context.load_verify_locations(tmp_path / "ca" / "ca.crt")
+    if client_ca is not None:
+        context.load_verify_locations(cadata=client_ca)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
-def client_cert(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    """A client certificate for `name` that the test CA signed."""
-    ca_cert_path, ca_key_path = ensure_ca(tmp_path / "ca")
-    ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
-    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+def client_cert(tmp_path: Path) -> tuple[Path, Path, str]:
+    """A client certificate (node w1's kubelet-client) and key from a local cluster CA,
+    and that CA's PEM."""
+    backend = LocalBackend(tmp_path / "pki")
+    backend.ensure_cluster("demo")
+    node = NodeIdentity("demo", "w1", "worker", "10.0.0.2")
+    request = next(r for r in requests_for(node) if r.name == "kubelet-client")
+    key = keys.generate_key(keys.KeyType.ECDSA)
+    issued = backend.issue("demo", request, keys.build_csr(key, request))
+    cert_path, key_path = tmp_path / "client.crt", tmp_path / "client.key"
+    cert_path.write_text(issued.cert_pem)
+    key_path.write_text(keys.private_pem(key))
+    return cert_path, key_path, issued.ca_pem
 
 
 @pytest.fixture
@@ -124,13 +109,12 @@ async def test_the_environment_cannot_override_the_ca_file_or_add_a_proxy(
 
 
 async def test_a_client_certificate_is_presented(tmp_path: Path) -> None:
-    context = server_context(tmp_path, require_client_cert=True)
-    runner, url = await serve_tls(app(), context)
-    cert, key = client_cert(tmp_path, "h1")
+    cert, key, client_ca = client_cert(tmp_path)
+    runner, url = await serve_tls(app(), server_context(tmp_path, client_ca=client_ca))
     try:
         tls = http.tls_context(tmp_path / "ca" / "ca.crt", cert_file=cert, key_file=key)
         async with http.async_client(url, tls=tls) as client:
-            assert (await client.get("/v1/whoami")).json()["cn"] == "h1"
+            assert (await client.get("/v1/whoami")).json()["cn"] == "system:node:w1"
         anonymous = http.tls_context(tmp_path / "ca" / "ca.crt")
         async with http.async_client(url, tls=anonymous) as client:
             with pytest.raises(http.HTTPError):
@@ -142,7 +126,7 @@ async def test_a_client_certificate_is_presented(tmp_path: Path) -> None:
 def test_files_that_cannot_be_loaded_raise(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         http.tls_context(tmp_path / "missing.pem")
-    cert, _ = client_cert(tmp_path, "h1")
+    cert, _, _ = client_cert(tmp_path)
     with pytest.raises(ssl.SSLError):
         http.tls_context(cert_file=cert, key_file=cert)  # no key in it
 
