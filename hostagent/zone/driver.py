@@ -37,12 +37,12 @@ class Deliverer:
         self._kicks: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failing: dict[str, str] = {}
-        self._session: http.AsyncClient | None = None
+        self._http: http.AsyncClient | None = None
         self.passes = 0
         self._closed = False
 
     async def start(self) -> None:
-        self._session = http.async_client(
+        self._http = http.async_client(
             tls=http.tls_context(self.config.ca_file),
             timeout_s=self.config.request_timeout_s,
         )
@@ -58,8 +58,8 @@ class Deliverer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        if self._session is not None:
-            await self._session.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     def kick(self, hosts: Any) -> None:
         """Make each host's task run a pass soon (starting the task when it has none)."""
@@ -161,13 +161,11 @@ class Deliverer:
     async def _call(
         self, method: str, url: str, token: str, path: str, body: Any = None
     ) -> tuple[int, Any]:
-        assert self._session is not None, "start() first"
+        assert self._http is not None, "start() first"
         headers = {"Authorization": f"Bearer {token}"}
         try:
             async with asyncio.timeout(self.config.request_timeout_s):  # for the whole call
-                response = await self._session.request(
-                    method, url + path, json=body, headers=headers
-                )
+                response = await self._http.request(method, url + path, json=body, headers=headers)
             text = response.text
             return response.status_code, json.loads(text) if text else None
         except (http.HTTPError, TimeoutError, ValueError) as exc:
