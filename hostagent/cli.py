@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from common import http
 from common.errors import HostAgentError
 from hostagent import logs, tables
 from hostagent.client import ApiError, Client
@@ -49,13 +50,13 @@ def client_for(args: argparse.Namespace, config: Config) -> Client:
             raise SystemExit(
                 f"no API token: pass --token or make {config.token_file} readable ({exc.strerror})"
             ) from exc
-    return Client(url, token, verify=_trust(config))
+    return Client(url, token, tls=_trust(config))
 
 
 def _trust(config: Config) -> ssl.SSLContext:
     """The system's CAs, plus the agent's own certificate when it serves TLS: the CLI on
     the host trusts the agent it was configured with, whoever issued its certificate."""
-    context = ssl.create_default_context()
+    context = http.tls_context()
     if config.api.tls_cert is not None and config.api.tls_cert.exists():
         context.load_verify_locations(cafile=config.api.tls_cert)
         context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import httpx
+from common import http
 
 
 class ApiError(Exception):
@@ -17,10 +17,10 @@ class ApiError(Exception):
         self.code = code
 
 
-def call_json(http: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+def call_json(client: http.Client, method: str, path: str, **kwargs: Any) -> Any:
     """One request; the JSON answer (None for an empty one), ApiError for 4xx/5xx with the
     error shape of API.md when the server sent one."""
-    response = http.request(method, path, **kwargs)
+    response = client.request(method, path, **kwargs)
     if response.status_code >= 400:
         try:
             error = response.json()["error"]
@@ -37,14 +37,10 @@ class Client:
         url: str,
         token: str,
         timeout_s: float = 30.0,
-        verify: ssl.SSLContext | bool = True,
+        tls: ssl.SSLContext | None = None,  # None: the system's CAs
     ) -> None:
-        self.http = httpx.Client(
-            base_url=url,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=timeout_s,
-            verify=verify,
-        )
+        # trust_env: a person's proxy settings apply to the CLI, as to their other tools
+        self.http = http.client(url, token=token, tls=tls, timeout_s=timeout_s, trust_env=True)
 
     def close(self) -> None:
         self.http.close()
@@ -55,7 +51,7 @@ class Client:
     def healthy(self) -> bool:
         try:
             return self.http.get("/healthz").status_code == 200
-        except httpx.TransportError:
+        except http.TransportError:
             return False
 
     def put_node(self, cluster: str, node: str, spec: dict[str, Any]) -> dict[str, Any]:

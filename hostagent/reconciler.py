@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 
+from common.backoff import Backoff
 from common.errors import ProvisioningError
 from common.names import check_name
 from hostagent.config import ReconcilerConfig
@@ -145,10 +146,11 @@ class Reconciler:
                     self.enqueue(key)
 
     async def _reconcile_with_retries(self, key: NodeKey) -> None:
-        delay = self.config.backoff_initial_s
+        retry = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
         attempt = 1
         while True:
             started = time.monotonic()
+            delay = retry.next()  # the wait, should this try fail
             try:
                 await self.reconcile(key)
                 self.metrics.reconcile_seconds.observe(time.monotonic() - started)
@@ -173,7 +175,6 @@ class Reconciler:
                 self._note(key, None, f"attempt {attempt} failed, retrying: {exc}")
                 attempt += 1
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self.config.backoff_max_s)
 
     def _note(self, key: NodeKey, phase: Phase | None, message: str) -> None:
         record = self.store.get(key)

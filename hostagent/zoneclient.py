@@ -2,10 +2,11 @@
 
 `PUT {zone}/v1/hosts/{host}` with the host's report, at start and then as often as the
 zone's answer says (`heartbeat_interval_s`; 5 s until the first answer). A failed beat
-is retried with the next one. The zone being down, slow or refusing never stops the
-agent from serving its API and its nodes; the failure is logged when it starts, when
-its kind changes and when it ends, not on every beat. GET /v1/host and the metrics show
-the connection's state. The host token and the agent's API token are never logged.
+is retried after the interval shortened at random by up to half. The zone being down,
+slow or refusing never stops the agent from serving its API and its nodes; the failure
+is logged when it starts, when its kind changes and when it ends, not on every beat.
+GET /v1/host and the metrics show the connection's state. The host token and the
+agent's API token are never logged.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
+from common import http
+from common.backoff import jittered
 from hostagent import __version__
 from hostagent.capacity import Resources
 from hostagent.config import Config
@@ -134,7 +135,7 @@ class ZoneClient:
         self._token = token
         self._report = report
         self._tls = _tls(ca_file) if url.startswith("https:") else None
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._timeout_s = timeout_s
         self.interval_s = first_interval_s
         self._registered = False
         self._last_ok: datetime | None = None
@@ -156,19 +157,24 @@ class ZoneClient:
             heartbeat_interval_s=self.interval_s,
         )
 
-    def session(self) -> aiohttp.ClientSession:
-        """An HTTP session that carries the host token; make it on the running loop."""
-        headers = {"Authorization": f"Bearer {self._token}"}
-        return aiohttp.ClientSession(headers=headers, timeout=self._timeout)
+    def session(self) -> http.AsyncClient:
+        """An HTTP client that carries the host token; use it on one event loop."""
+        return http.async_client(token=self._token, tls=self._tls, timeout_s=self._timeout_s)
 
     async def run(self) -> None:
         """Beat forever; nothing a beat meets ends the loop (only cancellation does)."""
         async with self.session() as session:
             while True:
-                await self.beat(session)
-                await asyncio.sleep(self.interval_s)
+                took = await self.beat(session)
+                await asyncio.sleep(self.interval_s if took else self.retry_in())
 
-    async def beat(self, session: aiohttp.ClientSession) -> bool:
+    def retry_in(self) -> float:
+        """After a failed beat: the interval, shortened at random by up to half, so the
+        hosts that lost a restarting zone together do not all return in the same instant
+        (never longer: the zone counts the beats it misses)."""
+        return jittered(self.interval_s)
+
+    async def beat(self, session: http.AsyncClient) -> bool:
         """One report; True when the zone took it."""
         try:
             answer = await self._put(session)
@@ -181,21 +187,24 @@ class ZoneClient:
         self._succeeded(answer)
         return True
 
-    async def _put(self, session: aiohttp.ClientSession) -> dict[str, Any]:
+    async def _put(self, session: http.AsyncClient) -> dict[str, Any]:
         body = self._report()
         try:
-            async with session.put(self.endpoint, json=body, ssl=self._tls or True) as response:
-                if response.status >= 400:
-                    raise BeatFailed(
-                        f"http {response.status}",
-                        f"the zone answered {response.status}: {await _error_text(response)}"
-                        + _hint(response.status),
-                    )
-                answer = await response.json(content_type=None)
-        except aiohttp.ClientSSLError as exc:
-            raise BeatFailed("tls", f"TLS with the zone failed ([zone] ca_file?): {exc}") from exc
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            async with asyncio.timeout(self._timeout_s):  # one deadline for the whole beat
+                response = await session.put(self.endpoint, json=body)
+        except (http.HTTPError, TimeoutError, OSError) as exc:
+            if http.is_tls_error(exc):
+                message = f"TLS with the zone failed ([zone] ca_file?): {exc}"
+                raise BeatFailed("tls", message) from exc
             raise BeatFailed("unreachable", f"the zone is not reachable: {exc!r}") from exc
+        if response.status_code >= 400:
+            raise BeatFailed(
+                f"http {response.status_code}",
+                f"the zone answered {response.status_code}: {_error_text(response)}"
+                + _hint(response.status_code),
+            )
+        try:
+            answer = response.json()
         except ValueError as exc:
             raise BeatFailed("answer", f"the zone's answer is not JSON: {exc}") from exc
         if not isinstance(answer, dict):
@@ -235,18 +244,18 @@ class ZoneClient:
 
 def _tls(ca_file: Path | None) -> ssl.SSLContext:
     try:
-        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        return http.tls_context(ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"zone.ca_file: cannot load {ca_file}: {exc}") from exc
 
 
-async def _error_text(response: aiohttp.ClientResponse) -> str:
+def _error_text(response: http.Response) -> str:
     """The message of an error document (docs/zone.md), else the start of the body."""
-    text = await response.text(errors="replace")
+    text = response.text
     try:
         return str(json.loads(text)["error"]["message"])[:300]
     except (ValueError, KeyError, TypeError):
-        return text[:300] or response.reason or ""
+        return text[:300] or response.reason_phrase
 
 
 def _hint(status: int) -> str:

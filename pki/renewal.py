@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -33,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.backoff import Backoff
 from pki import files
 from pki.certset import CA_FILES, DEFAULT_TTL
 from pki.errors import PkiError
@@ -45,13 +45,6 @@ if TYPE_CHECKING:
     from pki.certset import NodeIdentity
 
 log = logging.getLogger(__name__)
-
-
-def backoff(failures: int, initial: float = 5.0, maximum: float = 300.0) -> float:
-    """Seconds before retry number `failures` (1, 2, ...): doubling, capped, with up to
-    10% jitter so hosts that lost Vault together do not return together."""
-    base = min(initial * 2.0 ** max(failures - 1, 0), maximum)
-    return base * random.uniform(0.9, 1.0)
 
 
 @dataclass(frozen=True)
@@ -116,22 +109,27 @@ class Renewer:
         self.backoff_max = backoff_max
         self._clock = clock
         self._states: dict[tuple[str, str], _State] = {}
-        self._backend_failures = 0
+        self._node_retry = self.retry()  # by each node's count of failures
+        self._backend_retry = self.retry()
+
+    def retry(self) -> Backoff:
+        """Doubling from backoff_initial to backoff_max, with up to 10 % jitter so hosts
+        that lost Vault together do not return together."""
+        return Backoff(self.backoff_initial, self.backoff_max, jitter=0.1)
 
     def status(self) -> dict[tuple[str, str], NodeRenewalStatus]:
         return {key: state.status for key, state in self._states.items()}
 
     async def run(self) -> None:
-        failures = 0
+        retry = self.retry()
         while True:
             try:
                 delay = await self.run_once()
-                failures = 0
+                retry.reset()
             except Exception:
                 # Listing the nodes failed, or a bug: the loop must outlive it, or every
                 # certificate would quietly run out.
-                failures += 1
-                delay = backoff(failures, self.backoff_initial, self.backoff_max)
+                delay = retry.next()
                 log.exception("certificate renewal pass failed; next try in %.0fs", delay)
             await asyncio.sleep(delay)
 
@@ -150,10 +148,9 @@ class Renewer:
         try:
             delay = await asyncio.to_thread(self.backend.maintain)
         except PkiError as exc:
-            self._backend_failures += 1
             log.warning("PKI backend upkeep failed: %s", exc)
-            return backoff(self._backend_failures, self.backoff_initial, self.backoff_max)
-        self._backend_failures = 0
+            return self._backend_retry.next()
+        self._backend_retry.reset()
         return delay
 
     async def _renew(self, target: RenewalTarget) -> float:
@@ -191,7 +188,7 @@ class Renewer:
 
     def _failed(self, target: RenewalTarget, state: _State, exc: Exception) -> float:
         failures = state.status.failures + 1
-        delay = backoff(failures, self.backoff_initial, self.backoff_max)
+        delay = self._node_retry.delay(failures)
         state.retry_at = self._clock() + delay
         state.status = replace(
             state.status,

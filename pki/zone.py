@@ -12,20 +12,20 @@ The zone makes the CAs when the cluster is created and revokes them when it is d
 so ensure_cluster only checks they are there and revoke_cluster does nothing. Keys are
 made on this host; the zone sees CSRs (and hands out the cluster's shared
 service-account key, which every master needs). Synchronous, like the other backends:
-callers run it in threads. The host token is never logged.
+callers run it in threads, which share one HTTP client. The host token is never logged.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
-
+from common import http
 from common.names import check_name
 from pki.backend import IssuedCert
 from pki.certset import CaName, CertRequest
@@ -47,8 +47,8 @@ class ZoneSettings:
 class ZoneBackend:
     def __init__(self, settings: ZoneSettings) -> None:
         self.settings = settings
-        self._local = threading.local()  # one requests.Session per calling thread
-        self._verify: str | bool = str(settings.ca_file) if settings.ca_file else True
+        self._lock = threading.Lock()
+        self._client: http.Client | None = None  # made on first use, shared by threads
 
     @property
     def description(self) -> str:
@@ -96,32 +96,40 @@ class ZoneBackend:
 
     # --- HTTP ------------------------------------------------------------------------
 
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.headers["Authorization"] = f"Bearer {self.settings.token}"
-            self._local.session = session
-        return session
+    def _http(self) -> http.Client:
+        with self._lock:
+            if self._client is None:
+                # An explicit SSL context: [zone] ca_file wins over whatever the
+                # environment names (SSL_CERT_FILE, REQUESTS_CA_BUNDLE); no proxy either.
+                try:
+                    tls = http.tls_context(self.settings.ca_file)
+                except (OSError, ssl.SSLError) as exc:
+                    raise BackendUnavailable(
+                        f"{self.description}: cannot load [zone] ca_file "
+                        f"{self.settings.ca_file}: {exc}; provisioning waits and retries"
+                    ) from exc
+                self._client = http.client(
+                    self.settings.url.rstrip("/"),
+                    token=self.settings.token,
+                    tls=tls,
+                    timeout_s=self.settings.timeout,
+                )
+            return self._client
 
     def _call(
         self, method: str, cluster: str, path: str, what: str, **kwargs: Any
     ) -> dict[str, Any]:
-        base = self.settings.url.rstrip("/")
-        url = f"{base}/v1/clusters/{check_name('cluster', cluster)}/pki/{path}"
+        url = f"/v1/clusters/{check_name('cluster', cluster)}/pki/{path}"
         doing = f"{what} of cluster {cluster}"
+        client = self._http()
         try:
-            # verify per request: a session's verify loses to REQUESTS_CA_BUNDLE in the
-            # environment, and ca_file must win.
-            response = self._session().request(
-                method, url, timeout=self.settings.timeout, verify=self._verify, **kwargs
-            )
-        except requests.exceptions.SSLError as exc:
-            raise BackendUnavailable(
-                f"{self.description}: TLS verification failed while {doing} (check [zone] "
-                f"ca_file={self.settings.ca_file}): {exc}; provisioning waits and retries"
-            ) from exc
-        except requests.exceptions.RequestException as exc:
+            response = client.request(method, url, **kwargs)
+        except http.HTTPError as exc:
+            if http.is_tls_error(exc):
+                raise BackendUnavailable(
+                    f"{self.description}: TLS verification failed while {doing} (check [zone] "
+                    f"ca_file={self.settings.ca_file}): {exc}; provisioning waits and retries"
+                ) from exc
             raise BackendUnavailable(
                 f"{self.description} is not reachable while {doing}: {exc}; provisioning "
                 "waits and retries"
@@ -136,7 +144,7 @@ class ZoneBackend:
             raise PkiError(f"{self.description} answered {doing} with no JSON object")
         return answer
 
-    def _error(self, response: requests.Response, doing: str) -> PkiError:
+    def _error(self, response: http.Response, doing: str) -> PkiError:
         status, message = response.status_code, _message(response)
         if status in _UNAVAILABLE:
             return BackendUnavailable(
@@ -154,12 +162,12 @@ class ZoneBackend:
         return BackendRefused(f"{self.description} refused {doing} ({status}: {message})")
 
 
-def _message(response: requests.Response) -> str:
+def _message(response: http.Response) -> str:
     """The message of the zone's error document, else the start of the body."""
     try:
         return str(response.json()["error"]["message"])[:300]
     except (ValueError, KeyError, TypeError):
-        return response.text[:300] or response.reason or ""
+        return response.text[:300] or response.reason_phrase
 
 
 def _text(answer: dict[str, Any], key: str, description: str) -> str:

@@ -22,8 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
+from common import http
 from hostagent.lab import links, tls
 from hostagent.lab.errors import LabError
 from hostagent.lab.hosts import nsenter_argv, running_pid
@@ -162,15 +161,16 @@ def start_zone(settings: LabSettings, config: Path, context: ZoneContext) -> int
         )
     (directory / "pid").write_text(f"{process.pid}\n")
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise LabError(f"the zone exited ({process.returncode}); see {log_path}")
-        try:
-            httpx.get(context.url + "/healthz", verify=context.tls(), timeout=2)
-            log.info("zone up at %s (log %s)", context.url, log_path)
-            return process.pid
-        except httpx.TransportError:
-            time.sleep(0.2)
+    with http.client(context.url, tls=context.tls(), timeout_s=2) as probe:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise LabError(f"the zone exited ({process.returncode}); see {log_path}")
+            try:
+                probe.get("/healthz")
+                log.info("zone up at %s (log %s)", context.url, log_path)
+                return process.pid
+            except http.TransportError:
+                time.sleep(0.2)
     raise LabError(f"the zone did not answer within 30 s; see {log_path}")
 
 

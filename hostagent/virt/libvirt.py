@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import libvirt
 
+from common.backoff import Backoff
 from common.errors import ProvisioningError
 from hostagent.errors import LibvirtUnavailable
 from hostagent.virt.domain import DomainInfo, parse_meta
@@ -118,14 +119,14 @@ class Libvirt:
         """Reconnect whenever the connection is lost; runs until cancelled."""
         while True:
             await self._lost.wait()
-            delay = 0.5
+            retry = Backoff(0.5, backoff_max_s)
             while self._conn is None:
                 try:
                     await self.connect()
                 except LibvirtUnavailable as exc:
+                    delay = retry.next()
                     log.warning("%s; retrying in %.1fs", exc, delay)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, backoff_max_s)
             self.reconnects += 1
             log.info("reconnected to libvirt", extra={"uri": self.uri})
             self._on_reconnect()

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from common import http
 from hostagent.client import ApiError, call_json
 
 LAB_CONTEXT = Path("/var/lib/hostagent-lab/zone-client.json")
@@ -30,7 +29,7 @@ class ZoneContext:
 
     def tls(self) -> ssl.SSLContext:
         """Trust for the zone's certificate: the context's CA file, else the system's."""
-        return ssl.create_default_context(cafile=self.ca_file)
+        return http.tls_context(self.ca_file)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,11 +70,13 @@ def resolve_context(
 
 class ZoneClient:
     def __init__(self, context: ZoneContext, timeout_s: float = 30.0) -> None:
-        self.http = httpx.Client(
-            base_url=context.url,
-            headers={"Authorization": f"Bearer {context.token}"},
-            timeout=timeout_s,
-            verify=context.tls(),
+        # trust_env: a person's proxy settings apply to the CLI, as to their other tools
+        self.http = http.client(
+            context.url,
+            token=context.token,
+            tls=context.tls(),
+            timeout_s=timeout_s,
+            trust_env=True,
         )
 
     def close(self) -> None:

@@ -3,7 +3,8 @@
 Each pass compares the host's work (desired.host_work) with what the agent acknowledged
 (the store's deliveries) and sends only the difference through the agent API: PUT the
 NodeSpecs and peer lists it lacks, DELETE what it should no longer have, until a DELETE
-answers 404. A failed pass is retried with exponential backoff; each host has its own
+answers 404. A failed pass is retried with exponential backoff, jittered so that hosts
+that failed together are not all retried in the same instant; each host has its own
 task, so a slow or dead agent delays nobody else, and one that comes back catches up on
 its next pass (its report kicks the task).
 """
@@ -14,11 +15,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import ssl
 from typing import Any
 
-import aiohttp
-
+from common import http
+from common.backoff import Backoff
 from hostagent.zone.config import AgentsConfig
 from hostagent.zone.desired import peers_digest
 from hostagent.zone.service import ZoneService
@@ -37,15 +37,14 @@ class Deliverer:
         self._kicks: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failing: dict[str, str] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._http: http.AsyncClient | None = None
         self.passes = 0
         self._closed = False
 
     async def start(self) -> None:
-        tls = ssl.create_default_context(cafile=self.config.ca_file)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=tls, limit_per_host=4),
-            timeout=aiohttp.ClientTimeout(total=self.config.request_timeout_s),
+        self._http = http.async_client(
+            tls=http.tls_context(self.config.ca_file),
+            timeout_s=self.config.request_timeout_s,
         )
         self.service.on_change = self.kick
         self.kick(self.service.hosts_with_work())
@@ -59,8 +58,8 @@ class Deliverer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        if self._session is not None:
-            await self._session.close()
+        if self._http is not None:
+            await self._http.aclose()
 
     def kick(self, hosts: Any) -> None:
         """Make each host's task run a pass soon (starting the task when it has none)."""
@@ -78,7 +77,7 @@ class Deliverer:
 
     async def _run(self, host: str) -> None:
         event = self._kicks[host]
-        delay = self.config.retry_initial_s
+        retry = Backoff(self.config.retry_initial_s, self.config.retry_max_s)
         while True:
             # asyncio.timeout, not wait_for: wait_for in 3.11 can swallow a cancel that
             # arrives as the event is set, and close() would then wait forever.
@@ -92,14 +91,13 @@ class Deliverer:
                 if self._failing.get(host) != str(exc):
                     log.warning("host %s: delivery failed, retrying: %s", host, exc)
                 self._failing[host] = str(exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.config.retry_max_s)
+                await asyncio.sleep(retry.next())
                 event.set()
                 continue
             if host in self._failing:
                 log.info("host %s: deliveries go through again", host)
                 self._failing.pop(host)
-            delay = self.config.retry_initial_s
+            retry.reset()
             if not settled:  # deletions under way: look again shortly
                 await asyncio.sleep(self.config.retry_initial_s)
                 event.set()
@@ -163,15 +161,14 @@ class Deliverer:
     async def _call(
         self, method: str, url: str, token: str, path: str, body: Any = None
     ) -> tuple[int, Any]:
-        assert self._session is not None, "start() first"
+        assert self._http is not None, "start() first"
         headers = {"Authorization": f"Bearer {token}"}
         try:
-            async with self._session.request(
-                method, url + path, json=body, headers=headers
-            ) as response:
-                text = await response.text()
-                return response.status, json.loads(text) if text else None
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            async with asyncio.timeout(self.config.request_timeout_s):  # for the whole call
+                response = await self._http.request(method, url + path, json=body, headers=headers)
+            text = response.text
+            return response.status_code, json.loads(text) if text else None
+        except (http.HTTPError, TimeoutError, ValueError) as exc:
             raise AgentError(f"{method} {url}{path}: {type(exc).__name__}: {exc}") from exc
 
 

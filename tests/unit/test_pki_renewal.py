@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from pki.lifetime import due, next_check, renew_at
-from pki.renewal import backoff
+from pki.renewal import Renewer
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 END = START + timedelta(days=90)
@@ -40,9 +40,14 @@ def test_next_check() -> None:
     assert next_check(START, short_end, now=START) == timedelta(hours=2)
 
 
+def renewer(**kwargs: float) -> Renewer:
+    return Renewer(None, list, **kwargs)  # type: ignore[arg-type]  # no backend needed
+
+
 def test_backoff_doubles_and_caps_with_jitter() -> None:
-    for failures, base in [(1, 5.0), (2, 10.0), (3, 20.0), (7, 300.0), (50, 300.0)]:
+    retry = renewer().retry()
+    for failures, base in [(1, 5.0), (2, 10.0), (3, 20.0), (7, 300.0), (50, 300.0), (5000, 300.0)]:
         for _ in range(20):
-            assert base * 0.9 <= backoff(failures) <= base
-    assert 0.9 <= backoff(1, initial=1.0, maximum=2.0) <= 1.0
-    assert backoff(0) <= 5.0
+            assert base * 0.9 <= retry.delay(failures) <= base
+    assert 0.9 <= renewer(backoff_initial=1.0, backoff_max=2.0).retry().delay(1) <= 1.0
+    assert retry.delay(0) <= 5.0

@@ -214,6 +214,13 @@ async def test_an_unreachable_zone_never_ends_the_loop(
     assert len(warnings) == 1
 
 
+def test_a_failed_beat_is_retried_within_the_interval_at_random() -> None:
+    beats = client("http://127.0.0.1:9", dict, first_interval_s=4.0)
+    delays = [beats.retry_in() for _ in range(200)]
+    assert all(2.0 <= delay <= 4.0 for delay in delays)  # never later: the zone counts beats
+    assert len(set(delays)) > 100  # hosts that lost the zone together come back apart
+
+
 async def test_a_slow_zone_times_out(
     tmp_path: Path, store: Store, zone: FakeZone, zone_url: str
 ) -> None:
