@@ -25,7 +25,7 @@ from pydantic import (
 
 from cloudconfig import context
 from common.names import DNS1123_LABEL
-from hostagent.errors import ConfigError
+from hostagent.errors import ConfigError, validation_problems
 
 DEFAULT_CONFIG_PATH = Path("/etc/hostagent/hostagent.toml")
 
@@ -390,11 +390,7 @@ def load_config(path: Path | None) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            key = ".".join(str(part) for part in error["loc"])
-            problems.append(f"{key}: {error['msg']}" if key else error["msg"])
-        raise ConfigError("invalid configuration: " + "; ".join(problems)) from exc
+        raise ConfigError(f"invalid configuration: {validation_problems(exc)}") from exc
     _check_tls(config)
     return config
 

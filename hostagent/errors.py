@@ -1,6 +1,8 @@
 """The agent's errors, below the root the PKI shares (common.errors); api.py maps each class
 to its HTTP status in one place."""
 
+from pydantic import ValidationError
+
 from common.errors import HostAgentError, ProvisioningError
 
 
@@ -48,3 +50,15 @@ class Unavailable(HostAgentError):
     """A service this request needs (the PKI backend, an agent) cannot be reached now."""
 
     code = "unavailable"
+
+
+def validation_problems(exc: ValidationError, *, plain: bool = False) -> str:
+    """A pydantic ValidationError as one line: ``key.path: message; ...`` (the message
+    alone when the whole object failed). ``plain`` drops pydantic's ``Value error, ``
+    prefix, as the HTTP API's answers do; configuration errors keep it."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ") if plain else error["msg"]
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)

@@ -18,7 +18,7 @@ from typing import Annotated, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hostagent.config import NetworkConfig
-from hostagent.errors import Invalid, MalformedRequest, NotFound
+from hostagent.errors import Invalid, MalformedRequest, NotFound, validation_problems
 from hostagent.store import NodeRecord, Store
 from network.model import ClusterNetworkWanted, Peer, Underlay, _check_peers
 from network.names import tap_name
@@ -86,18 +86,10 @@ def parse_peers(cluster: str, body: bytes) -> list[Peer]:
                 raise ValueError(f"peer address {peer.address} is not a unicast address")
         _check_peers(cluster, peers)
     except ValidationError as exc:
-        raise Invalid(_problems(exc)) from exc
+        raise Invalid(validation_problems(exc, plain=True)) from exc
     except ValueError as exc:  # network.model's checks
         raise Invalid(str(exc)) from exc
     return peers
-
-
-def _problems(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"])
-        parts.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
 
 
 class StoredPeers:

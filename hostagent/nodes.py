@@ -19,7 +19,14 @@ from pydantic import ValidationError
 from cloudconfig.versions import UnsupportedVersion, template_folder
 from hostagent import capacity
 from hostagent.config import Config
-from hostagent.errors import Conflict, Invalid, MalformedRequest, NotFound, Unauthorized
+from hostagent.errors import (
+    Conflict,
+    Invalid,
+    MalformedRequest,
+    NotFound,
+    Unauthorized,
+    validation_problems,
+)
 from hostagent.images import ImageCatalog
 from hostagent.model import Node, NodeKey, NodeSpec, NodeStatus, Phase
 from hostagent.store import NodeRecord, Store
@@ -31,7 +38,7 @@ def parse_key(cluster: str, name: str) -> NodeKey:
     try:
         return NodeKey(cluster=cluster, name=name)
     except ValidationError as exc:
-        raise Invalid(_errors(exc)) from exc
+        raise Invalid(validation_problems(exc, plain=True)) from exc
 
 
 def parse_spec(body: bytes) -> NodeSpec:
@@ -44,16 +51,7 @@ def parse_spec(body: bytes) -> NodeSpec:
     try:
         return NodeSpec.model_validate(data)
     except ValidationError as exc:
-        raise Invalid(_errors(exc)) from exc
-
-
-def _errors(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}" if where else message)
-    return "; ".join(parts)
+        raise Invalid(validation_problems(exc, plain=True)) from exc
 
 
 def to_node(record: NodeRecord, nodes_dir: Path | None = None) -> Node:

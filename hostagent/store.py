@@ -1,8 +1,8 @@
 """Desired and observed node state in SQLite; nothing else in the agent touches SQL.
 
 Every accepted change is one transaction, committed before the reconciler acts on it.
-WAL keeps readers (the API) off the writers' lock; synchronous=FULL because a lost
-PUT is worse than a millisecond.
+The database is opened as hostagent/sqlite.py does for the zone too (WAL,
+synchronous=FULL: a lost PUT is worse than a millisecond).
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import ipaddress
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from hostagent.model import NodeKey, NodeSpec, Phase
+from hostagent.sqlite import open_database, transaction
 from network.model import Peer
 
 SCHEMA = """
@@ -77,25 +77,10 @@ class Transition:
 
 class Store:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._db = open_database(path, SCHEMA)
 
     def close(self) -> None:
         self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def get(self, key: NodeKey) -> NodeRecord | None:
         row = self._db.execute(
@@ -109,7 +94,7 @@ class Store:
 
     def create(self, key: NodeKey, spec: NodeSpec, token: str) -> NodeRecord:
         stamp = now()
-        with self._tx() as db:
+        with transaction(self._db) as db:
             db.execute(
                 "INSERT INTO nodes (cluster, name, spec, token, phase, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -122,7 +107,7 @@ class Store:
 
     def update_spec(self, key: NodeKey, spec: NodeSpec) -> None:
         stamp = now()
-        with self._tx() as db:
+        with transaction(self._db) as db:
             db.execute(
                 "UPDATE nodes SET spec = ?, phase = ?, message = ?, updated_at = ? "
                 "WHERE cluster = ? AND name = ?",
@@ -139,7 +124,7 @@ class Store:
 
     def mark_deleting(self, key: NodeKey) -> None:
         stamp = now()
-        with self._tx() as db:
+        with transaction(self._db) as db:
             db.execute(
                 "UPDATE nodes SET deleting = 1, phase = ?, message = '', updated_at = ? "
                 "WHERE cluster = ? AND name = ?",
@@ -158,7 +143,7 @@ class Store:
         if (current.phase, current.message, current.domain_id) == (phase, message, new_id):
             return False
         stamp = now()
-        with self._tx() as db:
+        with transaction(self._db) as db:
             db.execute(
                 "UPDATE nodes SET phase = ?, message = ?, domain_id = ?, updated_at = ? "
                 "WHERE cluster = ? AND name = ?",
@@ -170,7 +155,7 @@ class Store:
 
     def set_ready(self, key: NodeKey, guest: dict[str, Any]) -> None:
         stamp = now()
-        with self._tx() as db:
+        with transaction(self._db) as db:
             db.execute(
                 "UPDATE nodes SET phase = ?, message = '', guest = ?, updated_at = ? "
                 "WHERE cluster = ? AND name = ?",
@@ -179,7 +164,7 @@ class Store:
             _log(db, key, Phase.READY, "guest phoned home", stamp)
 
     def remove(self, key: NodeKey) -> None:
-        with self._tx() as db:
+        with transaction(self._db) as db:
             db.execute("DELETE FROM nodes WHERE cluster = ? AND name = ?", (key.cluster, key.name))
             db.execute(
                 "DELETE FROM transitions WHERE cluster = ? AND name = ?", (key.cluster, key.name)
@@ -200,7 +185,7 @@ class Store:
             {"address": peer.address, "macs": sorted(peer.macs)}
             for peer in sorted(peers, key=lambda p: ipaddress.IPv4Address(p.address))
         ]
-        with self._tx() as db:
+        with transaction(self._db) as db:
             db.execute(
                 "INSERT INTO peers (cluster, peers, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (cluster) DO UPDATE SET peers = excluded.peers, "
@@ -219,7 +204,7 @@ class Store:
 
     def delete_peers(self, cluster: str) -> bool:
         """Forget the cluster's peer list; False when there was none."""
-        with self._tx() as db:
+        with transaction(self._db) as db:
             cursor = db.execute("DELETE FROM peers WHERE cluster = ?", (cluster,))
         return cursor.rowcount > 0
 

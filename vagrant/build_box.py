@@ -12,8 +12,10 @@ tree's own ``extlinux --install``. Everything but that step is done without moun
 system, so that one step mounts the partition through a loop device (``losetup
 --offset``), the only privileged device the build uses.
 
-Helpers (mirror detection, lock, temp folder + rename, clean-up) come from
-``hostagent.labimage.cloudinit``/``build``: the same conventions as the lab images.
+The build's frame (lock, recipe cache, tool checks, temp folder + rename, clean-up)
+is the lab images' (``hostagent.labimage.skeleton``), and so are the Debian tree's
+steps (``hostagent.labimage.debian``: mirror detection and probe, debootstrap,
+files and units); this file keeps only what is the box's.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,14 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # runnable as a script from a checkout
     sys.path.insert(0, str(REPO))
 
-from hostagent.labimage.build import _locked, _swap_into_place  # noqa: E402
-from hostagent.labimage.cloudinit import (  # noqa: E402
-    _debootstrap_error,
-    _probe_mirror,
-    _remove_work,
-    _symlink,
-    apt_mirror,
-)
+from hostagent.labimage import debian, skeleton  # noqa: E402
 
 RECIPE_VERSION = 1
 BOX_NAME = "hostagent/debian12"
@@ -54,7 +48,19 @@ PART_OFFSET = 1 << 20  # the root partition starts at 1 MiB
 # Syslinux 6.04 cannot boot from ext4 with the 64bit feature (mke2fs's default).
 MKFS_FEATURES = "^64bit,^metadata_csum"
 CMDLINE = "root=/dev/vda1 rw console=tty0 console=ttyS0,115200 net.ifnames=0"
-SETUP_HINT = "run scripts/setup-host.sh (as root) to install it"
+BUILD_JSON = "build.json"  # the recipe hash of the cached box
+
+# Host tools the build runs: (name, Debian package).
+TOOLS: tuple[tuple[str, str], ...] = (
+    ("debootstrap", "debootstrap"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("qemu-img", "qemu-utils"),
+    ("sfdisk", "fdisk"),
+    ("losetup", "mount"),
+    ("mount", "mount"),
+    ("umount", "mount"),
+    ("tar", "tar"),
+)
 
 PACKAGES: tuple[str, ...] = (
     "systemd-sysv",
@@ -175,101 +181,51 @@ def recipe_hash() -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
-def is_cached(target: Path, recipe: str) -> bool:
-    try:
-        meta = json.loads((target / "build.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return meta.get("recipe") == recipe and (target / BOX_FILE).is_file()
-
-
 def build_box(
     cache_dir: Path = CACHE_DIR, *, force: bool = False, progress: Callable[[str], None] = print
 ) -> Path:
     """Build (or reuse) the box in ``cache_dir``; the path of the .box file."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / CACHE_NAME
     recipe = recipe_hash()
-    with _locked(cache_dir / f".{CACHE_NAME}.lock"):
-        if not force and is_cached(target, recipe):
-            progress(f"box: cached in {target} (recipe {recipe[:12]})")
-            return target / BOX_FILE
-        tools = _require_tools()
-        mirror = apt_mirror(SUITE)
-        _probe_mirror(mirror, SUITE)
-        started = time.monotonic()
-        work = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}-build-", dir=cache_dir))
-        try:
-            _build(work, mirror, tools, _timed(progress, started))
-            (work / "build.json").write_text(json.dumps({"recipe": recipe}) + "\n")
-            work.chmod(0o755)
-            _swap_into_place(work, target)
-        except BaseException:
-            _remove_work(work)
-            raise
-    progress(f"box: built {target / BOX_FILE} in {time.monotonic() - started:.1f} s")
-    return target / BOX_FILE
+
+    def prepare() -> Callable[[Path], None]:
+        tools = skeleton.require_tools("the box", "debootstrap, loop device", TOOLS)
+        mirror = debian.apt_mirror(SUITE)
+        debian.probe_mirror(mirror, SUITE)
+        return lambda work: _build(work, recipe, mirror, tools, skeleton.timed("box", progress))
+
+    return skeleton.build_in_place(
+        cache_dir / CACHE_NAME,
+        recipe,
+        prepare,
+        label="box",
+        force=force,
+        progress=progress,
+        meta=BUILD_JSON,
+        files=[BOX_FILE],
+        product=BOX_FILE,
+    )
 
 
-def _timed(progress: Callable[[str], None], started: float) -> Callable[[str], None]:
-    return lambda line: progress(f"box: [{time.monotonic() - started:6.1f} s] {line}")
-
-
-def _require_tools() -> dict[str, str]:
-    if os.geteuid() != 0:
-        raise RuntimeError("building the box needs root (debootstrap, loop device)")
-    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin"])
-    tools: dict[str, str] = {}
-    for tool, package in (
-        ("debootstrap", "debootstrap"),
-        ("mkfs.ext4", "e2fsprogs"),
-        ("qemu-img", "qemu-utils"),
-        ("sfdisk", "fdisk"),
-        ("losetup", "mount"),
-        ("mount", "mount"),
-        ("umount", "mount"),
-        ("tar", "tar"),
-    ):
-        path = shutil.which(tool, path=search)
-        if path is None:
-            raise RuntimeError(f"{tool} not found (Debian package {package}); {SETUP_HINT}")
-        tools[tool] = path
-    return tools
-
-
-def _build(work: Path, mirror: str, tools: dict[str, str], progress: Callable[[str], None]) -> None:
+def _build(
+    work: Path, recipe: str, mirror: str, tools: dict[str, str], progress: Callable[[str], None]
+) -> None:
     tree = work / ".tree"
     progress(f"debootstrap {SUITE} from {mirror}")
-    env = {
-        **os.environ,
-        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-        "LC_ALL": "C",
-        "DEBIAN_FRONTEND": "noninteractive",
-    }
-    cmd = [
-        tools["debootstrap"],
-        "--variant=minbase",
-        f"--include={','.join(PACKAGES)}",
-        SUITE,
-        str(tree),
-        mirror,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"debootstrap failed: {_debootstrap_error(proc, tree, mirror)}")
+    debian.debootstrap(tools["debootstrap"], tree, mirror, SUITE, PACKAGES)
+    env = {**os.environ, **debian.CHROOT_ENV}
     progress("configuring the tree (vagrant user, ssh, networkd, extlinux.conf)")
     _configure_tree(tree, env)
     raw = work / ".disk.raw"
     _make_disk(tree, raw, tools, progress)
-    _remove_work(tree)
+    skeleton.remove_work(tree)
     progress("qemu-img convert to box.img (qcow2)")
-    _run([tools["qemu-img"], "convert", "-O", "qcow2", str(raw), str(work / "box.img")])
+    skeleton.run([tools["qemu-img"], "convert", "-O", "qcow2", str(raw), str(work / "box.img")])
     raw.unlink()
     meta = {"provider": "libvirt", "format": "qcow2", "virtual_size": DISK_GIB}
     (work / "metadata.json").write_text(json.dumps(meta) + "\n")
     (work / "Vagrantfile").write_text(BOX_VAGRANTFILE)
     progress("tar the box")
-    _run(
+    skeleton.run(
         [
             tools["tar"],
             "-C",
@@ -282,30 +238,25 @@ def _build(work: Path, mirror: str, tools: dict[str, str], progress: Callable[[s
         ]
     )
     (work / "box.img").unlink()  # the tar holds it; keep the cache at one copy
+    (work / BUILD_JSON).write_text(json.dumps({"recipe": recipe}) + "\n")
+    work.chmod(0o755)
 
 
 def _configure_tree(tree: Path, env: dict[str, str]) -> None:
-    for relative, content in FILES.items():
-        path = tree / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
-        path.write_text(content)
-        path.chmod(0o440 if relative.startswith("etc/sudoers.d/") else 0o644)
+    debian.write_files(tree, FILES)
+    for relative in FILES:
+        if relative.startswith("etc/sudoers.d/"):
+            (tree / relative).chmod(0o440)  # sudo's mode for its drop-ins
     # networkd's DHCP hands the DNS servers to resolved; debootstrap left the host's file.
-    _symlink(tree / "etc/resolv.conf", "/run/systemd/resolve/stub-resolv.conf")
-    units = tree / "etc/systemd/system"
-    for wants, names in ENABLED.items():
-        for name in names:
-            _symlink(units / wants / name, f"/lib/systemd/system/{name}")
-    for name in MASKED:
-        for stale in units.glob(f"*.wants/{name}"):
-            stale.unlink()
-        _symlink(units / name, "/dev/null")
+    debian.symlink(tree / "etc/resolv.conf", "/run/systemd/resolve/stub-resolv.conf")
+    debian.set_units(tree, ENABLED, MASKED)
     for key in (tree / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
     (tree / "var/lib/dbus/machine-id").unlink(missing_ok=True)
     # The vagrant user: password "vagrant", the insecure key, passwordless sudo.
-    _run(["chroot", str(tree), "useradd", "-m", "-s", "/bin/bash", "-G", "sudo", "vagrant"], env)
+    skeleton.run(
+        ["chroot", str(tree), "useradd", "-m", "-s", "/bin/bash", "-G", "sudo", "vagrant"], env
+    )
     subprocess.run(
         ["chroot", str(tree), "chpasswd"], input="vagrant:vagrant\n", text=True, check=True, env=env
     )
@@ -313,11 +264,8 @@ def _configure_tree(tree: Path, env: dict[str, str]) -> None:
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     (ssh_dir / "authorized_keys").write_text(VAGRANT_PUBKEY)
     (ssh_dir / "authorized_keys").chmod(0o600)
-    _run(["chroot", str(tree), "chown", "-R", "vagrant:vagrant", "/home/vagrant/.ssh"], env)
-    kernels = sorted((tree / "boot").glob("vmlinuz-*"))
-    if len(kernels) != 1:
-        raise RuntimeError(f"expected one boot/vmlinuz-* in the tree, got {kernels}")
-    release = kernels[0].name.removeprefix("vmlinuz-")
+    skeleton.run(["chroot", str(tree), "chown", "-R", "vagrant:vagrant", "/home/vagrant/.ssh"], env)
+    release = skeleton.kernel_release(tree, "the tree")
     conf = tree / "boot/extlinux/extlinux.conf"
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(
@@ -325,9 +273,7 @@ def _configure_tree(tree: Path, env: dict[str, str]) -> None:
         f"LABEL debian\n  LINUX /boot/vmlinuz-{release}\n"
         f"  INITRD /boot/initrd.img-{release}\n  APPEND {CMDLINE}\n"
     )
-    for pattern in ("var/cache/apt/archives/*.deb", "var/lib/apt/lists/*_*"):
-        for path in tree.glob(pattern):
-            path.unlink()
+    debian.remove_globs(tree, debian.APT_CACHES)
 
 
 def _make_disk(
@@ -339,9 +285,9 @@ def _make_disk(
     with raw.open("wb") as f:
         f.truncate(size)
     layout = f"label: dos\nstart={PART_OFFSET // 512}, type=83, bootable\n"
-    _run([tools["sfdisk"], "-q", str(raw)], input_text=layout)
+    skeleton.run([tools["sfdisk"], "-q", str(raw)], input_text=layout)
     progress(f"mkfs.ext4 -d into the partition ({part >> 20} MiB, sparse)")
-    _run(
+    skeleton.run(
         [
             tools["mkfs.ext4"],
             "-q",
@@ -381,20 +327,14 @@ def _make_disk(
     device = loop.stdout.strip()
     mnt = Path(tempfile.mkdtemp(prefix=".mnt-", dir=raw.parent))
     try:
-        _run([tools["mount"], device, str(mnt)])
+        skeleton.run([tools["mount"], device, str(mnt)])
         try:
-            _run([str(tree / "usr/bin/extlinux"), "--install", str(mnt / "boot/extlinux")])
+            skeleton.run([str(tree / "usr/bin/extlinux"), "--install", str(mnt / "boot/extlinux")])
         finally:
-            _run([tools["umount"], str(mnt)])
+            skeleton.run([tools["umount"], str(mnt)])
     finally:
         subprocess.run([tools["losetup"], "-d", device], capture_output=True)
         mnt.rmdir()
-
-
-def _run(cmd: list[str], env: dict[str, str] | None = None, input_text: str | None = None) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, input=input_text)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {(proc.stdout + proc.stderr).strip()}")
 
 
 def install_box(box: Path, dest: Path) -> None:

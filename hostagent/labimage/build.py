@@ -9,29 +9,26 @@ image.json is an unfinished build.
 The build runs in a temp folder next to the target and is renamed into place, so a
 failed build never leaves half an image. It is skipped when image.json already
 carries the same recipe hash (kernel and busybox package versions, init.sh, module
-list, recipe version) and every file is present.
+list, recipe version) and every file is present. That frame, shared with the other
+image builds, is skeleton.py's.
 """
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import hashlib
 import io
 import json
 import lzma
-import os
 import re
 import shutil
 import struct
 import subprocess
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
+
+from hostagent.labimage.skeleton import build_in_place, kernel_release, run, write_image_json
 
 RECIPE_VERSION = 1
 IMAGE_NAME = "lab"
@@ -86,26 +83,17 @@ def build_lab_image(
     image_dir: Path, *, force: bool = False, progress: Callable[[str], None] = print
 ) -> Path:
     """Build (or reuse) the image ``lab`` in ``image_dir / "lab"`` and return that folder."""
-    image_dir.mkdir(parents=True, exist_ok=True)
-    target = image_dir / IMAGE_NAME
     progress("lab image: resolving kernel and busybox package versions")
     kernel, busybox = resolve_packages()
     init_sh = INIT_SH.read_bytes()
     recipe = recipe_hash(init_sh, kernel, busybox)
-    with _locked(image_dir / f".{IMAGE_NAME}.lock"):
-        if not force and is_cached(target, recipe):
-            progress(f"lab image: cached in {target} (recipe {recipe[:12]})")
-            return target
-        started = time.monotonic()
-        work = Path(tempfile.mkdtemp(prefix=f".{IMAGE_NAME}-build-", dir=image_dir))
-        try:
-            _build(work, recipe, kernel, busybox, init_sh, progress)
-            _swap_into_place(work, target)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-    progress(f"lab image: built {target} in {time.monotonic() - started:.1f} s")
-    return target
+
+    def prepare() -> Callable[[Path], None]:
+        return lambda work: _build(work, recipe, kernel, busybox, init_sh, progress)
+
+    return build_in_place(
+        image_dir / IMAGE_NAME, recipe, prepare, label="lab image", force=force, progress=progress
+    )
 
 
 def recipe_hash(init_sh: bytes, kernel: Package, busybox: Package) -> str:
@@ -121,18 +109,6 @@ def recipe_hash(init_sh: bytes, kernel: Package, busybox: Package) -> str:
         "disk_size": DISK_SIZE,
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
-
-
-def is_cached(target: Path, recipe: str) -> bool:
-    """True if ``target`` is a finished image built from ``recipe``."""
-    try:
-        meta = json.loads((target / "image.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(meta, dict) or meta.get("recipe") != recipe:
-        return False
-    names = [meta.get(key) for key in ("kernel", "initrd", "disk")]
-    return all(isinstance(name, str) and (target / name).is_file() for name in names)
 
 
 # --- packages -------------------------------------------------------------------------
@@ -186,7 +162,7 @@ def _fetch(package: Package, scratch: Path, progress: Callable[[str], None]) -> 
     deb = _download(package, scratch / "debs")
     progress(f"lab image: extracting {deb.name}")
     root = scratch / package.name
-    _run(["dpkg-deb", "-x", str(deb), str(root)])
+    run(["dpkg-deb", "-x", str(deb), str(root)])
     return root
 
 
@@ -323,18 +299,9 @@ def make_initramfs(busybox: bytes, init_sh: bytes, moddir: Path, modules: list[P
 # --- build steps ----------------------------------------------------------------------
 
 
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
-
-
 def _kernel_release(kernel_root: Path) -> str:
     """The ``uname -r`` of the extracted kernel package (from boot/vmlinuz-<release>)."""
-    images = sorted((kernel_root / "boot").glob("vmlinuz-*"))
-    if len(images) != 1:
-        raise RuntimeError(f"expected one boot/vmlinuz-* in the kernel package, got {images}")
-    release = images[0].name.removeprefix("vmlinuz-")
+    release = kernel_release(kernel_root, "the kernel package")
     if not (kernel_root / "lib/modules" / release).is_dir():
         raise RuntimeError(f"the kernel package has no lib/modules/{release}")
     return release
@@ -363,54 +330,6 @@ def _build(
     (work / "initrd.img").write_bytes(initrd)
     shutil.rmtree(scratch)
     progress(f"lab image: creating base disk disk.qcow2 ({DISK_SIZE})")
-    _run(["qemu-img", "create", "-q", "-f", "qcow2", str(work / "disk.qcow2"), DISK_SIZE])
-    for path in work.iterdir():
-        path.chmod(0o644)
-    work.chmod(0o755)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(work / "disk.qcow2"), DISK_SIZE])
     progress("lab image: writing image.json")
-    _write_json_atomic(work / "image.json", _image_meta(recipe))
-
-
-def _image_meta(recipe: str) -> dict[str, str]:
-    return {
-        "name": IMAGE_NAME,
-        "kernel": "vmlinuz",
-        "initrd": "initrd.img",
-        "disk": "disk.qcow2",
-        "cmdline": CMDLINE,
-        "recipe": recipe,
-        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-
-
-def _write_json_atomic(path: Path, data: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
-
-
-def _swap_into_place(work: Path, target: Path) -> None:
-    """Rename the finished build to ``target``, replacing (then deleting) an old one."""
-    old = None
-    if target.exists() or target.is_symlink():
-        old = target.with_name(f".{target.name}-old-{os.getpid()}-{time.time_ns()}")
-        os.rename(target, old)
-    os.rename(work, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Serialise builds of one image folder (between processes too)."""
-    with lock_path.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    write_image_json(work, IMAGE_NAME, CMDLINE, recipe)

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hostagent.config import ApiConfig, VaultConfig
-from hostagent.errors import ConfigError
+from hostagent.errors import ConfigError, validation_problems
 
 DEFAULT_ZONE_CONFIG_PATH = Path("/etc/hostagent/zone.toml")
 DEFAULT_ZONE_LISTEN = "127.0.0.1:8471"
@@ -102,10 +102,7 @@ def load_zone_config(path: Path | None) -> ZoneServerConfig:
     try:
         config = ZoneServerConfig.model_validate(data)
     except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
-        ]
-        raise ConfigError("invalid zone configuration: " + "; ".join(problems)) from exc
+        raise ConfigError(f"invalid zone configuration: {validation_problems(exc)}") from exc
     api = config.api
     if not ipaddress.ip_address(api.host).is_loopback and not (api.tls_cert and api.tls_key):
         raise ConfigError(

@@ -28,6 +28,7 @@ from hostagent.errors import (
     NotFound,
     OutOfCapacity,
     Unavailable,
+    validation_problems,
 )
 from hostagent.model import Role
 from hostagent.store import now as stamp
@@ -52,10 +53,7 @@ def parse_body(model: type[Any], body: bytes, what: str) -> Any:
     except ValidationError as exc:
         if any(error["type"] in ("json_invalid", "model_type") for error in exc.errors()):
             raise MalformedRequest(f"{what} must be a JSON object") from exc
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise Invalid(f"invalid {what}: {problems}") from exc
+        raise Invalid(f"invalid {what}: {validation_problems(exc)}") from exc
 
 
 class ZoneService:

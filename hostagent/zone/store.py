@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from hostagent.model import Role
+from hostagent.sqlite import open_database, transaction
 from hostagent.store import now
 from hostagent.zone.model import ClusterSpec, HostReport
 
@@ -134,35 +134,19 @@ CREATE TABLE IF NOT EXISTS deliveries (
 
 
 class SqliteZoneStore:
-    """ZoneStore in one SQLite file (WAL, synchronous=FULL, as the agent's store)."""
+    """ZoneStore in one SQLite file, opened as the agent's store is (hostagent/sqlite.py)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
+        self.db = open_database(path, SCHEMA)
 
     def close(self) -> None:
         self.db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
 
     # --- hosts -----------------------------------------------------------------------
 
     def put_host(self, host: str, report: HostReport, at: float) -> bool:
         """Store a host's latest report; True when the host registered for the first time."""
-        with self._tx() as db:
+        with transaction(self.db) as db:
             known = db.execute("SELECT 1 FROM hosts WHERE id = ?", (host,)).fetchone()
             db.execute(
                 "INSERT INTO hosts (id, report, registered_at, last_heartbeat) "
@@ -181,7 +165,7 @@ class SqliteZoneStore:
         return None if row is None else _host(row)
 
     def remove_host(self, host: str) -> None:
-        with self._tx() as db:
+        with transaction(self.db) as db:
             db.execute("DELETE FROM hosts WHERE id = ?", (host,))
             db.execute("DELETE FROM deliveries WHERE host = ?", (host,))
 
@@ -223,7 +207,7 @@ class SqliteZoneStore:
     def create_cluster(
         self, cluster: ClusterRecord, nodes: Iterable[NodeRecord], gateways: Iterable[Gateway]
     ) -> None:
-        with self._tx() as db:
+        with transaction(self.db) as db:
             db.execute(
                 "INSERT INTO clusters (name, spec, vni, node_subnet, pod_cidr, service_cidr, "
                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -247,7 +231,7 @@ class SqliteZoneStore:
         gateways: Iterable[Gateway],
         remove: Iterable[str],
     ) -> None:
-        with self._tx() as db:
+        with transaction(self.db) as db:
             db.execute(
                 "UPDATE clusters SET spec = ? WHERE name = ?", (spec.model_dump_json(), name)
             )
@@ -258,14 +242,14 @@ class SqliteZoneStore:
             )
 
     def mark_cluster_deleting(self, name: str) -> None:
-        with self._tx() as db:
+        with transaction(self.db) as db:
             db.execute("UPDATE clusters SET deleting = 1 WHERE name = ?", (name,))
             db.execute("UPDATE nodes SET deleting = 1 WHERE cluster = ?", (name,))
 
     def remove_node(self, cluster: str, name: str) -> None:
         """The node is gone from its host: forget it, and its host's gateway when it was the
         cluster's last node there."""
-        with self._tx() as db:
+        with transaction(self.db) as db:
             row = db.execute(
                 "SELECT host FROM nodes WHERE cluster = ? AND name = ?", (cluster, name)
             ).fetchone()
@@ -281,7 +265,7 @@ class SqliteZoneStore:
                 )
 
     def remove_cluster(self, name: str) -> None:
-        with self._tx() as db:
+        with transaction(self.db) as db:
             db.execute("DELETE FROM nodes WHERE cluster = ?", (name,))
             db.execute("DELETE FROM gateways WHERE cluster = ?", (name,))
             db.execute("DELETE FROM clusters WHERE name = ?", (name,))
@@ -296,7 +280,7 @@ class SqliteZoneStore:
 
     def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None:
         """Record what host acknowledged for (kind, key); None forgets it."""
-        with self._tx() as db:
+        with transaction(self.db) as db:
             if digest is None:
                 db.execute(
                     "DELETE FROM deliveries WHERE host = ? AND kind = ? AND key = ?",
