@@ -8,9 +8,7 @@ gets all three names: ISO 9660 (`/USERDATA.;1`), Rock Ridge and Joliet.
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pycdlib
 
 from cloudconfig.context import NodeContext
 from cloudconfig.render import render_node
+from common.files import write_atomically
 
 VOLUME_LABEL = "cidata"  # what NoCloud looks for
 # QEMU runs as its own user and must read the drive; nothing in it is secret from
@@ -37,20 +36,10 @@ def build_config_drive(path: Path, files: Mapping[str, bytes]) -> None:
     A reader (QEMU, a test) sees the old drive or the new one, never half of one.
     """
     iso = _new_iso(files)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as out:
-            iso.write_fp(out)
-            out.flush()
-            os.fchmod(out.fileno(), DRIVE_MODE)
-            os.fsync(out.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        write_atomically(path, iso.write_fp, DRIVE_MODE)
     finally:
         iso.close()
-    _fsync_dir(path.parent)
 
 
 def _new_iso(files: Mapping[str, bytes]) -> pycdlib.PyCdlib:
@@ -83,15 +72,6 @@ def _iso_names(files: Mapping[str, bytes]) -> dict[str, str]:
             raise ValueError(f"config drive file names collide in ISO 9660: {name!r}")
         names[name] = iso_name
     return names
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable: after a crash the drive is old or new.
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_config_drive(path: Path) -> dict[str, bytes]:

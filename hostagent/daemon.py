@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 from aiohttp import web
 
+from common.files import ensure_secret
 from hostagent import __version__, capacity, certificates
 from hostagent.access import KvmDevice, check_qemu_can_reach, kvm_device
 from hostagent.api import api_app, phone_home_app
@@ -46,16 +47,6 @@ log = logging.getLogger(__name__)
 # A define or start slower than this is worth a warning: here they take milliseconds.
 SLOW_CALLS = ("define", "start")
 SLOW_CALL_S = 5.0
-
-
-def ensure_token(path: Path) -> str:
-    """The API token: created once with mode 0600, never logged."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_hex(32) + "\n")
-    return path.read_text().strip()
 
 
 def physical_resources(state_dir: Path) -> capacity.Resources:
@@ -95,7 +86,7 @@ class Agent:
         check_qemu_can_reach(
             config.libvirt.qemu_user, state_dir=config.state_dir, image_dir=config.images
         )
-        self.token = ensure_token(config.token_file)
+        self.token = ensure_secret(config.token_file, lambda: secrets.token_hex(32))
         self.store = Store(config.database)
         config.database.chmod(0o600)
         self.images = ImageCatalog(config.images)

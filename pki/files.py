@@ -33,6 +33,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from common.files import fsync_dir
 from pki import layout
 from pki.keys import format_serial
 
@@ -167,7 +168,7 @@ def write_set(
     for temp, target in staged:
         os.replace(temp, target)
     for parent in sorted({target.parent for _, target in staged}):
-        _fsync_dir(parent)
+        fsync_dir(parent)
     names = sorted(rotated)
     if names:
         stamp = datetime.now(UTC).isoformat()
@@ -232,7 +233,7 @@ def write_file(
     """Replace one file atomically (temporary, fsync, rename, fsync of the directory)."""
     temp = _stage(target, content, mode, uid, gid)
     os.replace(temp, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _make_dir(path: Path, uid: int | None, gid: int | None) -> None:
@@ -241,11 +242,3 @@ def _make_dir(path: Path, uid: int | None, gid: int | None) -> None:
     path.mkdir(mode=DIR_MODE)
     if uid is not None or gid is not None:
         os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

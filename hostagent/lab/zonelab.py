@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import http
+from common.files import ensure_secret
 from hostagent.lab import links, tls
 from hostagent.lab.errors import LabError
 from hostagent.lab.hosts import nsenter_argv, running_pid
 from hostagent.lab.lifecycle import lab_down, lab_up
 from hostagent.lab.plan import DEFAULT_ROOT, HostPlan, LabPlan, plan_lab
 from hostagent.labimage.build import build_lab_image
-from hostagent.zone.auth import ensure_secret, host_token
+from hostagent.zone.auth import host_token
 from hostagent.zone.client import LAB_CONTEXT, ZoneClient, ZoneContext
 
 log = logging.getLogger(__name__)

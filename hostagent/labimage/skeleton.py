@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from common.files import write_atomically
+
 IMAGE_JSON = "image.json"
 # The files image.json names (its keys), as the agent's image catalog reads them.
 IMAGE_FILES: dict[str, str] = {"kernel": "vmlinuz", "initrd": "initrd.img", "disk": "disk.qcow2"}
@@ -94,14 +96,7 @@ def write_image_json(work: Path, name: str, cmdline: str, recipe: str) -> None:
         "recipe": recipe,
         "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    tmp = work / f".{IMAGE_JSON}.tmp"
-    with tmp.open("w") as f:
-        json.dump(meta, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.chmod(0o644)
-    os.replace(tmp, work / IMAGE_JSON)
+    write_atomically(work / IMAGE_JSON, (json.dumps(meta, indent=2) + "\n").encode(), 0o644)
 
 
 def require_tools(what: str, why_root: str, tools: Iterable[tuple[str, str]]) -> dict[str, str]:

@@ -7,23 +7,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
-import secrets
-from pathlib import Path
 
 from common.names import DNS1123_LABEL
 
 _HOST_PREFIX = "host"
-
-
-def ensure_secret(path: Path, nbytes: int = 32) -> str:
-    """The secret in path, made (mode 0600) on first use."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(nbytes) + "\n")
-    return path.read_text().strip()
 
 
 def _mac(secret: str, host: str) -> str:

@@ -10,9 +10,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from common.files import ensure_secret
 from hostagent import tables
 from hostagent.config import Config
-from hostagent.zone.auth import ensure_secret, host_token
+from hostagent.zone.auth import host_token
 from hostagent.zone.client import ZoneClient, resolve_context
 from hostagent.zone.config import load_zone_config
 from hostagent.zone.describe import describe

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import time
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common import http
+from common.files import write_atomically
 from hostagent.client import ApiError, call_json
 
 LAB_CONTEXT = Path("/var/lib/hostagent-lab/zone-client.json")
@@ -33,9 +33,8 @@ class ZoneContext:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"url": self.url, "token": self.token, "ca_file": self.ca_file}, handle)
+        body = {"url": self.url, "token": self.token, "ca_file": self.ca_file}
+        write_atomically(path, json.dumps(body).encode(), 0o600)
 
 
 def resolve_context(

@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
+from common.files import ensure_secret
 from hostagent import __version__
 from hostagent.certificates import vault_backend
 from hostagent.sdnotify import Notifier
 from hostagent.zone.api import zone_app
-from hostagent.zone.auth import ensure_secret
 from hostagent.zone.config import ZoneServerConfig
 from hostagent.zone.driver import Deliverer
 from hostagent.zone.service import ZoneService

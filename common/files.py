@@ -1,0 +1,52 @@
+"""Files that must survive a crash whole: atomic replacement, durable renames, secrets
+made once with mode 0600 whatever the umask."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+Writer = Callable[[BinaryIO], None]
+
+
+def fsync_dir(directory: Path) -> None:
+    """Makes the renames in directory durable: after a crash a file is old or new."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(target: Path, content: bytes | Writer, mode: int) -> None:
+    """Replace target with content (bytes, or a function writing to the open file): a
+    reader sees the old file or the new one, never half of one, also after a crash."""
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if isinstance(content, bytes):
+                out.write(content)
+            else:
+                content(out)
+            out.flush()
+            os.fchmod(out.fileno(), mode)  # the final mode, regardless of the umask
+            os.fsync(out.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+def ensure_secret(path: Path, make: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> str:
+    """The secret in path, made once (mode 0600, never replaced) with make()."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(make() + "\n")
+    return path.read_text().strip()
