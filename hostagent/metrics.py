@@ -1,4 +1,5 @@
-"""Prometheus metrics of one agent, in a registry of its own (tests run several agents)."""
+"""Prometheus metrics of one agent and of the zone, each in a registry of its own (tests run
+several in one process); the only module that imports prometheus_client."""
 
 from __future__ import annotations
 
@@ -120,3 +121,43 @@ class ZoneGauges:
         self.failures.set(status.failures)
         last = status.last_heartbeat
         self.last_heartbeat.set(last.timestamp() if last else 0)
+
+
+class ZoneMetrics:
+    """The zone's gauges, read from callables when /metrics is asked for."""
+
+    def __init__(
+        self,
+        hosts_by_state: Callable[[], dict[str, int]],
+        clusters_by_phase: Callable[[], dict[str, int]],
+        failing_delivery: Callable[[], int],
+        delivery_passes: Callable[[], int],
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.hosts = Gauge(
+            "hostagent_zone_hosts", "Hosts by state", ["state"], registry=self.registry
+        )
+        self.clusters = Gauge(
+            "hostagent_zone_clusters", "Clusters by phase", ["phase"], registry=self.registry
+        )
+        self.failing = Gauge(
+            "hostagent_zone_hosts_failing_delivery",
+            "Hosts whose last delivery attempt failed",
+            registry=self.registry,
+        )
+        self.passes = Gauge(
+            "hostagent_zone_delivery_passes", "Delivery passes since start", registry=self.registry
+        )
+        self._hosts = hosts_by_state
+        self._clusters = clusters_by_phase
+        self._failing = failing_delivery
+        self._passes = delivery_passes
+
+    def render(self) -> bytes:
+        for state, count in self._hosts().items():
+            self.hosts.labels(state).set(count)
+        for phase, count in self._clusters().items():
+            self.clusters.labels(phase).set(count)
+        self.failing.set(self._failing())
+        self.passes.set(self._passes())
+        return generate_latest(self.registry)

@@ -12,11 +12,11 @@ import ssl
 from collections.abc import Mapping
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from common.files import ensure_secret
 from hostagent import __version__
 from hostagent.certificates import vault_backend
+from hostagent.metrics import ZoneMetrics
 from hostagent.sdnotify import Notifier
 from hostagent.zone.api import zone_app
 from hostagent.zone.config import ZoneServerConfig
@@ -36,38 +36,11 @@ def make_backend(config: ZoneServerConfig) -> Backend:
     return LocalBackend(config.state_dir / "pki")
 
 
-class ZoneMetrics:
-    def __init__(self, service: ZoneService, deliverer: Deliverer) -> None:
-        self.service = service
-        self.deliverer = deliverer
-        self.registry = CollectorRegistry()
-        self.hosts = Gauge(
-            "hostagent_zone_hosts", "Hosts by state", ["state"], registry=self.registry
-        )
-        self.clusters = Gauge(
-            "hostagent_zone_clusters", "Clusters by phase", ["phase"], registry=self.registry
-        )
-        self.failing = Gauge(
-            "hostagent_zone_hosts_failing_delivery",
-            "Hosts whose last delivery attempt failed",
-            registry=self.registry,
-        )
-        self.passes = Gauge(
-            "hostagent_zone_delivery_passes", "Delivery passes since start", registry=self.registry
-        )
-
-    def render(self) -> bytes:
-        for state in ("Ready", "NotReady"):
-            count = sum(1 for h in self.service.hosts_view() if h["state"] == state)
-            self.hosts.labels(state).set(count)
-        phases: dict[str, int] = dict.fromkeys(("Provisioning", "Ready", "Degraded", "Deleting"), 0)
-        for cluster in self.service.clusters():
-            phases[cluster["status"]["phase"]] += 1
-        for phase, count in phases.items():
-            self.clusters.labels(phase).set(count)
-        self.failing.set(len(self.deliverer.failing()))
-        self.passes.set(self.deliverer.passes)
-        return generate_latest(self.registry)
+def _count(values: list[str], keys: tuple[str, ...]) -> dict[str, int]:
+    counts = dict.fromkeys(keys, 0)
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
 
 
 class Zone:
@@ -77,10 +50,23 @@ class Zone:
         self.store = SqliteZoneStore(config.state_dir / "zone.db")
         self.service = ZoneService(self.store, config, make_backend(config))
         self.deliverer = Deliverer(self.service, config.agents)
-        self.metrics = ZoneMetrics(self.service, self.deliverer)
+        self.metrics = ZoneMetrics(
+            self._hosts_by_state,
+            self._clusters_by_phase,
+            lambda: len(self.deliverer.failing()),
+            lambda: self.deliverer.passes,
+        )
         self.admin_token = ensure_secret(config.state_dir / "api-token")
         self.host_secret = ensure_secret(config.state_dir / "host-secret")
         self.runner: web.AppRunner | None = None
+
+    def _hosts_by_state(self) -> dict[str, int]:
+        states = [host["state"] for host in self.service.hosts_view()]
+        return _count(states, ("Ready", "NotReady"))
+
+    def _clusters_by_phase(self) -> dict[str, int]:
+        phases = [cluster["status"]["phase"] for cluster in self.service.clusters()]
+        return _count(phases, ("Provisioning", "Ready", "Degraded", "Deleting"))
 
     async def start(self) -> None:
         app = zone_app(
