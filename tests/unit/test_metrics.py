@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hostagent.metrics import ZoneMetrics
 
+
 def test_zone_metrics_export_hosts_clusters_and_delivery() -> None:
     metrics = ZoneMetrics(
         lambda: {"Ready": 2, "NotReady": 1},

@@ -315,4 +315,3 @@ async def test_metrics_show_the_zone(
 def test_standalone_metrics_have_no_zone_series() -> None:
     metrics = Metrics(dict, lambda: 0, dict, dict)
     assert b"hostagent_zone" not in metrics.render()
-
