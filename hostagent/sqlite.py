@@ -1,4 +1,5 @@
-"""How the agent's and the zone's stores open SQLite and write to it.
+"""How the agent's and the zone's stores open SQLite and write to it; the only module
+that imports sqlite3.
 
 WAL keeps readers (the API) off the writers' lock; synchronous=FULL because a lost
 decision is worse than a millisecond; foreign keys are enforced where a schema declares
@@ -11,6 +12,10 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+# The types the stores name, so that no other module imports sqlite3.
+Connection = sqlite3.Connection
+Row = sqlite3.Row
 
 
 def open_database(path: Path, schema: str) -> sqlite3.Connection:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hostagent.model import NodeKey, NodeSpec, Phase
-from hostagent.sqlite import open_database, transaction
+from hostagent.sqlite import Connection, Row, open_database, transaction
 from network.model import Peer
 
 SCHEMA = """
@@ -213,14 +212,14 @@ def _peers(text: str) -> list[Peer]:
     return [Peer(item["address"], frozenset(item["macs"])) for item in json.loads(text)]
 
 
-def _log(db: sqlite3.Connection, key: NodeKey, phase: Phase, message: str, stamp: str) -> None:
+def _log(db: Connection, key: NodeKey, phase: Phase, message: str, stamp: str) -> None:
     db.execute(
         "INSERT INTO transitions (cluster, name, phase, message, at) VALUES (?, ?, ?, ?, ?)",
         (key.cluster, key.name, phase, message, stamp),
     )
 
 
-def _record(row: sqlite3.Row) -> NodeRecord:
+def _record(row: Row) -> NodeRecord:
     return NodeRecord(
         key=NodeKey(cluster=row["cluster"], name=row["name"]),
         spec=NodeSpec.model_validate_json(row["spec"]),

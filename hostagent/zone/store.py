@@ -9,14 +9,13 @@ protocol.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from hostagent.model import Role
-from hostagent.sqlite import open_database, transaction
+from hostagent.sqlite import Connection, Row, open_database, transaction
 from hostagent.store import now
 from hostagent.zone.model import ClusterSpec, HostReport
 
@@ -294,9 +293,7 @@ class SqliteZoneStore:
                 )
 
 
-def _insert(
-    db: sqlite3.Connection, nodes: Iterable[NodeRecord], gateways: Iterable[Gateway]
-) -> None:
+def _insert(db: Connection, nodes: Iterable[NodeRecord], gateways: Iterable[Gateway]) -> None:
     db.executemany(
         "INSERT INTO nodes (cluster, name, role, host, address, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?)",
@@ -308,7 +305,7 @@ def _insert(
     )
 
 
-def _host(row: sqlite3.Row) -> HostRecord:
+def _host(row: Row) -> HostRecord:
     return HostRecord(
         id=row["id"],
         report=HostReport.model_validate(json.loads(row["report"])),
@@ -317,7 +314,7 @@ def _host(row: sqlite3.Row) -> HostRecord:
     )
 
 
-def _cluster(row: sqlite3.Row) -> ClusterRecord:
+def _cluster(row: Row) -> ClusterRecord:
     return ClusterRecord(
         name=row["name"],
         spec=ClusterSpec.model_validate(json.loads(row["spec"])),
@@ -330,7 +327,7 @@ def _cluster(row: sqlite3.Row) -> ClusterRecord:
     )
 
 
-def _node(row: sqlite3.Row) -> NodeRecord:
+def _node(row: Row) -> NodeRecord:
     return NodeRecord(
         cluster=row["cluster"],
         name=row["name"],
