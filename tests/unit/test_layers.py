@@ -194,3 +194,52 @@ for module in {PURE!r}:
     )
     assert result.returncode == 0, result.stderr
     assert not result.stdout, f"pure modules that need an outside system:\n{result.stdout}"
+
+
+# Each outside system's library, and the only modules that may import it.
+ADAPTERS = {
+    "libvirt": {"hostagent.virt.libvirt"},
+    "pyroute2": {"network.netlink"},
+    "httpx": {"common.http"},
+    "requests": {"pki.vault"},  # hvac's transport: its errors are caught there
+    "hvac": {"pki.vault"},
+    "sqlite3": {"hostagent.sqlite"},
+    "prometheus_client": {"hostagent.metrics"},
+    "pycdlib": {"cloudconfig.configdrive"},
+    "icmplib": {"network.health"},
+    "psutil": {"hostagent.daemon"},
+    "jinja2": {"cloudconfig.render"},
+}
+# aiohttp serves the APIs; it is no client.
+SERVERS = {"hostagent.api", "hostagent.daemon", "hostagent.zone.api", "hostagent.zone.server"}
+
+
+def outside_imports() -> dict[str, set[str]]:
+    """Per top-level outside library: the project modules that import it."""
+    found: dict[str, set[str]] = {}
+    for module, path in project_modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], set()).add(module)
+    return found
+
+
+@pytest.mark.parametrize("library", sorted(ADAPTERS))
+def test_each_outside_library_has_one_adapter(library: str) -> None:
+    users = outside_imports().get(library, set())
+    assert users <= ADAPTERS[library], (
+        f"{library} is imported outside its adapter {sorted(ADAPTERS[library])}: "
+        f"{sorted(users - ADAPTERS[library])}"
+    )
+
+
+def test_aiohttp_only_serves() -> None:
+    users = outside_imports().get("aiohttp", set())
+    assert users <= SERVERS, f"aiohttp outside the servers: {sorted(users - SERVERS)}"
