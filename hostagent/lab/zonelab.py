@@ -24,7 +24,7 @@ from pathlib import Path
 
 from common import http
 from common.files import ensure_secret
-from hostagent.lab import links, tls
+from hostagent.lab import links
 from hostagent.lab.errors import LabError
 from hostagent.lab.hosts import nsenter_argv, running_pid
 from hostagent.lab.lifecycle import lab_down, lab_up
@@ -32,6 +32,7 @@ from hostagent.lab.plan import DEFAULT_ROOT, HostPlan, LabPlan, plan_lab
 from hostagent.labimage.build import build_lab_image
 from hostagent.zone.auth import host_token
 from hostagent.zone.client import LAB_CONTEXT, ZoneClient, ZoneContext
+from pki import servicecerts
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,9 @@ def hostagent_command() -> str:
 def write_zone_config(settings: LabSettings, plan: LabPlan) -> Path:
     directory = zone_dir(settings.root)
     address = str(plan.gateway.ip)
-    cert, key = tls.issue_server_cert(settings.root / "ca", "zone", address, directory / "tls")
+    cert, key = servicecerts.issue_server_cert(
+        settings.root / "ca", "zone", address, directory / "tls"
+    )
     config = directory / "zone.toml"
     config.write_text(
         f"""# written by `hostagent lab up`
@@ -105,7 +108,7 @@ retry_max_s = 5.0
 
 def write_agent_config(settings: LabSettings, plan: LabPlan, host: HostPlan) -> Path:
     address = str(host.address.ip)
-    cert, key = tls.issue_server_cert(
+    cert, key = servicecerts.issue_server_cert(
         settings.root / "ca", host.name, address, host.config_dir / "tls"
     )
     secret = ensure_secret(zone_dir(settings.root) / "state" / "host-secret")

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from hostagent.cli import client_for
 from hostagent.config import ApiConfig, Config
-from hostagent.lab.tls import issue_server_cert
+from pki.servicecerts import issue_server_cert
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ import pytest
 from aiohttp import web
 
 from common import http
-from hostagent.lab.tls import issue_server_cert
 from pki import keys
 from pki.certset import NodeIdentity, requests_for
 from pki.local import LocalBackend
+from pki.servicecerts import issue_server_cert
 from tests.fakezone import free_port, serve_tls
 
 

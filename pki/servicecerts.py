@@ -1,5 +1,6 @@
-"""The lab's own CA: one certificate per lab service (the zone, each agent) for its
-address, so every call between them is TLS-verified as in production."""
+"""A CA for hostagent's own services and their server certificates: the lab makes one
+certificate per service (the zone, each agent) for its address, so every call between
+them is TLS-verified as in production."""
 
 from __future__ import annotations
 
@@ -9,19 +10,12 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pki import files
+from pki import files, keys
 
 _PEM = serialization.Encoding.PEM
 LIFETIME = dt.timedelta(days=30)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(
-        _PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
 
 
 def ensure_ca(directory: Path) -> tuple[Path, Path]:
@@ -29,7 +23,7 @@ def ensure_ca(directory: Path) -> tuple[Path, Path]:
     cert_path, key_path = directory / "ca.crt", directory / "ca.key"
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = keys.generate_key(keys.KeyType.ECDSA)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hostagent lab CA")])
     now = dt.datetime.now(dt.UTC)
     cert = (
@@ -48,7 +42,7 @@ def ensure_ca(directory: Path) -> tuple[Path, Path]:
         .sign(key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
-    files.write_file(key_path, _key_pem(key), files.KEY_MODE)
+    files.write_file(key_path, keys.private_pem(key), files.KEY_MODE)
     files.write_file(cert_path, cert.public_bytes(_PEM).decode(), files.CERT_MODE)
     return cert_path, key_path
 
@@ -57,9 +51,8 @@ def issue_server_cert(ca_dir: Path, name: str, address: str, out: Path) -> tuple
     """<out>/<name>.crt and .key: a server certificate for address, signed by the lab CA."""
     ca_cert_path, ca_key_path = ensure_ca(ca_dir)
     ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
-    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
+    ca_key = keys.load_private_key(ca_key_path.read_text())
+    key = keys.generate_key(keys.KeyType.ECDSA)
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -80,6 +73,6 @@ def issue_server_cert(ca_dir: Path, name: str, address: str, out: Path) -> tuple
     )
     out.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out / f"{name}.crt", out / f"{name}.key"
-    files.write_file(key_path, _key_pem(key), files.KEY_MODE)
+    files.write_file(key_path, keys.private_pem(key), files.KEY_MODE)
     files.write_file(cert_path, cert.public_bytes(_PEM).decode(), files.CERT_MODE)
     return cert_path, key_path
