@@ -243,3 +243,9 @@ def test_each_outside_library_has_one_adapter(library: str) -> None:
 def test_aiohttp_only_serves() -> None:
     users = outside_imports().get("aiohttp", set())
     assert users <= SERVERS, f"aiohttp outside the servers: {sorted(users - SERVERS)}"
+
+
+def test_cryptography_stays_inside_pki() -> None:
+    users = outside_imports().get("cryptography", set())
+    outside = sorted(user for user in users if user.split(".")[0] != "pki")
+    assert not outside, f"cryptography used outside pki: {outside}"
