@@ -23,9 +23,9 @@ import jinja2
 import yaml
 from yaml.representer import SafeRepresenter
 
+from cloudconfig.addons import calico
 from cloudconfig.context import MasterPeer, NodeContext
 from cloudconfig.versions import TEMPLATES, template_folder
-from network.calico import calico_manifests
 from pki import layout
 
 ROLES = ("master", "worker")
@@ -274,13 +274,6 @@ def _masters(ctx: NodeContext, node_ip: str) -> tuple[MasterPeer, ...]:
     return masters
 
 
-@functools.lru_cache(maxsize=32)
-def calico_yaml(pod_cidr: str, mtu: int) -> str:
-    """The Calico add-on file: network.calico's manifests as one multi-document YAML."""
-    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    return yaml.dump_all(calico_manifests(pod_cidr, mtu), Dumper=dumper, sort_keys=False)
-
-
 def check_context(ctx: NodeContext) -> str:
     """Raise ValueError (UnsupportedVersion for the version) for a context the shipped
     templates cannot render; return its template folder (the minor)."""
@@ -292,34 +285,44 @@ def check_context(ctx: NodeContext) -> str:
     return minor
 
 
-def template_vars(ctx: NodeContext) -> dict[str, object]:
+def template_vars(
+    ctx: NodeContext, calico_release: calico.Release | None = None
+) -> dict[str, object]:
     """What a template may use: the context's fields, the derived values, the certificate
-    paths (`pki`), the certificate share and the phone-home pieces."""
+    paths (`pki`), the certificate share, the add-on files and the phone-home pieces."""
     derived = derive(ctx)
+    is_master = ctx.role == "master"
     return {
         **dataclasses.asdict(ctx),
         **dataclasses.asdict(derived),
-        "is_master": ctx.role == "master",
+        "is_master": is_master,
         "pki": layout.guest_paths(),
         "pki_mount_tag": layout.MOUNT_TAG,
         "pki_guest_mount": layout.GUEST_MOUNT,
         "pki_mount_options": PKI_MOUNT_OPTIONS,
         "etcd_data_dir": ETCD_DATA_DIR,
-        "calico_manifests": calico_yaml(ctx.pod_cidr, ctx.mtu) if ctx.role == "master" else "",
+        "calico_manifests": (
+            calico.manifest_file(ctx.pod_cidr, ctx.mtu, calico_release) if is_master else ""
+        ),
         "runcmd_marker": RUNCMD_MARKER,
         "runcmd_marker_dir": RUNCMD_MARKER.rsplit("/", 1)[0],
         "phone_home_program": PHONE_HOME_PROGRAM,
     }
 
 
-def render_user_data(ctx: NodeContext, template_dir: Path | None = None) -> str:
-    """The node's #cloud-config, from `<minor>/<role>.yaml.j2`.
+def render_user_data(
+    ctx: NodeContext,
+    template_dir: Path | None = None,
+    calico_release: calico.Release | None = None,
+) -> str:
+    """The node's #cloud-config, from `<minor>/<role>.yaml.j2`; a master's Calico add-on
+    from calico_release (the operator's, read at config load) or the built-in.
 
     ValueError on bad input or a bad template; UnsupportedVersion (a ValueError) when
     no template folder serves ctx.kubernetes_version.
     """
     minor = check_context(ctx)
-    variables = template_vars(ctx)
+    variables = template_vars(ctx, calico_release)
     name = f"{ctx.role}.yaml.j2"
     try:
         text = _environment(template_dir, minor).get_template(name).render(**variables)
@@ -329,10 +332,14 @@ def render_user_data(ctx: NodeContext, template_dir: Path | None = None) -> str:
     return text
 
 
-def render_node(ctx: NodeContext, template_dir: Path | None = None) -> dict[str, str]:
+def render_node(
+    ctx: NodeContext,
+    template_dir: Path | None = None,
+    calico_release: calico.Release | None = None,
+) -> dict[str, str]:
     """The node's NoCloud files by their names on the config drive."""
     return {
-        "user-data": render_user_data(ctx, template_dir),
+        "user-data": render_user_data(ctx, template_dir, calico_release),
         "meta-data": render_meta_data(ctx),
         "network-config": render_network_config(ctx),
     }

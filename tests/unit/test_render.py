@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from cloudconfig import phone_home_report
+from cloudconfig.addons.calico import calico_manifests
 from cloudconfig.configdrive import config_drive_files
 from cloudconfig.context import Extensions, ExtraFile, ExtraUnit, MasterPeer, NodeContext
 from cloudconfig.render import (
@@ -33,7 +34,6 @@ from cloudconfig.versions import (
     supported_minors,
     template_folder,
 )
-from network.calico import calico_manifests
 from pki import layout
 from pki.layout import GUEST_MOUNT, MOUNT_TAG
 
@@ -282,7 +282,7 @@ def test_master_kubelet_registers_tainted() -> None:
     ]
 
 
-def test_calico_addon_is_network_calico_data() -> None:
+def test_calico_addon_is_the_built_in_data() -> None:
     data = user_data(context(pod_cidr="172.20.0.0/16", mtu=1400))
     docs = list(
         yaml.safe_load_all(files_by_path(data)["/etc/kubernetes/addons/calico.yaml"]["content"])
