@@ -343,6 +343,13 @@ def test_phone_home_lines_are_literal_in_user_data() -> None:
     assert f"PHONE_HOME_TOKEN={TOKEN}" in lines
 
 
+def test_files_read_as_files_in_user_data() -> None:
+    # Multi-line contents are block scalars: a person reading user-data sees the file.
+    text = render_user_data(context())
+    assert "  content: |\n    [Unit]\n    Description=kubelet 1.31.2\n" in text
+    assert re.search(r"\n +- --initial-cluster-state=new\n", text)  # etcd's manifest
+
+
 def test_phone_home_lines_come_before_any_user_value() -> None:
     # The lab guest takes the first line containing PHONE_HOME_URL=: a key or an
     # extension that carries one must not be able to redirect the guest's token.
