@@ -3,6 +3,7 @@ manifest patched (pure)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from cloudconfig.addons.calico import (
 from cloudconfig.render import render_user_data
 from hostagent.config import Config, load_config
 from hostagent.errors import ConfigError
+from tests.unit.test_render_snapshot import MASTER, WORKER
 
 
 def by_kind(manifests: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -323,14 +325,34 @@ def test_config_key_defaults_to_the_built_in(tmp_path: Path) -> None:
     assert load_config(tmp_path / "hostagent.toml").cloudconfig.calico_manifest is None
 
 
-def test_configured_release_reaches_a_master(tmp_path: Path) -> None:
-    from tests.unit.test_render import context, files_by_path, user_data
+def calico_file(user_data: str) -> str:
+    data = yaml.safe_load(user_data)
+    [calico] = [f for f in data["write_files"] if f["path"] == "/etc/kubernetes/addons/calico.yaml"]
+    return str(calico["content"])
 
+
+def test_configured_release_reaches_masters(tmp_path: Path) -> None:
     release = load(tmp_path, RELEASE).cloudconfig.calico_manifest
     assert release is not None
-    ctx = context(pod_cidr="172.20.0.0/16", mtu=1400)
-    text = render_user_data(ctx, None, release)
-    content = files_by_path(yaml.safe_load(text))["/etc/kubernetes/addons/calico.yaml"]["content"]
-    assert content == patch_release(release_docs(), "172.20.0.0/16", 1400)
-    assert render_user_data(context("worker"), None, release) == render_user_data(context("worker"))
-    assert "/etc/kubernetes/addons/calico.yaml" in files_by_path(user_data(ctx))
+    master = dataclasses.replace(MASTER, pod_cidr="172.20.0.0/16", mtu=1400)
+    text = render_user_data(master, None, release)
+    assert calico_file(text) == patch_release(release_docs(), "172.20.0.0/16", 1400)
+    assert render_user_data(WORKER, None, release) == render_user_data(WORKER)
+
+
+def test_render_command_uses_the_configured_release(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hostagent.cli import main
+
+    (tmp_path / "hostagent.toml").write_text(f"[cloudconfig]\ncalico_manifest = '{RELEASE}'\n")
+    network = {"vni": 7, "address": "10.42.0.11/24", "gateway": "10.42.0.1", "mtu": 1400}
+    spec = {"role": "master", "vcpus": 1, "memory_mib": 256, "disk_gib": 2, "image": "lab"}
+    spec |= {"kubernetes_version": "1.31.4", "network": network}
+    (tmp_path / "node.yaml").write_text(
+        yaml.safe_dump({"cluster": "a", "name": "m1", "spec": spec})
+    )
+    config, node = str(tmp_path / "hostagent.toml"), str(tmp_path / "node.yaml")
+    main(["-c", config, "render", "--spec", node, "--only", "user-data"])
+    content = calico_file(capsys.readouterr().out)
+    assert content == patch_release(release_docs(), "192.168.0.0/16", 1400)
