@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pycdlib
 
+from cloudconfig.addons.calico import Release
 from cloudconfig.context import NodeContext
 from cloudconfig.render import render_node
 from common.files import write_atomically
@@ -25,9 +26,12 @@ DRIVE_MODE = 0o644
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,29}")  # ISO 9660 level 3 names are short
 
 
-def config_drive_files(ctx: NodeContext, template_dir: Path | None = None) -> dict[str, bytes]:
+def config_drive_files(
+    ctx: NodeContext, template_dir: Path | None = None, calico_release: Release | None = None
+) -> dict[str, bytes]:
     """The files of the node's NoCloud config drive, by their names on the drive (pure)."""
-    return {name: text.encode() for name, text in render_node(ctx, template_dir).items()}
+    files = render_node(ctx, template_dir, calico_release)
+    return {name: text.encode() for name, text in files.items()}
 
 
 def build_config_drive(path: Path, files: Mapping[str, bytes]) -> None:

@@ -144,3 +144,20 @@ class NodeContext:
     # Guest device of a master's etcd data disk (None: etcd's data stays on the root disk).
     etcd_disk: str | None = None
     extensions: Extensions = field(default_factory=Extensions)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What the templates use beyond the context's fields, computed once, here."""
+
+    node_ip: str  # the address without its prefix length
+    masters: tuple[MasterPeer, ...]  # resolved; empty only for a worker given api_endpoint
+    api_endpoint: str  # host:port every node's kubelet and admin.conf use
+    api_server: str  # https://<api_endpoint>
+    local_api_server: str  # a master's own API server (controller-manager, scheduler)
+    service_ip: str  # first host of service_cidr: the `kubernetes` Service
+    cluster_dns: str  # tenth host of service_cidr: the DNS Service
+    etcd_initial_cluster: str  # name=https://ip:2380,...
+    etcd_servers: str  # https://ip:2379,... for the API server
+    service_account_issuer: str
+    mounts: tuple[str, ...]  # mount points the guest reports on

@@ -1,7 +1,7 @@
 """Runs INSIDE the guest (python3 -c): prints the JSON body the guest phones home with.
 
-Not imported by the agent: render.py reads this file's text and the templates put it
-into the last runcmd entry. argv[1] is a JSON object the template wrote: `role`,
+Not imported by the agent: userdata.py reads this file's text and puts it into the
+last runcmd entry. argv[1] is a JSON object userdata.py wrote: `role`,
 `kubernetes_version`, `files` (every path write_files wrote), `mounts` (paths that
 must be mount points) and `marker` (a file an earlier runcmd entry creates). Kept to
 the standard library of any python3 a cloud-init guest has.

@@ -1,10 +1,10 @@
 """Pure rendering of a node's NoCloud files: user-data, meta-data and network-config.
 
-The only module that imports jinja2. user-data comes from the Jinja2 templates of the
-node's Kubernetes minor, templates/<minor>/<role>.yaml.j2; every value a template
-writes is derived here, in Python, and reaches the text through a filter that makes
-it inert (`yaml`, `literal`, `json`). meta-data and network-config are plain data,
-dumped with PyYAML and never templated.
+The only module that imports jinja2. user-data is data (userdata.py) dumped once by
+PyYAML; the files it carries are rendered from the Jinja2 templates of the node's
+Kubernetes minor, templates/<minor>/. Every value a file template writes is derived
+here, in Python, and reaches a YAML file through the `yaml` filter, which makes it
+inert. meta-data and network-config are plain data, never templated.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
-import json
 import math
 import re
 from collections.abc import Callable
@@ -23,9 +22,11 @@ import jinja2
 import yaml
 from yaml.representer import SafeRepresenter
 
-from cloudconfig.context import MasterPeer, NodeContext
+from cloudconfig import userdata
+from cloudconfig.addons import calico
+from cloudconfig.context import Derived, MasterPeer, NodeContext
+from cloudconfig.userdata import ETCD_DATA_DIR
 from cloudconfig.versions import TEMPLATES, template_folder
-from network.calico import calico_manifests
 from pki import layout
 
 ROLES = ("master", "worker")
@@ -33,13 +34,16 @@ DEFAULT_ROUTE = "0.0.0.0/0"  # see render_network_config
 API_PORT = 6443
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
-ETCD_DATA_DIR = "/var/lib/etcd"
-# Read-only: the guest must not be able to change its own certificates.
-PKI_MOUNT_OPTIONS = "trans=virtio,version=9p2000.L,ro"
-# Written by the runcmd entry before phone-home; /run, so it speaks for this boot only.
-RUNCMD_MARKER = "/run/hostagent/runcmd-reached"
-# Builds the phone-home body inside the guest (python3 ships with cloud-init).
-PHONE_HOME_PROGRAM = (Path(__file__).parent / "phone_home_report.py").read_text()
+# Skeleton templates of before user-data was data: an override of one of them would
+# be ignored, so a template_dir holding one is refused (docs/cloudconfig.md).
+RETIRED_TEMPLATES = (
+    "common.yaml.j2",
+    "master.yaml.j2",
+    "worker.yaml.j2",
+    "node.yaml.j2",
+    "files.j2",
+    "config/kubeconfig.j2",
+)
 
 # The guest sources phone-home.env with sh and a lab guest greps it line by line,
 # so both values are written unquoted: only characters that are inert in a YAML
@@ -49,17 +53,11 @@ _TOKEN = re.compile(r"[0-9a-f]+")
 _URL = re.compile(
     r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?:/[A-Za-z0-9._/%=?+,@:-]*)?"
 )
-_ENV_LINE = re.compile(r"[A-Za-z0-9._/%=?+,@:\[\]-]+")
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _ENDPOINT = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?:([0-9]{1,5})")
 _DEVICE = re.compile(r"/dev/[A-Za-z0-9._:/-]{1,200}")
 # A string PyYAML would write double-quoted exactly as it is: printable ASCII, no " or \.
 _PLAIN_QUOTABLE = re.compile(r"[ !#-\[\]-~]*")
-# Characters a literal block scalar can carry as they are: printable, no tab, and none
-# of the characters YAML 1.1 reads as a line break (NEL, LS, PS) or a BOM.
-_BLOCK_UNSAFE = re.compile(
-    "[^\n\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]"
-)
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _IP = TypeVar("_IP")
 
@@ -91,7 +89,8 @@ _QuotingDumper.add_representer(tuple, SafeRepresenter.represent_list)
 
 
 def to_yaml(value: object) -> str:
-    """The `yaml` filter: any value as one line of YAML (flow style, strings quoted)."""
+    """The `yaml` filter, for values in YAML file templates: any value as one line of
+    YAML (flow style, strings double-quoted)."""
     if isinstance(value, str) and _PLAIN_QUOTABLE.fullmatch(value):
         return f'"{value}"'  # what the dumper below writes, without its cost
     try:
@@ -111,49 +110,6 @@ def to_yaml(value: object) -> str:
     return text
 
 
-def literal(value: object, indent: int) -> str:
-    """The `literal` filter: a string as a YAML literal block scalar (`|`) whose lines are
-    indented by `indent` spaces, so files read naturally in user-data.
-
-    Only text a block scalar carries exactly is written that way: printable, no tabs,
-    no trailing spaces, a first line not starting with a space. Anything else falls
-    back to the `yaml` filter's one double-quoted line, which can hold any string.
-    """
-    if not isinstance(value, str):
-        return to_yaml(value)
-    lines = value.split("\n")
-    first = next((line for line in lines if line), "")
-    if (
-        not first
-        or first.startswith(" ")
-        or _BLOCK_UNSAFE.search(value)
-        or any(line.endswith(" ") for line in lines)
-    ):
-        return to_yaml(value)
-    breaks = len(value) - len(value.rstrip("\n"))
-    header = "|-" if breaks == 0 else "|" if breaks == 1 else "|+"
-    body = lines[: len(lines) - 1] if breaks else lines  # the last piece follows a break
-    pad = " " * indent
-    return header + "".join(f"\n{pad}{line}" if line else "\n" for line in body)
-
-
-def env_line(value: object) -> str:
-    """The `env_line` filter: a value written unquoted in a block scalar, so checked instead."""
-    if not isinstance(value, str):
-        _undefined(value)
-    if not _ENV_LINE.fullmatch(value):
-        raise ValueError(f"{value[:80]!r} cannot be written unquoted into an env file")
-    return value
-
-
-def to_json(value: object, compact: bool = False) -> str:
-    """The `json` filter: the content of a JSON file, or with compact=True one line (e.g.
-    a program's argument). The result still goes through `yaml` or `literal`."""
-    if compact:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_undefined)
-    return json.dumps(value, indent=2, sort_keys=True, default=_undefined) + "\n"
-
-
 @functools.lru_cache(maxsize=16)
 def _environment(template_dir: Path | None, minor: str) -> jinja2.Environment:
     # Cached: compiling the templates is most of a render's cost. Jinja's loaders check
@@ -163,6 +119,7 @@ def _environment(template_dir: Path | None, minor: str) -> jinja2.Environment:
     dirs = [TEMPLATES / minor]
     if template_dir is not None:
         dirs = [template_dir / minor, template_dir, *dirs]
+        _check_no_retired(template_dir, minor)
     env = jinja2.Environment(
         loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(d) for d in dirs]),
         undefined=jinja2.StrictUndefined,
@@ -171,8 +128,19 @@ def _environment(template_dir: Path | None, minor: str) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(yaml=to_yaml, literal=literal, env_line=env_line, json=to_json)
+    env.filters["yaml"] = to_yaml
     return env
+
+
+def _check_no_retired(template_dir: Path, minor: str) -> None:
+    for folder in (template_dir / minor, template_dir):
+        for name in RETIRED_TEMPLATES:
+            if (folder / name).exists():
+                raise ValueError(
+                    f"template_dir: {folder / name} is no longer read: user-data is built "
+                    "in cloudconfig/userdata.py; override a file's own template, or add "
+                    "files with [[cloudconfig.<role>.files]] (docs/cloudconfig.md)"
+                )
 
 
 def check_phone_home(url: str, token: str) -> None:
@@ -184,23 +152,6 @@ def check_phone_home(url: str, token: str) -> None:
             f"phone_home_url {url[:80]!r} must be an http(s) URL without whitespace, quotes "
             "or shell metacharacters"
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class Derived:
-    """What the templates use beyond the context's fields, computed once, here."""
-
-    node_ip: str  # the address without its prefix length
-    masters: tuple[MasterPeer, ...]  # resolved; empty only for a worker given api_endpoint
-    api_endpoint: str  # host:port every node's kubelet and admin.conf use
-    api_server: str  # https://<api_endpoint>
-    local_api_server: str  # a master's own API server (controller-manager, scheduler)
-    service_ip: str  # first host of service_cidr: the `kubernetes` Service
-    cluster_dns: str  # tenth host of service_cidr: the DNS Service
-    etcd_initial_cluster: str  # name=https://ip:2380,...
-    etcd_servers: str  # https://ip:2379,... for the API server
-    service_account_issuer: str
-    mounts: tuple[str, ...]  # mount points the guest reports on
 
 
 def derive(ctx: NodeContext) -> Derived:
@@ -274,13 +225,6 @@ def _masters(ctx: NodeContext, node_ip: str) -> tuple[MasterPeer, ...]:
     return masters
 
 
-@functools.lru_cache(maxsize=32)
-def calico_yaml(pod_cidr: str, mtu: int) -> str:
-    """The Calico add-on file: network.calico's manifests as one multi-document YAML."""
-    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    return yaml.dump_all(calico_manifests(pod_cidr, mtu), Dumper=dumper, sort_keys=False)
-
-
 def check_context(ctx: NodeContext) -> str:
     """Raise ValueError (UnsupportedVersion for the version) for a context the shipped
     templates cannot render; return its template folder (the minor)."""
@@ -292,63 +236,81 @@ def check_context(ctx: NodeContext) -> str:
     return minor
 
 
-def template_vars(ctx: NodeContext) -> dict[str, object]:
-    """What a template may use: the context's fields, the derived values, the certificate
-    paths (`pki`), the certificate share and the phone-home pieces."""
-    derived = derive(ctx)
+def template_vars(ctx: NodeContext, derived: Derived) -> dict[str, object]:
+    """What a file template may use: the context's fields, the derived values, the
+    certificate paths (`pki`), etcd's data directory and the Kubernetes binaries."""
     return {
         **dataclasses.asdict(ctx),
         **dataclasses.asdict(derived),
         "is_master": ctx.role == "master",
         "pki": layout.guest_paths(),
-        "pki_mount_tag": layout.MOUNT_TAG,
-        "pki_guest_mount": layout.GUEST_MOUNT,
-        "pki_mount_options": PKI_MOUNT_OPTIONS,
         "etcd_data_dir": ETCD_DATA_DIR,
-        "calico_manifests": calico_yaml(ctx.pod_cidr, ctx.mtu) if ctx.role == "master" else "",
-        "runcmd_marker": RUNCMD_MARKER,
-        "runcmd_marker_dir": RUNCMD_MARKER.rsplit("/", 1)[0],
-        "phone_home_program": PHONE_HOME_PROGRAM,
+        "bin_dir": f"/opt/kubernetes/v{ctx.kubernetes_version}/bin",
     }
 
 
-def render_user_data(ctx: NodeContext, template_dir: Path | None = None) -> str:
-    """The node's #cloud-config, from `<minor>/<role>.yaml.j2`.
+def render_user_data(
+    ctx: NodeContext,
+    template_dir: Path | None = None,
+    calico_release: calico.Release | None = None,
+) -> str:
+    """The node's #cloud-config: userdata.cloud_config, its files rendered from the
+    templates of the node's minor; a master's Calico add-on from calico_release (the
+    operator's, read at config load) or the built-in.
 
     ValueError on bad input or a bad template; UnsupportedVersion (a ValueError) when
     no template folder serves ctx.kubernetes_version.
     """
     minor = check_context(ctx)
-    variables = template_vars(ctx)
-    name = f"{ctx.role}.yaml.j2"
+    derived = derive(ctx)
+    body = _body_renderer(_environment(template_dir, minor), minor, template_vars(ctx, derived))
+    return userdata.dump(userdata.cloud_config(ctx, derived, body, calico_release))
+
+
+def _body_renderer(
+    env: jinja2.Environment, minor: str, variables: dict[str, object]
+) -> userdata.Body:
+    """body(name, **extra): the text of template <minor>/<name>, which sees `variables`,
+    `k8s` (constants.j2) and extra. An operator's `.yaml.j2` template must render YAML."""
     try:
-        text = _environment(template_dir, minor).get_template(name).render(**variables)
-    except jinja2.TemplateError as exc:  # e.g. an undefined name in an override template
-        raise ValueError(f"template {minor}/{name}: {type(exc).__name__}: {exc}") from exc
-    _check_cloud_config(f"{minor}/{name}", text)
-    return text
+        k8s = env.get_template("constants.j2").make_module(variables)
+    except jinja2.TemplateError as exc:
+        raise ValueError(f"template {minor}/constants.j2: {type(exc).__name__}: {exc}") from exc
+
+    def body(name: str, **extra: object) -> str:
+        try:
+            template = env.get_template(name)
+            text = template.render(**variables, k8s=k8s, **extra)
+        except jinja2.TemplateError as exc:  # e.g. an undefined name in an override
+            raise ValueError(f"template {minor}/{name}: {type(exc).__name__}: {exc}") from exc
+        if name.endswith(".yaml.j2") and not _shipped(template):
+            # A broken manifest would only fail inside the guest; better refuse here,
+            # where the message reaches a person. (Tests parse the shipped ones.)
+            try:
+                for _document in yaml.load_all(text, Loader=_SAFE_LOADER):
+                    pass
+            except yaml.YAMLError as exc:
+                raise ValueError(f"template {minor}/{name} rendered invalid YAML: {exc}") from exc
+        return text
+
+    return body
 
 
-def render_node(ctx: NodeContext, template_dir: Path | None = None) -> dict[str, str]:
+def _shipped(template: jinja2.Template) -> bool:
+    return template.filename is not None and Path(template.filename).is_relative_to(TEMPLATES)
+
+
+def render_node(
+    ctx: NodeContext,
+    template_dir: Path | None = None,
+    calico_release: calico.Release | None = None,
+) -> dict[str, str]:
     """The node's NoCloud files by their names on the config drive."""
     return {
-        "user-data": render_user_data(ctx, template_dir),
+        "user-data": render_user_data(ctx, template_dir, calico_release),
         "meta-data": render_meta_data(ctx),
         "network-config": render_network_config(ctx),
     }
-
-
-def _check_cloud_config(name: str, text: str) -> None:
-    # cloud-init ignores user-data it cannot parse and the guest then boots without
-    # it; better to refuse here, where the message reaches a person.
-    if not text.startswith("#cloud-config\n"):
-        raise ValueError(f"template {name} must render a first line '#cloud-config'")
-    try:
-        data = yaml.load(text, Loader=_SAFE_LOADER)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"template {name} rendered invalid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"template {name} must render a YAML mapping")
 
 
 def render_meta_data(ctx: NodeContext) -> str:

@@ -1,6 +1,6 @@
 """Which Kubernetes versions the shipped templates support: one folder per minor.
 
-`templates/1.31/` holds everything a 1.31.x node's user-data is made of. Supporting
+`templates/1.31/` holds the file templates a 1.31.x node's user-data carries. Supporting
 1.32 means copying that folder to `templates/1.32/` and editing what changed; nothing
 in Python lists the versions.
 """
@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 TEMPLATES = Path(__file__).parent / "templates"
-ROLE_TEMPLATES = ("master.yaml.j2", "worker.yaml.j2")
+MINOR_CONSTANTS = "constants.j2"  # what makes a folder a minor's: its versions
 _MINOR = re.compile(r"(\d{1,3})\.(\d{1,3})")
 _VERSION = re.compile(r"(\d{1,3}\.\d{1,3})\.\d{1,3}")
 
@@ -31,8 +31,7 @@ def _minors() -> tuple[str, ...]:
     minors = [
         folder.name
         for folder in TEMPLATES.iterdir()
-        if _MINOR.fullmatch(folder.name)
-        and all((folder / name).is_file() for name in ROLE_TEMPLATES)
+        if _MINOR.fullmatch(folder.name) and (folder / MINOR_CONSTANTS).is_file()
     ]
     return tuple(sorted(minors, key=lambda minor: tuple(int(part) for part in minor.split("."))))
 

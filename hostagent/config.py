@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from cloudconfig import context
+from cloudconfig.addons import calico
 from common.names import DNS1123_LABEL
 from hostagent.errors import ConfigError, validation_problems
 
@@ -148,9 +149,20 @@ class RoleExtensions(_Section):
 
 
 class CloudConfigConfig(_Section):
+    model_config = ConfigDict(arbitrary_types_allowed=True)  # calico.Release
+
     template_dir: Path | None = None
+    # The path in the file; here the release, read and checked once, at load.
+    calico_manifest: calico.Release | None = None
     master: RoleExtensions = RoleExtensions()
     worker: RoleExtensions = RoleExtensions()
+
+    @field_validator("calico_manifest", mode="before")
+    @classmethod
+    def _calico_manifest(cls, value: object) -> object:
+        if isinstance(value, str | Path):
+            return calico.read_release(Path(value))
+        return value
 
     def extensions(self, role: str) -> RoleExtensions:
         return self.master if role == "master" else self.worker

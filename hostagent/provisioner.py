@@ -132,9 +132,11 @@ class Provisioner:
         )
 
     async def _config_drive(self, context: NodeContext, files: NodeFiles) -> None:
-        template_dir = self.config.cloudconfig.template_dir
+        cloudconfig = self.config.cloudconfig
         try:
-            contents = await asyncio.to_thread(config_drive_files, context, template_dir)
+            contents = await asyncio.to_thread(
+                config_drive_files, context, cloudconfig.template_dir, cloudconfig.calico_manifest
+            )
         except ValueError as exc:  # e.g. an operator's override template that fails
             raise ProvisioningError(f"rendering the cloud-config failed: {exc}") from exc
         await asyncio.to_thread(build_config_drive, files.config_drive, contents)

@@ -45,5 +45,8 @@ def render_files(
 ) -> dict[str, str]:
     key, spec = load_node(path, role)
     record = NodeRecord(key, spec, PLACEHOLDER_TOKEN, Phase.PENDING, "", "", False, None, None)
-    files = render_node(node_context(config, record), config.cloudconfig.template_dir)
+    cloudconfig = config.cloudconfig
+    files = render_node(
+        node_context(config, record), cloudconfig.template_dir, cloudconfig.calico_manifest
+    )
     return {name: text for name, text in files.items() if only in (None, name)}

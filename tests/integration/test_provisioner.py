@@ -80,10 +80,10 @@ async def test_every_part_is_made(state: Path, lab_image_dir: Path) -> None:
 
 
 async def test_a_failing_part_lets_the_others_finish(state: Path, lab_image_dir: Path) -> None:
-    broken = state / "templates"
-    broken.mkdir()
-    (broken / "master.yaml.j2").write_text("#cloud-config\na: [unclosed\n")
-    p = provisioner(state, lab_image_dir, broken)
+    templates = state / "templates"
+    (templates / "manifests").mkdir(parents=True)
+    (templates / "manifests" / "etcd.yaml.j2").write_text("a: [unclosed\n")  # broken
+    p = provisioner(state, lab_image_dir, templates)
     with pytest.raises(ProvisioningError, match="rendering the cloud-config failed"):
         await p.prepare_files(record(), [])
     files = p.files(record().key)

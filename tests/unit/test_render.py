@@ -3,6 +3,7 @@ produce."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -11,29 +12,36 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cloudconfig import phone_home_report
+from cloudconfig.addons.calico import calico_manifests
 from cloudconfig.configdrive import config_drive_files
-from cloudconfig.context import Extensions, ExtraFile, ExtraUnit, MasterPeer, NodeContext
+from cloudconfig.context import (
+    Extensions,
+    ExtraFile,
+    ExtraUnit,
+    MasterPeer,
+    NodeContext,
+    check_command,
+)
 from cloudconfig.render import (
-    PHONE_HOME_PROGRAM,
-    RUNCMD_MARKER,
     check_context,
     derive,
-    literal,
     render_meta_data,
     render_network_config,
     render_node,
     render_user_data,
     to_yaml,
 )
+from cloudconfig.userdata import PHONE_HOME_PROGRAM, RUNCMD_MARKER
 from cloudconfig.versions import (
     TEMPLATES,
     UnsupportedVersion,
     supported_minors,
     template_folder,
 )
-from network.calico import calico_manifests
 from pki import layout
 from pki.layout import GUEST_MOUNT, MOUNT_TAG
 
@@ -282,7 +290,7 @@ def test_master_kubelet_registers_tainted() -> None:
     ]
 
 
-def test_calico_addon_is_network_calico_data() -> None:
+def test_calico_addon_is_the_built_in_data() -> None:
     data = user_data(context(pod_cidr="172.20.0.0/16", mtu=1400))
     docs = list(
         yaml.safe_load_all(files_by_path(data)["/etc/kubernetes/addons/calico.yaml"]["content"])
@@ -333,6 +341,13 @@ def test_phone_home_lines_are_literal_in_user_data() -> None:
     lines = [line.strip() for line in render_user_data(context()).splitlines()]
     assert f"PHONE_HOME_URL={URL}" in lines
     assert f"PHONE_HOME_TOKEN={TOKEN}" in lines
+
+
+def test_files_read_as_files_in_user_data() -> None:
+    # Multi-line contents are block scalars: a person reading user-data sees the file.
+    text = render_user_data(context())
+    assert "  content: |\n    [Unit]\n    Description=kubelet 1.31.2\n" in text
+    assert re.search(r"\n +- --initial-cluster-state=new\n", text)  # etcd's manifest
 
 
 def test_phone_home_lines_come_before_any_user_value() -> None:
@@ -530,26 +545,100 @@ def test_hostile_extensions_round_trip_exactly(role: str) -> None:
     assert data["runcmd"][marker - 1 - len(commands) : marker - 1] == list(commands)
 
 
+# Any string, with YAML's and Jinja's syntax and the characters YAML treats specially
+# (line breaks of every kind, BOM, NUL, tabs, trailing spaces) drawn more often.
+SYNTAX = [*":#{}[]&*!|>'\"%@`-?,.=~ \t\n\r\\", "\x85", "\u2028", "\u2029", "\ufeff", "\x00"]
+TEXT = st.text() | st.text(st.sampled_from(SYNTAX) | st.characters(), max_size=40)
+
+
+@st.composite
+def hostile_nodes(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    """A role, and every user-controlled field drawn (a worker's names too)."""
+    fields: dict[str, Any] = {
+        "hostname": draw(TEXT),
+        "cluster": draw(TEXT),
+        "node": draw(TEXT),
+        "ssh_authorized_keys": draw(st.lists(TEXT, max_size=3)),
+        "files": draw(st.lists(st.tuples(TEXT.map("/".__add__), TEXT, TEXT), max_size=3)),
+        "units": draw(st.lists(st.tuples(TEXT.map("a".__add__), TEXT, st.booleans()), max_size=3)),
+        "commands": draw(st.lists(TEXT, max_size=3)),
+    }
+    return draw(st.sampled_from(["master", "worker"])), fields
+
+
+def accepted(make: Any, values: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """make(*value) for every value it does not refuse (ValueError)."""
+    made = []
+    for value in values:
+        with contextlib.suppress(ValueError):
+            made.append(make(*value))
+    return tuple(made)
+
+
+def hostile_context(role: str, fields: dict[str, Any]) -> NodeContext:
+    extensions = Extensions(
+        files=accepted(
+            ExtraFile, fields["files"] + [(p, c, "0640") for p, c, _m in fields["files"]]
+        ),
+        units=accepted(
+            ExtraUnit, fields["units"] + [(n + ".service", c, e) for n, c, e in fields["units"]]
+        ),
+        commands=accepted(check_command, [(c,) for c in fields["commands"]]),
+    )
+    names = {} if role == "master" else {k: fields[k] for k in ("hostname", "cluster", "node")}
+    return context(
+        role,
+        ssh_authorized_keys=tuple(fields["ssh_authorized_keys"]),
+        extensions=extensions,
+        **names,
+    )
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_nodes())
+def test_any_user_value_reads_back_exactly_or_is_refused(node: tuple[str, dict[str, Any]]) -> None:
+    role, fields = node
+    ctx = hostile_context(role, fields)  # extensions it refuses are left out
+    try:
+        text = render_user_data(ctx)
+    except ValueError:
+        return  # refused: names rendering checks (say a unit name used twice)
+    data = yaml.safe_load(text)
+    assert text.startswith("#cloud-config\n")
+    keys = ["write_files", "hostname", "preserve_hostname", "ssh_authorized_keys", "bootcmd"]
+    keys += ["fs_setup", "mounts", "runcmd"] if role == "master" else ["mounts", "runcmd"]
+    assert list(data) == [k for k in keys if k != "ssh_authorized_keys" or ctx.ssh_authorized_keys]
+    assert data["hostname"] == ctx.hostname
+    assert data.get("ssh_authorized_keys", []) == list(ctx.ssh_authorized_keys)
+    node_json = json.loads(files_by_path(data)["/etc/hostagent/node.json"]["content"])
+    assert (node_json["cluster"], node_json["node"]) == (ctx.cluster, ctx.node)
+    kubelet = yaml_file(data, "/etc/kubernetes/kubelet.conf")  # a templated YAML file
+    assert kubelet["users"][0]["name"] == f"system:node:{ctx.hostname}"
+    assert kubelet["clusters"][0]["name"] == ctx.cluster
+    extras = [
+        {"path": f.path, "permissions": f.permissions, "content": f.content}
+        for f in ctx.extensions.files
+    ]
+    extras += [
+        {"path": f"/etc/systemd/system/{u.name}", "permissions": "0644", "content": u.content}
+        for u in ctx.extensions.units
+    ]
+    assert data["write_files"][len(data["write_files"]) - len(extras) :] == extras
+    marker = data["runcmd"].index(["touch", RUNCMD_MARKER])
+    commands = list(ctx.extensions.commands)
+    assert data["runcmd"][marker - 1 - len(commands) : marker - 1] == commands
+    _script, program, expected = phone_home_args(data)
+    assert program == PHONE_HOME_PROGRAM
+    assert expected["files"] == [f["path"] for f in data["write_files"]]
+    env = data["write_files"][0]["content"]
+    assert env == f"PHONE_HOME_URL={URL}\nPHONE_HOME_TOKEN={TOKEN}\n"
+
+
 @pytest.mark.parametrize("value", [*HOSTILE, "two\nlines", "a\r\nb", "nul\x00", 0, True, None, 1.5])
 def test_yaml_filter_is_one_line_and_exact(value: object) -> None:
     text = to_yaml(value)
     assert "\n" not in text
     assert yaml.safe_load(f"key: {text}\n") == {"key": value}
-
-
-@pytest.mark.parametrize("value", HOSTILE + MULTILINE)
-@pytest.mark.parametrize("indent", [5, 6, 10])
-def test_literal_filter_is_exact(value: str, indent: int) -> None:
-    # `b` sits at column 4: its block scalar's lines must be indented further.
-    document = f"a:\n  - b: {literal(value, indent)}\n    c: 1\nd: 2\n"
-    assert yaml.safe_load(document) == {"a": [{"b": value, "c": 1}], "d": 2}
-
-
-def test_literal_filter_uses_block_style_for_plain_text() -> None:
-    assert literal("a\nb\n", 4) == "|\n    a\n    b"
-    assert literal("a", 4) == "|-\n    a"
-    assert literal("a\n\n", 4) == "|+\n    a\n"
-    assert literal("tab\there\n", 4).startswith('"')
 
 
 def test_yaml_filter_refuses_what_yaml_cannot_hold() -> None:
@@ -696,6 +785,23 @@ def test_every_minor_renders_its_own_versions(minor: str, role: str) -> None:
     assert f'sandbox_image = "registry.k8s.io/{pause}"' in toml
 
 
+@pytest.mark.parametrize("minor", supported_minors())
+@pytest.mark.parametrize("role", ["master", "worker"])
+def test_every_shipped_yaml_file_parses(minor: str, role: str) -> None:
+    # Rendering parses only an operator's YAML templates; the shipped ones are checked here.
+    files = files_by_path(user_data(context(role, kubernetes_version=f"{minor}.1")))
+    kubeconfigs = ("/etc/kubernetes/", "/var/lib/kube-proxy/")
+    yaml_files = [
+        path
+        for path in files
+        if path.endswith(".yaml") or (path.startswith(kubeconfigs) and path.endswith(".conf"))
+    ]
+    assert len(yaml_files) == (14 if role == "master" else 5)
+    for path in yaml_files:
+        documents = list(yaml.safe_load_all(files[path]["content"]))
+        assert documents and all(isinstance(d, dict) for d in documents), path
+
+
 def test_minors_differ_where_kubernetes_does() -> None:
     old = user_data(context(kubernetes_version="1.30.5"))
     new = user_data(context(kubernetes_version="1.31.2"))
@@ -710,29 +816,55 @@ def test_minors_differ_where_kubernetes_does() -> None:
 # --- override templates -------------------------------------------------------------
 
 
+KUBELET_CONFIG = "config/kubelet.yaml.j2"
+
+
 def test_strict_undefined_raises(tmp_path: Path) -> None:
-    (tmp_path / "worker.yaml.j2").write_text("#cloud-config\nx: {{ no_such_name | yaml }}\n")
-    with pytest.raises(ValueError, match="no_such_name") as caught:
+    (tmp_path / "config").mkdir()
+    (tmp_path / KUBELET_CONFIG).write_text("x: {{ no_such_name | yaml }}\n")
+    with pytest.raises(ValueError, match=f"1.31/{KUBELET_CONFIG}: .*no_such_name") as caught:
         render_user_data(context("worker"), tmp_path)
     assert type(caught.value.__cause__).__name__ == "UndefinedError"
 
 
 def test_override_dir_replaces_one_file(tmp_path: Path) -> None:
-    # worker.yaml.j2 is replaced; master.yaml.j2 and common.yaml.j2 stay shipped.
-    (tmp_path / "worker.yaml.j2").write_text(
-        '{% extends "common.yaml.j2" %}\n'
-        "{% block role_files %}\n"
-        '{{ files.file("/etc/custom", cluster) }}\n'
-        "{% endblock %}\n"
+    # The kubelet unit's template is replaced; every other file stays shipped.
+    (tmp_path / "units").mkdir()
+    (tmp_path / "units" / "kubelet.service.j2").write_text(
+        "[Service]\nExecStart={{ bin_dir }}/kubelet --node-ip={{ node_ip }} # {{ cluster }}\n"
     )
-    worker = user_data(context("worker"), tmp_path)
-    files = files_by_path(worker)
-    assert files["/etc/custom"]["content"] == "alpha"
-    assert "/etc/hostagent/phone-home.env" in files
-    _script, _program, expected = phone_home_args(worker)
-    assert "/etc/custom" in expected["files"]
-    master = files_by_path(user_data(context("master"), tmp_path))
-    assert "/etc/custom" not in master
+    for role in ("master", "worker"):
+        data = user_data(context(role), tmp_path)
+        files = files_by_path(data)
+        kubelet = "/opt/kubernetes/v1.31.2/bin/kubelet"
+        assert files["/etc/systemd/system/kubelet.service"]["content"] == (
+            f"[Service]\nExecStart={kubelet} --node-ip=10.42.0.11 # alpha\n"
+        )
+        shipped = files_by_path(user_data(context(role)))
+        del (
+            files["/etc/systemd/system/kubelet.service"],
+            shipped["/etc/systemd/system/kubelet.service"],
+        )
+        assert files == shipped
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "worker.yaml.j2",
+        "common.yaml.j2",
+        "files.j2",
+        "1.31/master.yaml.j2",
+        "1.31/node.yaml.j2",
+        "config/kubeconfig.j2",
+    ],
+)
+def test_override_of_a_retired_skeleton_template_is_refused(tmp_path: Path, name: str) -> None:
+    # user-data is data now: an override of the old skeleton would be ignored silently.
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text('{% extends "common.yaml.j2" %}\n')
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / name))} is no longer read"):
+        render_user_data(context("worker"), tmp_path)
 
 
 def test_override_per_minor_comes_first(tmp_path: Path) -> None:
@@ -748,25 +880,30 @@ def test_override_per_minor_comes_first(tmp_path: Path) -> None:
         user_data(context(kubernetes_version="1.31.1"), tmp_path)
 
 
-def test_override_that_breaks_yaml_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "worker.yaml.j2").write_text("#cloud-config\na: [unclosed\n")
-    with pytest.raises(ValueError, match="invalid YAML"):
+@pytest.mark.parametrize(
+    "name", [KUBELET_CONFIG, "manifests/kube-proxy.yaml.j2", "config/kubeconfig.yaml.j2"]
+)
+def test_override_that_breaks_yaml_is_refused(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text("a: [unclosed\n")
+    with pytest.raises(ValueError, match=f"template 1.31/{name} rendered invalid YAML"):
         render_user_data(context("worker"), tmp_path)
+
+
+def test_override_of_a_file_that_is_not_yaml_is_not_parsed(tmp_path: Path) -> None:
+    (tmp_path / "units").mkdir()
+    (tmp_path / "units" / "kubelet.service.j2").write_text("a: [unclosed\n")
+    files = files_by_path(user_data(context("worker"), tmp_path))
+    assert files["/etc/systemd/system/kubelet.service"]["content"] == "a: [unclosed\n"
 
 
 @pytest.mark.parametrize(
     "expression",
-    [
-        "{{ no_such_name | yaml }}",
-        "{{ [no_such_name] | yaml }}",
-        "{{ {'a': no_such_name} | json | yaml }}",
-        "{{ no_such_name | env_line }}",
-        "{{ no_such_name | literal(2) }}",
-        "{{ no_such_name }}",
-    ],
+    ["{{ no_such_name | yaml }}", "{{ [no_such_name] | yaml }}", "{{ no_such_name }}"],
 )
 def test_strict_undefined_raises_through_every_filter(tmp_path: Path, expression: str) -> None:
-    (tmp_path / "worker.yaml.j2").write_text(f"#cloud-config\nx: {expression}\n")
+    (tmp_path / "config").mkdir()
+    (tmp_path / KUBELET_CONFIG).write_text(f"x: {expression}\n")
     with pytest.raises(ValueError, match="no_such_name") as caught:
         render_user_data(context("worker"), tmp_path)
     assert type(caught.value.__cause__).__name__ == "UndefinedError"

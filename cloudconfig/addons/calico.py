@@ -3,19 +3,33 @@
 The guest's nodes already share one L2 segment (the cluster's bridge and VXLAN on the
 hosts), which is Calico's "single L2 network" case: plain BGP between the nodes, a
 node-to-node mesh, and NO encapsulation (no IP-in-IP, no VXLAN). So pods get the
-network's full MTU: Calico adds no header of its own. The templates dump what
-`calico_manifests` returns; what the guest cluster's networking needs next (peering,
-policy, Typha, full CRD schemas) is added here.
+network's full MTU: Calico adds no header of its own. `manifest_file` is the add-on
+file: the built-in `calico_manifests`, or an operator's own Calico release manifest
+(`read_release`, from `[cloudconfig] calico_manifest`) with the cluster's MTU, pod
+CIDR and encapsulation patched in (`patch_release`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import ipaddress
 import json
-from typing import Any
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
 
+import yaml
+
+# The one place that names Calico's version and images (the built-in manifests).
 VERSION = "v3.29.2"
 REGISTRY = "docker.io/calico"
+IMAGES = {
+    "cni": f"{REGISTRY}/cni:{VERSION}",
+    "node": f"{REGISTRY}/node:{VERSION}",
+    "kube-controllers": f"{REGISTRY}/kube-controllers:{VERSION}",
+}
 GROUP = "crd.projectcalico.org"
 NAMESPACE = "kube-system"
 AS_NUMBER = 64512  # private ASN; the mesh is internal to the cluster
@@ -46,22 +60,45 @@ KINDS = (
 )
 _ALL = ["get", "list", "watch", "create", "update", "delete"]
 
+Encapsulation = Literal["none", "ipip", "vxlan"]
+# The cluster network is already an overlay: no IP-in-IP, no VXLAN on top.
+ENCAPSULATION: Encapsulation = "none"
+POOL_MODES: dict[str, tuple[str, str]] = {  # encapsulation -> (ipipMode, vxlanMode)
+    "none": ("Never", "Never"),
+    "ipip": ("Always", "Never"),
+    "vxlan": ("Never", "Always"),
+}
+_SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-def calico_manifests(pod_cidr: str, mtu: int) -> list[dict[str, Any]]:
-    """Everything Calico needs, in apply order: CRDs, RBAC, config, workloads, then the
-    IPPool, BGP and Felix resources. ValueError on a bad CIDR or MTU."""
+
+def check_pool(pod_cidr: str, mtu: int) -> str:
+    """The pod CIDR, normalised; ValueError on a bad CIDR or MTU."""
     pool = ipaddress.ip_network(pod_cidr)
     if pool.version != 4 or pool.prefixlen > BLOCK_SIZE:
         raise ValueError(f"pod_cidr {pod_cidr} must be an IPv4 network of /{BLOCK_SIZE} or larger")
     if isinstance(mtu, bool) or not isinstance(mtu, int) or not MIN_MTU <= mtu <= MAX_MTU:
         raise ValueError(f"mtu {mtu!r} must be an integer from {MIN_MTU} to {MAX_MTU}")
+    return str(pool)
+
+
+def pool_env(encapsulation: Encapsulation) -> dict[str, str]:
+    """calico-node's settings for the pool it creates (the IPPool below says the same)."""
+    ipip, vxlan = POOL_MODES[encapsulation]
+    return {"CALICO_IPV4POOL_IPIP": ipip, "CALICO_IPV4POOL_VXLAN": vxlan}
+
+
+def calico_manifests(pod_cidr: str, mtu: int) -> list[dict[str, Any]]:
+    """Everything Calico needs, in apply order: CRDs, RBAC, config, workloads, then the
+    IPPool, BGP and Felix resources. ValueError on a bad CIDR or MTU."""
+    pool = check_pool(pod_cidr, mtu)
     return [
         *(crd(kind, plural, scope) for kind, plural, scope in KINDS),
         *rbac(),
         config_map(mtu),
-        node_daemonset(str(pool)),
+        node_daemonset(pool),
         kube_controllers(),
-        ip_pool(str(pool)),
+        ip_pool(pool),
         bgp_configuration(),
         felix_configuration(),
     ]
@@ -264,8 +301,7 @@ def node_env(pod_cidr: str) -> list[dict[str, Any]]:
             "IP_AUTODETECTION_METHOD": "kubernetes-internal-ip",
             "CALICO_IPV4POOL_CIDR": pod_cidr,
             "CALICO_IPV4POOL_BLOCK_SIZE": str(BLOCK_SIZE),
-            "CALICO_IPV4POOL_IPIP": "Never",
-            "CALICO_IPV4POOL_VXLAN": "Never",
+            **pool_env(ENCAPSULATION),
             "CALICO_IPV4POOL_NAT_OUTGOING": "true",
             "CALICO_MANAGE_CNI": "true",
             "CALICO_DISABLE_FILE_LOGGING": "true",
@@ -319,7 +355,7 @@ def _mounts(mounts: dict[str, str]) -> list[dict[str, Any]]:
 def _install_cni() -> dict[str, Any]:
     return {
         "name": "install-cni",
-        "image": f"{REGISTRY}/cni:{VERSION}",
+        "image": IMAGES["cni"],
         "command": ["/opt/cni/bin/install"],
         "env": _env(
             {
@@ -340,7 +376,7 @@ def _install_cni() -> dict[str, Any]:
 def _calico_node(pod_cidr: str) -> dict[str, Any]:
     return {
         "name": "calico-node",
-        "image": f"{REGISTRY}/node:{VERSION}",
+        "image": IMAGES["node"],
         "env": node_env(pod_cidr),
         "securityContext": {"privileged": True},
         "resources": {"requests": {"cpu": "250m"}},
@@ -396,7 +432,7 @@ def kube_controllers() -> dict[str, Any]:
     labels = {"k8s-app": "calico-kube-controllers"}
     container = {
         "name": "calico-kube-controllers",
-        "image": f"{REGISTRY}/kube-controllers:{VERSION}",
+        "image": IMAGES["kube-controllers"],
         "env": _env({"ENABLED_CONTROLLERS": "node", "DATASTORE_TYPE": "kubernetes"}),
         "livenessProbe": {
             "exec": {"command": ["/usr/bin/check-status", "-l"]},
@@ -437,6 +473,7 @@ def kube_controllers() -> dict[str, Any]:
 
 def ip_pool(pod_cidr: str) -> dict[str, Any]:
     """The pods' pool: no IP-in-IP, no VXLAN; the cluster network is already an overlay."""
+    ipip, vxlan = POOL_MODES[ENCAPSULATION]
     return {
         "apiVersion": f"{GROUP}/v1",
         "kind": "IPPool",
@@ -444,8 +481,8 @@ def ip_pool(pod_cidr: str) -> dict[str, Any]:
         "spec": {
             "cidr": pod_cidr,
             "blockSize": BLOCK_SIZE,
-            "ipipMode": "Never",
-            "vxlanMode": "Never",
+            "ipipMode": ipip,
+            "vxlanMode": vxlan,
             "natOutgoing": True,
             "nodeSelector": "all()",
         },
@@ -478,3 +515,111 @@ def felix_configuration() -> dict[str, Any]:
             "reportingInterval": "0s",
         },
     }
+
+
+# --- an operator's own Calico release manifest ---------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Release:
+    """A Calico release manifest (the multi-document calico.yaml Calico publishes), read
+    once when the agent's configuration is loaded. Hashed by identity (render caches)."""
+
+    path: Path
+    documents: tuple[dict[str, Any], ...]
+
+
+def read_release(path: Path) -> Release:
+    """Read and parse path; ValueError when it cannot be read or lacks what
+    `patch_release` patches (the message names the file and what is missing)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        documents = [doc for doc in yaml.load_all(text, Loader=_SAFE_LOADER) if doc is not None]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read the Calico manifest {path}: {exc}") from exc
+    if not all(isinstance(doc, dict) for doc in documents):
+        raise ValueError(f"Calico manifest {path}: every document must be a mapping")
+    try:
+        _targets(documents)
+    except ValueError as exc:
+        raise ValueError(f"Calico manifest {path}: {exc}") from exc
+    return Release(path, tuple(documents))
+
+
+def patch_release(
+    documents: Iterable[Mapping[str, Any]],
+    pod_cidr: str,
+    mtu: int,
+    encapsulation: Encapsulation = ENCAPSULATION,
+) -> str:
+    """A Calico release manifest with the cluster's MTU (`veth_mtu` of the calico-config
+    ConfigMap), pod CIDR and encapsulation (calico-node's CALICO_IPV4POOL_* settings)
+    set, as one multi-document YAML. The documents are not changed. ValueError on a bad
+    CIDR or MTU, or when the calico-config ConfigMap or the calico-node container of the
+    calico-node DaemonSet is missing."""
+    pool = check_pool(pod_cidr, mtu)
+    docs = [copy.deepcopy(dict(doc)) for doc in documents]
+    config_maps, containers = _targets(docs)
+    for config_map in config_maps:
+        config_map["data"] = {**(config_map.get("data") or {}), "veth_mtu": str(mtu)}
+    for container in containers:
+        _set_env(container, {"CALICO_IPV4POOL_CIDR": pool, **pool_env(encapsulation)})
+    return yaml.dump_all(docs, Dumper=_SAFE_DUMPER, sort_keys=False)
+
+
+def _targets(docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The calico-config ConfigMaps and calico-node containers; ValueError naming what
+    is missing."""
+    config_maps = [d for d in docs if _is(d, "ConfigMap", "calico-config")]
+    containers = [
+        container
+        for d in docs
+        if _is(d, "DaemonSet", "calico-node")
+        for container in _get(d, "spec", "template", "spec", "containers") or []
+        if isinstance(container, dict) and container.get("name") == "calico-node"
+    ]
+    missing = [
+        what
+        for what, found in (
+            ("the ConfigMap calico-config", config_maps),
+            ("the container calico-node of the DaemonSet calico-node", containers),
+        )
+        if not found
+    ]
+    if missing:
+        raise ValueError(f"it lacks {' and '.join(missing)}")
+    return config_maps, containers
+
+
+def _is(doc: dict[str, Any], kind: str, name: str) -> bool:
+    return doc.get("kind") == kind and _get(doc, "metadata", "name") == name
+
+
+def _get(value: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _set_env(container: dict[str, Any], values: dict[str, str]) -> None:
+    """Set each variable to its value, in place (replacing a valueFrom) or appended."""
+    env = list(container.get("env") or [])
+    for name, value in values.items():
+        entry = {"name": name, "value": value}
+        at = [i for i, e in enumerate(env) if isinstance(e, dict) and e.get("name") == name]
+        if at:
+            env[at[0]] = entry
+        else:
+            env.append(entry)
+    container["env"] = env
+
+
+@functools.lru_cache(maxsize=32)
+def manifest_file(pod_cidr: str, mtu: int, release: Release | None = None) -> str:
+    """/etc/kubernetes/addons/calico.yaml: the built-in manifests, or the operator's
+    release with the cluster's values patched in."""
+    if release is not None:
+        return patch_release(release.documents, pod_cidr, mtu)
+    return yaml.dump_all(calico_manifests(pod_cidr, mtu), Dumper=_SAFE_DUMPER, sort_keys=False)
