@@ -12,21 +12,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
-import math
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import jinja2
-import yaml
-from yaml.representer import SafeRepresenter
 
 from cloudconfig import userdata
 from cloudconfig.addons import calico
 from cloudconfig.context import Derived, MasterPeer, NodeContext
 from cloudconfig.userdata import ETCD_DATA_DIR
 from cloudconfig.versions import TEMPLATES, template_folder
+from common import yamlio
 from pki import layout
 
 ROLES = ("master", "worker")
@@ -58,21 +56,7 @@ _ENDPOINT = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?:([0-9]{1,5})")
 _DEVICE = re.compile(r"/dev/[A-Za-z0-9._:/-]{1,200}")
 # A string PyYAML would write double-quoted exactly as it is: printable ASCII, no " or \.
 _PLAIN_QUOTABLE = re.compile(r"[ !#-\[\]-~]*")
-_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _IP = TypeVar("_IP")
-
-
-class _QuotingDumper(yaml.SafeDumper):
-    """A SafeDumper that writes every string double-quoted.
-
-    Double-quoted is the one YAML style that can hold any string on one line
-    (line breaks and non-printables become escapes), so a value can never change
-    the structure of the document it is pasted into, whatever its indentation.
-    """
-
-
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
 
 
 def _undefined(value: object) -> NoReturn:
@@ -82,32 +66,25 @@ def _undefined(value: object) -> NoReturn:
     raise ValueError(f"{type(value).__name__} {text[:80]!r} cannot be written by this filter")
 
 
-_QuotingDumper.add_representer(str, _represent_str)
-_QuotingDumper.add_multi_representer(jinja2.Undefined, lambda _dumper, value: _undefined(value))
-# NodeContext holds tuples (it is frozen); SafeDumper alone refuses them.
-_QuotingDumper.add_representer(tuple, SafeRepresenter.represent_list)
+def _check_defined(value: object) -> None:
+    if isinstance(value, jinja2.Undefined):
+        _undefined(value)
+    if isinstance(value, list | tuple):
+        for item in value:
+            _check_defined(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_defined(key)
+            _check_defined(item)
 
 
 def to_yaml(value: object) -> str:
     """The `yaml` filter, for values in YAML file templates: any value as one line of
     YAML (flow style, strings double-quoted)."""
     if isinstance(value, str) and _PLAIN_QUOTABLE.fullmatch(value):
-        return f'"{value}"'  # what the dumper below writes, without its cost
-    try:
-        text = yaml.dump(
-            value,
-            Dumper=_QuotingDumper,
-            default_flow_style=True,
-            width=math.inf,
-            allow_unicode=True,
-        )
-    except yaml.YAMLError as exc:  # e.g. an object YAML has no tag for
-        raise ValueError(f"cannot write {type(value).__name__} as YAML: {exc}") from exc
-    # A bare scalar (int, bool, null) is dumped as a document with an explicit end.
-    text = text.removesuffix("\n...\n").removesuffix("\n")
-    if "\n" in text:  # cannot happen with the dumper above; kept as the last guard
-        raise ValueError(f"value does not fit on one YAML line: {value!r:.80}")
-    return text
+        return f'"{value}"'  # what yamlio.one_line writes, without its cost
+    _check_defined(value)
+    return yamlio.one_line(value)
 
 
 @functools.lru_cache(maxsize=16)
@@ -287,9 +264,8 @@ def _body_renderer(
             # A broken manifest would only fail inside the guest; better refuse here,
             # where the message reaches a person. (Tests parse the shipped ones.)
             try:
-                for _document in yaml.load_all(text, Loader=_SAFE_LOADER):
-                    pass
-            except yaml.YAMLError as exc:
+                yamlio.load_all(text)
+            except yamlio.YAMLError as exc:
                 raise ValueError(f"template {minor}/{name} rendered invalid YAML: {exc}") from exc
         return text
 
@@ -316,7 +292,7 @@ def render_node(
 def render_meta_data(ctx: NodeContext) -> str:
     """NoCloud meta-data: the instance id (cloud-init's run-once key) and the hostname."""
     data = {"instance-id": ctx.instance_id, "local-hostname": ctx.hostname}
-    return yaml.safe_dump(data, default_flow_style=False, sort_keys=False)
+    return yamlio.dump(data)
 
 
 def render_network_config(ctx: NodeContext) -> str:
@@ -339,4 +315,4 @@ def render_network_config(ctx: NodeContext) -> str:
             }
         },
     }
-    return yaml.safe_dump(data, default_flow_style=False, sort_keys=False)
+    return yamlio.dump(data)

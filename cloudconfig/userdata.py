@@ -14,10 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cloudconfig.addons import calico
 from cloudconfig.context import Derived, NodeContext
+from common import yamlio
 from pki import layout
 
 ETCD_DATA_DIR = "/var/lib/etcd"
@@ -231,29 +230,7 @@ def _runcmd(ctx: NodeContext, derived: Derived, files: WriteFiles) -> list[Any]:
     return commands
 
 
-class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
-    """SafeDumper writing multi-line strings as literal blocks (`|`), so files read as
-    files. The emitter itself falls back to double quotes for text a block cannot carry
-    exactly (tabs, trailing spaces, control characters, ...)."""
-
-
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_Dumper.add_representer(str, _represent_str)
-
-
 def dump(data: dict[str, Any]) -> str:
     """The #cloud-config text of data: keys in their order, one line per value (no
     folding), multi-line strings as blocks."""
-    text = yaml.dump(
-        data,
-        Dumper=_Dumper,
-        sort_keys=False,
-        allow_unicode=True,
-        default_flow_style=False,
-        width=1 << 30,
-    )
-    return "#cloud-config\n" + text
+    return "#cloud-config\n" + yamlio.dump_blocks(data)

@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from common import http
+from common import http, yamlio
 from common.errors import HostAgentError
 from hostagent import logs, tables
 from hostagent.client import ApiError, Client
@@ -27,7 +25,7 @@ def read_nodes(path: Path) -> list[dict[str, Any]]:
     """Nodes from a YAML/JSON file: {cluster, name, spec}, a list of those, or {items: [...]}."""
     text = sys.stdin.read() if str(path) == "-" else path.read_text()
     nodes: list[dict[str, Any]] = []
-    for doc in yaml.safe_load_all(text):
+    for doc in yamlio.load_all(text):
         if doc is None:
             continue
         items = doc.get("items", [doc]) if isinstance(doc, dict) else doc

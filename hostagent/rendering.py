@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from cloudconfig.render import render_node
+from common import yamlio
 from hostagent.config import Config
 from hostagent.errors import Invalid
 from hostagent.model import NodeKey, NodeSpec, Phase
@@ -23,8 +23,8 @@ PLACEHOLDER_TOKEN = "0" * 32
 
 def load_node(path: Path, role: str | None) -> tuple[NodeKey, NodeSpec]:
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        data = yamlio.load(path.read_text())
+    except (OSError, yamlio.YAMLError) as exc:
         raise Invalid(f"cannot read {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise Invalid(f"{path} must hold a NodeSpec or a mapping with cluster, name and spec")

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import yaml
+from common import yamlio
 
 NODE_COLUMNS = ("CLUSTER", "NODE", "ROLE", "PHASE", "AGE", "ADDRESS", "MESSAGE")
 
@@ -52,6 +52,6 @@ def emit(data: Any, output: str, as_table: Callable[[], str]) -> None:
     if output == "json":
         print(json.dumps(data, indent=2))
     elif output == "yaml":
-        print(yaml.safe_dump(data, sort_keys=False), end="")
+        print(yamlio.dump(data), end="")
     else:
         print(as_table())

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from common import yamlio
 
 # The one place that names Calico's version and images (the built-in manifests).
 VERSION = "v3.29.2"
@@ -68,8 +68,6 @@ POOL_MODES: dict[str, tuple[str, str]] = {  # encapsulation -> (ipipMode, vxlanM
     "ipip": ("Always", "Never"),
     "vxlan": ("Never", "Always"),
 }
-_SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def check_pool(pod_cidr: str, mtu: int) -> str:
@@ -534,8 +532,8 @@ def read_release(path: Path) -> Release:
     `patch_release` patches (the message names the file and what is missing)."""
     try:
         text = path.read_text(encoding="utf-8")
-        documents = [doc for doc in yaml.load_all(text, Loader=_SAFE_LOADER) if doc is not None]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        documents = [doc for doc in yamlio.load_all(text) if doc is not None]
+    except (OSError, UnicodeDecodeError, yamlio.YAMLError) as exc:
         raise ValueError(f"cannot read the Calico manifest {path}: {exc}") from exc
     if not all(isinstance(doc, dict) for doc in documents):
         raise ValueError(f"Calico manifest {path}: every document must be a mapping")
@@ -564,7 +562,7 @@ def patch_release(
         config_map["data"] = {**(config_map.get("data") or {}), "veth_mtu": str(mtu)}
     for container in containers:
         _set_env(container, {"CALICO_IPV4POOL_CIDR": pool, **pool_env(encapsulation)})
-    return yaml.dump_all(docs, Dumper=_SAFE_DUMPER, sort_keys=False)
+    return yamlio.dump_all(docs)
 
 
 def _targets(docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -622,4 +620,4 @@ def manifest_file(pod_cidr: str, mtu: int, release: Release | None = None) -> st
     release with the cluster's values patched in."""
     if release is not None:
         return patch_release(release.documents, pod_cidr, mtu)
-    return yaml.dump_all(calico_manifests(pod_cidr, mtu), Dumper=_SAFE_DUMPER, sort_keys=False)
+    return yamlio.dump_all(calico_manifests(pod_cidr, mtu))

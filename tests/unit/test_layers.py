@@ -209,6 +209,7 @@ ADAPTERS = {
     "icmplib": {"network.health"},
     "psutil": {"hostagent.daemon"},
     "jinja2": {"cloudconfig.render"},
+    "yaml": {"common.yamlio"},
 }
 # aiohttp serves the APIs; it is no client.
 SERVERS = {"hostagent.api", "hostagent.daemon", "hostagent.zone.api", "hostagent.zone.server"}
