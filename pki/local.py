@@ -139,23 +139,31 @@ class LocalBackend:
                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, cluster),
             ]
         )
-        now = dt.datetime.now(dt.UTC)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + self.ca_ttl)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_CA_KEY_USAGE, critical=True)
-        )
-        cert = _with_key_ids(builder, key.public_key(), None).sign(key, hashes.SHA256())
+        cert = self_signed_ca(name, key, self.ca_ttl)
         # The key first: a certificate without its key would look like a finished CA.
         files.write_file(directory / f"{ca}.key", keys.private_pem(key), files.KEY_MODE)
         files.write_file(directory / f"{ca}.crt", cert.public_bytes(_PEM).decode(), files.CERT_MODE)
         self._cache.pop((cluster, ca), None)
+
+
+def self_signed_ca(
+    name: x509.Name, key: keys.PrivateKey, ttl: dt.timedelta, path_length: int | None = None
+) -> x509.Certificate:
+    """A root CA certificate for key: the clusters' CAs, and the CA of hostagent's own
+    services (servicecerts.py)."""
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + ttl)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_CA_KEY_USAGE, critical=True)
+    )
+    return _with_key_ids(builder, key.public_key(), None).sign(key, hashes.SHA256())
 
 
 _PEM = Encoding.PEM

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pki import files, keys
+from pki.local import self_signed_ca
 
 _PEM = serialization.Encoding.PEM
 LIFETIME = dt.timedelta(days=30)
@@ -25,22 +26,7 @@ def ensure_ca(directory: Path) -> tuple[Path, Path]:
         return cert_path, key_path
     key = keys.generate_key(keys.KeyType.ECDSA)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hostagent lab CA")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + LIFETIME)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
+    cert = self_signed_ca(name, key, LIFETIME, path_length=0)
     directory.mkdir(parents=True, exist_ok=True)
     files.write_file(key_path, keys.private_pem(key), files.KEY_MODE)
     files.write_file(cert_path, cert.public_bytes(_PEM).decode(), files.CERT_MODE)
