@@ -3,6 +3,7 @@ real local CA: who may call what, status codes, the error shape, PKI for agents.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from hostagent.zone.config import ZoneServerConfig
 from hostagent.zone.service import ZoneService
 from hostagent.zone.store import SqliteZoneStore
 from pki.local import LocalBackend
+from tests.rawhttp import bearer_error
 
 ADMIN = {"Authorization": "Bearer admin-token"}
 SECRET = "host-secret"
@@ -69,6 +71,8 @@ def test_host_tokens_name_their_host_and_cannot_be_forged() -> None:
     assert host_of("other-secret", token) is None
     assert host_of(SECRET, token.replace("h1", "h2")) is None
     assert host_of(SECRET, "garbage") is None
+    assert host_of(SECRET, "host.h1.wröng") is None
+    assert host_of(SECRET, "host.h1.wr\udcf6ng") is None  # how aiohttp decodes a 0xf6 byte
 
 
 async def test_no_or_wrong_token_is_401(client: TestClient[Any, Any]) -> None:
@@ -76,6 +80,15 @@ async def test_no_or_wrong_token_is_401(client: TestClient[Any, Any]) -> None:
     bad = {"Authorization": "Bearer nope"}
     await error_of(await client.get("/v1/clusters", headers=bad), 401)
     assert (await client.get("/healthz")).status == 200
+
+
+@pytest.mark.parametrize("token", ["wröng".encode(), b"wr\xf6ng", b"host.h1.\xf6"])
+async def test_a_non_ascii_token_is_401_not_an_error(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture, token: bytes
+) -> None:
+    caplog.set_level(logging.ERROR)
+    await bearer_error(client.server, "GET", "/v1/clusters", token)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_a_host_registers_only_for_itself(client: TestClient[Any, Any]) -> None:
