@@ -38,7 +38,7 @@ def as_host(host: str) -> dict[str, str]:
 
 def report(i: int) -> dict[str, Any]:
     return {
-        "api_url": f"http://10.250.0.{10 + i}:8470",
+        "api_url": f"https://10.250.0.{10 + i}:8470",
         "api_token": f"agent-{i}",
         "underlay_address": f"10.250.0.{10 + i}",
         "allocatable": {"vcpus": 8, "memory_mib": 8192, "disk_gib": 100},
@@ -122,6 +122,31 @@ async def test_bad_bodies(client: TestClient[Any, Any]) -> None:
     bad_report = {**report(1), "api_url": "ftp://x"}
     await error_of(await client.put("/v1/hosts/h1", json=bad_report, headers=as_host("h1")), 422)
     assert (await (await client.get("/v1/clusters", headers=ADMIN)).json())["items"] == []
+
+
+@pytest.mark.parametrize(
+    "url", ["http://10.250.0.11:8470", "http://agent.example:8470", "http://[fd00::1]:8470"]
+)
+async def test_plain_http_to_an_agent_off_loopback_is_refused(
+    client: TestClient[Any, Any], url: str
+) -> None:
+    """The zone would send the agent's token over it: the agent config's rule, once."""
+    plain = {**report(1), "api_url": url}
+    error = await error_of(await client.put("/v1/hosts/h1", json=plain, headers=as_host("h1")), 422)
+    assert "loopback" in error["message"]
+    assert (await (await client.get("/v1/hosts", headers=ADMIN)).json())["items"] == []
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8470", "http://[::1]:8470", "https://a:1"])
+async def test_loopback_http_or_https_agents_are_taken(
+    client: TestClient[Any, Any], url: str
+) -> None:
+    response = await client.put(
+        "/v1/hosts/h1", json={**report(1), "api_url": url + "/"}, headers=as_host("h1")
+    )
+    assert response.status == 201
+    hosts = await (await client.get("/v1/hosts", headers=ADMIN)).json()
+    assert [h["api_url"] for h in hosts["items"]] == [url]
 
 
 async def test_cluster_lifecycle_codes(client: TestClient[Any, Any]) -> None:
