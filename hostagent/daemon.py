@@ -88,7 +88,6 @@ class Agent:
         )
         self.token = ensure_secret(config.token_file, lambda: secrets.token_hex(32))
         self.store = Store(config.database)
-        config.database.chmod(0o600)
         self.images = ImageCatalog(config.images)
         self.physical = physical_resources(config.state_dir)
         configured = config.libvirt.domain_type
