@@ -1,8 +1,9 @@
 """Files that must survive a crash whole: atomic replacement, durable renames, secrets
-made once with mode 0600 whatever the umask."""
+made once with mode 0600 whatever the umask, and compared in constant time."""
 
 from __future__ import annotations
 
+import hmac
 import os
 import secrets
 import tempfile
@@ -50,3 +51,12 @@ def ensure_secret(path: Path, make: Callable[[], str] = lambda: secrets.token_ur
         with os.fdopen(fd, "w") as handle:
             handle.write(make() + "\n")
     return path.read_text().strip()
+
+
+def same_secret(given: str, secret: str) -> bool:
+    """Whether given (say a bearer token from a request) is secret, in constant time, for
+    any string a header can carry: hmac.compare_digest refuses non-ASCII str, and aiohttp
+    decodes bytes that are not UTF-8 to lone surrogates, hence bytes and surrogatepass."""
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), secret.encode("utf-8", "surrogatepass")
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -12,6 +11,7 @@ from aiohttp.typedefs import Middleware
 from pydantic import BaseModel
 
 from common.errors import HostAgentError
+from common.files import same_secret
 from common.names import check_name
 from hostagent import __version__
 from hostagent.errors import (
@@ -82,7 +82,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
     if path.startswith("/v1/") and not path.startswith("/v1/phone-home/"):
         given = _bearer(request)
-        if given is None or not hmac.compare_digest(given, request.app[TOKEN]):
+        if given is None or not same_secret(given, request.app[TOKEN]):
             raise Unauthorized("missing or wrong bearer token (see <state_dir>/api-token)")
     return await handler(request)
 

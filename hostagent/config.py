@@ -245,18 +245,12 @@ class ZoneConfig(_Section):
     def _url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        value = check_url(value, "url")
-        if urlsplit(value).scheme == "http" and not is_loopback(urlsplit(value).hostname or ""):
-            raise ValueError(
-                f"url {value[:80]!r}: plain http is only allowed to a loopback address; "
-                "use https (the host token travels with every request)"
-            )
-        return value
+        return None if value is None else check_token_url(value, "url")
 
     @field_validator("api_url")
     @classmethod
     def _api_url(cls, value: str | None) -> str | None:
-        return None if value is None else check_url(value, "api_url")
+        return None if value is None else check_token_url(value, "api_url")
 
     @field_validator("failure_domain")
     @classmethod
@@ -353,6 +347,18 @@ def check_url(value: str, key: str) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"{key} {value[:80]!r} must not carry credentials, a query or fragment")
     return value.rstrip("/")
+
+
+def check_token_url(value: str, key: str) -> str:
+    """check_url for a URL a token is sent to (the zone's, an agent's): plain http only to
+    a loopback address, as an API listening elsewhere needs TLS."""
+    value = check_url(value, key)
+    if urlsplit(value).scheme == "http" and not is_loopback(urlsplit(value).hostname or ""):
+        raise ValueError(
+            f"{key} {value[:80]!r}: plain http is only allowed to a loopback address; "
+            "use https (a token travels with every request)"
+        )
+    return value
 
 
 def is_loopback(host: str) -> bool:

@@ -88,7 +88,6 @@ class Agent:
         )
         self.token = ensure_secret(config.token_file, lambda: secrets.token_hex(32))
         self.store = Store(config.database)
-        config.database.chmod(0o600)
         self.images = ImageCatalog(config.images)
         self.physical = physical_resources(config.state_dir)
         configured = config.libvirt.domain_type
@@ -120,7 +119,10 @@ class Agent:
         )
         self.service = NodeService(config, self.store, self.images, self.physical, self._enqueue)
         self.netlink = Netlink()
-        self.rewirer = NetworkRewirer(lambda: self.provisioner.ensure_networks(self.store.all()))
+        self.rewirer = NetworkRewirer(
+            lambda: self.provisioner.ensure_networks(self.store.all()),
+            lambda: self.metrics.loop_error("rewirer"),
+        )
         # The zone's lists first: where they and the configuration disagree on a MAC,
         # the zone's word is the newer one.
         self.stored_peers = StoredPeers(self.store, self.rewirer.peers_changed)
@@ -129,6 +131,7 @@ class Agent:
             self._peer_addresses,
             config.network.peer_check_interval_s,
             config.network.peer_check_timeout_s,
+            lambda: self.metrics.loop_error("peers"),
         )
         self.sites = PhoneHomeSites(
             web.AppRunner(phone_home_app(self.service), access_log=None), config.phone_home.port

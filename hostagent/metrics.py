@@ -14,6 +14,8 @@ from pki.renewal import NodeRenewalStatus
 
 RenewalStatus = Callable[[], dict[tuple[str, str], NodeRenewalStatus]]
 Expiries = Callable[[], dict[tuple[str, str], datetime]]
+# The agent's background loops that count the errors they survive.
+LOOPS = ("peers", "reconciler", "rewirer")
 
 
 class Metrics:
@@ -39,6 +41,14 @@ class Metrics:
         self.reconcile_errors = Counter(
             "hostagent_reconcile_errors", "Reconcile attempts that failed", registry=self.registry
         )
+        self.loop_errors = Counter(
+            "hostagent_loop_errors",
+            "Unexpected errors a background loop logged and went on after, by loop",
+            ["loop"],
+            registry=self.registry,
+        )
+        for loop in LOOPS:
+            self.loop_errors.labels(loop=loop)  # every series from the start, at 0
         self.libvirt_reconnects = Gauge(
             "hostagent_libvirt_reconnects",
             "Times the agent reconnected to libvirtd since it started",
@@ -80,6 +90,10 @@ class Metrics:
         self._renewals = renewals
         self._expiries = expiries
         self._kvm_unusable = kvm_unusable
+
+    def loop_error(self, loop: str) -> None:
+        """One unexpected error the background loop named survived (one of LOOPS)."""
+        self.loop_errors.labels(loop=loop).inc()
 
     def render(self) -> bytes:
         counts = self._phases()

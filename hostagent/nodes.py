@@ -6,7 +6,6 @@ request changes nothing. The reconciler is told after the change is committed.
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
 import secrets
@@ -17,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cloudconfig.versions import UnsupportedVersion, template_folder
+from common.files import same_secret
 from hostagent import capacity
 from hostagent.config import Config
 from hostagent.errors import (
@@ -124,7 +124,7 @@ class NodeService:
 
     def phone_home(self, key: NodeKey, token: str | None, body: bytes) -> Node:
         record = self.store.get(key)
-        if record is None or token is None or not hmac.compare_digest(token, record.token):
+        if record is None or token is None or not same_secret(token, record.token):
             raise Unauthorized("wrong or missing node token")
         if record.deleting:
             raise Conflict(f"node {key} is being deleted")

@@ -34,6 +34,9 @@ ERRORS = {
         (507, "host out of capacity"),
     )
 }
+# aiohttp's answer to a body over the app's client_max_size (1 MiB; phone-home's own app
+# 64 KiB), for every operation that reads one.
+TOO_LARGE = {"413": _response("body too large", "ErrorResponse")}
 NAME_PARAMS = [
     {"name": n, "in": "path", "required": True, "schema": {"type": "string", "maxLength": 63}}
     for n in ("cluster", "node")
@@ -46,7 +49,7 @@ PEERS_PATH = {
             "required": True,
             "content": {"application/json": {"schema": _ref("PeerList")}},
         },
-        "responses": {"200": _response("the stored list", "PeerList"), **ERRORS},
+        "responses": {"200": _response("the stored list", "PeerList"), **ERRORS, **TOO_LARGE},
     },
     "get": {
         "summary": "The cluster's peer hosts as last stored",
@@ -72,6 +75,7 @@ def _paths() -> dict[str, Any]:
                 "200": _response("existed", "Node"),
                 "201": _response("created", "Node"),
                 **ERRORS,
+                **TOO_LARGE,
             },
         },
         "get": {
@@ -104,8 +108,16 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "Prometheus metrics",
                 "security": [],
-                "responses": {"200": {"description": "text format"}},
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
             }
+        },
+        "/v1/openapi.json": {
+            "get": {"summary": "This document", "responses": {**plain, **ERRORS}},
         },
         "/v1/host": {
             "get": {"summary": "Host capacity and allocation", "responses": {**plain, **ERRORS}}
@@ -128,7 +140,11 @@ def _paths() -> dict[str, Any]:
             "post": {
                 "summary": "Called by the guest when booted; bearer is the node token",
                 "security": [{"nodeToken": []}],
-                "responses": {"200": _response("ready", "Node"), **ERRORS},
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {"200": _response("ready", "Node"), **ERRORS, **TOO_LARGE},
             },
         },
     }

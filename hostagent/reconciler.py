@@ -13,7 +13,6 @@ import time
 
 from common.backoff import Backoff
 from common.errors import ProvisioningError
-from common.names import check_name
 from hostagent.config import ReconcilerConfig
 from hostagent.errors import LibvirtUnavailable
 from hostagent.metrics import Metrics
@@ -71,6 +70,7 @@ class Reconciler:
         self._active: set[NodeKey] = set()
         self._again: set[NodeKey] = set()
         self._starts = StartHistory(config.crash_loop_starts, config.crash_loop_window_s)
+        self._unowned: set[str] = set()  # domains whose bad metadata was warned about
 
     def enqueue(self, key: NodeKey) -> None:
         if key in self._active:
@@ -102,8 +102,25 @@ class Reconciler:
             return
         desired = {record.key.domain for record in records}
         for domain in domains:
-            if domain.name not in desired:
-                self.enqueue(_key_of(domain))
+            if domain.name not in desired and (key := self._key_of(domain)) is not None:
+                self.enqueue(key)
+
+    def _key_of(self, domain: DomainInfo) -> NodeKey | None:
+        """The node key of an orphan domain; None (warned once) when its metadata names
+        no valid cluster/node: names are re-validated before reaching a path."""
+        try:
+            return NodeKey(cluster=domain.meta.cluster, name=domain.meta.node)
+        except ValueError as exc:
+            if domain.name not in self._unowned:
+                self._unowned.add(domain.name)
+                self.metrics.loop_error("reconciler")
+                log.warning(
+                    "domain %s carries this host's metadata with a bad cluster/node, so the "
+                    "agent leaves it alone; fix or remove it with virsh: %s",
+                    domain.name,
+                    exc,
+                )
+            return None
 
     async def _resync_networks(self) -> None:
         """Put back what someone else changed (a bridge deleted, ip_forward rewritten)."""
@@ -124,8 +141,12 @@ class Reconciler:
         try:
             while True:
                 await asyncio.sleep(self.config.resync_interval_s)
-                await self.resync()
-                await self._resync_networks()
+                try:
+                    await self.resync()
+                    await self._resync_networks()
+                except Exception:  # this loop ending would restart the agent (watchdog)
+                    log.exception("resync crashed; the next one retries")
+                    self.metrics.loop_error("reconciler")
         finally:
             for worker in workers:
                 worker.cancel()
@@ -139,6 +160,7 @@ class Reconciler:
                 await self._reconcile_with_retries(key)
             except Exception:
                 log.exception("reconcile of %s crashed", key)
+                self.metrics.loop_error("reconciler")
             finally:
                 self._active.discard(key)
                 if key in self._again:
@@ -247,8 +269,3 @@ class Reconciler:
         if record is None:
             raise ProvisioningError(f"node {key} vanished from the store while being created")
         return record
-
-
-def _key_of(domain: DomainInfo) -> NodeKey:
-    """The node key of an orphan domain; names are re-validated before reaching a path."""
-    return NodeKey(cluster=check_name("cluster", domain.meta.cluster), name=domain.meta.node)

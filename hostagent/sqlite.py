@@ -8,6 +8,8 @@ them. The connection is in autocommit mode: every write goes through ``transacti
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,8 +21,10 @@ Row = sqlite3.Row
 
 
 def open_database(path: Path, schema: str) -> sqlite3.Connection:
-    """Open (creating folder and file if needed) the database at ``path`` with ``schema``."""
+    """Open (creating folder and file if needed) the database at ``path`` with ``schema``;
+    the file and its -wal/-shm are 0600 whatever the umask (they hold tokens)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _private(path)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA journal_mode=WAL")
@@ -28,6 +32,15 @@ def open_database(path: Path, schema: str) -> sqlite3.Connection:
     db.execute("PRAGMA foreign_keys=ON")
     db.executescript(schema)
     return db
+
+
+def _private(path: Path) -> None:
+    """Make the database file 0600 before SQLite opens it, and what an earlier run left
+    beside it: SQLite gives the -wal and -shm it creates the database file's mode."""
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            file.chmod(0o600)
 
 
 @contextmanager

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hmac
 from collections.abc import Callable
 
 from aiohttp import web
 
 from common.errors import HostAgentError
+from common.files import same_secret
 from hostagent import __version__
 from hostagent.api import STATUS as AGENT_STATUS
 from hostagent.api import Handler, error_middleware
@@ -47,7 +47,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/v1/"):
         scheme, _, value = request.headers.get("Authorization", "").partition(" ")
         token = value.strip() if scheme.lower() == "bearer" else ""
-        if token and hmac.compare_digest(token, request.app[ADMIN_TOKEN]):
+        if token and same_secret(token, request.app[ADMIN_TOKEN]):
             request[CALLER] = "admin"
         elif token and (host := host_of(request.app[HOST_SECRET], token)) is not None:
             request[CALLER] = _HOST + host

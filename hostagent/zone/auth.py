@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 
+from common.files import same_secret
 from common.names import DNS1123_LABEL
 
 _HOST_PREFIX = "host"
@@ -30,4 +31,4 @@ def host_of(secret: str, token: str) -> str | None:
     host, _, mac = rest.rpartition(".")
     if prefix != _HOST_PREFIX or not DNS1123_LABEL.fullmatch(host):
         return None
-    return host if hmac.compare_digest(mac, _mac(secret, host)) else None
+    return host if same_secret(mac, _mac(secret, host)) else None

@@ -24,8 +24,12 @@ def _ok(description: str) -> dict[str, Any]:
     return {"description": description, "content": {_JSON: {"schema": {"type": "object"}}}}
 
 
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {_JSON: {"schema": _ref("ErrorResponse")}}}
+
+
 ERRORS = {
-    str(code): {"description": text, "content": {_JSON: {"schema": _ref("ErrorResponse")}}}
+    str(code): _error(text)
     for code, text in (
         (400, "malformed request"),
         (401, "no or wrong token"),
@@ -37,13 +41,16 @@ ERRORS = {
         (507, "the zone has not enough capacity"),
     )
 }
+# aiohttp's answer to a body over the app's client_max_size, for every operation with one.
+TOO_LARGE = {"413": _error("body too large")}
 _NAME = [{"name": "cluster", "in": "path", "required": True, "schema": {"type": "string"}}]
 _HOST = [{"name": "host", "in": "path", "required": True, "schema": {"type": "string"}}]
 
 
 def _paths() -> dict[str, Any]:
     def op(summary: str, status: str = "200", **extra: Any) -> dict[str, Any]:
-        return {"summary": summary, "responses": {status: _ok(summary), **ERRORS}, **extra}
+        errors = {**ERRORS, **TOO_LARGE} if "requestBody" in extra else ERRORS
+        return {"summary": summary, "responses": {status: _ok(summary), **errors}, **extra}
 
     return {
         "/healthz": {
@@ -53,9 +60,15 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "Prometheus metrics",
                 "security": [],
-                "responses": {"200": _ok("text")},
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
             }
         },
+        "/v1/openapi.json": {"get": op("This document")},
         "/v1/hosts": {"get": op("Every registered host with its state (admin token)")},
         "/v1/hosts/{host}": {
             "parameters": _HOST,

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from common.names import check_name
 from hostagent.capacity import Resources
+from hostagent.config import check_token_url
 from hostagent.errors import (
     Conflict,
     Forbidden,
@@ -358,8 +359,17 @@ class ZoneService:
         return host_work(host, clusters, nodes, gateways, hosts, self.config.network.mtu)
 
     def api_of(self, host: str) -> tuple[str, str] | None:
+        """The agent's URL and token; None when unknown, or when an older zone took a plain
+        http URL off loopback (the token is never sent over it; the agent's next report
+        is refused until it names https)."""
         record = self.store.host(host)
-        return None if record is None else (record.report.api_url, record.report.api_token)
+        if record is None:
+            return None
+        try:
+            url = check_token_url(record.report.api_url, "api_url")
+        except ValueError:
+            return None
+        return url, record.report.api_token
 
     def hosts_with_work(self) -> set[str]:
         hosts = {n.host for n in self.store.nodes()}

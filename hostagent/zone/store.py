@@ -17,7 +17,7 @@ from typing import Protocol
 from hostagent.model import Role
 from hostagent.sqlite import Connection, Row, open_database, transaction
 from hostagent.store import now
-from hostagent.zone.model import ClusterSpec, HostReport
+from hostagent.zone.model import STORED, ClusterSpec, HostReport
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ def _insert(db: Connection, nodes: Iterable[NodeRecord], gateways: Iterable[Gate
 def _host(row: Row) -> HostRecord:
     return HostRecord(
         id=row["id"],
-        report=HostReport.model_validate(json.loads(row["report"])),
+        report=HostReport.model_validate(json.loads(row["report"]), context=STORED),
         registered_at=row["registered_at"],
         last_heartbeat=row["last_heartbeat"],
     )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,15 +12,16 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
-from hostagent.api import api_app
+from hostagent.api import api_app, phone_home_app
 from hostagent.capacity import Resources
 from hostagent.config import CapacityConfig, Config
 from hostagent.images import ImageCatalog
 from hostagent.model import NodeKey
 from hostagent.networks import StoredPeers
-from hostagent.nodes import NodeService
+from hostagent.nodes import NodeService, parse_spec
 from hostagent.store import Store
 from network.model import Peer
+from tests.rawhttp import bearer_error, raw_request
 
 TOKEN = "secret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -381,15 +382,41 @@ async def test_phone_home_prefix_does_not_bypass_auth(
     client: TestClient[Any, Any], path: str
 ) -> None:
     """A raw request line, as an attacker would send it (the client would normalise '..')."""
-    server = client.server
-    reader, writer = await asyncio.open_connection(server.host, server.port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    await writer.drain()
-    raw = await reader.read()
-    writer.close()
-    status_line = raw.split(b"\r\n", 1)[0]
-    assert b" 200 " not in status_line
-    assert b'"items"' not in raw
+    status, body = await raw_request(client.server, "GET", path)
+    assert status != 200
+    assert b'"items"' not in body
+
+
+# Bytes a header can carry that are not ASCII: UTF-8, and Latin-1 (not valid UTF-8).
+NON_ASCII_TOKENS = ["wröng".encode(), "wröng".encode("latin-1"), f"{TOKEN}ö".encode()]
+
+
+@pytest.mark.parametrize("token", NON_ASCII_TOKENS)
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/v1/nodes"), ("POST", "/v1/phone-home/alpha/m1")]
+)
+async def test_a_non_ascii_token_is_401_not_an_error(
+    client: TestClient[Any, Any],
+    caplog: pytest.LogCaptureFixture,
+    token: bytes,
+    method: str,
+    path: str,
+) -> None:
+    await put(client)
+    caplog.set_level(logging.ERROR)
+    await bearer_error(client.server, method, path, token)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("token", NON_ASCII_TOKENS)
+async def test_a_non_ascii_token_is_401_on_the_phone_home_app(
+    service: NodeService, caplog: pytest.LogCaptureFixture, token: bytes
+) -> None:
+    service.put(NodeKey(cluster="alpha", name="m1"), parse_spec(json.dumps(SPEC).encode()))
+    caplog.set_level(logging.ERROR)
+    async with TestServer(phone_home_app(service)) as server:
+        await bearer_error(server, "POST", "/v1/phone-home/alpha/m1", token)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # --- peers ------------------------------------------------------------------------------------

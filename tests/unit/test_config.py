@@ -283,6 +283,7 @@ def test_api_url_defaults_from_the_listen_address(
         (ZONE.format(url="https://z:1") + 'failure_domain = "rack 1"\n', "failure_domain"),
         (ZONE.format(url="https://z:1") + 'failure_domain = ""\n', "failure_domain"),
         (ZONE.format(url="https://z:1") + 'api_url = "10.0.0.1:8470"\n', "api_url"),
+        (ZONE.format(url="https://z:1") + 'api_url = "http://10.0.0.1:8470"\n', "loopback"),
         (ZONE.format(url="https://z:1") + "timeout_s = 0\n", "timeout_s"),
         (ZONE.format(url="https://z:1") + "tokenfile = 1\n", "tokenfile"),
         ('[pki]\nbackend = "zone"\n', "needs [zone] url"),

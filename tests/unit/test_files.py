@@ -10,7 +10,7 @@ from typing import BinaryIO
 
 import pytest
 
-from common.files import ensure_secret, write_atomically
+from common.files import ensure_secret, same_secret, write_atomically
 
 
 @pytest.fixture
@@ -54,3 +54,12 @@ def test_a_secret_is_made_once_with_mode_0600(tmp_path: Path, open_umask: None) 
 def test_the_default_secret_is_long_and_random(tmp_path: Path) -> None:
     one, two = ensure_secret(tmp_path / "a"), ensure_secret(tmp_path / "b")
     assert one != two and len(one) >= 40
+
+
+@pytest.mark.parametrize(
+    ("given", "same"),
+    [("s3cret", True), ("s3cre", False), ("wröng", False), ("wr\udcf6ng", False), ("", False)],
+)
+def test_any_string_compares_with_a_secret(given: str, same: bool) -> None:
+    assert same_secret(given, "s3cret") is same
+    assert same_secret(given, given)

@@ -3,6 +3,7 @@ real local CA: who may call what, status codes, the error shape, PKI for agents.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from hostagent.zone.config import ZoneServerConfig
 from hostagent.zone.service import ZoneService
 from hostagent.zone.store import SqliteZoneStore
 from pki.local import LocalBackend
+from tests.rawhttp import bearer_error
 
 ADMIN = {"Authorization": "Bearer admin-token"}
 SECRET = "host-secret"
@@ -36,7 +38,7 @@ def as_host(host: str) -> dict[str, str]:
 
 def report(i: int) -> dict[str, Any]:
     return {
-        "api_url": f"http://10.250.0.{10 + i}:8470",
+        "api_url": f"https://10.250.0.{10 + i}:8470",
         "api_token": f"agent-{i}",
         "underlay_address": f"10.250.0.{10 + i}",
         "allocatable": {"vcpus": 8, "memory_mib": 8192, "disk_gib": 100},
@@ -69,6 +71,8 @@ def test_host_tokens_name_their_host_and_cannot_be_forged() -> None:
     assert host_of("other-secret", token) is None
     assert host_of(SECRET, token.replace("h1", "h2")) is None
     assert host_of(SECRET, "garbage") is None
+    assert host_of(SECRET, "host.h1.wröng") is None
+    assert host_of(SECRET, "host.h1.wr\udcf6ng") is None  # how aiohttp decodes a 0xf6 byte
 
 
 async def test_no_or_wrong_token_is_401(client: TestClient[Any, Any]) -> None:
@@ -76,6 +80,15 @@ async def test_no_or_wrong_token_is_401(client: TestClient[Any, Any]) -> None:
     bad = {"Authorization": "Bearer nope"}
     await error_of(await client.get("/v1/clusters", headers=bad), 401)
     assert (await client.get("/healthz")).status == 200
+
+
+@pytest.mark.parametrize("token", ["wröng".encode(), b"wr\xf6ng", b"host.h1.\xf6"])
+async def test_a_non_ascii_token_is_401_not_an_error(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture, token: bytes
+) -> None:
+    caplog.set_level(logging.ERROR)
+    await bearer_error(client.server, "GET", "/v1/clusters", token)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_a_host_registers_only_for_itself(client: TestClient[Any, Any]) -> None:
@@ -109,6 +122,31 @@ async def test_bad_bodies(client: TestClient[Any, Any]) -> None:
     bad_report = {**report(1), "api_url": "ftp://x"}
     await error_of(await client.put("/v1/hosts/h1", json=bad_report, headers=as_host("h1")), 422)
     assert (await (await client.get("/v1/clusters", headers=ADMIN)).json())["items"] == []
+
+
+@pytest.mark.parametrize(
+    "url", ["http://10.250.0.11:8470", "http://agent.example:8470", "http://[fd00::1]:8470"]
+)
+async def test_plain_http_to_an_agent_off_loopback_is_refused(
+    client: TestClient[Any, Any], url: str
+) -> None:
+    """The zone would send the agent's token over it: the agent config's rule, once."""
+    plain = {**report(1), "api_url": url}
+    error = await error_of(await client.put("/v1/hosts/h1", json=plain, headers=as_host("h1")), 422)
+    assert "loopback" in error["message"]
+    assert (await (await client.get("/v1/hosts", headers=ADMIN)).json())["items"] == []
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8470", "http://[::1]:8470", "https://a:1"])
+async def test_loopback_http_or_https_agents_are_taken(
+    client: TestClient[Any, Any], url: str
+) -> None:
+    response = await client.put(
+        "/v1/hosts/h1", json={**report(1), "api_url": url + "/"}, headers=as_host("h1")
+    )
+    assert response.status == 201
+    hosts = await (await client.get("/v1/hosts", headers=ADMIN)).json()
+    assert [h["api_url"] for h in hosts["items"]] == [url]
 
 
 async def test_cluster_lifecycle_codes(client: TestClient[Any, Any]) -> None:

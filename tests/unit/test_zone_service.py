@@ -32,7 +32,7 @@ def report(
 ) -> HostReport:
     return HostReport.model_validate(
         {
-            "api_url": f"http://10.250.0.{10 + host}:8470",
+            "api_url": f"https://10.250.0.{10 + host}:8470",
             "api_token": f"token-{host}",
             "underlay_address": f"10.250.0.{10 + host}",
             "failure_domain": domain or f"fd-{host}",
@@ -317,3 +317,16 @@ async def test_an_agent_that_lost_its_state_gets_its_peers_again(service: ZoneSe
     service.store.set_delivery("h1", "peers", "other", "p2")
     service.report("h1", report(1))  # no nodes at all: the agent's store is gone
     assert service.store.deliveries("h1") == {("peers", "other"): "p2"}
+
+
+async def test_an_older_zones_plain_http_agent_is_readable_but_gets_no_token(
+    service: ZoneService,
+) -> None:
+    """A report stored before plain http off loopback was refused: the zone still reads it
+    (hosts, placement) but never sends the agent's token to that URL."""
+    register(service, hosts=2)
+    plain = report(1).model_copy(update={"api_url": "http://10.250.0.11:8470"})
+    service.store.put_host("h1", plain, service.clock())
+    assert [h["host"] for h in service.hosts_view()] == ["h1", "h2"]
+    assert service.api_of("h1") is None
+    assert service.api_of("h2") == ("https://10.250.0.12:8470", "token-2")

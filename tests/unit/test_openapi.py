@@ -1,0 +1,103 @@
+"""The served OpenAPI documents of the agent and the zone say exactly what their routers
+route: every route is documented and every documented operation is routed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from hostagent.api import api_app
+from hostagent.zone.api import zone_app
+
+TOKEN = "t0ken"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+METHODS = {"get", "put", "post", "delete", "patch"}
+METRICS = b"# TYPE hostagent_x gauge\nhostagent_x 1.0\n"
+
+
+async def _host_info() -> dict[str, Any]:
+    return {}
+
+
+async def _healthy() -> bool:
+    return True
+
+
+def agent() -> web.Application:
+    """The agent's app; what stands behind it is never reached by these tests."""
+    nothing: Any = None
+    return api_app(
+        nothing,
+        TOKEN,
+        peers=nothing,
+        host_info=_host_info,
+        healthy=_healthy,
+        metrics_text=lambda: METRICS,
+        image_names=lambda: [],
+    )
+
+
+def zone() -> web.Application:
+    nothing: Any = None
+    return zone_app(nothing, TOKEN, "host-secret", metrics_text=lambda: METRICS, heartbeat_s=5.0)
+
+
+@pytest.fixture(params=[agent, zone], ids=["agent", "zone"])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[TestClient[Any, Any]]:
+    async with TestClient(TestServer(request.param())) as test_client:
+        yield test_client
+
+
+async def document(client: TestClient[Any, Any]) -> dict[str, Any]:
+    response = await client.get("/v1/openapi.json", headers=AUTH)
+    assert response.status == 200
+    served: dict[str, Any] = await response.json()
+    return served
+
+
+def routed(app: web.Application) -> set[tuple[str, str]]:
+    return {
+        (route.resource.canonical, route.method.lower())
+        for route in app.router.routes()
+        if route.resource is not None and route.method != "HEAD"  # HEAD comes with GET
+    }
+
+
+async def test_every_route_is_documented_and_every_operation_routed(
+    client: TestClient[Any, Any],
+) -> None:
+    paths = (await document(client))["paths"]
+    documented = {(p, m) for p, ops in paths.items() for m in ops if m in METHODS}
+    assert routed(client.server.app) == documented
+
+
+async def test_every_operation_with_a_body_documents_413(client: TestClient[Any, Any]) -> None:
+    """aiohttp answers 413 for a body over the app's client_max_size."""
+    paths = (await document(client))["paths"]
+    for path, ops in paths.items():
+        for method, op in ops.items():
+            if method in METHODS and "requestBody" in op:
+                assert "413" in op["responses"], (method, path)
+
+
+async def test_a_large_peer_list_is_a_documented_413() -> None:
+    async with TestClient(TestServer(agent())) as client:
+        big = b'{"peers": [' + b" " * (1024 * 1024) + b"]}"
+        response = await client.put("/v1/clusters/alpha/peers", data=big, headers=AUTH)
+        assert response.status == 413
+        assert (await response.json())["error"]["code"] == "request_entity_too_large"
+        put = (await document(client))["paths"]["/v1/clusters/{cluster}/peers"]["put"]
+    schema = put["responses"]["413"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+
+
+async def test_metrics_are_documented_as_what_they_are(client: TestClient[Any, Any]) -> None:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    ok = (await document(client))["paths"]["/metrics"]["get"]["responses"]["200"]
+    assert set(ok["content"]) == {"text/plain"}

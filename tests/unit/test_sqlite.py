@@ -1,0 +1,53 @@
+"""hostagent.sqlite: the database and its -wal/-shm files are 0600 whatever the umask
+(they hold node tokens, and the zone's agent tokens)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hostagent.sqlite import open_database, transaction
+
+SCHEMA = "CREATE TABLE IF NOT EXISTS t (v TEXT);"
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    old = os.umask(0)
+    yield
+    os.umask(old)
+
+
+def modes(path: Path) -> dict[str, int]:
+    files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+    return {f.name: stat.S_IMODE(f.stat().st_mode) for f in files if f.exists()}
+
+
+def write(path: Path) -> dict[str, int]:
+    """Open, write once and report the modes while the connection is open."""
+    db = open_database(path, SCHEMA)
+    try:
+        with transaction(db):
+            db.execute("INSERT INTO t VALUES ('secret')")
+        return modes(path)
+    finally:
+        db.close()
+
+
+def test_database_wal_and_shm_are_0600_whatever_the_umask(tmp_path: Path, open_umask: None) -> None:
+    path = tmp_path / "state" / "state.db"
+    first = write(path)
+    assert first == {"state.db": 0o600, "state.db-wal": 0o600, "state.db-shm": 0o600}
+    assert write(path) == first  # reopened
+    assert set(modes(path).values()) == {0o600}
+
+
+def test_files_an_earlier_version_left_open_are_made_0600(tmp_path: Path, open_umask: None) -> None:
+    path = tmp_path / "zone.db"
+    for name in ("zone.db", "zone.db-shm"):
+        (tmp_path / name).touch(mode=0o644)
+    assert write(path) == {"zone.db": 0o600, "zone.db-wal": 0o600, "zone.db-shm": 0o600}
