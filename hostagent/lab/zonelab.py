@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import http
-from common.files import ensure_secret
+from common.files import ensure_secret, write_atomically
 from hostagent.lab import links
 from hostagent.lab.errors import LabError
 from hostagent.lab.hosts import nsenter_argv, running_pid
@@ -113,8 +113,7 @@ def write_agent_config(settings: LabSettings, plan: LabPlan, host: HostPlan) -> 
     )
     secret = ensure_secret(zone_dir(settings.root) / "state" / "host-secret")
     token_file = host.config_dir / "zone-token"
-    token_file.write_text(host_token(secret, host.name) + "\n")
-    token_file.chmod(0o600)
+    write_atomically(token_file, (host_token(secret, host.name) + "\n").encode(), 0o600)
     config = host.config_dir / "hostagent.toml"
     config.write_text(
         f"""# written by `hostagent lab up`
