@@ -13,6 +13,7 @@ import logging
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from network.firewall import FAMILY, TableAction, plan_table, table_name, table_wanted
 from network.model import ClusterNetworkWanted, NetworkError
@@ -20,7 +21,8 @@ from network.model import ClusterNetworkWanted, NetworkError
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 30.0
-_ABSENT = "No such file or directory"  # nft's answer for a table that is not there
+_ABSENT = "Error: No such file or directory"  # nft's answer for a table that is not there
+_NETNS_DIR = Path("/run/netns")  # where `ip netns` keeps the named namespaces
 
 
 class NfTables:
@@ -37,7 +39,7 @@ class NfTables:
         done = self._run(["list", "table", *name.split()], None, check=False)
         if done.returncode == 0:
             return done.stdout
-        if _ABSENT in done.stderr:
+        if done.stderr.startswith(_ABSENT):
             return None
         raise NetworkError(f"nft list table {name} failed: {_last_line(done.stderr)}")
 
@@ -65,7 +67,11 @@ class NfTables:
                 f"{self._nft!r} not found: install nftables (scripts/setup-host.sh does); "
                 "the cluster bridges' isolation needs it"
             )
-        prefix = [] if self._netns is None else ["ip", "netns", "exec", self._netns]
+        prefix = []
+        if self._netns is not None:
+            if not (_NETNS_DIR / self._netns).exists():
+                raise NetworkError(f"network namespace {self._netns!r} does not exist")
+            prefix = ["ip", "netns", "exec", self._netns]
         argv = [*prefix, nft, *args]
         try:
             done = subprocess.run(

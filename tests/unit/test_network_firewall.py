@@ -14,7 +14,8 @@ from network.firewall import (
     table_name,
     table_wanted,
 )
-from network.model import ClusterNetworkWanted
+from network.model import ClusterNetworkWanted, NetworkError
+from network.nftables import NfTables
 
 PORT = 8472  # the phone-home port (config.phone_home.port's default)
 ALPHA = ClusterNetworkWanted("alpha", 100, "10.100.0.1/24")
@@ -140,3 +141,9 @@ def test_plan_compares_listings() -> None:
     assert plan_table("h1", table, drifted) == [ReplaceTable(table)]
     assert plan_table("h1", wanted(ALPHA), table.definition()) == [ReplaceTable(wanted(ALPHA))]
     assert plan_table("h1", None, None) == []
+
+
+def test_without_nft_the_error_says_what_to_install() -> None:
+    # shutil.which fails before any process runs: nothing is touched.
+    with pytest.raises(NetworkError, match="'hostagent-no-nft' not found: install nftables"):
+        NfTables(nft="hostagent-no-nft").reconcile([ALPHA], host="h1", tcp_ports=[PORT])
