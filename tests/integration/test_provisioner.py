@@ -51,9 +51,9 @@ def provisioner(state: Path, image_dir: Path, template_dir: Path | None = None) 
     if template_dir is not None:
         settings["cloudconfig"] = {"template_dir": str(template_dir)}
     config = Config.model_validate(settings)
-    # Only files are made here: no libvirt, netlink or peers are called.
+    # Only files are made here: no libvirt, netlink, nft or peers are called.
     return Provisioner(
-        config, ImageCatalog(image_dir), None, None, "qemu", None, make_backend(config), None
+        config, ImageCatalog(image_dir), None, None, None, "qemu", None, make_backend(config), None
     )  # type: ignore[arg-type]
 
 
