@@ -126,6 +126,21 @@ def test_guests_reach_only_their_own_gateway(lab: Lab) -> None:
         assert not ping(b1, vm_address("a1"), tries=2)
 
 
+def test_bridged_traffic_passes_when_br_netfilter_hands_it_to_the_ip_hooks(lab: Lab) -> None:
+    # With br_netfilter, frames a bridge forwards go through the inet forward hook with the
+    # bridge as both iif and oif (Docker and Kubernetes hosts turn this on): a rule
+    # dropping all that comes in on a cluster bridge would cut the cluster in two.
+    h1 = lab.ns("h1")
+    if not os.path.exists("/proc/sys/net/bridge/bridge-nf-call-iptables"):
+        pytest.skip("br_netfilter is not loaded on this kernel")
+    for family in ("iptables", "ip6tables"):
+        write_proc(h1, f"/proc/sys/net/bridge/bridge-nf-call-{family}", "1")
+    assert guard(lab)
+    assert ping(lab.ns("a1"), vm_address("a2"))  # a1's tap -> habr100 -> havx100
+    assert ping(lab.ns("b1"), vm_address("b2"))
+    assert not ping(lab.ns("b1"), vm_address("a1"), tries=2)
+
+
 def _ipv6(lab: Lab) -> None:
     """Global IPv6 on h1's bridges and on a1 and b1, routes via h1, static neighbours
     (the table drops ND to the host, so this isolates what the forward hook does), and
