@@ -20,22 +20,23 @@ other traffic (the underlay's VXLAN packets) costs one comparison. Rules name br
 this agent serves only: another agent's bridges (sharing the namespace) pass through.
 
 The table is compared as nft lists it (`nft list table inet <name>`): `definition` is
-exactly that listing, and `plan` replaces the table when the listing differs (drift by
-hand included) and deletes it when no cluster is left.
+exactly that listing, and `plan_table` replaces the table when the listing differs (drift by
+hand included) and deletes it when no cluster is left. Every word of it is checked before
+it gets there (host id, IPv4 addresses, names made from VNIs, port numbers): no string
+reaches nft unvalidated.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from network.model import ClusterNetworkWanted
-from network.names import check_host
+from network.model import ClusterNetworkWanted, interface
+from network.names import bridge_wildcard, check_host
 
 FAMILY = "inet"
 TABLE_PREFIX = "hostagent_"
-BRIDGES = "habr*"  # names.bridge_name's prefix: the jump to the per-bridge chains
+BRIDGES = bridge_wildcard()  # habr*: what jumps to the per-bridge chains
 _INPUT_HOOK = "type filter hook input priority filter; policy accept;"
 _FORWARD_HOOK = "type filter hook forward priority filter; policy accept;"
 _FORWARD_JUMPS = (
@@ -113,7 +114,7 @@ def table_wanted(
         check_host(host)
         return None
     guards = tuple(
-        BridgeGuard(c.bridge, str(ipaddress.IPv4Interface(c.address).ip)) for c in ordered
+        BridgeGuard(cluster.bridge, str(interface(cluster.address).ip)) for cluster in ordered
     )
     ports = tuple(sorted(set(tcp_ports)))
     for port in ports:

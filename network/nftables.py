@@ -41,7 +41,7 @@ class NfTables:
             return done.stdout
         if done.stderr.startswith(_ABSENT):
             return None
-        raise NetworkError(f"nft list table {name} failed: {_last_line(done.stderr)}")
+        raise NetworkError(f"nft list table {name} failed: {_message(done.stderr)}")
 
     def apply(self, actions: Iterable[TableAction]) -> None:
         for action in actions:
@@ -85,10 +85,10 @@ class NfTables:
         except subprocess.TimeoutExpired as err:
             raise NetworkError(f"nft {' '.join(args)} did not finish in {TIMEOUT_S} s") from err
         if check and done.returncode != 0:
-            raise NetworkError(f"nft {' '.join(args)} failed: {_last_line(done.stderr)}")
+            raise NetworkError(f"nft {' '.join(args)} failed: {_message(done.stderr)}")
         return done
 
 
-def _last_line(text: str) -> str:
+def _message(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return " / ".join(lines[-3:]) if lines else "(no message)"
