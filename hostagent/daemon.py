@@ -41,6 +41,7 @@ from hostagent.virt.libvirt import Libvirt
 from hostagent.zoneclient import ZoneClient, host_report
 from network.model import ClusterNetworkWanted
 from network.netlink import Netlink
+from network.nftables import NfTables
 from pki.renewal import Renewer
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class Agent:
             self.images,
             self.virt,
             self.netlink,
+            NfTables(),
             self.domain_type,
             self.sites.update,
             self.pki,

@@ -31,6 +31,7 @@ from hostagent.virt.libvirt import Libvirt
 from network import names
 from network.model import ClusterNetworkWanted, NetworkError
 from network.netlink import Netlink
+from network.nftables import NfTables
 from pki import layout
 from pki.backend import Backend
 from pki.provision import provision_node
@@ -64,6 +65,7 @@ class Provisioner:
         images: ImageCatalog,
         virt: Libvirt,
         netlink: Netlink,
+        nftables: NfTables,
         domain_type: str | None,
         on_networks: Callable[[list[ClusterNetworkWanted]], Awaitable[None]],
         pki: Backend,
@@ -73,6 +75,7 @@ class Provisioner:
         self.images = images
         self.virt = virt
         self.netlink = netlink
+        self.nftables = nftables
         self.domain_type = domain_type
         self.on_networks = on_networks
         self.pki = pki
@@ -98,6 +101,14 @@ class Provisioner:
             try:
                 await asyncio.to_thread(
                     self.netlink.reconcile, wanted, self.underlay, host=self.config.host_id
+                )
+                # After the bridges, so the table names only bridges the plan found ours; a
+                # new bridge has no guest until this returns and the cluster's VMs start.
+                await asyncio.to_thread(
+                    self.nftables.reconcile,
+                    wanted,
+                    host=self.config.host_id,
+                    tcp_ports=(self.config.phone_home.port,),
                 )
             except NetworkError as exc:
                 raise ProvisioningError(f"cluster network: {exc}") from exc

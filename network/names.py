@@ -60,6 +60,11 @@ def bridge_name(vni: int) -> str:
     return f"{_BRIDGE_PREFIX}{_check_vni(vni)}"
 
 
+def bridge_wildcard() -> str:
+    """Every name bridge_name gives, as nft (and iptables) spell a prefix match: habr*."""
+    return f"{_BRIDGE_PREFIX}*"
+
+
 def is_bridge_name(name: str) -> bool:
     """Whether name has the form bridge_name gives (for rules, which carry no alias)."""
     match = _BRIDGE.fullmatch(name)

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
   pkg-config gcc python3-venv python3-dev cloud-init busybox-static cpio
-  libxml2-utils iproute2 ca-certificates debootstrap e2fsprogs systemd
+  libxml2-utils iproute2 nftables ca-certificates debootstrap e2fsprogs systemd
   vagrant vagrant-libvirt fdisk mount
 )
 

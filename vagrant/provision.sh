@@ -71,7 +71,7 @@ write_managed() {
 install_agent() {
   local packages=(python3-venv python3-dev gcc pkg-config libvirt-dev openssl curl)
   if [ "$role" = host ]; then
-    packages+=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients iproute2)
+    packages+=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients iproute2 nftables)
   fi
   say "apt-get install ${packages[*]}"
   apt-get update -qq

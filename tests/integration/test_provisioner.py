@@ -1,25 +1,32 @@
 """Provisioner.prepare_files with the real parts it drives (local CA, qemu-img, pycdlib):
 certificates, config drive and disks are made at once, and when one part fails the
 others still run to their end before the error is raised (a retry never meets a part
-still writing)."""
+still writing). Provisioner.ensure_networks with netlink and nft in a namespace: the
+bridges, then the table that guards them."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pyroute2 import netns
 
 from common.errors import ProvisioningError
 from hostagent.certificates import make_backend
 from hostagent.config import Config
 from hostagent.images import ImageCatalog
 from hostagent.model import NodeKey, NodeSpec, Phase
+from hostagent.networks import StaticPeers
 from hostagent.provisioner import Provisioner
 from hostagent.store import NodeRecord
+from network.model import ClusterNetworkWanted
+from network.netlink import Netlink
+from network.nftables import NfTables
 from pki import layout
 from tests.conftest import require
 
@@ -51,9 +58,9 @@ def provisioner(state: Path, image_dir: Path, template_dir: Path | None = None) 
     if template_dir is not None:
         settings["cloudconfig"] = {"template_dir": str(template_dir)}
     config = Config.model_validate(settings)
-    # Only files are made here: no libvirt, netlink or peers are called.
+    # Only files are made here: no libvirt, netlink, nft or peers are called.
     return Provisioner(
-        config, ImageCatalog(image_dir), None, None, "qemu", None, make_backend(config), None
+        config, ImageCatalog(image_dir), None, None, None, "qemu", None, make_backend(config), None
     )  # type: ignore[arg-type]
 
 
@@ -91,3 +98,38 @@ async def test_a_failing_part_lets_the_others_finish(state: Path, lab_image_dir:
     assert files.disk.exists() and files.etcd_disk.exists()
     assert not list(files.root.glob("*.partial")), "a disk was left half made"
     assert all((files.pki / name).is_file() for name in layout.files_for("master"))
+
+
+async def test_ensure_networks_wires_the_bridge_then_its_table(tmp_path: Path) -> None:
+    require(os.geteuid() == 0, "needs root (a network namespace)")
+    require(shutil.which("nft") is not None, "needs nft (apt-get install nftables)")
+    config = Config.model_validate({"state_dir": str(tmp_path), "host_id": "h1"})
+    told: list[list[ClusterNetworkWanted]] = []
+
+    async def on_networks(wanted: list[ClusterNetworkWanted]) -> None:
+        told.append(wanted)
+
+    name = f"hostagent-test-{uuid.uuid4().hex[:12]}"
+    netns.create(name)
+    try:
+        tables = NfTables(netns=name)
+        p = Provisioner(
+            config,
+            None,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            Netlink(netns=name),
+            tables,
+            "qemu",
+            on_networks,
+            None,  # type: ignore[arg-type]
+            StaticPeers(config.network),
+        )
+        await p.ensure_networks([record()])
+        assert [c.bridge for c in told[-1]] == ["habr4242"]
+        listing = tables.listing("h1") or ""
+        port = config.phone_home.port
+        assert f'iifname "habr4242" ip daddr 10.42.0.1 tcp dport {port} accept' in listing
+        await p.ensure_networks([])  # the last node left: no bridge, no table
+        assert told[-1] == [] and tables.listing("h1") is None
+    finally:
+        netns.remove(name)

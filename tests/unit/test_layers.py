@@ -33,6 +33,7 @@ PURE = (
     "hostagent.virt.domain",
     "hostagent.zone.placement",
     "network.plan",
+    "network.firewall",
     "cloudconfig.render",
     "pki.certset",
     "pki.lifetime",
