@@ -184,6 +184,28 @@ class ZoneService:
         return self.cluster(name), created
 
     async def _create(self, name: str, spec: ClusterSpec) -> None:
+        self._plan(name, spec)  # an unplaceable cluster is refused before it gets CAs
+        try:
+            await asyncio.to_thread(self.pki.ensure_cluster, name)
+        except PkiError as exc:
+            raise Unavailable(f"cannot make the CAs of cluster {name}: {exc}") from exc
+        # Hosts may have left or stopped reporting while the CAs were made: place again on
+        # the hosts there are now, with no await between this placement and its write.
+        record, nodes, gateways = self._plan(name, spec)
+        self.store.create_cluster(record, nodes, gateways)
+        log.info(
+            "cluster %s: vni %d, nodes %s, on %s",
+            name,
+            record.vni,
+            record.node_subnet,
+            ", ".join(f"{n.name}@{n.host}" for n in nodes),
+        )
+        self.on_change({n.host for n in nodes})
+
+    def _plan(
+        self, name: str, spec: ClusterSpec
+    ) -> tuple[ClusterRecord, list[NodeRecord], list[Gateway]]:
+        """A new cluster's allocation and placement on the current hosts (nothing written)."""
         record = self._allocate(name, spec)
         requests = [
             _request(n, Role.MASTER, spec)
@@ -194,19 +216,7 @@ class ZoneService:
         ]
         assignments = self._place(name, requests, {})
         nodes, gateways = self._materialise(record, requests, assignments, [], [])
-        try:
-            await asyncio.to_thread(self.pki.ensure_cluster, name)
-        except PkiError as exc:
-            raise Unavailable(f"cannot make the CAs of cluster {name}: {exc}") from exc
-        self.store.create_cluster(record, nodes, gateways)
-        log.info(
-            "cluster %s: vni %d, nodes %s, on %s",
-            name,
-            record.vni,
-            record.node_subnet,
-            ", ".join(f"{n.name}@{n.host}" for n in nodes),
-        )
-        self.on_change({n.host for n in nodes})
+        return record, nodes, gateways
 
     def _allocate(self, name: str, spec: ClusterSpec) -> ClusterRecord:
         net = self.config.network
@@ -371,18 +381,33 @@ class ZoneService:
         cluster, _, name = key.partition("/")
         self.store.remove_node(cluster, name)
         self.refused.pop(key, None)
-        record = self.store.cluster(cluster)
         others = self.store.nodes(cluster)
         if others:
             self.on_change({n.host for n in others})
-        if record is None or not record.deleting or others:
             return
-        self.store.remove_cluster(cluster)
-        log.info("cluster %s: deleted from every host", cluster)
-        try:
-            await asyncio.to_thread(self.pki.revoke_cluster, cluster)
-        except PkiError as exc:
-            log.warning("cluster %s: its CAs could not be removed: %s", cluster, exc)
+        await self._finish_deletion(cluster)
+
+    async def finish_deletions(self) -> None:
+        """Complete the deletions a restart interrupted between revoking and forgetting."""
+        for record in self.store.clusters():
+            await self._finish_deletion(record.name)
+
+    async def _finish_deletion(self, cluster: str) -> None:
+        """Revoke a deleting cluster's CAs once it has no node left, then forget it.
+
+        The record goes only after the revoke, and both happen under the allocation lock:
+        a cluster of the same name cannot be created (and get CAs) until the old one's are
+        gone, across a restart too (the record, still deleting, makes it wait: 409)."""
+        async with self._lock:
+            record = self.store.cluster(cluster)
+            if record is None or not record.deleting or self.store.nodes(cluster):
+                return
+            try:
+                await asyncio.to_thread(self.pki.revoke_cluster, cluster)
+            except PkiError as exc:
+                log.warning("cluster %s: its CAs could not be removed: %s", cluster, exc)
+            self.store.remove_cluster(cluster)
+            log.info("cluster %s: deleted from every host", cluster)
 
     # --- PKI for agents --------------------------------------------------------------
 

@@ -3,12 +3,15 @@ scaling, deletion, host liveness and the status it reports."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pytest_mock import MockerFixture
 
 from hostagent.errors import Conflict, Forbidden, Invalid, NotFound, OutOfCapacity
 from hostagent.zone.config import ZoneNetworkConfig, ZoneServerConfig
@@ -317,3 +320,68 @@ async def test_an_agent_that_lost_its_state_gets_its_peers_again(service: ZoneSe
     service.store.set_delivery("h1", "peers", "other", "p2")
     service.report("h1", report(1))  # no nodes at all: the agent's store is gone
     assert service.store.deliveries("h1") == {("peers", "other"): "p2"}
+
+
+class Gate:
+    """Holds one PKI backend call (run in a thread) at its start until released: the
+    failure injection for an await that another request overtakes."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, *args: Any) -> Any:
+        self.entered.set()
+        assert self.release.wait(10), "the test never released the gate"
+        return self.real(*args)
+
+    async def reached(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 10), "the call was never made"
+
+
+async def test_a_host_removed_while_the_cas_are_made_gets_no_node(
+    service: ZoneService, mocker: MockerFixture
+) -> None:
+    register(service)
+    gate = Gate(service.pki.ensure_cluster)
+    mocker.patch.object(service.pki, "ensure_cluster", gate)
+    create = asyncio.create_task(service.put_cluster("demo", spec(1, 0)))
+    await gate.reached()
+    await service.remove_host("h1")  # holds nothing yet: it may go
+    await service.remove_host("h2")
+    gate.release.set()
+    await create
+    assert [n.host for n in service.store.nodes("demo")] == ["h3"]
+
+
+async def test_a_cluster_made_again_keeps_its_cas_while_the_old_one_is_revoked(
+    service: ZoneService, mocker: MockerFixture
+) -> None:
+    register(service)
+    await service.put_cluster("demo", spec(1, 0))
+    service.delete_cluster("demo")
+    gate = Gate(service.pki.revoke_cluster)
+    mocker.patch.object(service.pki, "revoke_cluster", gate)
+    (node,) = service.store.nodes("demo")
+    gone = asyncio.create_task(service.node_gone(node.host, f"demo/{node.name}"))
+    await gate.reached()
+    again = asyncio.create_task(service.put_cluster("demo", spec(1, 0)))
+    await asyncio.sleep(0.1)  # time enough to run ahead of the revoke, were it not held
+    gate.release.set()
+    await gone
+    _, created = await again
+    assert created
+    assert set(service.pki.ca_certificates("demo")) == {"kubernetes", "etcd", "front-proxy"}
+
+
+async def test_a_deletion_a_restart_interrupted_is_finished(service: ZoneService) -> None:
+    register(service)
+    await service.put_cluster("demo", spec(1, 0))
+    service.delete_cluster("demo")
+    (node,) = service.store.nodes("demo")
+    service.store.remove_node("demo", node.name)  # the zone stopped before the revoke
+    await service.finish_deletions()
+    with pytest.raises(NotFound):
+        service.cluster("demo")
+    assert not (service.config.state_dir / "pki" / "ca" / "demo").exists()
