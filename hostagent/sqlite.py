@@ -55,15 +55,6 @@ class Database:
         self.reader.close()
 
 
-def open_database(path: Path, schema: str) -> sqlite3.Connection:
-    """One connection (creating folder and file if needed) for reads and writes on the
-    caller's thread."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = _connect(path)
-    db.executescript(schema)
-    return db
-
-
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.row_factory = sqlite3.Row
