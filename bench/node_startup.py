@@ -96,7 +96,7 @@ async def baseline(image_dir: Path, work: Path, count: int) -> float:
         ctx = NodeContext(cluster, node, "master", node, node, mac, address, f"{BASE_SUBNET}.1",
                           1450, "1.31.2", (), f"http://{BASE_SUBNET}.1:1/x", "ab")  # fmt: skip
         build_config_drive(files / "cidata.iso", config_drive_files(ctx))
-        await disk.ensure_overlay(files / "disk.qcow2", image.disk, 2)
+        await disk.ensure_overlay(files / "disk.qcow2", image.disk, 2, timeout_s=120.0)
         params = DomainParams(f"{cluster}-{node}", "qemu", 1, 256, image.kernel, image.initrd,
                               image.cmdline, files / "disk.qcow2", files / "cidata.iso",
                               files / "pki", "hostagent-pki", files / "console.log", bridge.name,

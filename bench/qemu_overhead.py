@@ -68,7 +68,7 @@ def measure(conn: libvirt.virConnect, memory_mib: int, work: Path, domain_type: 
     build_config_drive(folder / "cidata.iso", {"meta-data": b"instance-id: x\n"})
     import asyncio
 
-    asyncio.run(disk.ensure_overlay(folder / "disk.qcow2", image.disk, 2))
+    asyncio.run(disk.ensure_overlay(folder / "disk.qcow2", image.disk, 2, timeout_s=120.0))
     params = DomainParams(name, domain_type, 1, memory_mib, image.kernel, image.initrd,
                           image.cmdline, folder / "disk.qcow2", folder / "cidata.iso", folder,
                           "none", folder / "console.log", "none", "none", "52:54:00:00:00:01",

@@ -45,6 +45,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         ("--clusters", "20", "--peers", "3", "--repeat", "1"),
     ),
     Benchmark("placement", "Zone placement: nodes over 1000 hosts", (), ("--repeat", "3"), False),
+    Benchmark("store_writes", "Store commits and the event loop", (), ("--writes", "20"), False),
 )
 
 

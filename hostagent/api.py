@@ -125,7 +125,7 @@ async def images(request: web.Request) -> web.Response:
 async def put_node(request: web.Request) -> web.Response:
     key = _key(request)
     spec = parse_spec(await request.read())
-    node, created = request.app[SERVICE].put(key, spec)
+    node, created = await request.app[SERVICE].put(key, spec)
     return _json(node, 201 if created else 200)
 
 
@@ -150,7 +150,7 @@ async def list_nodes(request: web.Request) -> web.Response:
 
 
 async def delete_node(request: web.Request) -> web.Response:
-    return _json(request.app[SERVICE].delete(_key(request)), 202)
+    return _json(await request.app[SERVICE].delete(_key(request)), 202)
 
 
 def _cluster(request: web.Request) -> str:
@@ -163,7 +163,7 @@ def _cluster(request: web.Request) -> str:
 async def put_peers(request: web.Request) -> web.Response:
     cluster = _cluster(request)
     peers = parse_peers(cluster, await request.read())
-    return _json(PeerList.of(request.app[PEERS].put(cluster, peers)))
+    return _json(PeerList.of(await request.app[PEERS].put(cluster, peers)))
 
 
 async def get_peers(request: web.Request) -> web.Response:
@@ -171,13 +171,13 @@ async def get_peers(request: web.Request) -> web.Response:
 
 
 async def delete_peers(request: web.Request) -> web.Response:
-    request.app[PEERS].delete(_cluster(request))
+    await request.app[PEERS].delete(_cluster(request))
     return web.Response(status=204)
 
 
 async def phone_home(request: web.Request) -> web.Response:
     key = _key(request)
-    node = request.app[SERVICE].phone_home(key, _bearer(request), await request.read())
+    node = await request.app[SERVICE].phone_home(key, _bearer(request), await request.read())
     log.info("%s phoned home", key)
     return _json(node)
 

@@ -64,6 +64,7 @@ class LibvirtConfig(_Section):
     domain_type: Literal["auto", "kvm", "qemu"] = "auto"
     kvm_probe_timeout_s: Annotated[float, Field(gt=0)] = 15.0
     shutdown_timeout_s: Annotated[float, Field(ge=0)] = 30.0
+    qemu_img_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     qemu_user: str = "libvirt-qemu"
 
 

@@ -100,11 +100,11 @@ class StoredPeers:
         self.store = store
         self.on_change = on_change
 
-    def put(self, cluster: str, peers: list[Peer]) -> list[Peer]:
+    async def put(self, cluster: str, peers: list[Peer]) -> list[Peer]:
         """Replace the cluster's list; the same list again changes nothing."""
         current = self.store.peers(cluster)
         if current is None or set(current) != set(peers):
-            self.store.set_peers(cluster, peers)
+            await self.store.set_peers(cluster, peers)
             self.on_change(cluster)
         return self.get(cluster)
 
@@ -114,9 +114,9 @@ class StoredPeers:
             raise NotFound(f"cluster {cluster} has no peer list on this host")
         return peers
 
-    def delete(self, cluster: str) -> None:
+    async def delete(self, cluster: str) -> None:
         """Idempotent: forgetting a list that is not there is no error."""
-        if self.store.delete_peers(cluster):
+        if await self.store.delete_peers(cluster):
             self.on_change(cluster)
 
     def peers(self, cluster: str) -> frozenset[Peer]:

@@ -1,7 +1,8 @@
 """The agent's operations on nodes, between the HTTP layer and the store.
 
-Each write validates everything first and then persists in one transaction; a rejected
-request changes nothing. The reconciler is told after the change is committed.
+Each write validates everything first and then persists in one transaction (a PUT's
+checks inside that transaction); a rejected request changes nothing. The reconciler is
+told after the change is committed.
 """
 
 from __future__ import annotations
@@ -99,30 +100,25 @@ class NodeService:
     def all(self) -> list[Node]:
         return [to_node(record, self.config.nodes_dir) for record in self.store.all()]
 
-    def put(self, key: NodeKey, spec: NodeSpec) -> tuple[Node, bool]:
-        current = self.store.get(key)
-        others = [r for r in self.store.all() if r.key != key]
-        self._check(key, spec, current, others)
-        if current is None:
-            record = self.store.create(key, spec, secrets.token_hex(16))
-            self.notify(key)
-            return to_node(record, self.config.nodes_dir), True
-        if current.spec != spec:
-            self.store.update_spec(key, spec)
-            self.notify(key)
-        elif current.phase is Phase.FAILED:
-            self.store.set_phase(key, Phase.PENDING, "retry requested")
-            self.notify(key)
-        return to_node(self._existing(key), self.config.nodes_dir), False
+    async def put(self, key: NodeKey, spec: NodeSpec) -> tuple[Node, bool]:
+        def check(current: NodeRecord | None, others: list[NodeRecord]) -> None:
+            self._check(key, spec, current, others)
 
-    def delete(self, key: NodeKey) -> Node:
+        # The checks run in the store's write transaction: no other write comes between
+        # the capacity and conflict checks and the write they allow.
+        put = await self.store.put(key, spec, secrets.token_hex(16), check)
+        if put.change is not None:
+            self.notify(key)
+        return to_node(put.record, self.config.nodes_dir), put.change == "accepted"
+
+    async def delete(self, key: NodeKey) -> Node:
         record = self._existing(key)
         if not record.deleting or record.phase is Phase.FAILED:
-            self.store.mark_deleting(key)
+            await self.store.mark_deleting(key)
             self.notify(key)
         return to_node(self._existing(key), self.config.nodes_dir)
 
-    def phone_home(self, key: NodeKey, token: str | None, body: bytes) -> Node:
+    async def phone_home(self, key: NodeKey, token: str | None, body: bytes) -> Node:
         record = self.store.get(key)
         if record is None or token is None or not same_secret(token, record.token):
             raise Unauthorized("wrong or missing node token")
@@ -134,7 +130,7 @@ class NodeService:
             raise MalformedRequest(f"the phone-home body is not valid JSON: {exc}") from exc
         if not isinstance(report, dict):
             raise MalformedRequest("the phone-home body must be a JSON object")
-        self.store.set_ready(key, report)
+        await self.store.set_ready(key, report)
         return to_node(self._existing(key), self.config.nodes_dir)
 
     def allocated(self) -> capacity.Resources:

@@ -153,14 +153,17 @@ class Provisioner:
         await asyncio.to_thread(build_config_drive, files.config_drive, contents)
 
     async def _disks(self, record: NodeRecord, image: Image, files: NodeFiles) -> None:
-        overlay = disk.ensure_overlay(files.disk, image.disk, record.spec.disk_gib)
+        timeout_s = self.config.libvirt.qemu_img_timeout_s
+        overlay = disk.ensure_overlay(
+            files.disk, image.disk, record.spec.disk_gib, timeout_s=timeout_s
+        )
         etcd_size = record.spec.etcd_disk_size
         if etcd_size is None:
             await overlay
             return
         # etcd's data lives apart from the root disk, which may be re-created (a new
         # image): losing etcd with it was Giantnetes' worst recurring failure.
-        await _all(overlay, disk.ensure_blank(files.etcd_disk, etcd_size))
+        await _all(overlay, disk.ensure_blank(files.etcd_disk, etcd_size, timeout_s=timeout_s))
 
     def _make_dirs(self, files: NodeFiles) -> None:
         # QEMU runs as its own user: it must traverse to the node's files and read the

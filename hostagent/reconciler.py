@@ -179,31 +179,31 @@ class Reconciler:
                 return
             except LibvirtUnavailable as exc:
                 self.metrics.reconcile_errors.inc()
-                self._note(key, None, f"waiting for libvirt: {exc}")
+                await self._note(key, None, f"waiting for libvirt: {exc}")
                 await self.provisioner.virt.connected.wait()
             except BackendUnavailable as exc:
                 # Vault down: wait and retry for as long as it takes, the node never fails.
                 self.metrics.reconcile_errors.inc()
                 log.warning("%s: %s; retrying in %.1fs", key, exc, delay)
-                self._note(key, None, f"waiting for the certificate backend: {exc}")
+                await self._note(key, None, f"waiting for the certificate backend: {exc}")
             except ProvisioningError as exc:
                 self.metrics.reconcile_errors.inc()
                 if attempt >= self.config.max_attempts:
-                    self._fail(key, str(exc), attempt)
+                    await self._fail(key, str(exc), attempt)
                     return
                 log.warning(
                     "%s: attempt %d failed: %s; retrying in %.1fs", key, attempt, exc, delay
                 )
-                self._note(key, None, f"attempt {attempt} failed, retrying: {exc}")
+                await self._note(key, None, f"attempt {attempt} failed, retrying: {exc}")
                 attempt += 1
             await asyncio.sleep(delay)
 
-    def _note(self, key: NodeKey, phase: Phase | None, message: str) -> None:
+    async def _note(self, key: NodeKey, phase: Phase | None, message: str) -> None:
         record = self.store.get(key)
         if record is not None and not record.deleting:
-            self.store.set_phase(key, phase or record.phase, message)
+            await self.store.set_phase(key, phase or record.phase, message)
 
-    def _fail(self, key: NodeKey, error: str, attempts: int) -> None:
+    async def _fail(self, key: NodeKey, error: str, attempts: int) -> None:
         self._starts.forget(key)  # a retry (PUT again) starts with a clean history
         record = self.store.get(key)
         if record is None:
@@ -215,7 +215,7 @@ class Reconciler:
             + ("DELETE the node again" if record.deleting else "PUT the node again or DELETE it")
         )
         log.error("%s: %s", key, message)
-        self.store.set_phase(key, Phase.FAILED, message)
+        await self.store.set_phase(key, Phase.FAILED, message)
 
     async def reconcile(self, key: NodeKey) -> None:
         record = self.store.get(key)
@@ -233,7 +233,7 @@ class Reconciler:
         if step is Step.NETWORK:
             await p.ensure_networks(self.store.all())
         elif step is Step.PREPARE:
-            self.store.set_phase(key, Phase.PROVISIONING, step.value)
+            await self.store.set_phase(key, Phase.PROVISIONING, step.value)
             await p.prepare_files(self._record(key), self.store.all())
         elif step is Step.DEFINE:
             await p.define(self._record(key))
@@ -244,7 +244,7 @@ class Reconciler:
             if domain_id is None:
                 info = await p.virt.domain(key.domain, self.host_id)
                 domain_id = info.domain_id if info else None
-            self.store.set_phase(key, Phase.RUNNING, "", domain_id=domain_id)
+            await self.store.set_phase(key, Phase.RUNNING, "", domain_id=domain_id)
         else:
             await self._teardown(step, key)
 
@@ -259,7 +259,7 @@ class Reconciler:
         elif step is Step.REMOVE_FILES:
             await p.remove_files(key)
         elif step is Step.FORGET:
-            self.store.remove(key)
+            await self.store.remove(key)
             self._starts.forget(key)
             if not any(r.key.cluster == key.cluster for r in self.store.all()):
                 await p.cluster_gone(key.cluster)

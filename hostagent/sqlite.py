@@ -3,34 +3,70 @@ that imports sqlite3.
 
 WAL keeps readers (the API) off the writers' lock; synchronous=FULL because a lost
 decision is worse than a millisecond; foreign keys are enforced where a schema declares
-them. The connection is in autocommit mode: every write goes through ``transaction``.
+them. Connections are in autocommit mode: every write goes through ``transaction``.
+
+A ``Database`` has two connections: reads run on the caller's thread (cheap under WAL:
+they never wait for a writer and see only committed state), and every write transaction
+runs in the database's one writer thread, so the commit's fsync never holds the event
+loop and transactions stay serialised (a check and the write it allows, in one
+transaction, stay atomic).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 # The types the stores name, so that no other module imports sqlite3.
 Connection = sqlite3.Connection
 Row = sqlite3.Row
 
+T = TypeVar("T")
 
-def open_database(path: Path, schema: str) -> sqlite3.Connection:
-    """Open (creating folder and file if needed) the database at ``path`` with ``schema``;
-    the file and its -wal/-shm are 0600 whatever the umask (they hold tokens)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _private(path)
+
+class Database:
+    """One SQLite file: ``reader`` for reads on any thread, ``write`` for transactions."""
+
+    def __init__(self, path: Path, schema: str) -> None:
+        """Open (creating folder and file if needed) the database at ``path`` with
+        ``schema``; the file and its -wal/-shm are 0600 whatever the umask (they hold
+        tokens)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _private(path)
+        self._writer = _connect(path)
+        self._writer.executescript(schema)
+        self.reader = _connect(path)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{path.stem}")
+
+    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` in one transaction in the writer thread; rolled back if it raises.
+        Once started it commits even if the awaiting caller is cancelled."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._transaction, work)
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        with transaction(self._writer) as db:
+            return work(db)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)  # what was submitted is committed first
+        self._writer.close()
+        self.reader.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA foreign_keys=ON")
-    db.executescript(schema)
     return db
 
 

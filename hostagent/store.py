@@ -2,21 +2,21 @@
 
 Every accepted change is one transaction, committed before the reconciler acts on it.
 The database is opened as hostagent/sqlite.py does for the zone too (WAL,
-synchronous=FULL: a lost PUT is worse than a millisecond).
+synchronous=FULL: a lost PUT is worse than a millisecond), its writes in a writer thread.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from hostagent.model import NodeKey, NodeSpec, Phase
-from hostagent.sqlite import Connection, Row, open_database, transaction
+from hostagent.sqlite import Connection, Database, Row
 from network.model import Peer
 
 SCHEMA = """
@@ -75,55 +75,40 @@ class Transition:
 
 
 class Store:
+    """The agent's nodes, their transitions and peer lists.
+
+    Reads are synchronous (WAL: cheap, and they never wait for a writer); every write is
+    a coroutine whose transaction runs in the database's writer thread
+    (hostagent/sqlite.py), so an fsync never holds the event loop. A write that depends
+    on what is stored reads it inside its own transaction."""
+
     def __init__(self, path: Path) -> None:
-        self._db = open_database(path, SCHEMA)
+        self._db = Database(path, SCHEMA)
 
     def close(self) -> None:
         self._db.close()
 
     def get(self, key: NodeKey) -> NodeRecord | None:
-        row = self._db.execute(
-            "SELECT * FROM nodes WHERE cluster = ? AND name = ?", (key.cluster, key.name)
-        ).fetchone()
-        return _record(row) if row else None
+        return _get(self._db.reader, key)
 
     def all(self) -> list[NodeRecord]:
-        rows = self._db.execute("SELECT * FROM nodes ORDER BY cluster, name").fetchall()
-        return [_record(row) for row in rows]
+        return _all(self._db.reader)
 
-    def create(self, key: NodeKey, spec: NodeSpec, token: str) -> NodeRecord:
-        stamp = now()
-        with transaction(self._db) as db:
-            db.execute(
-                "INSERT INTO nodes (cluster, name, spec, token, phase, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (key.cluster, key.name, spec.model_dump_json(), token, Phase.PENDING, stamp),
-            )
-            _log(db, key, Phase.PENDING, "accepted", stamp)
-        record = self.get(key)
-        assert record is not None
-        return record
+    async def put(self, key: NodeKey, spec: NodeSpec, token: str, check: Check) -> Put:
+        """Create the node, or change its spec, or retry it when Failed: after
+        ``check(current, others)`` (raises to refuse) passed in the same transaction."""
+        return await self._db.write(lambda db: _put(db, key, spec, token, check))
 
-    def update_spec(self, key: NodeKey, spec: NodeSpec) -> None:
-        stamp = now()
-        with transaction(self._db) as db:
-            db.execute(
-                "UPDATE nodes SET spec = ?, phase = ?, message = ?, updated_at = ? "
-                "WHERE cluster = ? AND name = ?",
-                (
-                    spec.model_dump_json(),
-                    Phase.PENDING,
-                    "spec changed",
-                    stamp,
-                    key.cluster,
-                    key.name,
-                ),
-            )
-            _log(db, key, Phase.PENDING, "spec changed", stamp)
+    async def create(self, key: NodeKey, spec: NodeSpec, token: str) -> NodeRecord:
+        """A new node (IntegrityError when the key is taken)."""
+        return await self._db.write(lambda db: _create(db, key, spec, token, now()))
 
-    def mark_deleting(self, key: NodeKey) -> None:
-        stamp = now()
-        with transaction(self._db) as db:
+    async def update_spec(self, key: NodeKey, spec: NodeSpec) -> None:
+        await self._db.write(lambda db: _update_spec(db, key, spec, now()))
+
+    async def mark_deleting(self, key: NodeKey) -> None:
+        def work(db: Connection) -> None:
+            stamp = now()
             db.execute(
                 "UPDATE nodes SET deleting = 1, phase = ?, message = '', updated_at = ? "
                 "WHERE cluster = ? AND name = ?",
@@ -131,30 +116,17 @@ class Store:
             )
             _log(db, key, Phase.DELETING, "delete requested", stamp)
 
-    def set_phase(
+        await self._db.write(work)
+
+    async def set_phase(
         self, key: NodeKey, phase: Phase, message: str = "", *, domain_id: int | None = None
     ) -> bool:
         """Record a phase; returns False (and writes nothing) when nothing changed."""
-        current = self.get(key)
-        if current is None:
-            return False
-        new_id = domain_id if domain_id is not None else current.domain_id
-        if (current.phase, current.message, current.domain_id) == (phase, message, new_id):
-            return False
-        stamp = now()
-        with transaction(self._db) as db:
-            db.execute(
-                "UPDATE nodes SET phase = ?, message = ?, domain_id = ?, updated_at = ? "
-                "WHERE cluster = ? AND name = ?",
-                (phase, message, new_id, stamp, key.cluster, key.name),
-            )
-            if (current.phase, current.message) != (phase, message):
-                _log(db, key, phase, message, stamp)
-        return True
+        return await self._db.write(lambda db: _set_phase(db, key, phase, message, domain_id))
 
-    def set_ready(self, key: NodeKey, guest: dict[str, Any]) -> None:
-        stamp = now()
-        with transaction(self._db) as db:
+    async def set_ready(self, key: NodeKey, guest: dict[str, Any]) -> None:
+        def work(db: Connection) -> None:
+            stamp = now()
             db.execute(
                 "UPDATE nodes SET phase = ?, message = '', guest = ?, updated_at = ? "
                 "WHERE cluster = ? AND name = ?",
@@ -162,15 +134,19 @@ class Store:
             )
             _log(db, key, Phase.READY, "guest phoned home", stamp)
 
-    def remove(self, key: NodeKey) -> None:
-        with transaction(self._db) as db:
+        await self._db.write(work)
+
+    async def remove(self, key: NodeKey) -> None:
+        def work(db: Connection) -> None:
             db.execute("DELETE FROM nodes WHERE cluster = ? AND name = ?", (key.cluster, key.name))
             db.execute(
                 "DELETE FROM transitions WHERE cluster = ? AND name = ?", (key.cluster, key.name)
             )
 
+        await self._db.write(work)
+
     def transitions(self, key: NodeKey) -> list[Transition]:
-        rows = self._db.execute(
+        rows = self._db.reader.execute(
             "SELECT phase, message, at FROM transitions WHERE cluster = ? AND name = ? ORDER BY id",
             (key.cluster, key.name),
         ).fetchall()
@@ -178,34 +154,121 @@ class Store:
 
     # --- peers: the other hosts of a cluster, as the zone last delivered them -----------
 
-    def set_peers(self, cluster: str, peers: Iterable[Peer]) -> None:
+    async def set_peers(self, cluster: str, peers: Iterable[Peer]) -> None:
         """Replace the cluster's peer list (one row per cluster, sorted for stable output)."""
         rows = [
             {"address": peer.address, "macs": sorted(peer.macs)}
             for peer in sorted(peers, key=lambda p: ipaddress.IPv4Address(p.address))
         ]
-        with transaction(self._db) as db:
-            db.execute(
+        stamp = now()
+        await self._db.write(
+            lambda db: db.execute(
                 "INSERT INTO peers (cluster, peers, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (cluster) DO UPDATE SET peers = excluded.peers, "
                 "updated_at = excluded.updated_at",
-                (cluster, json.dumps(rows), now()),
+                (cluster, json.dumps(rows), stamp),
             )
+        )
 
     def peers(self, cluster: str) -> list[Peer] | None:
         """The cluster's stored peers in address order; None when none were stored."""
-        row = self._db.execute("SELECT peers FROM peers WHERE cluster = ?", (cluster,)).fetchone()
+        row = self._db.reader.execute(
+            "SELECT peers FROM peers WHERE cluster = ?", (cluster,)
+        ).fetchone()
         return _peers(row["peers"]) if row else None
 
     def all_peers(self) -> dict[str, list[Peer]]:
-        rows = self._db.execute("SELECT cluster, peers FROM peers ORDER BY cluster").fetchall()
+        rows = self._db.reader.execute(
+            "SELECT cluster, peers FROM peers ORDER BY cluster"
+        ).fetchall()
         return {row["cluster"]: _peers(row["peers"]) for row in rows}
 
-    def delete_peers(self, cluster: str) -> bool:
+    async def delete_peers(self, cluster: str) -> bool:
         """Forget the cluster's peer list; False when there was none."""
-        with transaction(self._db) as db:
-            cursor = db.execute("DELETE FROM peers WHERE cluster = ?", (cluster,))
-        return cursor.rowcount > 0
+        return await self._db.write(
+            lambda db: db.execute("DELETE FROM peers WHERE cluster = ?", (cluster,)).rowcount > 0
+        )
+
+
+@dataclass(frozen=True)
+class Put:
+    record: NodeRecord
+    change: str | None  # "accepted", "spec changed", "retry requested"; None: nothing changed
+
+
+Check = Callable[[NodeRecord | None, list[NodeRecord]], None]
+
+
+def _get(db: Connection, key: NodeKey) -> NodeRecord | None:
+    row = db.execute(
+        "SELECT * FROM nodes WHERE cluster = ? AND name = ?", (key.cluster, key.name)
+    ).fetchone()
+    return _record(row) if row else None
+
+
+def _all(db: Connection) -> list[NodeRecord]:
+    rows = db.execute("SELECT * FROM nodes ORDER BY cluster, name").fetchall()
+    return [_record(row) for row in rows]
+
+
+def _put(db: Connection, key: NodeKey, spec: NodeSpec, token: str, check: Check) -> Put:
+    current = _get(db, key)
+    check(current, [r for r in _all(db) if r.key != key])
+    stamp = now()
+    change: str | None = None
+    if current is None:
+        change = "accepted"
+        _create(db, key, spec, token, stamp)
+    elif current.spec != spec:
+        change = "spec changed"
+        _update_spec(db, key, spec, stamp)
+    elif current.phase is Phase.FAILED:
+        change = "retry requested"
+        _set_phase(db, key, Phase.PENDING, change, None)
+    record = _get(db, key)
+    assert record is not None
+    return Put(record, change)
+
+
+def _create(db: Connection, key: NodeKey, spec: NodeSpec, token: str, stamp: str) -> NodeRecord:
+    db.execute(
+        "INSERT INTO nodes (cluster, name, spec, token, phase, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (key.cluster, key.name, spec.model_dump_json(), token, Phase.PENDING, stamp),
+    )
+    _log(db, key, Phase.PENDING, "accepted", stamp)
+    record = _get(db, key)
+    assert record is not None
+    return record
+
+
+def _update_spec(db: Connection, key: NodeKey, spec: NodeSpec, stamp: str) -> None:
+    db.execute(
+        "UPDATE nodes SET spec = ?, phase = ?, message = ?, updated_at = ? "
+        "WHERE cluster = ? AND name = ?",
+        (spec.model_dump_json(), Phase.PENDING, "spec changed", stamp, key.cluster, key.name),
+    )
+    _log(db, key, Phase.PENDING, "spec changed", stamp)
+
+
+def _set_phase(
+    db: Connection, key: NodeKey, phase: Phase, message: str, domain_id: int | None
+) -> bool:
+    current = _get(db, key)
+    if current is None:
+        return False
+    new_id = domain_id if domain_id is not None else current.domain_id
+    if (current.phase, current.message, current.domain_id) == (phase, message, new_id):
+        return False
+    stamp = now()
+    db.execute(
+        "UPDATE nodes SET phase = ?, message = ?, domain_id = ?, updated_at = ? "
+        "WHERE cluster = ? AND name = ?",
+        (phase, message, new_id, stamp, key.cluster, key.name),
+    )
+    if (current.phase, current.message) != (phase, message):
+        _log(db, key, phase, message, stamp)
+    return True
 
 
 def _peers(text: str) -> list[Peer]:

@@ -89,7 +89,7 @@ async def put_host(request: web.Request) -> web.Response:
     if _host(request) != host:
         raise Forbidden(f"a host token of {_host(request)} cannot report for host {host}")
     report = parse_body(HostReport, await request.read(), "host report")
-    created = request.app[SERVICE].report(host, report)
+    created = await request.app[SERVICE].report(host, report)
     body = {"host": host, "heartbeat_interval_s": request.app[HEARTBEAT]}
     return web.json_response(body, status=201 if created else 200)
 
@@ -124,7 +124,7 @@ async def list_clusters(request: web.Request) -> web.Response:
 
 async def delete_cluster(request: web.Request) -> web.Response:
     _admin(request)
-    view = request.app[SERVICE].delete_cluster(request.match_info["cluster"])
+    view = await request.app[SERVICE].delete_cluster(request.match_info["cluster"])
     return web.json_response(view, status=202)
 
 

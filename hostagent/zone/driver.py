@@ -120,7 +120,7 @@ class Deliverer:
             payload = spec.model_dump(mode="json")
             status, body = await self._call("PUT", url, token, _node_path(key), payload)
             if status in (200, 201):
-                store.set_delivery(host, "node", key, digest)
+                await store.set_delivery(host, "node", key, digest)
                 self.service.refused.pop(key, None)
             else:
                 self._refused(host, key, status, body)
@@ -132,11 +132,11 @@ class Deliverer:
             status, body = await self._call("PUT", url, token, _peers_path(cluster), payload)
             if status != 200:
                 raise AgentError(f"PUT peers of {cluster} answered {status}: {_message(body)}")
-            store.set_delivery(host, "peers", cluster, digest)
+            await store.set_delivery(host, "peers", cluster, digest)
         for key in work.remove:
             status, body = await self._call("DELETE", url, token, _node_path(key))
             if status == 404:
-                store.set_delivery(host, "node", key, None)
+                await store.set_delivery(host, "node", key, None)
                 await self.service.node_gone(host, key)
             elif status == 202:
                 settled = False
@@ -147,7 +147,7 @@ class Deliverer:
                 status, body = await self._call("DELETE", url, token, _peers_path(key))
                 if status not in (204, 404):
                     raise AgentError(f"DELETE peers of {key} answered {status}: {_message(body)}")
-                store.set_delivery(host, "peers", key, None)
+                await store.set_delivery(host, "peers", key, None)
         return settled
 
     def _refused(self, host: str, key: str, status: int, body: Any) -> None:

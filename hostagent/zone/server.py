@@ -84,6 +84,7 @@ class Zone:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(api.tls_cert, api.tls_key)
         await web.TCPSite(self.runner, api.host, api.port, ssl_context=tls).start()
+        await self.service.finish_deletions()
         await self.deliverer.start()
         clusters, hosts = len(self.store.clusters()), len(self.store.hosts())
         log.info(

@@ -3,7 +3,8 @@
 Every decision (a host's report, a cluster's allocation and placement, a scale, a delete)
 is validated completely and written to the store in one transaction before anything acts
 on it; the Deliverer (driver.py) then makes the agents match. A rejected request changes
-nothing.
+nothing. Writes are awaited (the store commits in its writer thread), so what a decision
+assumed about other requests' state is re-checked in its transaction (zone/store.py).
 """
 
 from __future__ import annotations
@@ -39,12 +40,21 @@ from hostagent.zone.desired import HostWork, host_work
 from hostagent.zone.model import ClusterSpec, HostReport, HostState
 from hostagent.zone.placement import HostOffer, NodeRequest, PlacementError, place
 from hostagent.zone.status import cluster_view, host_state, host_view
-from hostagent.zone.store import ClusterRecord, Gateway, HostRecord, NodeRecord, ZoneStore
+from hostagent.zone.store import (
+    ClusterRecord,
+    Gateway,
+    HostRecord,
+    NodeRecord,
+    Stale,
+    ZoneStore,
+)
 from pki.backend import Backend
 from pki.certset import PROFILE_BY_NAME, profiles_for
 from pki.errors import PkiError
 
 log = logging.getLogger(__name__)
+
+DECISION_ATTEMPTS = 3  # a placement another write made stale is decided again, this often
 
 
 def parse_body(model: type[Any], body: bytes, what: str) -> Any:
@@ -76,14 +86,14 @@ class ZoneService:
 
     # --- hosts -----------------------------------------------------------------------
 
-    def report(self, host: str, report: HostReport) -> bool:
+    async def report(self, host: str, report: HostReport) -> bool:
         """Store a host's report; True when it registered for the first time. Deliveries
         the report contradicts (a node the agent no longer has, another spec) are
         forgotten, so the host's delivery task sends them again."""
         _name("host", host)
         before = self.store.host(host)
         was_ready = before is not None and self._state(before) is HostState.READY
-        created = self.store.put_host(host, report, self.clock())
+        created = await self.store.put_host(host, report, self.clock())
         reported = {f"{n.cluster}/{n.name}": n.spec_hash for n in report.nodes}
         stale = [
             key
@@ -91,13 +101,13 @@ class ZoneService:
             if kind == "node" and reported.get(key) != digest
         ]
         for key in stale:
-            self.store.set_delivery(host, "node", key, None)
+            await self.store.set_delivery(host, "node", key, None)
         # An agent that lost a node may have lost its state and its peer lists with it:
         # send the peers of those clusters again too.
         lost = {key.partition("/")[0] for key in stale}
         for kind, key in list(self.store.deliveries(host)):
             if kind == "peers" and key in lost:
-                self.store.set_delivery(host, "peers", key, None)
+                await self.store.set_delivery(host, "peers", key, None)
         if created or not was_ready or stale:
             if not was_ready and not created:
                 log.info("host %s is reporting again", host)
@@ -110,24 +120,24 @@ class ZoneService:
 
     async def remove_host(self, host: str) -> None:
         """Forget a host (decommissioned, or dead for good). Refused while it holds a node
-        the zone still wants; the nodes it held that were being removed are forgotten, so
-        a deletion waiting for a dead host completes."""
+        the zone still wants (checked in the removal's own transaction); the nodes it held
+        that were being removed are forgotten, so a deletion waiting for a dead host
+        completes."""
         _name("host", host)
         if self.store.host(host) is None:
             raise NotFound(f"host {host} is not registered")
-        nodes = [n for n in self.store.nodes() if n.host == host]
-        clusters = {c.name: c for c in self.store.clusters()}
-        live = [n for n in nodes if not n.deleting and not clusters[n.cluster].deleting]
-        if live:
-            names = ", ".join(f"{n.cluster}/{n.name}" for n in live)
+        removal = await self.store.remove_host(host)
+        if removal.live:
+            names = ", ".join(f"{n.cluster}/{n.name}" for n in removal.live)
             raise Conflict(
                 f"host {host} still runs {names}; delete or scale those down first (a node "
                 "is never moved silently)"
             )
-        for node in nodes:
-            await self.node_gone(host, f"{node.cluster}/{node.name}")
-        self.store.remove_host(host)
         log.info("host %s removed from the zone", host)
+        for node in removal.forgotten:
+            self.refused.pop(f"{node.cluster}/{node.name}", None)
+        for cluster in sorted({n.cluster for n in removal.forgotten}):
+            await self._after_node_gone(cluster)
 
     def _state(self, record: HostRecord) -> HostState:
         return host_state(record, self.clock(), self.config.hosts.heartbeat_timeout_s)
@@ -175,16 +185,50 @@ class ZoneService:
     async def put_cluster(self, name: str, spec: ClusterSpec) -> tuple[dict[str, Any], bool]:
         _name("cluster", name)
         async with self._lock:
-            current = self.store.cluster(name)
-            if current is None:
-                await self._create(name, spec)
-                created = True
+            for _ in range(DECISION_ATTEMPTS):
+                try:
+                    created = await self._put(name, spec)
+                    break
+                except Stale as exc:
+                    log.info("cluster %s: %s while it was placed; placing again", name, exc)
             else:
-                self._update(current, spec)
-                created = False
+                raise Unavailable(
+                    f"cluster {name}: hosts kept leaving while it was placed; try again"
+                )
         return self.cluster(name), created
 
+    async def _put(self, name: str, spec: ClusterSpec) -> bool:
+        current = self.store.cluster(name)
+        if current is None:
+            await self._create(name, spec)
+            return True
+        await self._update(current, spec)
+        return False
+
     async def _create(self, name: str, spec: ClusterSpec) -> None:
+        self._plan(name, spec)  # an unplaceable cluster is refused before it gets CAs
+        try:
+            await asyncio.to_thread(self.pki.ensure_cluster, name)
+        except PkiError as exc:
+            raise Unavailable(f"cannot make the CAs of cluster {name}: {exc}") from exc
+        # Hosts may have left or stopped reporting while the CAs were made: place again on
+        # the hosts there are now. The write re-checks that they are still there (Stale:
+        # put_cluster decides again).
+        record, nodes, gateways = self._plan(name, spec)
+        await self.store.create_cluster(record, nodes, gateways)
+        log.info(
+            "cluster %s: vni %d, nodes %s, on %s",
+            name,
+            record.vni,
+            record.node_subnet,
+            ", ".join(f"{n.name}@{n.host}" for n in nodes),
+        )
+        self.on_change({n.host for n in nodes})
+
+    def _plan(
+        self, name: str, spec: ClusterSpec
+    ) -> tuple[ClusterRecord, list[NodeRecord], list[Gateway]]:
+        """A new cluster's allocation and placement on the current hosts (nothing written)."""
         record = self._allocate(name, spec)
         requests = [
             _request(n, Role.MASTER, spec)
@@ -195,19 +239,7 @@ class ZoneService:
         ]
         assignments = self._place(name, requests, {})
         nodes, gateways = self._materialise(record, requests, assignments, [], [])
-        try:
-            await asyncio.to_thread(self.pki.ensure_cluster, name)
-        except PkiError as exc:
-            raise Unavailable(f"cannot make the CAs of cluster {name}: {exc}") from exc
-        self.store.create_cluster(record, nodes, gateways)
-        log.info(
-            "cluster %s: vni %d, nodes %s, on %s",
-            name,
-            record.vni,
-            record.node_subnet,
-            ", ".join(f"{n.name}@{n.host}" for n in nodes),
-        )
-        self.on_change({n.host for n in nodes})
+        return record, nodes, gateways
 
     def _allocate(self, name: str, spec: ClusterSpec) -> ClusterRecord:
         net = self.config.network
@@ -282,7 +314,7 @@ class ZoneService:
             new.append(Gateway(cluster.name, host, address))
         return nodes, new
 
-    def _update(self, current: ClusterRecord, spec: ClusterSpec) -> None:
+    async def _update(self, current: ClusterRecord, spec: ClusterSpec) -> None:
         name = current.name
         if current.deleting:
             raise Conflict(f"cluster {name} is being deleted; wait until it is gone")
@@ -312,7 +344,7 @@ class ZoneService:
             add, gateways = self._materialise(
                 current, requests, assignments, nodes, self.store.gateways(name)
             )
-        self.store.scale(name, spec, add, gateways, remove)
+        await self.store.scale(name, spec, add, gateways, remove)
         log.info(
             "cluster %s: workers %d -> %d (added %s, removing %s)",
             name,
@@ -338,12 +370,12 @@ class ZoneService:
         nodes = self.store.nodes(record.name)
         return cluster_view(record, nodes, hosts, self.clock(), timeout, self.refused)
 
-    def delete_cluster(self, name: str) -> dict[str, Any]:
+    async def delete_cluster(self, name: str) -> dict[str, Any]:
         record = self.store.cluster(_name("cluster", name))
         if record is None:
             raise NotFound(f"cluster {name} does not exist")
         if not record.deleting:
-            self.store.mark_cluster_deleting(name)
+            await self.store.mark_cluster_deleting(name)
             log.info("cluster %s: deleting", name)
         self.on_change({n.host for n in self.store.nodes(name)})
         return self.cluster(name)
@@ -379,20 +411,38 @@ class ZoneService:
         """The host has removed the node: forget it; a deleting cluster whose last node
         went is removed with its CAs, and its VNI is free once no host reports it."""
         cluster, _, name = key.partition("/")
-        self.store.remove_node(cluster, name)
+        await self.store.remove_node(cluster, name)
         self.refused.pop(key, None)
-        record = self.store.cluster(cluster)
+        await self._after_node_gone(cluster)
+
+    async def _after_node_gone(self, cluster: str) -> None:
         others = self.store.nodes(cluster)
         if others:
             self.on_change({n.host for n in others})
-        if record is None or not record.deleting or others:
             return
-        self.store.remove_cluster(cluster)
-        log.info("cluster %s: deleted from every host", cluster)
-        try:
-            await asyncio.to_thread(self.pki.revoke_cluster, cluster)
-        except PkiError as exc:
-            log.warning("cluster %s: its CAs could not be removed: %s", cluster, exc)
+        await self._finish_deletion(cluster)
+
+    async def finish_deletions(self) -> None:
+        """Complete the deletions a restart interrupted between revoking and forgetting."""
+        for record in self.store.clusters():
+            await self._finish_deletion(record.name)
+
+    async def _finish_deletion(self, cluster: str) -> None:
+        """Revoke a deleting cluster's CAs once it has no node left, then forget it.
+
+        The record goes only after the revoke, and both happen under the allocation lock:
+        a cluster of the same name cannot be created (and get CAs) until the old one's are
+        gone, across a restart too (the record, still deleting, makes it wait: 409)."""
+        async with self._lock:
+            record = self.store.cluster(cluster)
+            if record is None or not record.deleting or self.store.nodes(cluster):
+                return
+            try:
+                await asyncio.to_thread(self.pki.revoke_cluster, cluster)
+            except PkiError as exc:
+                log.warning("cluster %s: its CAs could not be removed: %s", cluster, exc)
+            await self.store.remove_cluster(cluster)
+            log.info("cluster %s: deleted from every host", cluster)
 
     # --- PKI for agents --------------------------------------------------------------
 

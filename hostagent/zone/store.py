@@ -4,6 +4,12 @@ Everything the zone decides is written here first, in one transaction per decisi
 everything it does afterwards (deliveries to agents) is re-derived from it, so a restart
 loses nothing and re-drives what was in flight. A replicated backend implements the same
 protocol.
+
+Reads are synchronous (cheap under WAL); writes are coroutines whose transactions run in
+the store's writer thread, so an fsync never holds the event loop. As other writes can
+commit between a decision and its own write, a write re-checks inside its transaction what
+the decision assumed (the hosts are still there, the cluster is not being deleted) and
+raises Stale when it no longer holds: the caller decides again.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hostagent.model import Role
-from hostagent.sqlite import Connection, Row, open_database, transaction
+from hostagent.sqlite import Connection, Database, Row
 from hostagent.store import now
 from hostagent.zone.model import STORED, ClusterSpec, HostReport
 
@@ -58,21 +64,35 @@ class Gateway:
     address: str
 
 
+@dataclass(frozen=True)
+class HostRemoval:
+    """What remove_host did: nothing while ``live`` names nodes the zone still wants;
+    otherwise the host is gone with ``forgotten``, the nodes it held that were being
+    removed."""
+
+    live: list[NodeRecord]
+    forgotten: list[NodeRecord]
+
+
+class Stale(Exception):
+    """The state a decision was made on changed before it was written; nothing was."""
+
+
 class ZoneStore(Protocol):
     def close(self) -> None: ...
-    def put_host(self, host: str, report: HostReport, at: float) -> bool: ...
+    async def put_host(self, host: str, report: HostReport, at: float) -> bool: ...
     def hosts(self) -> list[HostRecord]: ...
     def host(self, host: str) -> HostRecord | None: ...
-    def remove_host(self, host: str) -> None: ...
+    async def remove_host(self, host: str) -> HostRemoval: ...
     def clusters(self) -> list[ClusterRecord]: ...
     def cluster(self, name: str) -> ClusterRecord | None: ...
     def nodes(self, cluster: str | None = None) -> list[NodeRecord]: ...
     def gateways(self, cluster: str | None = None) -> list[Gateway]: ...
     def nodes_near(self, host: str) -> list[NodeRecord]: ...
-    def create_cluster(
+    async def create_cluster(
         self, cluster: ClusterRecord, nodes: Iterable[NodeRecord], gateways: Iterable[Gateway]
     ) -> None: ...
-    def scale(
+    async def scale(
         self,
         name: str,
         spec: ClusterSpec,
@@ -80,11 +100,11 @@ class ZoneStore(Protocol):
         gateways: Iterable[Gateway],
         remove: Iterable[str],
     ) -> None: ...
-    def mark_cluster_deleting(self, name: str) -> None: ...
-    def remove_node(self, cluster: str, name: str) -> None: ...
-    def remove_cluster(self, name: str) -> None: ...
+    async def mark_cluster_deleting(self, name: str) -> None: ...
+    async def remove_node(self, cluster: str, name: str) -> None: ...
+    async def remove_cluster(self, name: str) -> None: ...
     def deliveries(self, host: str) -> dict[tuple[str, str], str]: ...
-    def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None: ...
+    async def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None: ...
 
 
 SCHEMA = """
@@ -136,16 +156,17 @@ class SqliteZoneStore:
     """ZoneStore in one SQLite file, opened as the agent's store is (hostagent/sqlite.py)."""
 
     def __init__(self, path: Path) -> None:
-        self.db = open_database(path, SCHEMA)
+        self.db = Database(path, SCHEMA)
 
     def close(self) -> None:
         self.db.close()
 
     # --- hosts -----------------------------------------------------------------------
 
-    def put_host(self, host: str, report: HostReport, at: float) -> bool:
+    async def put_host(self, host: str, report: HostReport, at: float) -> bool:
         """Store a host's latest report; True when the host registered for the first time."""
-        with transaction(self.db) as db:
+
+        def work(db: Connection) -> bool:
             known = db.execute("SELECT 1 FROM hosts WHERE id = ?", (host,)).fetchone()
             db.execute(
                 "INSERT INTO hosts (id, report, registered_at, last_heartbeat) "
@@ -153,42 +174,43 @@ class SqliteZoneStore:
                 "report = excluded.report, last_heartbeat = excluded.last_heartbeat",
                 (host, report.model_dump_json(), now(), at),
             )
-        return known is None
+            return known is None
+
+        return await self.db.write(work)
 
     def hosts(self) -> list[HostRecord]:
-        rows = self.db.execute("SELECT * FROM hosts ORDER BY id").fetchall()
+        rows = self.db.reader.execute("SELECT * FROM hosts ORDER BY id").fetchall()
         return [_host(row) for row in rows]
 
     def host(self, host: str) -> HostRecord | None:
-        row = self.db.execute("SELECT * FROM hosts WHERE id = ?", (host,)).fetchone()
+        row = self.db.reader.execute("SELECT * FROM hosts WHERE id = ?", (host,)).fetchone()
         return None if row is None else _host(row)
 
-    def remove_host(self, host: str) -> None:
-        with transaction(self.db) as db:
-            db.execute("DELETE FROM hosts WHERE id = ?", (host,))
-            db.execute("DELETE FROM deliveries WHERE host = ?", (host,))
+    async def remove_host(self, host: str) -> HostRemoval:
+        """Forget the host, unless it holds a node the zone still wants; the nodes it held
+        that were being removed (and their gateways) go with it."""
+        return await self.db.write(lambda db: _remove_host(db, host))
 
     # --- clusters and nodes ----------------------------------------------------------
 
     def clusters(self) -> list[ClusterRecord]:
-        rows = self.db.execute("SELECT * FROM clusters ORDER BY name").fetchall()
+        rows = self.db.reader.execute("SELECT * FROM clusters ORDER BY name").fetchall()
         return [_cluster(row) for row in rows]
 
     def cluster(self, name: str) -> ClusterRecord | None:
-        row = self.db.execute("SELECT * FROM clusters WHERE name = ?", (name,)).fetchone()
-        return None if row is None else _cluster(row)
+        return _get_cluster(self.db.reader, name)
 
     def nodes(self, cluster: str | None = None) -> list[NodeRecord]:
         if cluster is None:
-            rows = self.db.execute("SELECT * FROM nodes ORDER BY cluster, name").fetchall()
+            rows = self.db.reader.execute("SELECT * FROM nodes ORDER BY cluster, name").fetchall()
         else:
             query = "SELECT * FROM nodes WHERE cluster = ? ORDER BY name"
-            rows = self.db.execute(query, (cluster,)).fetchall()
+            rows = self.db.reader.execute(query, (cluster,)).fetchall()
         return [_node(row) for row in rows]
 
     def nodes_near(self, host: str) -> list[NodeRecord]:
         """Every node of every cluster that has a node on host: what host's work needs."""
-        rows = self.db.execute(
+        rows = self.db.reader.execute(
             "SELECT * FROM nodes WHERE cluster IN (SELECT cluster FROM nodes WHERE host = ?) "
             "ORDER BY cluster, name",
             (host,),
@@ -197,16 +219,19 @@ class SqliteZoneStore:
 
     def gateways(self, cluster: str | None = None) -> list[Gateway]:
         if cluster is None:
-            rows = self.db.execute("SELECT * FROM gateways ORDER BY cluster, host").fetchall()
+            rows = self.db.reader.execute("SELECT * FROM gateways ORDER BY cluster, host")
         else:
             query = "SELECT * FROM gateways WHERE cluster = ? ORDER BY host"
-            rows = self.db.execute(query, (cluster,)).fetchall()
-        return [Gateway(row["cluster"], row["host"], row["address"]) for row in rows]
+            rows = self.db.reader.execute(query, (cluster,))
+        return [Gateway(row["cluster"], row["host"], row["address"]) for row in rows.fetchall()]
 
-    def create_cluster(
+    async def create_cluster(
         self, cluster: ClusterRecord, nodes: Iterable[NodeRecord], gateways: Iterable[Gateway]
     ) -> None:
-        with transaction(self.db) as db:
+        """Stale when a node's host is gone."""
+        nodes, gateways = list(nodes), list(gateways)
+
+        def work(db: Connection) -> None:
             db.execute(
                 "INSERT INTO clusters (name, spec, vni, node_subnet, pod_cidr, service_cidr, "
                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -222,7 +247,9 @@ class SqliteZoneStore:
             )
             _insert(db, nodes, gateways)
 
-    def scale(
+        await self.db.write(work)
+
+    async def scale(
         self,
         name: str,
         spec: ClusterSpec,
@@ -230,7 +257,14 @@ class SqliteZoneStore:
         gateways: Iterable[Gateway],
         remove: Iterable[str],
     ) -> None:
-        with transaction(self.db) as db:
+        """Stale when the cluster is gone or being deleted, or a new node's host is gone or
+        lost the cluster's gateway."""
+        add, gateways, remove = list(add), list(gateways), list(remove)
+
+        def work(db: Connection) -> None:
+            current = _get_cluster(db, name)
+            if current is None or current.deleting:
+                raise Stale(f"cluster {name} is gone or being deleted")
             db.execute(
                 "UPDATE clusters SET spec = ? WHERE name = ?", (spec.model_dump_json(), name)
             )
@@ -240,60 +274,92 @@ class SqliteZoneStore:
                 [(name, node) for node in remove],
             )
 
-    def mark_cluster_deleting(self, name: str) -> None:
-        with transaction(self.db) as db:
+        await self.db.write(work)
+
+    async def mark_cluster_deleting(self, name: str) -> None:
+        def work(db: Connection) -> None:
             db.execute("UPDATE clusters SET deleting = 1 WHERE name = ?", (name,))
             db.execute("UPDATE nodes SET deleting = 1 WHERE cluster = ?", (name,))
 
-    def remove_node(self, cluster: str, name: str) -> None:
+        await self.db.write(work)
+
+    async def remove_node(self, cluster: str, name: str) -> None:
         """The node is gone from its host: forget it, and its host's gateway when it was the
         cluster's last node there."""
-        with transaction(self.db) as db:
-            row = db.execute(
-                "SELECT host FROM nodes WHERE cluster = ? AND name = ?", (cluster, name)
-            ).fetchone()
-            if row is None:
-                return
-            db.execute("DELETE FROM nodes WHERE cluster = ? AND name = ?", (cluster, name))
-            left = db.execute(
-                "SELECT 1 FROM nodes WHERE cluster = ? AND host = ?", (cluster, row["host"])
-            ).fetchone()
-            if left is None:
-                db.execute(
-                    "DELETE FROM gateways WHERE cluster = ? AND host = ?", (cluster, row["host"])
-                )
+        await self.db.write(lambda db: _remove_node(db, cluster, name))
 
-    def remove_cluster(self, name: str) -> None:
-        with transaction(self.db) as db:
+    async def remove_cluster(self, name: str) -> None:
+        def work(db: Connection) -> None:
             db.execute("DELETE FROM nodes WHERE cluster = ?", (name,))
             db.execute("DELETE FROM gateways WHERE cluster = ?", (name,))
             db.execute("DELETE FROM clusters WHERE name = ?", (name,))
 
+        await self.db.write(work)
+
     # --- what each agent has acknowledged --------------------------------------------
 
     def deliveries(self, host: str) -> dict[tuple[str, str], str]:
-        rows = self.db.execute(
+        rows = self.db.reader.execute(
             "SELECT kind, key, digest FROM deliveries WHERE host = ?", (host,)
         ).fetchall()
         return {(row["kind"], row["key"]): row["digest"] for row in rows}
 
-    def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None:
+    async def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None:
         """Record what host acknowledged for (kind, key); None forgets it."""
-        with transaction(self.db) as db:
-            if digest is None:
-                db.execute(
-                    "DELETE FROM deliveries WHERE host = ? AND kind = ? AND key = ?",
-                    (host, kind, key),
-                )
-            else:
-                db.execute(
-                    "INSERT INTO deliveries (host, kind, key, digest) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (host, kind, key) DO UPDATE SET digest = excluded.digest",
-                    (host, kind, key, digest),
-                )
+        await self.db.write(lambda db: _set_delivery(db, host, kind, key, digest))
 
 
-def _insert(db: Connection, nodes: Iterable[NodeRecord], gateways: Iterable[Gateway]) -> None:
+def _get_cluster(db: Connection, name: str) -> ClusterRecord | None:
+    row = db.execute("SELECT * FROM clusters WHERE name = ?", (name,)).fetchone()
+    return None if row is None else _cluster(row)
+
+
+def _remove_host(db: Connection, host: str) -> HostRemoval:
+    rows = db.execute(
+        "SELECT nodes.*, clusters.deleting AS cluster_deleting FROM nodes "
+        "JOIN clusters ON clusters.name = nodes.cluster WHERE host = ? ORDER BY cluster, name",
+        (host,),
+    ).fetchall()
+    live = [_node(row) for row in rows if not row["deleting"] and not row["cluster_deleting"]]
+    if live:
+        return HostRemoval(live, [])
+    db.execute("DELETE FROM nodes WHERE host = ?", (host,))
+    db.execute("DELETE FROM gateways WHERE host = ?", (host,))
+    db.execute("DELETE FROM deliveries WHERE host = ?", (host,))
+    db.execute("DELETE FROM hosts WHERE id = ?", (host,))
+    return HostRemoval([], [_node(row) for row in rows])
+
+
+def _remove_node(db: Connection, cluster: str, name: str) -> None:
+    row = db.execute(
+        "SELECT host FROM nodes WHERE cluster = ? AND name = ?", (cluster, name)
+    ).fetchone()
+    if row is None:
+        return
+    db.execute("DELETE FROM nodes WHERE cluster = ? AND name = ?", (cluster, name))
+    left = db.execute(
+        "SELECT 1 FROM nodes WHERE cluster = ? AND host = ?", (cluster, row["host"])
+    ).fetchone()
+    if left is None:
+        db.execute("DELETE FROM gateways WHERE cluster = ? AND host = ?", (cluster, row["host"]))
+
+
+def _set_delivery(db: Connection, host: str, kind: str, key: str, digest: str | None) -> None:
+    if digest is None:
+        db.execute(
+            "DELETE FROM deliveries WHERE host = ? AND kind = ? AND key = ?", (host, kind, key)
+        )
+    else:
+        db.execute(
+            "INSERT INTO deliveries (host, kind, key, digest) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (host, kind, key) DO UPDATE SET digest = excluded.digest",
+            (host, kind, key, digest),
+        )
+
+
+def _insert(db: Connection, nodes: list[NodeRecord], gateways: list[Gateway]) -> None:
+    """Insert placed nodes and new gateways; Stale (rolled back) when a node's host is gone
+    or has no gateway of the cluster (another write removed what the placement saw)."""
     db.executemany(
         "INSERT INTO nodes (cluster, name, role, host, address, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?)",
@@ -303,6 +369,12 @@ def _insert(db: Connection, nodes: Iterable[NodeRecord], gateways: Iterable[Gate
         "INSERT OR IGNORE INTO gateways (cluster, host, address) VALUES (?, ?, ?)",
         [(g.cluster, g.host, g.address) for g in gateways],
     )
+    for cluster, host in sorted({(n.cluster, n.host) for n in nodes}):
+        if db.execute("SELECT 1 FROM hosts WHERE id = ?", (host,)).fetchone() is None:
+            raise Stale(f"host {host} left the zone")
+        query = "SELECT 1 FROM gateways WHERE cluster = ? AND host = ?"
+        if db.execute(query, (cluster, host)).fetchone() is None:
+            raise Stale(f"host {host} lost its gateway on cluster {cluster}")
 
 
 def _host(row: Row) -> HostRecord:

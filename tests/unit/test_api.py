@@ -412,7 +412,7 @@ async def test_a_non_ascii_token_is_401_not_an_error(
 async def test_a_non_ascii_token_is_401_on_the_phone_home_app(
     service: NodeService, caplog: pytest.LogCaptureFixture, token: bytes
 ) -> None:
-    service.put(NodeKey(cluster="alpha", name="m1"), parse_spec(json.dumps(SPEC).encode()))
+    await service.put(NodeKey(cluster="alpha", name="m1"), parse_spec(json.dumps(SPEC).encode()))
     caplog.set_level(logging.ERROR)
     async with TestServer(phone_home_app(service)) as server:
         await bearer_error(server, "POST", "/v1/phone-home/alpha/m1", token)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -133,7 +134,7 @@ def snapshot(store: Store) -> Snapshot:
     return records, [[(t.phase, t.message) for t in store.transitions(k)] for k in keys]
 
 
-def assert_rejected(
+async def assert_rejected(
     service: NodeService,
     notified: list[NodeKey],
     error: type[HostAgentError],
@@ -145,7 +146,7 @@ def assert_rejected(
     before = snapshot(service.store)
     calls = len(notified)
     with pytest.raises(error, match=match) as exc:
-        service.put(key, spec)
+        await service.put(key, spec)
     assert snapshot(service.store) == before
     assert len(notified) == calls
     return exc.value
@@ -154,8 +155,8 @@ def assert_rejected(
 # --- put --------------------------------------------------------------------------------------
 
 
-def test_put_creates_a_pending_node(service: NodeService, notified: list[NodeKey]) -> None:
-    node, created = service.put(M1, SPEC)
+async def test_put_creates_a_pending_node(service: NodeService, notified: list[NodeKey]) -> None:
+    node, created = await service.put(M1, SPEC)
     assert created is True
     assert (node.cluster, node.name) == ("alpha", "m1")
     assert node.spec == SPEC
@@ -167,30 +168,32 @@ def test_put_creates_a_pending_node(service: NodeService, notified: list[NodeKey
     assert len(record.token) >= 32  # a real secret for phone-home
 
 
-def test_tokens_differ_per_node(service: NodeService) -> None:
-    service.put(M1, SPEC)
-    service.put(W1, WORKER)
+async def test_tokens_differ_per_node(service: NodeService) -> None:
+    await service.put(M1, SPEC)
+    await service.put(W1, WORKER)
     tokens = {r.token for r in service.store.all()}
     assert len(tokens) == 2
 
 
-def test_put_same_spec_again_changes_nothing(service: NodeService, notified: list[NodeKey]) -> None:
-    first, _ = service.put(M1, SPEC)
+async def test_put_same_spec_again_changes_nothing(
+    service: NodeService, notified: list[NodeKey]
+) -> None:
+    first, _ = await service.put(M1, SPEC)
     before = snapshot(service.store)
-    node, created = service.put(M1, make_spec())  # equal, not identical
+    node, created = await service.put(M1, make_spec())  # equal, not identical
     assert created is False
     assert node == first
     assert snapshot(service.store) == before
     assert notified == [M1]
 
 
-def test_put_changed_spec_updates_and_notifies(
+async def test_put_changed_spec_updates_and_notifies(
     service: NodeService, notified: list[NodeKey]
 ) -> None:
-    service.put(M1, SPEC)
-    service.store.set_phase(M1, Phase.READY)
+    await service.put(M1, SPEC)
+    await service.store.set_phase(M1, Phase.READY)
     bigger = make_spec(vcpus=4, disk_gib=30)
-    node, created = service.put(M1, bigger)
+    node, created = await service.put(M1, bigger)
     assert created is False
     assert node.spec == bigger
     assert node.status.phase is Phase.PENDING
@@ -198,54 +201,54 @@ def test_put_changed_spec_updates_and_notifies(
     assert [t.message for t in service.store.transitions(M1)][-1] == "spec changed"
 
 
-def test_put_cannot_change_role(service: NodeService, notified: list[NodeKey]) -> None:
-    service.put(M1, SPEC)
-    error = assert_rejected(service, notified, Conflict, M1, make_spec(role="worker"))
+async def test_put_cannot_change_role(service: NodeService, notified: list[NodeKey]) -> None:
+    await service.put(M1, SPEC)
+    error = await assert_rejected(service, notified, Conflict, M1, make_spec(role="worker"))
     assert "role" in str(error)
 
 
-def test_put_cannot_shrink_the_disk(service: NodeService, notified: list[NodeKey]) -> None:
-    service.put(M1, SPEC)
-    assert_rejected(service, notified, Invalid, M1, make_spec(disk_gib=19), "disk_gib")
+async def test_put_cannot_shrink_the_disk(service: NodeService, notified: list[NodeKey]) -> None:
+    await service.put(M1, SPEC)
+    await assert_rejected(service, notified, Invalid, M1, make_spec(disk_gib=19), "disk_gib")
 
 
-def test_put_can_grow_the_disk(service: NodeService) -> None:
-    service.put(M1, SPEC)
-    node, _ = service.put(M1, make_spec(disk_gib=21))
+async def test_put_can_grow_the_disk(service: NodeService) -> None:
+    await service.put(M1, SPEC)
+    node, _ = await service.put(M1, make_spec(disk_gib=21))
     assert node.spec.disk_gib == 21
 
 
-def test_put_unknown_image(service: NodeService, notified: list[NodeKey]) -> None:
-    error = assert_rejected(service, notified, Invalid, M1, make_spec(image="nope"))
+async def test_put_unknown_image(service: NodeService, notified: list[NodeKey]) -> None:
+    error = await assert_rejected(service, notified, Invalid, M1, make_spec(image="nope"))
     assert "'nope'" in str(error)
     assert "lab" in str(error)  # names what is known
 
 
-def test_put_image_with_missing_files_is_unknown(
+async def test_put_image_with_missing_files_is_unknown(
     service: NodeService, notified: list[NodeKey], image_dir: Path
 ) -> None:
     half = image_dir / "half"
     half.mkdir()
     (half / "image.json").write_text(json.dumps({**MANIFEST, "name": "half"}))
     (half / "vmlinuz").touch()  # no initrd, no disk: an unfinished build
-    assert_rejected(service, notified, Invalid, M1, make_spec(image="half"), "'half'")
+    await assert_rejected(service, notified, Invalid, M1, make_spec(image="half"), "'half'")
 
 
-def test_put_on_a_deleting_node_is_a_conflict(
+async def test_put_on_a_deleting_node_is_a_conflict(
     service: NodeService, notified: list[NodeKey]
 ) -> None:
-    service.put(M1, SPEC)
-    service.delete(M1)
-    assert_rejected(service, notified, Conflict, M1, SPEC, "being deleted")
-    assert_rejected(service, notified, Conflict, M1, make_spec(vcpus=3), "being deleted")
+    await service.put(M1, SPEC)
+    await service.delete(M1)
+    await assert_rejected(service, notified, Conflict, M1, SPEC, "being deleted")
+    await assert_rejected(service, notified, Conflict, M1, make_spec(vcpus=3), "being deleted")
 
 
-def test_put_same_spec_on_a_failed_node_retries(
+async def test_put_same_spec_on_a_failed_node_retries(
     service: NodeService, notified: list[NodeKey]
 ) -> None:
-    service.put(M1, SPEC)
-    service.store.set_phase(M1, Phase.FAILED, "creating the node failed")
-    node, created = service.put(M1, SPEC)
+    await service.put(M1, SPEC)
+    await service.store.set_phase(M1, Phase.FAILED, "creating the node failed")
+    node, created = await service.put(M1, SPEC)
     assert created is False
     assert node.status.phase is Phase.PENDING
     assert notified == [M1, M1]
@@ -255,56 +258,70 @@ def test_put_same_spec_on_a_failed_node_retries(
 # --- capacity ---------------------------------------------------------------------------------
 
 
-def test_put_that_can_never_fit_is_invalid(
+async def test_put_that_can_never_fit_is_invalid(
     make_service: ServiceFactory, notified: list[NodeKey]
 ) -> None:
     service = make_service(Resources(vcpus=4, memory_mib=4096, disk_gib=100))
-    assert_rejected(service, notified, Invalid, M1, make_spec(memory_mib=8192), "memory_mib")
-    assert_rejected(service, notified, Invalid, M1, make_spec(vcpus=5), "vcpus")
-    assert_rejected(service, notified, Invalid, M1, make_spec(disk_gib=101), "disk_gib")
+    await assert_rejected(service, notified, Invalid, M1, make_spec(memory_mib=8192), "memory_mib")
+    await assert_rejected(service, notified, Invalid, M1, make_spec(vcpus=5), "vcpus")
+    await assert_rejected(service, notified, Invalid, M1, make_spec(disk_gib=101), "disk_gib")
 
 
-def test_put_that_does_not_fit_now_is_out_of_capacity(
+async def test_put_that_does_not_fit_now_is_out_of_capacity(
     make_service: ServiceFactory, notified: list[NodeKey]
 ) -> None:
     service = make_service(Resources(vcpus=4, memory_mib=4096, disk_gib=100))
-    service.put(M1, SPEC)
-    service.put(W1, WORKER)  # exactly full: 4 vCPUs, 4096 MiB
+    await service.put(M1, SPEC)
+    await service.put(W1, WORKER)  # exactly full: 4 vCPUs, 4096 MiB
     third = make_spec(role="worker", address="10.42.0.22/24", vcpus=1, memory_mib=64)
-    error = assert_rejected(
+    error = await assert_rejected(
         service, notified, OutOfCapacity, NodeKey(cluster="alpha", name="w2"), third
     )
     assert "vcpus" in str(error)
 
 
-def test_growing_a_node_counts_only_the_others(make_service: ServiceFactory) -> None:
+async def test_puts_at_the_same_time_cannot_overbook_the_host(
+    make_service: ServiceFactory,
+) -> None:
+    """Each fits alone, not both: the check and the write share one transaction."""
     service = make_service(Resources(vcpus=4, memory_mib=4096, disk_gib=100))
-    service.put(M1, SPEC)
-    node, _ = service.put(M1, make_spec(vcpus=4, memory_mib=4096))  # replaces its own share
+    results = await asyncio.gather(
+        service.put(M1, SPEC),
+        service.put(W1, make_spec(role="worker", address="10.42.0.21/24", vcpus=3)),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, OutOfCapacity) for r in results) == 1
+    assert len(service.all()) == 1
+
+
+async def test_growing_a_node_counts_only_the_others(make_service: ServiceFactory) -> None:
+    service = make_service(Resources(vcpus=4, memory_mib=4096, disk_gib=100))
+    await service.put(M1, SPEC)
+    node, _ = await service.put(M1, make_spec(vcpus=4, memory_mib=4096))  # replaces its own share
     assert node.spec.vcpus == 4
 
 
-def test_deleted_node_frees_capacity(make_service: ServiceFactory) -> None:
+async def test_deleted_node_frees_capacity(make_service: ServiceFactory) -> None:
     service = make_service(Resources(vcpus=2, memory_mib=2048, disk_gib=100))
-    service.put(M1, SPEC)
+    await service.put(M1, SPEC)
     with pytest.raises(OutOfCapacity):
-        service.put(W1, WORKER)
-    service.store.remove(M1)  # what the reconciler does once the node is gone
-    assert service.put(W1, WORKER)[1] is True
+        await service.put(W1, WORKER)
+    await service.store.remove(M1)  # what the reconciler does once the node is gone
+    assert (await service.put(W1, WORKER))[1] is True
 
 
-def test_allocated(service: NodeService) -> None:
-    service.put(M1, SPEC)
-    service.put(W1, WORKER)
+async def test_allocated(service: NodeService) -> None:
+    await service.put(M1, SPEC)
+    await service.put(W1, WORKER)
     assert service.allocated() == Resources(4, 4096, 40)
 
 
 # --- network ----------------------------------------------------------------------------------
 
 
-def test_same_cluster_shares_one_network(service: NodeService) -> None:
-    service.put(M1, SPEC)
-    assert service.put(W1, WORKER)[1] is True
+async def test_same_cluster_shares_one_network(service: NodeService) -> None:
+    await service.put(M1, SPEC)
+    assert (await service.put(W1, WORKER))[1] is True
 
 
 @pytest.mark.parametrize(
@@ -316,53 +333,57 @@ def test_same_cluster_shares_one_network(service: NodeService) -> None:
         {"mtu": 1400},
     ],
 )
-def test_same_cluster_different_network_is_a_conflict(
+async def test_same_cluster_different_network_is_a_conflict(
     service: NodeService, notified: list[NodeKey], network: dict[str, Any]
 ) -> None:
-    service.put(M1, SPEC)
+    await service.put(M1, SPEC)
     spec = make_spec(**{"role": "worker", "address": "10.42.0.21/24", **network})
-    error = assert_rejected(service, notified, Conflict, W1, spec)
+    error = await assert_rejected(service, notified, Conflict, W1, spec)
     assert "cluster alpha already uses vni 4242" in str(error)
 
 
-def test_other_cluster_same_vni_is_a_conflict(
+async def test_other_cluster_same_vni_is_a_conflict(
     service: NodeService, notified: list[NodeKey]
 ) -> None:
-    service.put(M1, SPEC)
+    await service.put(M1, SPEC)
     spec = make_spec(vni=4242, address="10.43.0.11/24", gateway="10.43.0.1")
-    assert_rejected(service, notified, Conflict, B1, spec, "vni 4242 belongs to cluster alpha")
+    await assert_rejected(
+        service, notified, Conflict, B1, spec, "vni 4242 belongs to cluster alpha"
+    )
 
 
 @pytest.mark.parametrize(
     ("address", "gateway"),
     [("10.42.0.11/24", "10.42.0.1"), ("10.42.0.77/25", "10.42.0.1"), ("10.42.1.5/16", "10.42.0.1")],
 )
-def test_other_cluster_overlapping_subnet_is_a_conflict(
+async def test_other_cluster_overlapping_subnet_is_a_conflict(
     service: NodeService, notified: list[NodeKey], address: str, gateway: str
 ) -> None:
-    service.put(M1, SPEC)
+    await service.put(M1, SPEC)
     spec = make_spec(vni=4343, address=address, gateway=gateway)
-    assert_rejected(service, notified, Conflict, B1, spec, "overlaps")
+    await assert_rejected(service, notified, Conflict, B1, spec, "overlaps")
 
 
-def test_other_cluster_disjoint_subnet_is_fine(service: NodeService) -> None:
-    service.put(M1, SPEC)
-    assert service.put(B1, BETA)[1] is True
+async def test_other_cluster_disjoint_subnet_is_fine(service: NodeService) -> None:
+    await service.put(M1, SPEC)
+    assert (await service.put(B1, BETA))[1] is True
 
 
-def test_duplicate_address_is_a_conflict(service: NodeService, notified: list[NodeKey]) -> None:
-    service.put(M1, SPEC)
+async def test_duplicate_address_is_a_conflict(
+    service: NodeService, notified: list[NodeKey]
+) -> None:
+    await service.put(M1, SPEC)
     spec = make_spec(role="worker", address="10.42.0.11/24")
-    assert_rejected(service, notified, Conflict, W1, spec, "10.42.0.11/24 is already used")
+    await assert_rejected(service, notified, Conflict, W1, spec, "10.42.0.11/24 is already used")
 
 
-def test_a_node_may_keep_its_own_address(service: NodeService) -> None:
-    service.put(M1, SPEC)
-    node, _ = service.put(M1, make_spec(vcpus=3))
+async def test_a_node_may_keep_its_own_address(service: NodeService) -> None:
+    await service.put(M1, SPEC)
+    node, _ = await service.put(M1, make_spec(vcpus=3))
     assert node.spec.network.address == "10.42.0.11/24"
 
 
-def test_two_nodes_cannot_share_one_libvirt_domain_name(
+async def test_two_nodes_cannot_share_one_libvirt_domain_name(
     service: NodeService, notified: list[NodeKey]
 ) -> None:
     """alpha-x/m1 and alpha/x-m1 are both the domain alpha-x-m1: the second must be refused,
@@ -370,50 +391,52 @@ def test_two_nodes_cannot_share_one_libvirt_domain_name(
     first = NodeKey(cluster="alpha-x", name="m1")
     second = NodeKey(cluster="alpha", name="x-m1")
     assert first.domain == second.domain
-    service.put(first, SPEC)
-    assert_rejected(service, notified, Conflict, second, BETA)
+    await service.put(first, SPEC)
+    await assert_rejected(service, notified, Conflict, second, BETA)
 
 
 # --- delete -----------------------------------------------------------------------------------
 
 
-def test_delete_marks_deleting_and_notifies(service: NodeService, notified: list[NodeKey]) -> None:
-    service.put(M1, SPEC)
-    node = service.delete(M1)
+async def test_delete_marks_deleting_and_notifies(
+    service: NodeService, notified: list[NodeKey]
+) -> None:
+    await service.put(M1, SPEC)
+    node = await service.delete(M1)
     assert node.status.phase is Phase.DELETING
     record = service.store.get(M1)
     assert record is not None and record.deleting
     assert notified == [M1, M1]
 
 
-def test_delete_unknown_node(service: NodeService, notified: list[NodeKey]) -> None:
+async def test_delete_unknown_node(service: NodeService, notified: list[NodeKey]) -> None:
     with pytest.raises(NotFound, match="alpha/m1"):
-        service.delete(M1)
+        await service.delete(M1)
     assert notified == []
     assert service.store.all() == []
 
 
-def test_delete_again_after_a_failed_delete_retries(service: NodeService) -> None:
-    service.put(M1, SPEC)
-    service.delete(M1)
-    service.store.set_phase(M1, Phase.FAILED, "deleting the node failed")
-    assert service.delete(M1).status.phase is Phase.DELETING
+async def test_delete_again_after_a_failed_delete_retries(service: NodeService) -> None:
+    await service.put(M1, SPEC)
+    await service.delete(M1)
+    await service.store.set_phase(M1, Phase.FAILED, "deleting the node failed")
+    assert (await service.delete(M1)).status.phase is Phase.DELETING
 
 
-def test_delete_twice_keeps_one_transition(service: NodeService) -> None:
-    service.put(M1, SPEC)
-    service.delete(M1)
+async def test_delete_twice_keeps_one_transition(service: NodeService) -> None:
+    await service.put(M1, SPEC)
+    await service.delete(M1)
     count = len(service.store.transitions(M1))
-    assert service.delete(M1).status.phase is Phase.DELETING
+    assert (await service.delete(M1)).status.phase is Phase.DELETING
     assert len(service.store.transitions(M1)) == count
 
 
 # --- get / all --------------------------------------------------------------------------------
 
 
-def test_get_and_all(service: NodeService) -> None:
-    service.put(W1, WORKER)
-    service.put(M1, SPEC)
+async def test_get_and_all(service: NodeService) -> None:
+    await service.put(W1, WORKER)
+    await service.put(M1, SPEC)
     assert service.get(M1).spec == SPEC
     assert [(n.cluster, n.name) for n in service.all()] == [("alpha", "m1"), ("alpha", "w1")]
     with pytest.raises(NotFound):
@@ -430,55 +453,57 @@ def token_of(service: NodeService, key: NodeKey) -> str:
 
 
 @pytest.mark.parametrize("token", [None, "", "wrong", "0" * 32])
-def test_phone_home_with_wrong_or_missing_token(service: NodeService, token: str | None) -> None:
-    service.put(M1, SPEC)
+async def test_phone_home_with_wrong_or_missing_token(
+    service: NodeService, token: str | None
+) -> None:
+    await service.put(M1, SPEC)
     before = snapshot(service.store)
     with pytest.raises(Unauthorized):
-        service.phone_home(M1, token, b"{}")
+        await service.phone_home(M1, token, b"{}")
     assert snapshot(service.store) == before
 
 
-def test_phone_home_with_another_nodes_token(service: NodeService) -> None:
-    service.put(M1, SPEC)
-    service.put(W1, WORKER)
+async def test_phone_home_with_another_nodes_token(service: NodeService) -> None:
+    await service.put(M1, SPEC)
+    await service.put(W1, WORKER)
     with pytest.raises(Unauthorized):
-        service.phone_home(M1, token_of(service, W1), b"{}")
+        await service.phone_home(M1, token_of(service, W1), b"{}")
 
 
-def test_phone_home_for_unknown_node_is_unauthorized(service: NodeService) -> None:
+async def test_phone_home_for_unknown_node_is_unauthorized(service: NodeService) -> None:
     with pytest.raises(Unauthorized):
-        service.phone_home(M1, "anything", b"{}")
+        await service.phone_home(M1, "anything", b"{}")
 
 
-def test_phone_home_moves_to_ready_and_stores_the_report(service: NodeService) -> None:
-    service.put(M1, SPEC)
+async def test_phone_home_moves_to_ready_and_stores_the_report(service: NodeService) -> None:
+    await service.put(M1, SPEC)
     report = {"hostname": "alpha-m1", "kubelet": "1.31.2"}
-    node = service.phone_home(M1, token_of(service, M1), json.dumps(report).encode())
+    node = await service.phone_home(M1, token_of(service, M1), json.dumps(report).encode())
     assert node.status.phase is Phase.READY
     assert node.status.guest == report
     assert service.get(M1).status.guest == report
 
 
-def test_phone_home_with_empty_body(service: NodeService) -> None:
-    service.put(M1, SPEC)
-    assert service.phone_home(M1, token_of(service, M1), b"").status.guest == {}
+async def test_phone_home_with_empty_body(service: NodeService) -> None:
+    await service.put(M1, SPEC)
+    assert (await service.phone_home(M1, token_of(service, M1), b"")).status.guest == {}
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'"ready"'])
-def test_phone_home_with_a_malformed_body(service: NodeService, body: bytes) -> None:
-    service.put(M1, SPEC)
+async def test_phone_home_with_a_malformed_body(service: NodeService, body: bytes) -> None:
+    await service.put(M1, SPEC)
     before = snapshot(service.store)
     with pytest.raises(MalformedRequest):
-        service.phone_home(M1, token_of(service, M1), body)
+        await service.phone_home(M1, token_of(service, M1), body)
     assert snapshot(service.store) == before
 
 
-def test_phone_home_while_deleting_is_a_conflict(service: NodeService) -> None:
-    service.put(M1, SPEC)
-    service.delete(M1)
+async def test_phone_home_while_deleting_is_a_conflict(service: NodeService) -> None:
+    await service.put(M1, SPEC)
+    await service.delete(M1)
     before = snapshot(service.store)
     with pytest.raises(Conflict):
-        service.phone_home(M1, token_of(service, M1), b"{}")
+        await service.phone_home(M1, token_of(service, M1), b"{}")
     assert snapshot(service.store) == before
 
 

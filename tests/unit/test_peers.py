@@ -84,7 +84,7 @@ def test_invalid(raw: bytes, words: str) -> None:
 # --- StoredPeers ------------------------------------------------------------------------------
 
 
-def test_stored_peers_put_get_delete(store: Store) -> None:
+async def test_stored_peers_put_get_delete(store: Store) -> None:
     changed: list[str] = []
     stored = StoredPeers(store, changed.append)
     with pytest.raises(NotFound):
@@ -92,15 +92,15 @@ def test_stored_peers_put_get_delete(store: Store) -> None:
     assert stored.peers("alpha") == frozenset()
 
     peers = [Peer("10.250.0.12", frozenset({MAC_A}))]
-    assert stored.put("alpha", peers) == peers
+    assert await stored.put("alpha", peers) == peers
     assert changed == ["alpha"]
     assert stored.peers("alpha") == frozenset(peers)
 
-    stored.put("alpha", list(reversed(peers)))  # the same list: nothing to rewire
+    await stored.put("alpha", list(reversed(peers)))  # the same list: nothing to rewire
     assert changed == ["alpha"]
 
-    stored.delete("alpha")
-    stored.delete("alpha")  # idempotent, and nothing changed the second time
+    await stored.delete("alpha")
+    await stored.delete("alpha")  # idempotent, and nothing changed the second time
     assert changed == ["alpha", "alpha"]
     assert stored.peers("alpha") == frozenset()
 
@@ -112,9 +112,9 @@ def static(*peers: StaticPeer) -> StaticPeers:
     return StaticPeers(NetworkConfig(clusters=[StaticCluster(cluster="alpha", peers=list(peers))]))
 
 
-def test_union_merges_macs_per_address(store: Store) -> None:
+async def test_union_merges_macs_per_address(store: Store) -> None:
     stored = StoredPeers(store, lambda _c: None)
-    stored.put("alpha", [Peer("10.0.0.2", frozenset({MAC_A})), Peer("10.0.0.3")])
+    await stored.put("alpha", [Peer("10.0.0.2", frozenset({MAC_A})), Peer("10.0.0.3")])
     config = static(
         StaticPeer(address="10.0.0.2", macs=[MAC_B]), StaticPeer(address="10.0.0.4", macs=[MAC_C])
     )
@@ -127,9 +127,9 @@ def test_union_merges_macs_per_address(store: Store) -> None:
     assert merged.peers("beta") == frozenset()
 
 
-def test_union_gives_a_disputed_mac_to_the_first_source(store: Store) -> None:
+async def test_union_gives_a_disputed_mac_to_the_first_source(store: Store) -> None:
     stored = StoredPeers(store, lambda _c: None)
-    stored.put("alpha", [Peer("10.0.0.2", frozenset({MAC_A}))])
+    await stored.put("alpha", [Peer("10.0.0.2", frozenset({MAC_A}))])
     config = static(StaticPeer(address="10.0.0.3", macs=[MAC_A, MAC_B]))
     assert MergedPeers(stored, config).peers("alpha") == {
         Peer("10.0.0.2", frozenset({MAC_A})),
@@ -140,11 +140,11 @@ def test_union_gives_a_disputed_mac_to_the_first_source(store: Store) -> None:
     assert MergedPeers(stored).peers("alpha") == stored.peers("alpha")
 
 
-def test_union_follows_the_store(store: Store) -> None:
+async def test_union_follows_the_store(store: Store) -> None:
     stored = StoredPeers(store, lambda _c: None)
     merged = MergedPeers(stored, static(StaticPeer(address="10.0.0.4")))
     assert merged.peers("alpha") == {Peer("10.0.0.4")}
-    stored.put("alpha", [Peer("10.0.0.5")])
+    await stored.put("alpha", [Peer("10.0.0.5")])
     assert merged.peers("alpha") == {Peer("10.0.0.4"), Peer("10.0.0.5")}
-    stored.delete("alpha")
+    await stored.delete("alpha")
     assert merged.peers("alpha") == {Peer("10.0.0.4")}

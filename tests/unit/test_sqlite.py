@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from collections.abc import Iterator
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hostagent.sqlite import open_database, transaction
+from hostagent.sqlite import Database
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (v TEXT);"
 
@@ -28,14 +29,17 @@ def modes(path: Path) -> dict[str, int]:
 
 
 def write(path: Path) -> dict[str, int]:
-    """Open, write once and report the modes while the connection is open."""
-    db = open_database(path, SCHEMA)
-    try:
-        with transaction(db):
-            db.execute("INSERT INTO t VALUES ('secret')")
-        return modes(path)
-    finally:
-        db.close()
+    """Open, write once and report the modes while the connections are open."""
+
+    async def once() -> dict[str, int]:
+        db = Database(path, SCHEMA)
+        try:
+            await db.write(lambda c: c.execute("INSERT INTO t VALUES ('secret')"))
+            return modes(path)
+        finally:
+            db.close()
+
+    return asyncio.run(once())
 
 
 def test_database_wal_and_shm_are_0600_whatever_the_umask(tmp_path: Path, open_umask: None) -> None:

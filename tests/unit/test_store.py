@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pytest_mock import MockerFixture
 
+import hostagent.sqlite as sqlite_module
 import hostagent.store as store_module
 from hostagent.model import NodeKey, NodeSpec, Phase
 from hostagent.store import NodeRecord, Store
@@ -64,8 +69,8 @@ def snapshot(store: Store) -> tuple[list[NodeRecord], list[list[tuple[Phase, str
 # --- create / get / all -----------------------------------------------------------------------
 
 
-def test_create_returns_a_pending_record(store: Store) -> None:
-    created = store.create(KEY, SPEC, "tok")
+async def test_create_returns_a_pending_record(store: Store) -> None:
+    created = await store.create(KEY, SPEC, "tok")
     assert created.key == KEY
     assert created.spec == SPEC
     assert created.token == "tok"
@@ -85,34 +90,34 @@ def test_get_unknown_is_none(store: Store) -> None:
     assert store.transitions(KEY) == []
 
 
-def test_all_is_sorted_by_cluster_then_name(store: Store) -> None:
+async def test_all_is_sorted_by_cluster_then_name(store: Store) -> None:
     keys = [
         NodeKey(cluster="beta", name="a"),
         NodeKey(cluster="alpha", name="w1"),
         NodeKey(cluster="alpha", name="m1"),
     ]
     for key in keys:
-        store.create(key, SPEC, "tok")
+        await store.create(key, SPEC, "tok")
     assert [r.key for r in store.all()] == sorted(keys, key=lambda k: (k.cluster, k.name))
 
 
-def test_create_of_an_existing_key_fails_and_changes_nothing(store: Store) -> None:
-    store.create(KEY, SPEC, "tok")
+async def test_create_of_an_existing_key_fails_and_changes_nothing(store: Store) -> None:
+    await store.create(KEY, SPEC, "tok")
     before = snapshot(store)
     with pytest.raises(sqlite3.IntegrityError):
-        store.create(KEY, make_spec(vcpus=4), "other-token")
+        await store.create(KEY, make_spec(vcpus=4), "other-token")
     assert snapshot(store) == before
     assert record(store).token == "tok"
     # The connection is usable afterwards: no transaction was left open.
-    store.create(OTHER, SPEC, "tok2")
+    await store.create(OTHER, SPEC, "tok2")
     assert record(store, OTHER).phase is Phase.PENDING
 
 
-def test_a_failure_inside_a_transaction_rolls_back_every_statement(
+async def test_a_failure_inside_a_transaction_rolls_back_every_statement(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Failure injection at one exact point: the transition insert after the node's update."""
-    store.create(KEY, SPEC, "tok")
+    await store.create(KEY, SPEC, "tok")
     before = snapshot(store)
 
     def broken_log(*_args: object) -> None:
@@ -120,24 +125,24 @@ def test_a_failure_inside_a_transaction_rolls_back_every_statement(
 
     monkeypatch.setattr(store_module, "_log", broken_log)
     with pytest.raises(sqlite3.OperationalError):
-        store.create(OTHER, SPEC, "tok2")
+        await store.create(OTHER, SPEC, "tok2")
     with pytest.raises(sqlite3.OperationalError):
-        store.update_spec(KEY, make_spec(vcpus=4))
+        await store.update_spec(KEY, make_spec(vcpus=4))
     with pytest.raises(sqlite3.OperationalError):
-        store.mark_deleting(KEY)
+        await store.mark_deleting(KEY)
     with pytest.raises(sqlite3.OperationalError):
-        store.set_ready(KEY, {"ip": "10.42.0.11"})
+        await store.set_ready(KEY, {"ip": "10.42.0.11"})
     assert snapshot(store) == before
 
 
 # --- update_spec ------------------------------------------------------------------------------
 
 
-def test_update_spec_stores_the_spec_and_records_a_transition(store: Store) -> None:
-    store.create(KEY, SPEC, "tok")
-    store.set_phase(KEY, Phase.RUNNING, domain_id=3)
+async def test_update_spec_stores_the_spec_and_records_a_transition(store: Store) -> None:
+    await store.create(KEY, SPEC, "tok")
+    await store.set_phase(KEY, Phase.RUNNING, domain_id=3)
     bigger = make_spec(vcpus=4, disk_gib=30)
-    store.update_spec(KEY, bigger)
+    await store.update_spec(KEY, bigger)
     updated = record(store)
     assert updated.spec == bigger
     assert updated.phase is Phase.PENDING
@@ -150,9 +155,9 @@ def test_update_spec_stores_the_spec_and_records_a_transition(store: Store) -> N
 # --- set_phase --------------------------------------------------------------------------------
 
 
-def test_set_phase_records_phase_message_and_transition(store: Store) -> None:
-    store.create(KEY, SPEC, "tok")
-    assert store.set_phase(KEY, Phase.PROVISIONING, "making the disk") is True
+async def test_set_phase_records_phase_message_and_transition(store: Store) -> None:
+    await store.create(KEY, SPEC, "tok")
+    assert await store.set_phase(KEY, Phase.PROVISIONING, "making the disk") is True
     current = record(store)
     assert (current.phase, current.message) == (Phase.PROVISIONING, "making the disk")
     assert phases(store) == [
@@ -161,55 +166,55 @@ def test_set_phase_records_phase_message_and_transition(store: Store) -> None:
     ]
 
 
-def test_set_phase_without_change_returns_false_and_writes_nothing(store: Store) -> None:
-    store.create(KEY, SPEC, "tok")
-    store.set_phase(KEY, Phase.RUNNING, "", domain_id=7)
+async def test_set_phase_without_change_returns_false_and_writes_nothing(store: Store) -> None:
+    await store.create(KEY, SPEC, "tok")
+    await store.set_phase(KEY, Phase.RUNNING, "", domain_id=7)
     before = record(store)
     transitions = store.transitions(KEY)
-    assert store.set_phase(KEY, Phase.RUNNING, "") is False
-    assert store.set_phase(KEY, Phase.RUNNING, "", domain_id=7) is False
+    assert await store.set_phase(KEY, Phase.RUNNING, "") is False
+    assert await store.set_phase(KEY, Phase.RUNNING, "", domain_id=7) is False
     assert record(store) == before  # updated_at untouched too
     assert store.transitions(KEY) == transitions
 
 
-def test_set_phase_message_change_is_a_change(store: Store) -> None:
-    store.create(KEY, SPEC, "tok")
-    store.set_phase(KEY, Phase.PENDING, "attempt 1 failed")
-    assert store.set_phase(KEY, Phase.PENDING, "attempt 2 failed") is True
+async def test_set_phase_message_change_is_a_change(store: Store) -> None:
+    await store.create(KEY, SPEC, "tok")
+    await store.set_phase(KEY, Phase.PENDING, "attempt 1 failed")
+    assert await store.set_phase(KEY, Phase.PENDING, "attempt 2 failed") is True
     assert phases(store)[-1] == (Phase.PENDING, "attempt 2 failed")
 
 
-def test_set_phase_on_unknown_node_is_false(store: Store) -> None:
-    assert store.set_phase(KEY, Phase.RUNNING) is False
+async def test_set_phase_on_unknown_node_is_false(store: Store) -> None:
+    assert await store.set_phase(KEY, Phase.RUNNING) is False
     assert store.all() == []
     assert store.transitions(KEY) == []
 
 
-def test_domain_id_change_updates_without_a_transition(store: Store) -> None:
-    store.create(KEY, SPEC, "tok")
-    assert store.set_phase(KEY, Phase.RUNNING, domain_id=3) is True
+async def test_domain_id_change_updates_without_a_transition(store: Store) -> None:
+    await store.create(KEY, SPEC, "tok")
+    assert await store.set_phase(KEY, Phase.RUNNING, domain_id=3) is True
     assert record(store).domain_id == 3
     count = len(store.transitions(KEY))
-    assert store.set_phase(KEY, Phase.RUNNING, domain_id=9) is True
+    assert await store.set_phase(KEY, Phase.RUNNING, domain_id=9) is True
     assert record(store).domain_id == 9
     assert len(store.transitions(KEY)) == count
 
 
-def test_set_phase_without_domain_id_keeps_the_known_one(store: Store) -> None:
-    store.create(KEY, SPEC, "tok")
-    store.set_phase(KEY, Phase.RUNNING, domain_id=3)
-    store.set_phase(KEY, Phase.FAILED, "broken")
+async def test_set_phase_without_domain_id_keeps_the_known_one(store: Store) -> None:
+    await store.create(KEY, SPEC, "tok")
+    await store.set_phase(KEY, Phase.RUNNING, domain_id=3)
+    await store.set_phase(KEY, Phase.FAILED, "broken")
     assert record(store).domain_id == 3
 
 
 # --- set_ready / mark_deleting / remove -------------------------------------------------------
 
 
-def test_set_ready_stores_the_guest_report(store: Store) -> None:
-    store.create(KEY, SPEC, "tok")
-    store.set_phase(KEY, Phase.RUNNING, "something", domain_id=1)
+async def test_set_ready_stores_the_guest_report(store: Store) -> None:
+    await store.create(KEY, SPEC, "tok")
+    await store.set_phase(KEY, Phase.RUNNING, "something", domain_id=1)
     report = {"hostname": "alpha-m1", "addresses": ["10.42.0.11"], "uptime": 3.5}
-    store.set_ready(KEY, report)
+    await store.set_ready(KEY, report)
     ready = record(store)
     assert ready.phase is Phase.READY
     assert ready.message == ""
@@ -218,10 +223,10 @@ def test_set_ready_stores_the_guest_report(store: Store) -> None:
     assert phases(store)[-1] == (Phase.READY, "guest phoned home")
 
 
-def test_mark_deleting(store: Store) -> None:
-    store.create(KEY, SPEC, "tok")
-    store.set_phase(KEY, Phase.FAILED, "broken")
-    store.mark_deleting(KEY)
+async def test_mark_deleting(store: Store) -> None:
+    await store.create(KEY, SPEC, "tok")
+    await store.set_phase(KEY, Phase.FAILED, "broken")
+    await store.mark_deleting(KEY)
     deleting = record(store)
     assert deleting.deleting is True
     assert deleting.phase is Phase.DELETING
@@ -229,22 +234,22 @@ def test_mark_deleting(store: Store) -> None:
     assert phases(store)[-1] == (Phase.DELETING, "delete requested")
 
 
-def test_remove_deletes_the_node_and_its_transitions_only(store: Store) -> None:
-    store.create(KEY, SPEC, "tok")
-    store.create(OTHER, SPEC, "tok2")
-    store.set_phase(KEY, Phase.RUNNING)
-    store.remove(KEY)
+async def test_remove_deletes_the_node_and_its_transitions_only(store: Store) -> None:
+    await store.create(KEY, SPEC, "tok")
+    await store.create(OTHER, SPEC, "tok2")
+    await store.set_phase(KEY, Phase.RUNNING)
+    await store.remove(KEY)
     assert store.get(KEY) is None
     assert store.transitions(KEY) == []
     assert [r.key for r in store.all()] == [OTHER]
     assert phases(store, OTHER) == [(Phase.PENDING, "accepted")]
 
 
-def test_recreated_node_starts_a_fresh_history(store: Store) -> None:
-    store.create(KEY, SPEC, "tok")
-    store.set_phase(KEY, Phase.RUNNING)
-    store.remove(KEY)
-    store.create(KEY, SPEC, "tok")
+async def test_recreated_node_starts_a_fresh_history(store: Store) -> None:
+    await store.create(KEY, SPEC, "tok")
+    await store.set_phase(KEY, Phase.RUNNING)
+    await store.remove(KEY)
+    await store.create(KEY, SPEC, "tok")
     assert phases(store) == [(Phase.PENDING, "accepted")]
 
 
@@ -263,11 +268,11 @@ def test_wal_mode_is_on(db_path: Path, store: Store) -> None:
         conn.close()
 
 
-def test_data_survives_closing_and_reopening(db_path: Path) -> None:
+async def test_data_survives_closing_and_reopening(db_path: Path) -> None:
     first = Store(db_path)
-    first.create(KEY, SPEC, "tok")
-    first.set_phase(KEY, Phase.RUNNING, "up", domain_id=5)
-    first.set_ready(KEY, {"k": "v"})
+    await first.create(KEY, SPEC, "tok")
+    await first.set_phase(KEY, Phase.RUNNING, "up", domain_id=5)
+    await first.set_ready(KEY, {"k": "v"})
     before = first.all(), first.transitions(KEY)
     first.close()
 
@@ -280,12 +285,12 @@ def test_data_survives_closing_and_reopening(db_path: Path) -> None:
         second.close()
 
 
-def test_a_second_store_on_the_same_file_sees_commits(db_path: Path, store: Store) -> None:
-    store.create(KEY, SPEC, "tok")
+async def test_a_second_store_on_the_same_file_sees_commits(db_path: Path, store: Store) -> None:
+    await store.create(KEY, SPEC, "tok")
     reader = Store(db_path)
     try:
         assert reader.get(KEY) == store.get(KEY)
-        store.set_phase(KEY, Phase.RUNNING)
+        await store.set_phase(KEY, Phase.RUNNING)
         assert record(reader).phase is Phase.RUNNING
     finally:
         reader.close()
@@ -297,11 +302,11 @@ PEER_A = Peer("10.250.0.12", frozenset({"52:54:00:aa:bb:cc", "52:54:00:aa:bb:cd"
 PEER_B = Peer("10.250.0.9")
 
 
-def test_peers_round_trip_and_survive_reopening(db_path: Path) -> None:
+async def test_peers_round_trip_and_survive_reopening(db_path: Path) -> None:
     first = Store(db_path)
     assert first.peers("alpha") is None
-    first.set_peers("alpha", [PEER_A, PEER_B])
-    first.set_peers("beta", [PEER_B])
+    await first.set_peers("alpha", [PEER_A, PEER_B])
+    await first.set_peers("beta", [PEER_B])
     assert first.peers("alpha") == [PEER_B, PEER_A]  # in address order, numerically
     first.close()
 
@@ -313,26 +318,59 @@ def test_peers_round_trip_and_survive_reopening(db_path: Path) -> None:
         second.close()
 
 
-def test_set_peers_replaces_and_an_empty_list_is_a_list(store: Store) -> None:
-    store.set_peers("alpha", [PEER_A, PEER_B])
-    store.set_peers("alpha", [])
+async def test_set_peers_replaces_and_an_empty_list_is_a_list(store: Store) -> None:
+    await store.set_peers("alpha", [PEER_A, PEER_B])
+    await store.set_peers("alpha", [])
     assert store.peers("alpha") == []
-    store.set_peers("alpha", [PEER_B])
+    await store.set_peers("alpha", [PEER_B])
     assert store.peers("alpha") == [PEER_B]
 
 
-def test_delete_peers(store: Store) -> None:
-    store.set_peers("alpha", [PEER_A])
-    store.set_peers("beta", [PEER_B])
-    assert store.delete_peers("alpha") is True
-    assert store.delete_peers("alpha") is False
+async def test_delete_peers(store: Store) -> None:
+    await store.set_peers("alpha", [PEER_A])
+    await store.set_peers("beta", [PEER_B])
+    assert await store.delete_peers("alpha") is True
+    assert await store.delete_peers("alpha") is False
     assert store.peers("alpha") is None
     assert store.peers("beta") == [PEER_B]
 
 
-def test_peers_are_apart_from_nodes(store: Store) -> None:
-    store.create(KEY, SPEC, "tok")
-    store.set_peers("alpha", [PEER_A])
-    store.remove(KEY)
+async def test_peers_are_apart_from_nodes(store: Store) -> None:
+    await store.create(KEY, SPEC, "tok")
+    await store.set_peers("alpha", [PEER_A])
+    await store.remove(KEY)
     assert store.peers("alpha") == [PEER_A]
     assert store.all() == []
+
+
+# --- the event loop ---------------------------------------------------------------------------
+
+
+async def test_a_slow_commit_does_not_hold_the_event_loop(
+    store: Store, mocker: MockerFixture
+) -> None:
+    """Failure injection at the one commit: it takes 0.3 s (a loaded disk's fsync) while a
+    coroutine on the loop keeps ticking every 10 ms."""
+    real = sqlite_module.transaction
+
+    @contextmanager
+    def slow_commit(db: sqlite_module.Connection) -> Iterator[sqlite_module.Connection]:
+        with real(db) as conn:
+            yield conn
+            time.sleep(0.3)
+
+    mocker.patch.object(sqlite_module, "transaction", slow_commit)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    await store.create(KEY, SPEC, "tok")
+    ticker.cancel()
+    assert ticks >= 10  # about 30 without the 10 ms timer's slack; 0 on the loop
+    assert record(store).phase is Phase.PENDING

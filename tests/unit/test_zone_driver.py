@@ -122,7 +122,7 @@ class Zone:
         agent.server = TestServer(agent.app())
         await agent.server.start_server()
         self.agents[f"h{i}"] = agent
-        self.service.report(f"h{i}", report(i, str(agent.server.make_url("")).rstrip("/")))
+        await self.service.report(f"h{i}", report(i, str(agent.server.make_url("")).rstrip("/")))
         return agent
 
     def host_of(self, node: str) -> str:
@@ -201,7 +201,7 @@ async def test_a_dead_agent_blocks_nobody_and_catches_up(zone: Zone) -> None:
     revived.server = TestServer(revived.app(), port=int(url.rsplit(":", 1)[1]))
     await revived.server.start_server()
     zone.agents["h3"] = revived
-    zone.service.report("h3", report(3, url))
+    await zone.service.report("h3", report(3, url))
     await until(lambda: len(revived.nodes) == 1 and "demo" in revived.peers)
     await until(lambda: "h3" not in zone.deliverer.failing())
 
@@ -229,7 +229,7 @@ async def test_a_refused_node_fails_with_the_agents_reason(zone: Zone) -> None:
 async def test_delete_waits_for_every_host_then_forgets_the_cluster(zone: Zone) -> None:
     await zone.service.put_cluster("demo", spec(1))
     await until(lambda: sum(len(a.nodes) for a in zone.agents.values()) == 4)
-    zone.service.delete_cluster("demo")
+    await zone.service.delete_cluster("demo")
     await until(lambda: zone.store.cluster("demo") is None)
     assert all(a.nodes == {} and a.peers == {} for a in zone.agents.values())
 

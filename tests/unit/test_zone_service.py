@@ -3,12 +3,15 @@ scaling, deletion, host liveness and the status it reports."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pytest_mock import MockerFixture
 
 from hostagent.errors import Conflict, Forbidden, Invalid, NotFound, OutOfCapacity
 from hostagent.zone.config import ZoneNetworkConfig, ZoneServerConfig
@@ -70,13 +73,13 @@ def service(tmp_path: Path, clock: Clock) -> Iterator[ZoneService]:
     store.close()
 
 
-def register(service: ZoneService, hosts: int = 3, **kwargs: Any) -> None:
+async def register(service: ZoneService, hosts: int = 3, **kwargs: Any) -> None:
     for i in range(1, hosts + 1):
-        service.report(f"h{i}", report(i, **kwargs))
+        await service.report(f"h{i}", report(i, **kwargs))
 
 
 async def test_create_allocates_places_and_makes_the_cas(service: ZoneService) -> None:
-    register(service)
+    await register(service)
     view, created = await service.put_cluster("demo", spec())
     status = view["status"]
     assert created
@@ -95,7 +98,7 @@ async def test_create_allocates_places_and_makes_the_cas(service: ZoneService) -
 
 
 async def test_second_cluster_gets_its_own_vni_and_ranges(service: ZoneService) -> None:
-    register(service)
+    await register(service)
     first, _ = await service.put_cluster("a", spec(1, 0))
     second, _ = await service.put_cluster("b", spec(1, 0))
     for key in ("vni", "node_subnet", "pod_cidr", "service_cidr"):
@@ -103,13 +106,13 @@ async def test_second_cluster_gets_its_own_vni_and_ranges(service: ZoneService) 
 
 
 async def test_vni_still_reported_by_a_host_is_not_reused(service: ZoneService) -> None:
-    service.report("h1", report(1, networks=[{"cluster": "old", "vni": 4096}]))
+    await service.report("h1", report(1, networks=[{"cluster": "old", "vni": 4096}]))
     view, _ = await service.put_cluster("demo", spec(1, 0))
     assert view["status"]["vni"] == 4097
 
 
 async def test_same_spec_again_changes_nothing(service: ZoneService) -> None:
-    register(service)
+    await register(service)
     first, _ = await service.put_cluster("demo", spec())
     again, created = await service.put_cluster("demo", spec())
     assert not created
@@ -117,14 +120,14 @@ async def test_same_spec_again_changes_nothing(service: ZoneService) -> None:
 
 
 async def test_changing_anything_but_workers_is_a_conflict(service: ZoneService) -> None:
-    register(service)
+    await register(service)
     await service.put_cluster("demo", spec())
     with pytest.raises(Conflict, match=r"only workers\.count"):
         await service.put_cluster("demo", spec(memory_mib=1024))
 
 
 async def test_scale_up_and_down(service: ZoneService) -> None:
-    register(service)
+    await register(service)
     await service.put_cluster("demo", spec(3, 2))
     view, _ = await service.put_cluster("demo", spec(3, 5))
     workers = [n for n in view["status"]["nodes"] if n["role"] == "worker"]
@@ -138,7 +141,7 @@ async def test_scale_up_and_down(service: ZoneService) -> None:
 async def test_unplaceable_cluster_is_refused_and_nothing_is_stored(
     service: ZoneService,
 ) -> None:
-    register(service, memory_mib=1024)
+    await register(service, memory_mib=1024)
     with pytest.raises(OutOfCapacity, match="memory"):
         await service.put_cluster("big", spec(3, 2, memory_mib=4096))
     with pytest.raises(NotFound):
@@ -153,14 +156,14 @@ async def test_no_hosts_says_so(service: ZoneService) -> None:
 
 async def test_capacity_counts_nodes_placed_but_not_reported(service: ZoneService) -> None:
     # 2 GiB per host: each 1 GiB node costs 1024 + 208 MiB, so one per host.
-    register(service, hosts=2, memory_mib=2048)
+    await register(service, hosts=2, memory_mib=2048)
     await service.put_cluster("a", spec(1, 1, memory_mib=1024))
     with pytest.raises(OutOfCapacity):
         await service.put_cluster("b", spec(1, 0, memory_mib=1024))
 
 
 async def test_bad_names_are_refused(service: ZoneService) -> None:
-    register(service, hosts=1)
+    await register(service, hosts=1)
     with pytest.raises(Invalid, match="DNS-1123"):
         await service.put_cluster("Bad_Name", spec())
     await service.put_cluster("demo", spec(1, 0))
@@ -171,7 +174,7 @@ async def test_bad_names_are_refused(service: ZoneService) -> None:
 async def test_host_that_stops_reporting_makes_its_nodes_unknown(
     service: ZoneService, clock: Clock
 ) -> None:
-    register(service)
+    await register(service)
     await service.put_cluster("demo", spec(3, 0))
     for i in (1, 2, 3):
         host = f"h{i}"
@@ -180,11 +183,11 @@ async def test_host_that_stops_reporting_makes_its_nodes_unknown(
             for n in service.cluster("demo")["status"]["nodes"]
             if n["host"] == host
         ]
-        service.report(host, report(i, nodes=nodes))
+        await service.report(host, report(i, nodes=nodes))
     assert service.cluster("demo")["status"]["phase"] == "Ready"
     clock.now += 30  # past heartbeat_timeout_s (20 s) for everyone...
     for i in (1, 2):  # ...but h1 and h2 report again
-        service.report(f"h{i}", service.store.host(f"h{i}").report)  # type: ignore[union-attr]
+        await service.report(f"h{i}", service.store.host(f"h{i}").report)  # type: ignore[union-attr]
     status = service.cluster("demo")["status"]
     assert status["phase"] == "Degraded"
     assert "on h3: Unknown (host h3 is not reporting)" in status["message"]
@@ -194,27 +197,27 @@ async def test_host_that_stops_reporting_makes_its_nodes_unknown(
 
 
 async def test_not_ready_hosts_are_not_offered(service: ZoneService, clock: Clock) -> None:
-    register(service, hosts=1)
+    await register(service, hosts=1)
     clock.now += 60
-    service.report("h2", report(2))
+    await service.report("h2", report(2))
     view, _ = await service.put_cluster("demo", spec(1, 1))
     assert {n["host"] for n in view["status"]["nodes"]} == {"h2"}
 
 
 async def test_report_contradicting_a_delivery_forgets_it(service: ZoneService) -> None:
-    register(service, hosts=1)
-    service.store.set_delivery("h1", "node", "demo/m1", "abc")
-    service.report(
+    await register(service, hosts=1)
+    await service.store.set_delivery("h1", "node", "demo/m1", "abc")
+    await service.report(
         "h1",
         report(1, nodes=[{"cluster": "demo", "name": "m1", "phase": "Ready", "spec_hash": "abc"}]),
     )
     assert service.store.deliveries("h1") == {("node", "demo/m1"): "abc"}
-    service.report("h1", report(1))  # the agent lost the node
+    await service.report("h1", report(1))  # the agent lost the node
     assert service.store.deliveries("h1") == {}
 
 
 async def test_work_has_specs_gateways_and_peers(service: ZoneService) -> None:
-    register(service)
+    await register(service)
     await service.put_cluster("demo", spec(3, 0))
     nodes = {n.name: n for n in service.store.nodes("demo")}
     host = nodes["m1"].host
@@ -241,9 +244,9 @@ async def test_work_has_specs_gateways_and_peers(service: ZoneService) -> None:
 async def test_delete_removes_the_cluster_when_every_node_is_gone(
     service: ZoneService,
 ) -> None:
-    register(service)
+    await register(service)
     await service.put_cluster("demo", spec(1, 1))
-    view = service.delete_cluster("demo")
+    view = await service.delete_cluster("demo")
     assert view["status"]["phase"] == "Deleting"
     for node in service.store.nodes("demo"):
         assert service.work(node.host).remove == (f"demo/{node.name}",)
@@ -256,7 +259,7 @@ async def test_delete_removes_the_cluster_when_every_node_is_gone(
 
 
 async def test_pki_only_for_hosts_running_the_cluster(service: ZoneService) -> None:
-    register(service, hosts=4)
+    await register(service, hosts=4)
     await service.put_cluster("demo", spec(1, 1))
     nodes = {n.name: n.host for n in service.store.nodes("demo")}
     service.check_pki(nodes["m1"], "demo", "apiserver")
@@ -273,7 +276,7 @@ async def test_state_survives_a_restart(tmp_path: Path, clock: Clock) -> None:
     config = ZoneServerConfig(state_dir=tmp_path)
     store = SqliteZoneStore(tmp_path / "zone.db")
     zone = ZoneService(store, config, LocalBackend(tmp_path / "pki"), clock=clock)
-    register(zone)
+    await register(zone)
     before, _ = await zone.put_cluster("demo", spec())
     store.close()
     store = SqliteZoneStore(tmp_path / "zone.db")
@@ -291,12 +294,12 @@ def test_pools_must_fit_their_slices() -> None:
 async def test_a_dead_host_can_be_forgotten_once_it_holds_nothing_wanted(
     service: ZoneService, clock: Clock
 ) -> None:
-    register(service, hosts=2)
+    await register(service, hosts=2)
     await service.put_cluster("demo", spec(1, 1))
     dead = service.store.nodes("demo")[0].host
     with pytest.raises(Conflict, match="still runs"):
         await service.remove_host(dead)
-    service.delete_cluster("demo")
+    await service.delete_cluster("demo")
     alive = next(h for h in ("h1", "h2") if h != dead)
     for node in service.store.nodes("demo"):
         if node.host == alive:
@@ -311,11 +314,11 @@ async def test_a_dead_host_can_be_forgotten_once_it_holds_nothing_wanted(
 
 
 async def test_an_agent_that_lost_its_state_gets_its_peers_again(service: ZoneService) -> None:
-    register(service, hosts=2)
-    service.store.set_delivery("h1", "node", "demo/m1", "abc")
-    service.store.set_delivery("h1", "peers", "demo", "p1")
-    service.store.set_delivery("h1", "peers", "other", "p2")
-    service.report("h1", report(1))  # no nodes at all: the agent's store is gone
+    await register(service, hosts=2)
+    await service.store.set_delivery("h1", "node", "demo/m1", "abc")
+    await service.store.set_delivery("h1", "peers", "demo", "p1")
+    await service.store.set_delivery("h1", "peers", "other", "p2")
+    await service.report("h1", report(1))  # no nodes at all: the agent's store is gone
     assert service.store.deliveries("h1") == {("peers", "other"): "p2"}
 
 
@@ -324,9 +327,108 @@ async def test_an_older_zones_plain_http_agent_is_readable_but_gets_no_token(
 ) -> None:
     """A report stored before plain http off loopback was refused: the zone still reads it
     (hosts, placement) but never sends the agent's token to that URL."""
-    register(service, hosts=2)
+    await register(service, hosts=2)
     plain = report(1).model_copy(update={"api_url": "http://10.250.0.11:8470"})
-    service.store.put_host("h1", plain, service.clock())
+    await service.store.put_host("h1", plain, service.clock())
     assert [h["host"] for h in service.hosts_view()] == ["h1", "h2"]
     assert service.api_of("h1") is None
     assert service.api_of("h2") == ("https://10.250.0.12:8470", "token-2")
+
+
+class Gate:
+    """Holds one PKI backend call (run in a thread) at its start until released: the
+    failure injection for an await that another request overtakes."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, *args: Any) -> Any:
+        self.entered.set()
+        assert self.release.wait(10), "the test never released the gate"
+        return self.real(*args)
+
+    async def reached(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 10), "the call was never made"
+
+
+async def test_a_host_removed_while_the_cas_are_made_gets_no_node(
+    service: ZoneService, mocker: MockerFixture
+) -> None:
+    await register(service)
+    gate = Gate(service.pki.ensure_cluster)
+    mocker.patch.object(service.pki, "ensure_cluster", gate)
+    create = asyncio.create_task(service.put_cluster("demo", spec(1, 0)))
+    await gate.reached()
+    await service.remove_host("h1")  # holds nothing yet: it may go
+    await service.remove_host("h2")
+    gate.release.set()
+    await create
+    assert [n.host for n in service.store.nodes("demo")] == ["h3"]
+
+
+async def test_a_cluster_made_again_keeps_its_cas_while_the_old_one_is_revoked(
+    service: ZoneService, mocker: MockerFixture
+) -> None:
+    await register(service)
+    await service.put_cluster("demo", spec(1, 0))
+    await service.delete_cluster("demo")
+    gate = Gate(service.pki.revoke_cluster)
+    mocker.patch.object(service.pki, "revoke_cluster", gate)
+    (node,) = service.store.nodes("demo")
+    gone = asyncio.create_task(service.node_gone(node.host, f"demo/{node.name}"))
+    await gate.reached()
+    again = asyncio.create_task(service.put_cluster("demo", spec(1, 0)))
+    await asyncio.sleep(0.1)  # time enough to run ahead of the revoke, were it not held
+    gate.release.set()
+    await gone
+    _, created = await again
+    assert created
+    assert set(service.pki.ca_certificates("demo")) == {"kubernetes", "etcd", "front-proxy"}
+
+
+async def test_a_deletion_a_restart_interrupted_is_finished(service: ZoneService) -> None:
+    await register(service)
+    await service.put_cluster("demo", spec(1, 0))
+    await service.delete_cluster("demo")
+    (node,) = service.store.nodes("demo")
+    await service.store.remove_node("demo", node.name)  # the zone stopped before the revoke
+    await service.finish_deletions()
+    with pytest.raises(NotFound):
+        service.cluster("demo")
+    assert not (service.config.state_dir / "pki" / "ca" / "demo").exists()
+
+
+async def test_a_host_removed_between_placement_and_its_write_is_placed_around(
+    service: ZoneService, mocker: MockerFixture
+) -> None:
+    await register(service)
+    real = service.store.create_cluster
+
+    async def host_leaves_first(*args: Any) -> None:
+        if service.store.host("h1") is not None:
+            await service.remove_host("h1")  # another request's write commits first
+        await real(*args)
+
+    mocker.patch.object(service.store, "create_cluster", side_effect=host_leaves_first)
+    await service.put_cluster("demo", spec(1, 0))
+    assert service.store.host("h1") is None
+    assert [n.host for n in service.store.nodes("demo")] == ["h2"]
+
+
+async def test_a_host_that_got_a_node_after_its_removal_was_checked_stays(
+    service: ZoneService, mocker: MockerFixture
+) -> None:
+    await register(service, hosts=1)
+    real = service.store.remove_host
+
+    async def a_cluster_lands_first(host: str) -> Any:
+        await service.put_cluster("demo", spec(1, 0))  # placed on h1, the only host
+        return await real(host)
+
+    mocker.patch.object(service.store, "remove_host", side_effect=a_cluster_lands_first)
+    with pytest.raises(Conflict, match="still runs demo/m1"):
+        await service.remove_host("h1")
+    assert service.store.host("h1") is not None
+    assert [n.host for n in service.store.nodes("demo")] == ["h1"]

@@ -95,8 +95,8 @@ async def until(condition: Any, timeout_s: float = 5.0) -> None:
 async def test_the_report_is_the_body_of_docs_zone_md(
     tmp_path: Path, store: Store, zone: FakeZone, zone_url: str
 ) -> None:
-    store.create(NodeKey(cluster="demo", name="m1"), SPEC, "node-token")
-    store.set_phase(NodeKey(cluster="demo", name="m1"), Phase.RUNNING, "")
+    await store.create(NodeKey(cluster="demo", name="m1"), SPEC, "node-token")
+    await store.set_phase(NodeKey(cluster="demo", name="m1"), Phase.RUNNING, "")
     record = store.all()[0]
     beats = client(zone_url, reporter(config(tmp_path), store))
     async with beats.session() as session:
@@ -129,11 +129,11 @@ async def test_the_report_is_the_body_of_docs_zone_md(
     assert zone.reports[0][0] == "h1"
 
 
-def test_networks_are_listed_once_per_cluster(tmp_path: Path, store: Store) -> None:
+async def test_networks_are_listed_once_per_cluster(tmp_path: Path, store: Store) -> None:
     for name, address in (("m1", "10.128.0.10/24"), ("w1", "10.128.0.11/24")):
         network = {**SPEC.network.model_dump(mode="json"), "address": address}
         spec = SPEC.model_copy(update={"network": SPEC.network.model_validate(network)})
-        store.create(NodeKey(cluster="demo", name=name), spec, "t")
+        await store.create(NodeKey(cluster="demo", name=name), spec, "t")
     report = reporter(config(tmp_path), store)()
     assert report["networks"] == [{"cluster": "demo", "vni": 4100}]
     assert [node["name"] for node in report["nodes"]] == ["m1", "w1"]
