@@ -99,12 +99,14 @@ def test_checks_run_concurrently_and_never_block_the_loop(here: str) -> None:
         task = asyncio.create_task(ticker())
         began = time.monotonic()
         silent = [f"192.0.2.{n}" for n in range(100, 110)]
-        results = await check_peers([PEER, *silent], timeout_s=0.5)
+        # 1 s: a reply that the kernel gives at once can still wait that long for a loaded
+        # machine (TCG guests booting on both cores) to run this process.
+        results = await check_peers([PEER, *silent], timeout_s=1.0)
         took = time.monotonic() - began
         task.cancel()
         return results, ticks, took
 
     results, ticks, took = run_in(here, main)
     assert [address for address, health in results.items() if health.reachable] == [PEER]
-    assert took < 1.5, "ten silent peers must cost one timeout, not ten"
+    assert took < 3.0, "ten silent peers must cost one timeout, not ten"
     assert ticks >= 25, "the event loop kept running while waiting for replies"
