@@ -131,8 +131,10 @@ def test_bridged_traffic_passes_when_br_netfilter_hands_it_to_the_ip_hooks(lab: 
     # bridge as both iif and oif (Docker and Kubernetes hosts turn this on): a rule
     # dropping all that comes in on a cluster bridge would cut the cluster in two.
     h1 = lab.ns("h1")
-    if not os.path.exists("/proc/sys/net/bridge/bridge-nf-call-iptables"):
-        pytest.skip("br_netfilter is not loaded on this kernel")
+    require(
+        os.path.exists("/proc/sys/net/bridge/bridge-nf-call-iptables"),
+        "br_netfilter is not loaded on this kernel",
+    )
     for family in ("iptables", "ip6tables"):
         write_proc(h1, f"/proc/sys/net/bridge/bridge-nf-call-{family}", "1")
     assert guard(lab)
