@@ -233,8 +233,10 @@ class Reconciler:
         if step is Step.NETWORK:
             await p.ensure_networks(self.store.all())
         elif step is Step.PREPARE:
-            await self.store.set_phase(key, Phase.PROVISIONING, step.value)
-            await p.prepare_files(self._record(key), self.store.all())
+            record = self._record(key)
+            if record.phase is not Phase.PROVISIONING:  # a retry keeps its cause in view
+                await self.store.set_phase(key, Phase.PROVISIONING, step.value)
+            await p.prepare_files(record, self.store.all())
         elif step is Step.DEFINE:
             await p.define(self._record(key))
         elif step in (Step.START, Step.MARK_RUNNING):
