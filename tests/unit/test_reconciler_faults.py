@@ -12,6 +12,7 @@ touch; it does nothing here, and tests/integration/test_provisioner.py runs it f
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import pwd
@@ -28,8 +29,10 @@ import pytest
 from pytest_mock import MockerFixture
 
 from common.errors import ProvisioningError
+from hostagent import provisioner as provisioner_module
 from hostagent.certificates import make_backend
 from hostagent.config import Config
+from hostagent.errors import StoreFull
 from hostagent.images import ImageCatalog
 from hostagent.metrics import Metrics
 from hostagent.model import NodeKey, NodeSpec, Phase
@@ -309,3 +312,54 @@ async def test_a_node_enqueued_during_its_reconcile_is_reconciled_again(
     assert await world.virt.domain(world.key.domain, HOST) is None
     assert not world.provisioner.files(world.key).root.exists()
     assert world.errors() == 0
+
+
+async def test_a_full_disk_under_the_store_delays_the_node_without_a_crash(
+    world: World, mocker: MockerFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store cannot record the failed attempt (SQLite: database or disk is full): the
+    worker neither crashes nor forgets the node, it tries it again a little later."""
+    mocker.patch.object(
+        world.provisioner,
+        "define",
+        side_effect=failing(
+            world.provisioner.define, lambda n: ProvisioningError("boom") if n == 1 else None
+        ),
+    )
+    real_set_phase = world.store.set_phase
+
+    async def set_phase(key: NodeKey, phase: Phase, message: str = "", **kw: Any) -> bool:
+        if message.startswith("attempt 1 failed"):
+            raise StoreFull("the state store cannot be written, its disk is full")
+        return await real_set_phase(key, phase, message, **kw)
+
+    mocker.patch.object(world.store, "set_phase", side_effect=set_phase)
+    await world.put()
+    await until(lambda: world.node().phase is Phase.RUNNING)
+    assert "its disk is full; retrying in" in caplog.text
+    assert "crashed" not in caplog.text
+    loop_errors = world.metrics.registry.get_sample_value(
+        "hostagent_loop_errors_total", {"loop": "reconciler"}
+    )
+    assert loop_errors == 0
+    assert world.errors() == 2  # the failed define, the failed record of it
+
+
+async def test_a_full_disk_fails_the_node_with_a_clear_message(
+    world: World, mocker: MockerFixture
+) -> None:
+    """ENOSPC where only an OSError comes (the config drive's write) fails the node like
+    any step, naming the full filesystem; before, it crashed the pass and the node sat in
+    Provisioning with no cause. tests/integration/test_disk_full.py fills a real disk."""
+
+    def no_space(path: Path, contents: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    mocker.patch.object(provisioner_module, "build_config_drive", side_effect=no_space)
+    await world.put()
+    await until(lambda: world.node().phase is Phase.FAILED)
+    message = world.node().message
+    root = world.provisioner.files(world.key).root
+    assert f"after {MAX_ATTEMPTS} attempts: writing {root}: [Errno 28] No space left" in message
+    assert f"the filesystem holding {root} is full (see `df -h {root}`)" in message
+    assert world.errors() == MAX_ATTEMPTS
