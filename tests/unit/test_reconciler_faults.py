@@ -350,7 +350,7 @@ async def test_a_full_disk_fails_the_node_with_a_clear_message(
 ) -> None:
     """ENOSPC where only an OSError comes (the config drive's write) fails the node like
     any step, naming the full filesystem; before, it crashed the pass and the node sat in
-    Provisioning with no cause. tests/integration/test_disk_full.py fills a real disk."""
+    Provisioning with no cause. tests/e2e/test_disk_full.py fills a real one."""
 
     def no_space(path: Path, contents: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
