@@ -21,6 +21,7 @@ from hostagent.errors import (
     NotFound,
     OutOfCapacity,
     Unauthorized,
+    Unavailable,
 )
 from hostagent.networks import PeerList, StoredPeers, parse_peers
 from hostagent.nodes import NodeService, parse_key, parse_spec
@@ -35,6 +36,7 @@ STATUS = {
     Conflict: 409,
     Invalid: 422,
     OutOfCapacity: 507,
+    Unavailable: 503,
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -52,6 +52,13 @@ class Unavailable(HostAgentError):
     code = "unavailable"
 
 
+class StoreFull(Unavailable):
+    """The state store's disk is full: the write changed nothing; retry once there is
+    space again."""
+
+    code = "store_full"
+
+
 def validation_problems(exc: ValidationError, *, plain: bool = False) -> str:
     """A pydantic ValidationError as one line: ``key.path: message; ...`` (the message
     alone when the whole object failed). ``plain`` drops pydantic's ``Value error, ``

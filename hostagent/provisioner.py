@@ -7,6 +7,7 @@ thing or nothing. The reconciler decides which to call.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import pwd
@@ -34,9 +35,24 @@ from network.netlink import Netlink
 from network.nftables import NfTables
 from pki import layout
 from pki.backend import Backend
+from pki.errors import BackendUnavailable
 from pki.provision import provision_node
 
 log = logging.getLogger(__name__)
+
+
+NO_SPACE = os.strerror(errno.ENOSPC)  # qemu-img says it only in words
+
+
+def _disk_full(message: str, files: NodeFiles) -> str:
+    """The message, and what to do when it is ENOSPC (each part wrote whole files or
+    nothing, so freeing space and PUTting the node again is all it takes)."""
+    if NO_SPACE not in message:
+        return message
+    return (
+        f"{message}; the filesystem holding {files.root} is full (see `df -h {files.root}`): "
+        "free space there"
+    )
 
 
 async def _all(*steps: Awaitable[None]) -> None:
@@ -118,17 +134,25 @@ class Provisioner:
         """Certificates, config drive and disks: independent of each other, made at once.
 
         Every part runs to its end even when another fails (each is idempotent, and none
-        may still be writing when the reconciler retries); then the first error is raised.
+        may still be writing when the reconciler retries); then the first error is raised,
+        as a ProvisioningError that says so when the disk is full.
         """
         files = self.files(record.key)
         image = self.image(record.spec)
-        await asyncio.to_thread(self._make_dirs, files)
-        context = self.context(record, peers)
-        await _all(
-            self._certificates(record, files),
-            self._config_drive(context, files),
-            self._disks(record, image, files),
-        )
+        try:
+            await asyncio.to_thread(self._make_dirs, files)
+            context = self.context(record, peers)
+            await _all(
+                self._certificates(record, files),
+                self._config_drive(context, files),
+                self._disks(record, image, files),
+            )
+        except OSError as exc:
+            raise ProvisioningError(_disk_full(f"writing {files.root}: {exc}", files)) from exc
+        except ProvisioningError as exc:
+            if NO_SPACE not in str(exc) or isinstance(exc, BackendUnavailable):
+                raise
+            raise ProvisioningError(_disk_full(str(exc), files)) from exc
 
     async def _certificates(self, record: NodeRecord, files: NodeFiles) -> None:
         uid, gid = certificates.qemu_owner(self.config)

@@ -14,7 +14,7 @@ import time
 from common.backoff import Backoff
 from common.errors import ProvisioningError
 from hostagent.config import ReconcilerConfig
-from hostagent.errors import LibvirtUnavailable
+from hostagent.errors import LibvirtUnavailable, StoreFull
 from hostagent.metrics import Metrics
 from hostagent.model import NodeKey, Phase
 from hostagent.nodeplan import Step, plan_node
@@ -158,6 +158,13 @@ class Reconciler:
             self._active.add(key)
             try:
                 await self._reconcile_with_retries(key)
+            except StoreFull as exc:
+                # Nothing can be recorded while the disk is full: the node is tried again
+                # later, from what the store holds (a step done meanwhile is not done twice).
+                self.metrics.reconcile_errors.inc()
+                retry_s = self.config.backoff_max_s
+                log.warning("%s: %s; retrying in %.0fs", key, exc, retry_s)
+                asyncio.get_running_loop().call_later(retry_s, self.enqueue, key)
             except Exception:
                 log.exception("reconcile of %s crashed", key)
                 self.metrics.loop_error("reconciler")
@@ -233,8 +240,10 @@ class Reconciler:
         if step is Step.NETWORK:
             await p.ensure_networks(self.store.all())
         elif step is Step.PREPARE:
-            await self.store.set_phase(key, Phase.PROVISIONING, step.value)
-            await p.prepare_files(self._record(key), self.store.all())
+            record = self._record(key)
+            if record.phase is not Phase.PROVISIONING:  # a retry keeps its cause in view
+                await self.store.set_phase(key, Phase.PROVISIONING, step.value)
+            await p.prepare_files(record, self.store.all())
         elif step is Step.DEFINE:
             await p.define(self._record(key))
         elif step in (Step.START, Step.MARK_RUNNING):

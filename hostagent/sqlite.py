@@ -9,7 +9,8 @@ A ``Database`` has two connections: reads run on the caller's thread (cheap unde
 they never wait for a writer and see only committed state), and every write transaction
 runs in the database's one writer thread, so the commit's fsync never holds the event
 loop and transactions stay serialised (a check and the write it allows, in one
-transaction, stay atomic).
+transaction, stay atomic). A write that finds the disk full raises StoreFull (rolled
+back; the agent and the zone go on serving reads and answer 503 to writes).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
+
+from hostagent.errors import StoreFull
 
 # The types the stores name, so that no other module imports sqlite3.
 Connection = sqlite3.Connection
@@ -38,6 +41,7 @@ class Database:
         """Open (creating folder and file if needed) the database at ``path`` with
         ``schema``; the file and its -wal/-shm are 0600 whatever the umask (they hold
         tokens)."""
+        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         _private(path)
         self._writer = _connect(path)
@@ -52,8 +56,16 @@ class Database:
         return await loop.run_in_executor(self._thread, self._transaction, work)
 
     def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        with transaction(self._writer) as db:
-            return work(db)
+        try:
+            with transaction(self._writer) as db:
+                return work(db)
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                raise
+            raise StoreFull(
+                f"the state store {self.path} cannot be written, its disk is full ({exc}); "
+                "nothing was changed: free space on that filesystem"
+            ) from exc
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)  # what was submitted is committed first
@@ -81,11 +93,15 @@ def _private(path: Path) -> None:
 
 @contextmanager
 def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One write transaction, taken at once (BEGIN IMMEDIATE); rolled back on any error."""
+    """One write transaction, taken at once (BEGIN IMMEDIATE); rolled back on any error.
+    Some errors (a full disk, out of memory) roll it back themselves, in the statement or
+    in COMMIT: the error then surfaces, not a failing ROLLBACK, and no transaction stays
+    open to break every later write."""
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")

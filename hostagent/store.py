@@ -121,7 +121,9 @@ class Store:
     async def set_phase(
         self, key: NodeKey, phase: Phase, message: str = "", *, domain_id: int | None = None
     ) -> bool:
-        """Record a phase; returns False (and writes nothing) when nothing changed."""
+        """Record a phase; returns False (and writes nothing) when nothing changed. A node
+        being deleted reads Deleting until it is gone or its deletion Failed: a pass that
+        began before the DELETE (and says Running at its end) does not hide it."""
         return await self._db.write(lambda db: _set_phase(db, key, phase, message, domain_id))
 
     async def set_ready(self, key: NodeKey, guest: dict[str, Any]) -> None:
@@ -255,7 +257,7 @@ def _set_phase(
     db: Connection, key: NodeKey, phase: Phase, message: str, domain_id: int | None
 ) -> bool:
     current = _get(db, key)
-    if current is None:
+    if current is None or (current.deleting and phase not in (Phase.DELETING, Phase.FAILED)):
         return False
     new_id = domain_id if domain_id is not None else current.domain_id
     if (current.phase, current.message, current.domain_id) == (phase, message, new_id):

@@ -48,17 +48,19 @@ class Agent:
     api_port: int = field(default_factory=free_port)
     phone_home_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    home: Path | None = None  # config and log; the state_dir when None
 
     @property
     def config_path(self) -> Path:
-        return self.state_dir / "hostagent.toml"
+        return (self.home or self.state_dir) / "hostagent.toml"
 
     @property
     def log_path(self) -> Path:
-        return self.state_dir / "agent.log"
+        return (self.home or self.state_dir) / "agent.log"
 
     def write_config(self, extra: str = "", domain_type: str = "qemu") -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(
             f'host_id = "{self.host_id}"\n'
             f'state_dir = "{self.state_dir}"\n'

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from hostagent.errors import StoreFull
 from hostagent.sqlite import Database
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (v TEXT);"
@@ -55,3 +56,21 @@ def test_files_an_earlier_version_left_open_are_made_0600(tmp_path: Path, open_u
     for name in ("zone.db", "zone.db-shm"):
         (tmp_path / name).touch(mode=0o644)
     assert write(path) == {"zone.db": 0o600, "zone.db-wal": 0o600, "zone.db-shm": 0o600}
+
+
+async def test_a_full_database_refuses_the_write_clearly_and_stays_usable(tmp_path: Path) -> None:
+    """SQLite's own "database or disk is full" (here its page limit: the same error as a
+    full disk) becomes StoreFull, changes nothing, and the next write that fits works."""
+    path = tmp_path / "state.db"
+    db = Database(path, SCHEMA)
+    try:
+        await db.write(lambda c: c.execute("INSERT INTO t VALUES ('kept')"))
+        pages = db.reader.execute("PRAGMA page_count").fetchone()[0]
+        await db.write(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 1}"))
+        with pytest.raises(StoreFull, match=f"state store {path} cannot be written, its disk"):
+            await db.write(lambda c: c.execute("INSERT INTO t VALUES (?)", ("x" * 100_000,)))
+        await db.write(lambda c: c.execute("INSERT INTO t VALUES ('small')"))
+        rows = [row[0] for row in db.reader.execute("SELECT v FROM t").fetchall()]
+        assert rows == ["kept", "small"]
+    finally:
+        db.close()

@@ -234,6 +234,18 @@ async def test_mark_deleting(store: Store) -> None:
     assert phases(store)[-1] == (Phase.DELETING, "delete requested")
 
 
+async def test_a_node_being_deleted_reads_deleting_until_its_deletion_fails(store: Store) -> None:
+    await store.create(KEY, SPEC, "tok")
+    await store.mark_deleting(KEY)
+    assert await store.set_phase(KEY, Phase.RUNNING, domain_id=3) is False
+    assert (record(store).phase, record(store).domain_id) == (Phase.DELETING, None)
+    assert await store.set_phase(KEY, Phase.FAILED, "deleting the node failed") is True
+    assert phases(store)[-2:] == [
+        (Phase.DELETING, "delete requested"),
+        (Phase.FAILED, "deleting the node failed"),
+    ]
+
+
 async def test_remove_deletes_the_node_and_its_transitions_only(store: Store) -> None:
     await store.create(KEY, SPEC, "tok")
     await store.create(OTHER, SPEC, "tok2")
