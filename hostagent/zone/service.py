@@ -383,11 +383,15 @@ class ZoneService:
     # --- for the Deliverer -----------------------------------------------------------
 
     def work(self, host: str) -> HostWork:
+        """What host should hold, read from its own clusters and their hosts only: a pass
+        costs what the host serves, not what the zone holds (one round of passes over
+        every host would otherwise cost hosts squared)."""
         nodes = self.store.nodes_near(host)
-        names = {n.cluster for n in nodes}
-        clusters = {c.name: c for c in self.store.clusters() if c.name in names}
-        gateways = [g for g in self.store.gateways() if g.cluster in names]
-        hosts = {h.id: h for h in self.store.hosts()}
+        names = sorted({n.cluster for n in nodes})
+        clusters = {name: c for name in names if (c := self.store.cluster(name)) is not None}
+        gateways = [g for name in names for g in self.store.gateways(name)]
+        peers = {n.host for n in nodes}
+        hosts = {h: r for h in sorted(peers) if (r := self.store.host(h)) is not None}
         return host_work(host, clusters, nodes, gateways, hosts, self.config.network.mtu)
 
     def api_of(self, host: str) -> tuple[str, str] | None:

@@ -1,12 +1,12 @@
-"""ZoneService with its real SQLite store and a real local CA: allocation, placement,
-scaling, deletion, host liveness and the status it reports."""
+"""ZoneService with its real store, SQLite and etcd (every case runs against both: the
+store's contract), and a real local CA: allocation, placement, scaling, deletion, host
+liveness and the status it reports."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from hostagent.errors import Conflict, Forbidden, Invalid, NotFound, OutOfCapaci
 from hostagent.zone.config import ZoneNetworkConfig, ZoneServerConfig
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.service import ZoneService
-from hostagent.zone.store import SqliteZoneStore
+from tests.conftest import StoreFactory
 from network.names import mac_address
 from pki.local import LocalBackend
 
@@ -63,14 +63,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def service(tmp_path: Path, clock: Clock) -> Iterator[ZoneService]:
+async def service(tmp_path: Path, clock: Clock, zone_stores: StoreFactory) -> ZoneService:
     config = ZoneServerConfig(state_dir=tmp_path)
-    store = SqliteZoneStore(tmp_path / "zone.db")
+    store = await zone_stores()
     zone = ZoneService(store, config, LocalBackend(tmp_path / "pki"), clock=clock)
     kicked: list[str] = []
     zone.on_change = kicked.extend
-    yield zone
-    store.close()
+    return zone
 
 
 async def register(service: ZoneService, hosts: int = 3, **kwargs: Any) -> None:
@@ -272,18 +271,18 @@ async def test_pki_only_for_hosts_running_the_cluster(service: ZoneService) -> N
         service.check_pki(idle, "demo")
 
 
-async def test_state_survives_a_restart(tmp_path: Path, clock: Clock) -> None:
+async def test_state_survives_a_restart(
+    tmp_path: Path, clock: Clock, zone_stores: StoreFactory
+) -> None:
     config = ZoneServerConfig(state_dir=tmp_path)
-    store = SqliteZoneStore(tmp_path / "zone.db")
+    store = await zone_stores()
     zone = ZoneService(store, config, LocalBackend(tmp_path / "pki"), clock=clock)
     await register(zone)
     before, _ = await zone.put_cluster("demo", spec())
-    store.close()
-    store = SqliteZoneStore(tmp_path / "zone.db")
-    again = ZoneService(store, config, LocalBackend(tmp_path / "pki"), clock=clock)
+    await store.close()
+    again = ZoneService(await zone_stores(), config, LocalBackend(tmp_path / "pki"), clock=clock)
     assert again.cluster("demo") == before
     assert [h["host"] for h in again.hosts_view()] == ["h1", "h2", "h3"]
-    store.close()
 
 
 def test_pools_must_fit_their_slices() -> None:
