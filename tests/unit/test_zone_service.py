@@ -17,9 +17,9 @@ from hostagent.errors import Conflict, Forbidden, Invalid, NotFound, OutOfCapaci
 from hostagent.zone.config import ZoneNetworkConfig, ZoneServerConfig
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.service import ZoneService
-from tests.conftest import StoreFactory
 from network.names import mac_address
 from pki.local import LocalBackend
+from tests.conftest import StoreFactory
 
 
 class Clock:
