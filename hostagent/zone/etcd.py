@@ -152,10 +152,18 @@ class Etcd:
             channel = self._channel = _channel(self.endpoint, self.tls)
             try:
                 async with asyncio.timeout(self.dial_timeout_s):
-                    await channel.channel_ready()
+                    state = channel.get_state(try_to_connect=True)
+                    while state != grpc.ChannelConnectivity.READY:
+                        if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                            raise _Retry("cannot connect")
+                        await channel.wait_for_state_change(state)
+                        state = channel.get_state(try_to_connect=True)
             except TimeoutError as exc:
                 await self._next(channel)
                 raise _Retry(f"no connection within {self.dial_timeout_s} s") from exc
+            except _Retry:
+                await self._next(channel)
+                raise
         return self._channel
 
     async def _next(self, failed: Any) -> None:

@@ -193,7 +193,8 @@ class ZoneService:
                     log.info("cluster %s: %s while it was placed; placing again", name, exc)
             else:
                 raise Unavailable(
-                    f"cluster {name}: hosts kept leaving while it was placed; try again"
+                    f"cluster {name}: hosts kept leaving, or another zone kept taking the "
+                    "same ranges, while it was placed; try again"
                 )
         return self.cluster(name), created
 

@@ -431,3 +431,28 @@ async def test_a_host_that_got_a_node_after_its_removal_was_checked_stays(
         await service.remove_host("h1")
     assert service.store.host("h1") is not None
     assert [n.host for n in service.store.nodes("demo")] == ["h1"]
+
+
+async def test_a_delivery_round_validates_each_report_once_not_once_per_host(
+    service: ZoneService, mocker: MockerFixture
+) -> None:
+    """A pass reads its own host's clusters and their hosts only: a round over every host
+    validates each report at most once (it used to validate every report in every pass,
+    hosts squared per round: 1,800 here)."""
+    hosts = 30
+    await register(service, hosts=hosts)
+    for i in range(10):
+        await service.put_cluster(f"c{i}", spec(3, 2))
+    beats = [
+        report(i, allocated={"vcpus": 1, "memory_mib": 1, "disk_gib": 1}) for i in range(1, 31)
+    ]
+    for i, beat in enumerate(beats, start=1):  # every report changes: each is parsed anew
+        await service.report(f"h{i}", beat)
+    validations = mocker.spy(HostReport, "model_validate")
+    for _ in range(2):
+        for i in range(1, hosts + 1):
+            work = service.work(f"h{i}")
+            assert service.api_of(f"h{i}") is not None
+            service.store.deliveries(f"h{i}")
+            assert all(spec.network.vni >= 4096 for spec in work.nodes.values())
+    assert 0 < validations.call_count <= hosts

@@ -1,0 +1,198 @@
+"""The zone on etcd, against real members: two zones allocating at once never share a VNI
+or a range, a store that goes away is a 503 with nothing half-written and comes back by
+itself, and a call moves on from a dead endpoint to a live one. (The store's contract,
+the same cases as SQLite, runs in tests/unit through the zone_stores fixture.)"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from hostagent.errors import StoreUnavailable
+from hostagent.zone.api import zone_app
+from hostagent.zone.auth import host_token
+from hostagent.zone.config import ZoneServerConfig
+from hostagent.zone.etcd import Delete
+from hostagent.zone.etcdstore import EtcdZoneStore
+from hostagent.zone.model import ClusterSpec, HostReport
+from hostagent.zone.service import ZoneService
+from hostagent.zone.store import Stale
+from pki.local import LocalBackend
+from tests import etcd
+from tests.conftest import etcd_client, require
+from tests.etcd import Member, etcd_binary
+
+pytestmark = pytest.mark.integration
+
+ADMIN = {"Authorization": "Bearer admin-token"}
+SECRET = "host-secret"
+CLUSTER: dict[str, Any] = {
+    "kubernetes_version": "1.31.2",
+    "masters": {"count": 1, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
+}
+
+
+def report(i: int) -> dict[str, Any]:
+    return {
+        "api_url": f"https://10.250.0.{10 + i}:8470",
+        "api_token": f"agent-{i}",
+        "underlay_address": f"10.250.0.{10 + i}",
+        "allocatable": {"vcpus": 256, "memory_mib": 1_000_000, "disk_gib": 10_000},
+        "allocated": {"vcpus": 0, "memory_mib": 0, "disk_gib": 0},
+    }
+
+
+async def until(check: Callable[[], Any], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check() if asyncio.iscoroutinefunction(check) else not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def member() -> Iterator[Member]:
+    """A member of the test's own: these tests stop it."""
+    require(etcd_binary() is not None, "needs etcd (Debian's etcd-server: scripts/setup-host.sh)")
+    with etcd.start() as started:
+        yield started
+
+
+@pytest.fixture
+async def zones(tmp_path: Path, etcd_member: Member) -> AsyncIterator[list[ZoneService]]:
+    """Two zones on one etcd and one key prefix, as two replicas would be."""
+    prefix = f"/test/{uuid.uuid4().hex}/"
+    stores = [EtcdZoneStore(etcd_client(etcd_member.endpoint), prefix) for _ in range(2)]
+    services = []
+    for store in stores:
+        await store.start()
+        config = ZoneServerConfig(state_dir=tmp_path)
+        services.append(ZoneService(store, config, LocalBackend(tmp_path / "pki")))
+    yield services
+    for store in stores:
+        await store.close()
+    cleanup = etcd_client(etcd_member.endpoint)
+    await cleanup.txn([], [Delete(prefix, prefix=True)])
+    await cleanup.close()
+
+
+async def test_two_zones_creating_20_clusters_at_once_share_no_vni_or_range(
+    zones: list[ZoneService],
+) -> None:
+    first, second = zones
+    for i in (1, 2, 3):
+        await first.report(f"h{i}", HostReport.model_validate(report(i)))
+    await until(lambda: len(second.store.hosts()) == 3)
+    spec = ClusterSpec.model_validate(CLUSTER)
+    names = [f"c{i}" for i in range(20)]
+    results = await asyncio.gather(
+        *(zones[i % 2].put_cluster(name, spec) for i, name in enumerate(names))
+    )
+    assert all(created for _, created in results)
+    await until(lambda: len(first.store.clusters()) == 20 == len(second.store.clusters()))
+    for service in zones:
+        clusters = service.store.clusters()
+        assert sorted(c.name for c in clusters) == sorted(names)
+        for field in ("vni", "node_subnet", "pod_cidr", "service_cidr"):
+            values = [getattr(c, field) for c in clusters]
+            assert len(set(values)) == 20, (field, values)
+    assert first.store.clusters() == second.store.clusters()
+    # The allocation keys are exactly the clusters' allocations, none left by a lost race.
+    store = first.store
+    assert isinstance(store, EtcdZoneStore)
+    _, kvs = await store.etcd.list_prefix(store.layout.prefix + "alloc/")
+    held = {kv.key: kv.value.decode() for kv in kvs}
+    wanted = {key: c.name for c in clusters for key in store.layout.allocations(c)}
+    assert held == wanted
+
+
+async def test_etcd_down_is_a_503_with_nothing_half_written_and_back_by_itself(
+    tmp_path: Path, member: Member
+) -> None:
+    prefix = "/zone-down/"
+    store = EtcdZoneStore(etcd_client(member.endpoint, request_timeout_s=1.0), prefix)
+    await store.start()
+    config = ZoneServerConfig(state_dir=tmp_path)
+    service = ZoneService(store, config, LocalBackend(tmp_path / "pki"))
+    app = zone_app(service, "admin-token", SECRET, metrics_text=lambda: b"", heartbeat_s=5.0)
+    try:
+        async with TestClient(TestServer(app)) as client:
+            host = {"Authorization": f"Bearer {host_token(SECRET, 'h1')}"}
+            assert (await client.put("/v1/hosts/h1", json=report(1), headers=host)).status == 201
+            assert (await client.put("/v1/clusters/a", json=CLUSTER, headers=ADMIN)).status == 201
+            _, before = await store.etcd.list_prefix(prefix)
+
+            member.kill()
+            response = await client.put("/v1/clusters/b", json=CLUSTER, headers=ADMIN)
+            assert response.status == 503, await response.text()
+            error = (await response.json())["error"]
+            assert error["code"] == "store_unavailable"
+            assert "etcd" in error["message"]
+            listing = await client.get("/v1/clusters", headers=ADMIN)
+            assert listing.status == 503
+            beat = await client.put("/v1/hosts/h1", json=report(1), headers=host)
+            assert beat.status == 503
+
+            member.start()
+
+            async def serving() -> bool:
+                return (await client.get("/v1/clusters", headers=ADMIN)).status == 200
+
+            await until(serving)
+            _, after = await store.etcd.list_prefix(prefix)
+            assert [(kv.key, kv.value) for kv in after] == [(kv.key, kv.value) for kv in before]
+            assert [c.name for c in store.clusters()] == ["a"]
+            response = await client.put("/v1/clusters/b", json=CLUSTER, headers=ADMIN)
+            assert response.status == 201, await response.text()
+            assert (await response.json())["status"]["vni"] == 4097
+            assert (await client.put("/v1/hosts/h1", json=report(1), headers=host)).status == 200
+    finally:
+        await store.close()
+
+
+async def test_a_store_that_cannot_reach_etcd_at_start_says_so(member: Member) -> None:
+    member.kill()
+    store = EtcdZoneStore(etcd_client(member.endpoint, request_timeout_s=1.0), "/x/")
+    try:
+        with pytest.raises(StoreUnavailable, match=member.endpoint):
+            await store.start()
+    finally:
+        await store.close()
+
+
+async def test_a_call_moves_on_from_a_dead_endpoint(etcd_member: Member) -> None:
+    dead = etcd.Member(Path("/nonexistent"), etcd._free_port(), etcd._free_port()).endpoint
+    client = etcd_client(dead, etcd_member.endpoint, request_timeout_s=10.0)
+    try:
+        revision, _ = await client.list_prefix(f"/test/{uuid.uuid4().hex}/")
+        assert revision > 0
+        assert client.endpoint == etcd_member.endpoint
+    finally:
+        await client.close()
+
+
+async def test_the_second_of_two_stores_taking_the_same_vni_is_stale_and_writes_nothing(
+    zones: list[ZoneService],
+) -> None:
+    first, second = zones
+    await first.report("h1", HostReport.model_validate(report(1)))
+    await until(lambda: second.store.host("h1") is not None)
+    spec = ClusterSpec.model_validate(CLUSTER)
+    # Both decide on the same state: the same VNI and ranges, for two names.
+    plans = [service._plan(name, spec) for service, name in zip(zones, ("a", "b"), strict=True)]
+    assert plans[0][0].vni == plans[1][0].vni
+    await first.store.create_cluster(*plans[0])
+    with pytest.raises(Stale):
+        await second.store.create_cluster(*plans[1])
+    assert [c.name for c in second.store.clusters()] == ["a"]
+    assert [n.cluster for n in second.store.nodes()] == ["a"]
+    # Deciding again on what it now sees, the second gets the next VNI.
+    view, created = await second.put_cluster("b", spec)
+    assert created
+    assert view["status"]["vni"] == plans[0][0].vni + 1
