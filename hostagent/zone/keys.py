@@ -77,11 +77,19 @@ class Layout:
         if rest == key:
             return ()
         kind, _, tail = rest.partition("/")
-        splits = {"hosts": 1, "clusters": 0, "nodes": 1, "gateways": 1, "deliveries": 2}
-        if kind in splits:
-            parts = tuple(tail.split("/", splits[kind]))
-            return (kind, *parts) if len(parts) == splits[kind] + 1 else ()
-        return ("alloc", *tail.split("/", 1)) if kind == "alloc" else ()
+        # How many parts each kind has; the last part of a delivery's or an allocation's
+        # key may hold slashes ("demo/m1", "10.128.0.0/24"), the names of the others not.
+        counts = {"hosts": 2, "clusters": 1, "nodes": 2, "gateways": 2}
+        last_free = {"deliveries": 3, "alloc": 2}
+        if kind in counts:
+            parts = tuple(tail.split("/"))
+            count = counts[kind]
+        elif kind in last_free:
+            count = last_free[kind]
+            parts = tuple(tail.split("/", count - 1))
+        else:
+            return ()
+        return (kind, *parts) if len(parts) == count and all(parts) else ()
 
 
 def host_value(report: HostReport, registered_at: str, last_heartbeat: float) -> bytes:

@@ -2,8 +2,8 @@
 
 Everything the zone decides is written here first, in one transaction per decision, and
 everything it does afterwards (deliveries to agents) is re-derived from it, so a restart
-loses nothing and re-drives what was in flight. A replicated backend implements the same
-protocol.
+loses nothing and re-drives what was in flight. The replicated backend, etcd
+(zone/etcdstore.py), implements the same protocol; the store's tests run against both.
 
 Reads are synchronous (cheap under WAL); writes are coroutines whose transactions run in
 the store's writer thread, so an fsync never holds the event loop. As other writes can
