@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -21,16 +22,30 @@ def etcd_binary() -> str | None:
     return shutil.which("etcd")
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """The member serves https with cert/key and asks its clients for a certificate
+    signed by ca (--client-cert-auth); client_cert/client_key are one, for health checks."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+
 @dataclass
 class Member:
     workdir: Path
     client_port: int
     peer_port: int
+    tls: ServerTls | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def log(self) -> str:
@@ -51,6 +66,13 @@ class Member:
             "--log-level=warn",
             "--logger=zap",
         ]
+        if self.tls is not None:
+            args += [
+                f"--cert-file={self.tls.cert}",
+                f"--key-file={self.tls.key}",
+                f"--trusted-ca-file={self.tls.ca}",
+                "--client-cert-auth",
+            ]
         with (self.workdir / "etcd.log").open("ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -63,8 +85,13 @@ class Member:
         raise RuntimeError(f"etcd did not become healthy within {timeout} s:\n{self.log}")
 
     def _healthy(self) -> bool:
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=str(self.tls.ca))
+            context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
         try:
-            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=2) as response:
+            url = f"{self.endpoint}/health"
+            with urllib.request.urlopen(url, timeout=2, context=context) as response:
                 return b'"true"' in response.read()
         except (urllib.error.URLError, OSError):
             return False
@@ -92,9 +119,10 @@ class Member:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start(timeout: float = 30.0) -> Member:
+def start(timeout: float = 30.0, tls: ServerTls | None = None) -> Member:
     """A new member on free loopback ports, healthy."""
-    member = Member(Path(tempfile.mkdtemp(prefix="hostagent-etcd-")), _free_port(), _free_port())
+    workdir = Path(tempfile.mkdtemp(prefix="hostagent-etcd-"))
+    member = Member(workdir, _free_port(), _free_port(), tls)
     try:
         member.start(timeout)
     except BaseException:
