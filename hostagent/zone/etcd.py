@@ -189,7 +189,7 @@ class Etcd:
                 why = str(exc)
             except rpc.AioRpcError as exc:
                 if exc.code() not in RETRYABLE:
-                    raise StoreUnavailable(f"etcd {endpoint}: {exc.details()}") from exc
+                    raise StoreUnavailable(_refusal(endpoint, exc.details(), request)) from exc
                 why = f"{exc.code().name}: {exc.details()}"
                 await self._next(channel)
             tried += 1
@@ -291,6 +291,17 @@ def _channel(endpoint: str, tls: Tls) -> Any:
         certificate_chain=_read(tls.cert_file),
     )
     return rpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+
+
+def _refusal(endpoint: str, details: str, request: Any) -> str:
+    message = f"etcd {endpoint} refused the call: {details}"
+    if "too many operations" in details:
+        size = max(len(request.compare), len(request.success))
+        message += (
+            f" ({size} in this one, one or more per node of a cluster: run etcd with "
+            "--max-txn-ops of at least 3 x the largest cluster's nodes + 8, e.g. 2048)"
+        )
+    return message
 
 
 def _read(path: Path | None) -> bytes | None:

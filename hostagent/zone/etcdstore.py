@@ -176,7 +176,7 @@ class EtcdZoneStore:
             if live:
                 return _Plan([], [], HostRemoval(live, []))
             placed = layout.placed(host)
-            compares = [unchanged(placed, mirror.mod(placed)), present(layout.host(host))]
+            compares = [unchanged(placed, mirror.mod(placed))]
             compares += [_same(mirror, layout.node(n.cluster, n.name)) for n in held]
             ops: list[Op] = [Delete(layout.node(n.cluster, n.name)) for n in held]
             ops += [
@@ -199,7 +199,7 @@ class EtcdZoneStore:
         key = layout.cluster(cluster.name)
         compares = [absent(key), *map(absent, layout.allocations(cluster))]
         compares += [present(layout.host(h)) for h in hosts]
-        compares += [absent(layout.gateway(g.cluster, g.host)) for g in gateways]
+        # No gateway can exist while the cluster key is absent: they go in one transaction.
         ops: list[Op] = [Put(key, cluster_value(cluster))]
         ops += [Put(k, cluster.name.encode()) for k in layout.allocations(cluster)]
         ops += self._placing(nodes, gateways)

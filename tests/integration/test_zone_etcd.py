@@ -266,3 +266,33 @@ async def test_etcd_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
                 await store.start()
         finally:
             await store.close()
+
+
+async def test_a_cluster_too_large_for_etcds_transactions_is_refused_naming_the_flag(
+    tmp_path: Path,
+) -> None:
+    """etcd's default --max-txn-ops (128) cannot hold a 98-node cluster's transaction: the
+    zone answers 503 naming the flag, writes nothing, and the same cluster fits a member
+    run as docs/zone.md asks."""
+    require(etcd_binary() is not None, "needs etcd (Debian's etcd-server: scripts/setup-host.sh)")
+    big = {**CLUSTER, "workers": {"count": 97, "vcpus": 1, "memory_mib": 256, "disk_gib": 1}}
+    spec = ClusterSpec.model_validate(big)
+    for max_txn_ops, fits in ((128, False), (2048, True)):
+        with etcd.start(max_txn_ops=max_txn_ops) as member:
+            store = EtcdZoneStore(etcd_client(member.endpoint), "/big/")
+            await store.start()
+            try:
+                config = ZoneServerConfig(state_dir=tmp_path)
+                service = ZoneService(store, config, LocalBackend(tmp_path / "pki"))
+                for i in range(1, 41):
+                    await service.report(f"h{i}", HostReport.model_validate(report(i)))
+                if fits:
+                    view, _ = await service.put_cluster("big", spec)
+                    assert len(view["status"]["nodes"]) == 98
+                    continue
+                with pytest.raises(StoreUnavailable, match="--max-txn-ops"):
+                    await service.put_cluster("big", spec)
+                _, kvs = await store.etcd.list_prefix("/big/")
+                assert all("/hosts/" in kv.key for kv in kvs), [kv.key for kv in kvs]
+            finally:
+                await store.close()
