@@ -263,6 +263,8 @@ class EtcdZoneStore:
             compares = [unchanged(key, mirror.mod(key))]
             ops: list[Op] = [Put(key, cluster_value(replace(current, deleting=True)))]
             for node in mirror.nodes_of(name):
+                if node.deleting:
+                    continue  # already so (and perhaps being removed at this moment)
                 node_key = layout.node(name, node.name)
                 compares.append(_same(mirror, node_key))
                 ops.append(Put(node_key, node_value(replace(node, deleting=True))))

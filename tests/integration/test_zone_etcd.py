@@ -27,7 +27,7 @@ from hostagent.zone.config import ZoneServerConfig, load_zone_config
 from hostagent.zone.etcd import Delete
 from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.model import ClusterSpec, HostReport
-from hostagent.zone.server import make_store
+from hostagent.zone.server import Zone, make_store
 from hostagent.zone.service import ZoneService
 from hostagent.zone.store import Stale
 from pki import keys, servicecerts
@@ -296,3 +296,29 @@ async def test_a_cluster_too_large_for_etcds_transactions_is_refused_naming_the_
                 assert all("/hosts/" in kv.key for kv in kvs), [kv.key for kv in kvs]
             finally:
                 await store.close()
+
+
+async def test_the_zone_serves_from_etcd_and_stops(tmp_path: Path, etcd_member: Member) -> None:
+    prefix = f"/test/{uuid.uuid4().hex}/"
+    text = (
+        f'state_dir = "{tmp_path}"\n[api]\nlisten = "127.0.0.1:{etcd._free_port()}"\n'
+        f'[store]\nbackend = "etcd"\nendpoints = ["{etcd_member.endpoint}"]\n'
+        f'prefix = "{prefix}"\n'
+    )
+    (tmp_path / "zone.toml").write_text(text)
+    zone = Zone(load_zone_config(tmp_path / "zone.toml"))
+    await zone.start()
+    try:
+        await zone.service.report("h1", HostReport.model_validate(report(1)))
+        await zone.service.put_cluster("demo", ClusterSpec.model_validate(CLUSTER))
+        assert b'hostagent_zone_clusters{phase="Provisioning"} 1.0' in zone.metrics.render()
+    finally:
+        await zone.stop()
+    assert not (tmp_path / "zone.db").exists()
+    client = etcd_client(etcd_member.endpoint)
+    try:
+        _, kvs = await client.list_prefix(prefix)
+        assert f"{prefix}clusters/demo" in {kv.key for kv in kvs}
+        await client.txn([], [Delete(prefix, prefix=True)])
+    finally:
+        await client.close()
