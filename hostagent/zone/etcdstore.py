@@ -248,8 +248,10 @@ class EtcdZoneStore:
         layout = self.layout
         ops: list[Op] = [Put(layout.node(n.cluster, n.name), node_value(n)) for n in nodes]
         ops += [Put(layout.gateway(g.cluster, g.host), gateway_value(g)) for g in gateways]
-        placed = sorted({n.host for n in nodes})
-        ops += [Put(layout.placed(h), ",".join(n.name for n in nodes).encode()) for h in placed]
+        placed: dict[str, list[str]] = {}
+        for node in nodes:
+            placed.setdefault(node.host, []).append(f"{node.cluster}/{node.name}")
+        ops += [Put(layout.placed(h), " ".join(keys).encode()) for h, keys in placed.items()]
         return ops
 
     async def mark_cluster_deleting(self, name: str) -> None:
