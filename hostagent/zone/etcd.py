@@ -198,7 +198,7 @@ class Etcd:
             if loop.time() + delay >= deadline:
                 raise StoreUnavailable(
                     f"etcd cannot be reached ({', '.join(self.endpoints)}), last {endpoint}: "
-                    f"{why}; nothing was changed"
+                    f"{why}; retry shortly"
                 )
             await asyncio.sleep(delay)
 
