@@ -366,9 +366,11 @@ class ZoneService:
         return [self._view(record) for record in self.store.clusters()]
 
     def _view(self, record: ClusterRecord) -> dict[str, Any]:
-        hosts = {h.id: h for h in self.store.hosts()}
+        """The cluster with its nodes, reading only the hosts they are on (listing every
+        cluster costs the zone's nodes, not its clusters times its hosts)."""
         timeout = self.config.hosts.heartbeat_timeout_s
         nodes = self.store.nodes(record.name)
+        hosts = {h: r for h in {n.host for n in nodes} if (r := self.store.host(h)) is not None}
         return cluster_view(record, nodes, hosts, self.clock(), timeout, self.refused)
 
     async def delete_cluster(self, name: str) -> dict[str, Any]:
