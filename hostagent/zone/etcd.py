@@ -192,6 +192,9 @@ class Etcd:
                     raise StoreUnavailable(_refusal(endpoint, exc.details(), request)) from exc
                 why = f"{exc.code().name}: {exc.details()}"
                 await self._next(channel)
+            except asyncio.CancelledError:
+                _reraise_if_cancelled()
+                why = "the connection was closed under the call"
             tried += 1
             log.debug("etcd %s failed (%s); trying %s", endpoint, why, self.endpoint)
             delay = backoff.next() if tried % len(self.endpoints) == 0 else 0.0
@@ -271,9 +274,21 @@ class Etcd:
         except rpc.AioRpcError as exc:
             await self._next(channel)
             raise StoreUnavailable(f"etcd {endpoint}: {exc.code().name}: {exc.details()}") from exc
+        except asyncio.CancelledError:
+            _reraise_if_cancelled()
+            raise StoreUnavailable(f"etcd {endpoint}: the connection was closed") from None
         finally:
             stop.set()
             call.cancel()
+
+
+def _reraise_if_cancelled() -> None:
+    """gRPC cancels the calls of a channel that is closed (when a call found its endpoint
+    dead, or the store closes): that CancelledError is a failed call, unless this task
+    itself is being cancelled."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class _Retry(Exception):

@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import logging
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,7 +27,7 @@ from hostagent.errors import StoreUnavailable
 from hostagent.zone.api import zone_app
 from hostagent.zone.auth import host_token
 from hostagent.zone.config import ZoneServerConfig, load_zone_config
-from hostagent.zone.etcd import Delete
+from hostagent.zone.etcd import Delete, Put
 from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.server import Zone, make_store
@@ -322,3 +325,37 @@ async def test_the_zone_serves_from_etcd_and_stops(tmp_path: Path, etcd_member: 
         await client.txn([], [Delete(prefix, prefix=True)])
     finally:
         await client.close()
+
+
+async def test_a_watch_behind_a_compaction_lists_again(
+    tmp_path: Path, etcd_member: Member, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The mirror follows from the last revision it saw; once etcd has compacted past it,
+    the store lists its keys again and serves on."""
+    require(shutil.which("etcdctl") is not None, "needs etcdctl (Debian's etcd-client)")
+    caplog.set_level(logging.INFO, logger="hostagent.zone.etcdstore")
+    prefix, elsewhere = f"/test/{uuid.uuid4().hex}/", f"/test/{uuid.uuid4().hex}/"
+    store = EtcdZoneStore(etcd_client(etcd_member.endpoint), prefix)
+    other = etcd_client(etcd_member.endpoint)
+    await store.start()
+    try:
+        service = ZoneService(store, ZoneServerConfig(state_dir=tmp_path), LocalBackend(tmp_path))
+        await service.report("h1", HostReport.model_validate(report(1)))
+        seen = store.mirror.revision
+        for i in range(3):  # the revision moves on past what the zone's prefix saw
+            result = await other.txn([], [Put(f"{elsewhere}{i}", b"x")])
+        subprocess.run(
+            ["etcdctl", f"--endpoints={etcd_member.endpoint}", "compact", str(result.revision)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        assert result.revision > seen + 1
+        await store.etcd.close()  # the connection drops: the watch resumes from seen + 1
+        await until(lambda: "listing the zone's keys again" in caplog.text)
+        await service.report("h2", HostReport.model_validate(report(2)))
+        assert [h.id for h in store.hosts()] == ["h1", "h2"]
+    finally:
+        await store.close()
+        await other.txn([], [Delete(prefix, prefix=True), Delete(elsewhere, prefix=True)])
+        await other.close()
