@@ -113,6 +113,10 @@ class EtcdZoneStore:
                     log.warning("lost the watch on etcd, answering 503 until it is back: %s", exc)
                 self._live = False
                 await asyncio.sleep(retry.next())
+            except Exception:  # a record the mirror cannot read: never serve a frozen copy
+                log.exception("cannot follow etcd, answering 503 and listing again")
+                self._live, relist = False, True
+                await asyncio.sleep(retry.next())
 
     def _view(self) -> Mirror:
         if not self._live:

@@ -95,16 +95,21 @@ class Mirror:
         return [n for _, n in sorted(self.nodes.get(cluster, {}).items())]
 
     def _put(self, key: str, value: bytes, revision: int) -> None:
-        parts = self.layout.parse(key)
+        try:
+            self._record(key, value)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"etcd key {key} at revision {revision} is unreadable: {exc}") from exc
         self.mods[key] = revision
-        match parts:
+
+    def _record(self, key: str, value: bytes) -> None:
+        match self.layout.parse(key):
             case ("hosts", host, "report"):
                 self.hosts[host] = _Host(json.loads(value))
             case ("clusters", name):
                 self.clusters[name] = cluster_record(name, value)
             case ("nodes", cluster, name):
-                self._drop_node(cluster, name)
                 node = node_record(cluster, name, value)
+                self._drop_node(cluster, name)
                 self.nodes.setdefault(cluster, {})[name] = node
                 self.nodes_on.setdefault(node.host, set()).add((cluster, name))
             case ("gateways", cluster, host):

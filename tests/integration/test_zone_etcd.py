@@ -359,3 +359,35 @@ async def test_a_watch_behind_a_compaction_lists_again(
         await store.close()
         await other.txn([], [Delete(prefix, prefix=True), Delete(elsewhere, prefix=True)])
         await other.close()
+
+
+async def test_an_unreadable_record_is_a_503_naming_it_until_it_is_fixed(
+    tmp_path: Path, etcd_member: Member, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix = f"/test/{uuid.uuid4().hex}/"
+    store = EtcdZoneStore(etcd_client(etcd_member.endpoint), prefix)
+    other = etcd_client(etcd_member.endpoint)
+    await store.start()
+    try:
+        service = ZoneService(store, ZoneServerConfig(state_dir=tmp_path), LocalBackend(tmp_path))
+        await service.report("h1", HostReport.model_validate(report(1)))
+        bad = f"{prefix}clusters/broken"
+        await other.txn([], [Put(bad, b"{not json")])
+
+        def refused() -> bool:
+            try:
+                store.hosts()
+            except StoreUnavailable:
+                return True
+            return False
+
+        await until(refused)
+        assert f"etcd key {bad}" in caplog.text
+        await other.txn([], [Delete(bad)])
+        await until(lambda: not refused())
+        assert [h.id for h in store.hosts()] == ["h1"]
+        assert store.cluster("broken") is None
+    finally:
+        await store.close()
+        await other.txn([], [Delete(prefix, prefix=True)])
+        await other.close()
