@@ -109,6 +109,7 @@ class TxnResult:
     succeeded: bool
     revision: int
     current: dict[str, int]
+    changed: bool = False  # it wrote something (a delete of nothing makes no revision)
 
 
 class Compacted(Exception):
@@ -236,7 +237,11 @@ class Etcd:
             for item in response.responses:
                 for kv in item.response_range.kvs:
                     current[kv.key.decode()] = kv.mod_revision
-        return TxnResult(response.succeeded, response.header.revision, current)
+        changed = response.succeeded and any(
+            item.HasField("response_put") or item.response_delete_range.deleted
+            for item in response.responses
+        )
+        return TxnResult(response.succeeded, response.header.revision, current, changed)
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
         """Batches of events under prefix from start_revision on, each revision's events in

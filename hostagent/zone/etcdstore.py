@@ -135,8 +135,8 @@ class EtcdZoneStore:
         mirror = self.mirror
 
         def caught_up() -> bool:
-            if result.succeeded:
-                return mirror.revision >= result.revision
+            if result.succeeded:  # a write of nothing has no revision of its own to wait for
+                return not result.changed or mirror.revision >= result.revision
             return all(
                 mirror.mod(key) == mod or mirror.mod(key) > result.revision
                 for key, mod in result.current.items()

@@ -391,3 +391,22 @@ async def test_an_unreadable_record_is_a_503_naming_it_until_it_is_fixed(
         await store.close()
         await other.txn([], [Delete(prefix, prefix=True)])
         await other.close()
+
+
+async def test_forgetting_a_delivery_never_made_returns_at_once(etcd_member: Member) -> None:
+    """Deleting an absent key makes no revision: the write must not wait for one (the
+    etcd's latest revision being another prefix's write)."""
+    prefix, elsewhere = f"/test/{uuid.uuid4().hex}/", f"/test/{uuid.uuid4().hex}"
+    store = EtcdZoneStore(etcd_client(etcd_member.endpoint), prefix)
+    other = etcd_client(etcd_member.endpoint)
+    await store.start()
+    try:
+        await other.txn([], [Put(elsewhere, b"x")])
+        async with asyncio.timeout(2.0):  # the store's own wait would be 10 s
+            await store.set_delivery("h1", "node", "demo/m1", None)
+        await store.set_delivery("h1", "node", "demo/m1", "abc")
+        assert store.deliveries("h1") == {("node", "demo/m1"): "abc"}
+    finally:
+        await store.close()
+        await other.txn([], [Delete(prefix, prefix=True), Delete(elsewhere)])
+        await other.close()
