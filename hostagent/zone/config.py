@@ -78,6 +78,22 @@ class ZonePkiConfig(_Section):
         return self
 
 
+class ControlCaConfig(_Section):
+    """`[control_ca]`: the CA of hostagent's own control plane (not of any cluster). No
+    files: the zone makes one under <state_dir>/control-ca on its first start."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    host_cert_ttl_days: Annotated[float, Field(gt=0, le=365)] = 30.0
+    zone_cert_ttl_days: Annotated[float, Field(gt=0, le=365)] = 30.0
+
+    @model_validator(mode="after")
+    def _pair(self) -> ControlCaConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both cert_file and key_file, or neither (the zone makes one)")
+        return self
+
+
 class ZoneServerConfig(_Section):
     state_dir: Path = Path("/var/lib/hostagent-zone")
     api: ApiConfig = ApiConfig(listen=DEFAULT_ZONE_LISTEN)
@@ -85,6 +101,7 @@ class ZoneServerConfig(_Section):
     agents: AgentsConfig = AgentsConfig()
     network: ZoneNetworkConfig = ZoneNetworkConfig()
     pki: ZonePkiConfig = ZonePkiConfig()
+    control_ca: ControlCaConfig = ControlCaConfig()
 
 
 def load_zone_config(path: Path | None) -> ZoneServerConfig:

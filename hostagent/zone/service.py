@@ -390,8 +390,9 @@ class ZoneService:
         hosts = {h.id: h for h in self.store.hosts()}
         return host_work(host, clusters, nodes, gateways, hosts, self.config.network.mtu)
 
-    def api_of(self, host: str) -> tuple[str, str] | None:
-        """The agent's URL and token; None when unknown, or when an older zone took a plain
+    def api_of(self, host: str) -> tuple[str, str | None] | None:
+        """The agent's URL and token (None: the agent takes the zone's client certificate
+        instead); None when unknown, or when an older zone took a plain
         http URL off loopback (the token is never sent over it; the agent's next report
         is refused until it names https)."""
         record = self.store.host(host)

@@ -105,6 +105,10 @@ class ZoneStore(Protocol):
     async def remove_cluster(self, name: str) -> None: ...
     def deliveries(self, host: str) -> dict[tuple[str, str], str]: ...
     async def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None: ...
+    def token_generation(self, host: str) -> int: ...
+    async def record_certificate(
+        self, host: str, generation: int | None, not_after: str
+    ) -> None: ...
 
 
 SCHEMA = """
@@ -148,6 +152,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
     key    TEXT NOT NULL,
     digest TEXT NOT NULL,
     PRIMARY KEY (host, kind, key)
+);
+CREATE TABLE IF NOT EXISTS host_certificates (
+    host       TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL,
+    not_after  TEXT NOT NULL
 );
 """
 
@@ -307,6 +316,34 @@ class SqliteZoneStore:
     async def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None:
         """Record what host acknowledged for (kind, key); None forgets it."""
         await self.db.write(lambda db: _set_delivery(db, host, kind, key, digest))
+
+    # --- the hosts' client certificates ----------------------------------------------
+
+    def token_generation(self, host: str) -> int:
+        """The generation of the host token that last bootstrapped host (0: none did)."""
+        query = "SELECT generation FROM host_certificates WHERE host = ?"
+        row = self.db.reader.execute(query, (host,)).fetchone()
+        return 0 if row is None else int(row["generation"])
+
+    async def record_certificate(self, host: str, generation: int | None, not_after: str) -> None:
+        """Record a certificate issued to host: bootstrapped by a host token of generation
+        (Stale, nothing written, when that generation or a later one was taken before),
+        or renewed (generation None)."""
+
+        def work(db: Connection) -> None:
+            query = "SELECT generation FROM host_certificates WHERE host = ?"
+            row = db.execute(query, (host,)).fetchone()
+            taken = 0 if row is None else int(row["generation"])
+            if generation is not None and generation <= taken:
+                raise Stale(f"host token generation {generation} of {host} was used")
+            db.execute(
+                "INSERT INTO host_certificates (host, generation, not_after) VALUES (?, ?, ?) "
+                "ON CONFLICT (host) DO UPDATE SET generation = excluded.generation, "
+                "not_after = excluded.not_after",
+                (host, taken if generation is None else generation, not_after),
+            )
+
+        await self.db.write(work)
 
 
 def _get_cluster(db: Connection, name: str) -> ClusterRecord | None:
