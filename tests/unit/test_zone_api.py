@@ -89,6 +89,12 @@ def test_host_tokens_name_their_host_and_generation_and_cannot_be_forged() -> No
         host_token(SECRET, "h1", 0)
 
 
+async def test_certificates_are_issued_over_tls_only(client: TestClient[Any, Any]) -> None:
+    body = {"csr": "unused"}
+    response = await client.post("/v1/hosts/h1/certificate", json=body, headers=as_host("h1"))
+    assert "over TLS only" in (await error_of(response, 403))["message"]
+
+
 async def test_no_or_wrong_token_is_401(client: TestClient[Any, Any]) -> None:
     await error_of(await client.get("/v1/clusters"), 401)
     bad = {"Authorization": "Bearer nope"}
