@@ -435,6 +435,11 @@ def load_config(path: Path | None) -> Config:
 def _check_tls(config: Config) -> None:
     host = ipaddress.ip_address(config.api.host)
     has_tls = config.api.tls_cert is not None and config.api.tls_key is not None
+    if config.api.client_ca_file is not None and not has_tls:
+        raise ConfigError(
+            "api.client_ca_file: client certificates come over TLS only; set api.tls_cert "
+            "and api.tls_key too"
+        )
     if not host.is_loopback and not has_tls:
         raise ConfigError(
             f"api.listen: {config.api.listen} is not a loopback address, which requires "

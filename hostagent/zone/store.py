@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hostagent.model import Role
-from hostagent.sqlite import Connection, Database, Row
+from hostagent.sqlite import Connection, Database, Row, read_only
 from hostagent.store import now
 from hostagent.zone.model import STORED, ClusterSpec, HostReport
 
@@ -321,9 +321,7 @@ class SqliteZoneStore:
 
     def token_generation(self, host: str) -> int:
         """The generation of the host token that last bootstrapped host (0: none did)."""
-        query = "SELECT generation FROM host_certificates WHERE host = ?"
-        row = self.db.reader.execute(query, (host,)).fetchone()
-        return 0 if row is None else int(row["generation"])
+        return _token_generation(self.db.reader, host)
 
     async def record_certificate(self, host: str, generation: int | None, not_after: str) -> None:
         """Record a certificate issued to host: bootstrapped by a host token of generation
@@ -331,9 +329,7 @@ class SqliteZoneStore:
         or renewed (generation None)."""
 
         def work(db: Connection) -> None:
-            query = "SELECT generation FROM host_certificates WHERE host = ?"
-            row = db.execute(query, (host,)).fetchone()
-            taken = 0 if row is None else int(row["generation"])
+            taken = _token_generation(db, host)
             if generation is not None and generation <= taken:
                 raise Stale(f"host token generation {generation} of {host} was used")
             db.execute(
@@ -344,6 +340,24 @@ class SqliteZoneStore:
             )
 
         await self.db.write(work)
+
+
+def token_generation_in(path: Path, host: str) -> int:
+    """token_generation of the zone database at path, read beside a running zone without
+    creating or changing anything (0 when there is no database, or no such table yet)."""
+    if not path.exists():
+        return 0
+    with read_only(path) as db:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        if db.execute(query, ("host_certificates",)).fetchone() is None:
+            return 0
+        return _token_generation(db, host)
+
+
+def _token_generation(db: Connection, host: str) -> int:
+    query = "SELECT generation FROM host_certificates WHERE host = ?"
+    row = db.execute(query, (host,)).fetchone()
+    return 0 if row is None else int(row["generation"])
 
 
 def _get_cluster(db: Connection, name: str) -> ClusterRecord | None:

@@ -174,3 +174,6 @@ async def test_a_token_generation_bootstraps_once(tmp_path: Path) -> None:
         store.close()
     assert next_host_token(tmp_path, "h1").startswith("host.h1.4.")
     assert next_host_token(tmp_path, "h2").startswith("host.h2.1.")
+    fresh = tmp_path / "never-ran"
+    assert next_host_token(fresh, "h1").startswith("host.h1.1.")
+    assert not (fresh / "zone.db").exists()  # read beside the zone, never made here
