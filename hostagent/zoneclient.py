@@ -95,9 +95,12 @@ class ZoneStatus:
     last_error: str | None
     failures: int  # consecutive failed beats
     heartbeat_interval_s: float
+    # mutual TLS: the host's certificate of the zone (None without mutual TLS)
+    certificate: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "certificate": self.certificate,
             "url": self.url,
             "registered": self.registered,
             "connected": self.connected,
@@ -162,6 +165,7 @@ class ZoneClient:
             last_error=str(self._error) if self._error else None,
             failures=self._failures,
             heartbeat_interval_s=self.interval_s,
+            certificate=self._identity.status() if self._identity else None,
         )
 
     def session(self) -> http.AsyncClient:

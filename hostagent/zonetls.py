@@ -23,6 +23,7 @@ import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from common import http
 from common.backoff import Backoff
@@ -82,6 +83,16 @@ class ZoneIdentity:
         self.problem = None
         self.ready.set()
         self._on_ca(self.ca_file)
+
+    def status(self) -> dict[str, Any]:
+        """For GET /v1/host: the certificate's validity and the current problem."""
+        held = self.ready.is_set() and self.not_after is not None
+        return {
+            "file": str(self.pem_file),
+            "not_after": _stamp(self.not_after) if held else None,
+            "renew_at": _stamp(self.renew_at()) if held else None,
+            "problem": self.problem,
+        }
 
     def renew_at(self) -> datetime:
         assert self.not_before is not None and self.not_after is not None
@@ -159,6 +170,10 @@ class ZoneIdentity:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomically(self.ca_file, ca_pem.encode(), 0o644)
         write_atomically(self.pem_file, pem.encode(), 0o600)
+
+
+def _stamp(when: datetime | None) -> str | None:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else None
 
 
 def _message(response: http.Response) -> str:

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -113,12 +114,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         loop,
     )
     try:
-        with agent.log_path.open("ab") as log:
-            agent.process = subprocess.Popen(
-                [sys.executable, "-m", "hostagent", "-c", str(agent.config_path), "serve"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        _start(agent)
         yield lab
     finally:
         try:
@@ -129,6 +125,15 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(10)
             loop.close()
+
+
+def _start(agent: Agent) -> None:
+    with agent.log_path.open("ab") as log:
+        agent.process = subprocess.Popen(
+            [sys.executable, "-m", "hostagent", "-c", str(agent.config_path), "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 async def _start_zone(config: ZoneServerConfig) -> Zone:
@@ -191,6 +196,15 @@ def test_the_certificate_is_renewed_without_a_restart(lab: Lab) -> None:
     assert lab.agent.process.pid == pid and lab.agent.process.poll() is None
     renewed = x509.load_pem_x509_certificate(lab.client_pem.read_bytes())
     assert renewed.not_valid_after_utc > dt.datetime.now(dt.UTC)
+
+
+def _answers(lab: Lab) -> bool:
+    assert lab.agent.process is not None and lab.agent.process.poll() is None, "agent exited"
+    with lab.client(lab.agent_url) as client:
+        try:
+            return client.get("/healthz").status_code == 200
+        except http.TransportError:
+            return False
 
 
 def test_a_host_can_only_act_as_itself(lab: Lab) -> None:
@@ -271,3 +285,39 @@ def test_the_agent_takes_the_zones_certificate_and_its_own_token(lab: Lab) -> No
     with lab.client(lab.agent_url, token=token) as client:
         assert client.get(node).status_code == 404
         assert client.get("/v1/host").status_code == 200
+
+
+def test_a_lost_certificate_is_bootstrapped_again_with_a_new_token(lab: Lab) -> None:
+    """The certificate gone while the agent was down: its spent token is refused with what
+    to do (shown in GET /v1/host), a new token in the token file is taken without a
+    restart. (A running agent keeps presenting the certificate it loaded: its next
+    bootstrap would be a renewal.)"""
+    poll(lambda: _registered(lab), 60, "the agent to register")
+    token = (lab.agent.state_dir / "api-token").read_text().strip()
+
+    def certificate() -> dict[str, Any]:
+        with lab.client(lab.agent_url, token=token) as client:
+            zone: dict[str, Any] = client.get("/v1/host").json()["zone"]
+        return zone
+
+    held = poll(lambda: certificate()["certificate"]["not_after"], 30, "a certificate shown")
+    assert dt.datetime.fromisoformat(held) > dt.datetime.now(dt.UTC)
+    lab.agent.stop()
+    lab.client_pem.unlink()
+    _start(lab.agent)
+    assert lab.agent.process is not None
+    pid = lab.agent.process.pid
+    spent = poll(
+        lambda: _answers(lab) and "already used" in (certificate()["certificate"]["problem"] or ""),
+        60,
+        "the spent token refused",
+    )
+    assert spent
+    # and no report without a certificate, saying why
+    poll(lambda: "already used" in (certificate()["last_error"] or ""), 30, "the report's error")
+    token_file = lab.agent.state_dir / "zone-token"
+    token_file.write_text(next_host_token(lab.zone.config.state_dir, lab.agent.host_id) + "\n")
+    poll(lambda: lab.client_pem.exists(), 120, "a certificate bootstrapped again")
+    poll(lambda: certificate()["connected"], 60, "reports again")
+    assert certificate()["certificate"]["problem"] is None
+    assert lab.agent.process.pid == pid and lab.agent.process.poll() is None
