@@ -109,15 +109,24 @@ class ZoneIdentity:
                 bootstrap = not self._usable()
                 try:
                     await self.obtain(session, bootstrap=bootstrap)
-                except CertificateFailed as exc:
-                    if self.problem != str(exc):
-                        log.warning("%s; retrying", exc)
-                    self.problem = str(exc)
-                    if bootstrap:
-                        self.ready.clear()
+                except Exception as exc:  # whatever fails, the loop goes on
+                    self._failed(exc, bootstrap)
                     await asyncio.sleep(retry.next())
                     continue
                 retry.reset()
+
+    def _failed(self, exc: Exception, bootstrap: bool) -> None:
+        expected = isinstance(exc, CertificateFailed)
+        problem = (
+            str(exc)
+            if expected
+            else f"certificate {'bootstrap' if bootstrap else 'renewal'} crashed: {exc!r}"
+        )
+        if self.problem != problem:
+            log.warning("%s; retrying", problem, exc_info=not expected)
+        self.problem = problem
+        if bootstrap:
+            self.ready.clear()
 
     async def obtain(self, session: http.AsyncClient, *, bootstrap: bool) -> None:
         """One certificate: with the host token (bootstrap) or the current certificate."""
