@@ -176,6 +176,13 @@ def renew_at(not_before: dt.datetime, not_after: dt.datetime, fraction: float) -
     return issued + (not_after - issued) * fraction
 
 
+def names_host(peercert: Mapping[str, Any], host: str) -> bool:
+    """Whether a verified server certificate names host: the DNS name <host id> or the
+    URI urn:hostagent:host:<id> among its subject alternative names."""
+    names = set(peercert.get("subjectAltName", ()))
+    return ("DNS", host) in names or ("URI", HOST_URI + host) in names
+
+
 def identity_of(peercert: Mapping[str, Any] | None) -> Identity | None:
     """Who a verified peer certificate names, from ssl's getpeercert() (the dict form,
     which the ssl module fills only for a certificate it verified); None without one,

@@ -34,6 +34,7 @@ class HostsConfig(_Section):
 
 class AgentsConfig(_Section):
     ca_file: Path | None = None
+    verify_host_names: bool = True  # an agent's server certificate names its host id
     retry_initial_s: Annotated[float, Field(gt=0)] = 1.0
     retry_max_s: Annotated[float, Field(gt=0)] = 30.0
     request_timeout_s: Annotated[float, Field(gt=0)] = 10.0

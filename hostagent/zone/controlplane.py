@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import ssl
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from common import http
 from common.files import write_atomically
@@ -67,11 +69,16 @@ class ControlPlane:
         context.load_verify_locations(cafile=str(self.ca_file))
         return context
 
-    def agents_tls(self, agents_ca_file: Path | None) -> ssl.SSLContext:
+    def agents_tls(
+        self, agents_ca_file: Path | None, hosts_at: Callable[[str], set[str]] | None
+    ) -> ssl.SSLContext:
         """The calls to agents: trust [agents] ca_file, present the zone's certificate
-        (refresh_zone_cert first; load_zone_cert after each refresh)."""
+        (refresh_zone_cert first; load_zone_cert after each refresh); with hosts_at (the
+        hosts reporting an address), refuse in the handshake an agent whose certificate
+        names none of the hosts at its address, so a host cannot pose as another."""
+        check = _host_names(hosts_at) if hosts_at is not None else None
         try:
-            context = http.tls_context(agents_ca_file)
+            context = http.tls_context(agents_ca_file, check_peer=check)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"agents.ca_file: cannot load {agents_ca_file}: {exc}") from exc
         self.load_zone_cert(context)
@@ -80,6 +87,20 @@ class ControlPlane:
     def load_zone_cert(self, context: ssl.SSLContext) -> None:
         """Present the current zone certificate on the connections made from now on."""
         context.load_cert_chain(self.zone_cert_file)
+
+
+def _host_names(hosts_at: Callable[[str], set[str]]) -> http.PeerCheck:
+    def check(address: str | None, peercert: dict[str, Any]) -> None:
+        hosts = hosts_at(address or "")
+        if not any(controlca.names_host(peercert, host) for host in hosts):
+            raise ssl.SSLCertVerificationError(
+                f"the agent at {address} presents a certificate that names none of the "
+                f"hosts reporting that address ({', '.join(sorted(hosts)) or 'none'}) as a "
+                "DNS name or urn:hostagent:host:<id>; issue it with the host id as a DNS "
+                "name, or set [agents] verify_host_names = false"
+            )
+
+    return check
 
 
 def _ensure_ca(directory: Path) -> tuple[Path, Path]:

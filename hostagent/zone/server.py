@@ -53,7 +53,10 @@ class Zone:
         self.service = ZoneService(self.store, config, make_backend(config))
         self.control = ControlPlane(config.control_ca, config.state_dir)
         self._renew_zone_cert_at = self.control.refresh_zone_cert()
-        self.agents_tls = self.control.agents_tls(config.agents.ca_file)
+        self.agents_tls = self.control.agents_tls(
+            config.agents.ca_file,
+            self.service.hosts_at if config.agents.verify_host_names else None,
+        )
         self.deliverer = Deliverer(self.service, config.agents, self.agents_tls)
         self.metrics = ZoneMetrics(
             self._hosts_by_state,

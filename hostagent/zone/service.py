@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -403,6 +404,14 @@ class ZoneService:
         except ValueError:
             return None
         return url, record.report.api_token
+
+    def hosts_at(self, address: str) -> set[str]:
+        """The hosts whose reported api_url has address (an IP or a DNS name) as its host."""
+        return {
+            record.id
+            for record in self.store.hosts()
+            if urlsplit(record.report.api_url).hostname == address
+        }
 
     def hosts_with_work(self) -> set[str]:
         hosts = {n.host for n in self.store.nodes()}

@@ -4,21 +4,26 @@
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
+from common import http
 from hostagent.errors import ConfigError
 from hostagent.zone.config import ControlCaConfig, load_zone_config
 from hostagent.zone.controlplane import ControlPlane
 from hostagent.zone.store import SqliteZoneStore, Stale
 from hostagent.zone.tokens import next_host_token
 from pki import controlca
+from pki.servicecerts import issue_server_cert
+from tests.fakezone import free_port
 
 DAY = dt.timedelta(days=1)
 NOW = dt.datetime.now(dt.UTC)
@@ -137,7 +142,7 @@ def test_the_zone_makes_its_ca_once_with_a_private_key(tmp_path: Path) -> None:
     assert first.ca_pem == second.ca_pem
     first.refresh_zone_cert()
     assert first.zone_cert_file.stat().st_mode & 0o777 == 0o600
-    assert first.agents_tls(None) is not None
+    assert first.agents_tls(None, None) is not None
 
 
 def test_a_given_ca_is_used_and_a_wrong_one_is_a_clear_error(tmp_path: Path) -> None:
@@ -177,3 +182,42 @@ async def test_a_token_generation_bootstraps_once(tmp_path: Path) -> None:
     fresh = tmp_path / "never-ran"
     assert next_host_token(fresh, "h1").startswith("host.h1.1.")
     assert not (fresh / "zone.db").exists()  # read beside the zone, never made here
+
+
+@pytest.mark.parametrize(("named", "refused"), [("h1", False), ("agent", True)])
+async def test_the_zone_refuses_an_agent_certificate_naming_another_host(
+    tmp_path: Path, named: str, refused: bool
+) -> None:
+    """A real TLS server on loopback: the zone's calls to the agent at 127.0.0.1 (which
+    host h1 reports) go through only when its server certificate names h1, and the
+    refusal comes in the handshake, before the request is sent."""
+    cert, key = issue_server_cert(tmp_path / "ca", named, "127.0.0.1", tmp_path / "tls")
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/v1/host", answer)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_tls).start()
+    control = ControlPlane(ControlCaConfig(), tmp_path / "zone")
+    control.refresh_zone_cert()
+    hosts = {"127.0.0.1": {"h1"}}
+    tls = control.agents_tls(tmp_path / "ca" / "ca.crt", lambda a: hosts.get(a, set()))
+    try:
+        async with http.async_client(tls=tls, timeout_s=10) as client:
+            if refused:
+                with pytest.raises(http.TransportError, match=r"names none of the hosts.*h1"):
+                    await client.get(f"https://127.0.0.1:{port}/v1/host")
+                assert seen == []
+            else:
+                response = await client.get(f"https://127.0.0.1:{port}/v1/host")
+                assert response.status_code == 200 and seen == ["/v1/host"]
+    finally:
+        await runner.cleanup()
