@@ -61,6 +61,8 @@ class ZoneIdentity:
         self._retry = (retry_initial_s, retry_max_s)
         try:
             self.tls = http.tls_context(config.zone.ca_file)
+            # a bootstrap presents no certificate: an expired one would fail the handshake
+            self._bare_tls = http.tls_context(config.zone.ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"zone.ca_file: cannot load {config.zone.ca_file}: {exc}") from exc
         self.ready = asyncio.Event()
@@ -101,13 +103,16 @@ class ZoneIdentity:
     async def run(self) -> None:
         """Bootstrap when needed, then renew forever (only cancellation ends it)."""
         retry = Backoff(*self._retry)
-        async with http.async_client(tls=self.tls, timeout_s=self._timeout_s) as session:
+        renewing = http.async_client(tls=self.tls, timeout_s=self._timeout_s)
+        bootstrapping = http.async_client(tls=self._bare_tls, timeout_s=self._timeout_s)
+        async with renewing, bootstrapping:
             while True:
                 if self.ready.is_set():
                     wait = (self.renew_at() - datetime.now(UTC)).total_seconds()
                     await asyncio.sleep(max(wait, 0.0))
                 bootstrap = not self._usable()
                 try:
+                    session = bootstrapping if bootstrap else renewing
                     await self.obtain(session, bootstrap=bootstrap)
                 except Exception as exc:  # whatever fails, the loop goes on
                     self._failed(exc, bootstrap)
@@ -129,7 +134,8 @@ class ZoneIdentity:
             self.ready.clear()
 
     async def obtain(self, session: http.AsyncClient, *, bootstrap: bool) -> None:
-        """One certificate: with the host token (bootstrap) or the current certificate."""
+        """One certificate: with the host token (bootstrap, a session presenting no
+        certificate) or the current certificate (renewal, a session of `tls`)."""
         what = "bootstrap" if bootstrap else "renewal"
         headers = {}
         if bootstrap:

@@ -290,8 +290,7 @@ def test_the_agent_takes_the_zones_certificate_and_its_own_token(lab: Lab) -> No
 def test_a_lost_certificate_is_bootstrapped_again_with_a_new_token(lab: Lab) -> None:
     """The certificate gone while the agent was down: its spent token is refused with what
     to do (shown in GET /v1/host), a new token in the token file is taken without a
-    restart. (A running agent keeps presenting the certificate it loaded: its next
-    bootstrap would be a renewal.)"""
+    restart."""
     poll(lambda: _registered(lab), 60, "the agent to register")
     token = (lab.agent.state_dir / "api-token").read_text().strip()
 
