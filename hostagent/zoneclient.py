@@ -29,7 +29,7 @@ from hostagent.capacity import Resources
 from hostagent.config import Config
 from hostagent.errors import ConfigError
 from hostagent.store import NodeRecord
-from hostagent.zonetls import ZoneIdentity
+from hostagent.zonetls import CertificateStatus, ZoneIdentity
 
 log = logging.getLogger(__name__)
 FIRST_INTERVAL_S = 5.0
@@ -96,11 +96,11 @@ class ZoneStatus:
     failures: int  # consecutive failed beats
     heartbeat_interval_s: float
     # mutual TLS: the host's certificate of the zone (None without mutual TLS)
-    certificate: dict[str, Any] | None = None
+    certificate: CertificateStatus | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "certificate": self.certificate,
+            "certificate": self.certificate.as_dict() if self.certificate else None,
             "url": self.url,
             "registered": self.registered,
             "connected": self.connected,

@@ -21,6 +21,7 @@ import json
 import logging
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,24 @@ from pki import controlca
 
 log = logging.getLogger(__name__)
 RENEW_FRACTION = 2 / 3
+
+
+@dataclass(frozen=True)
+class CertificateStatus:
+    """The host's certificate of the zone as GET /v1/host and /metrics show it."""
+
+    file: Path
+    not_after: datetime | None  # None: no usable certificate held
+    renew_at: datetime | None
+    problem: str | None  # why the last bootstrap or renewal failed; None after a success
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": str(self.file),
+            "not_after": _stamp(self.not_after),
+            "renew_at": _stamp(self.renew_at),
+            "problem": self.problem,
+        }
 
 
 class CertificateFailed(Exception):
@@ -86,15 +105,14 @@ class ZoneIdentity:
         self.ready.set()
         self._on_ca(self.ca_file)
 
-    def status(self) -> dict[str, Any]:
-        """For GET /v1/host: the certificate's validity and the current problem."""
+    def status(self) -> CertificateStatus:
         held = self.ready.is_set() and self.not_after is not None
-        return {
-            "file": str(self.pem_file),
-            "not_after": _stamp(self.not_after) if held else None,
-            "renew_at": _stamp(self.renew_at()) if held else None,
-            "problem": self.problem,
-        }
+        return CertificateStatus(
+            file=self.pem_file,
+            not_after=self.not_after if held else None,
+            renew_at=self.renew_at() if held else None,
+            problem=self.problem,
+        )
 
     def renew_at(self) -> datetime:
         assert self.not_before is not None and self.not_after is not None

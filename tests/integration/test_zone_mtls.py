@@ -301,6 +301,14 @@ def test_a_lost_certificate_is_bootstrapped_again_with_a_new_token(lab: Lab) -> 
 
     held = poll(lambda: certificate()["certificate"]["not_after"], 30, "a certificate shown")
     assert dt.datetime.fromisoformat(held) > dt.datetime.now(dt.UTC)
+    with lab.client(lab.agent_url) as client:
+        metrics = client.get("/metrics").text
+    expiry = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith("hostagent_zone_certificate_expiry_timestamp_seconds ")
+    )
+    assert float(expiry.split()[1]) > dt.datetime.now(dt.UTC).timestamp()
     lab.agent.stop()
     lab.client_pem.unlink()
     _start(lab.agent)

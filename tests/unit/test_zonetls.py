@@ -75,7 +75,7 @@ async def test_bootstrap_with_the_token_then_files_and_context(
 ) -> None:
     stand_in, url = zone
     agent = identity(tmp_path, url)
-    assert not agent.ready.is_set() and agent.status()["not_after"] is None
+    assert not agent.ready.is_set() and agent.status().not_after is None
     task = asyncio.create_task(agent.run())
     try:
         await asyncio.wait_for(agent.ready.wait(), 10)
@@ -90,7 +90,8 @@ async def test_bootstrap_with_the_token_then_files_and_context(
     assert x509.load_pem_x509_certificate(pem.encode()).public_key() == csr.public_key()
     assert agent.ca_file.read_text() == stand_in.ca[0]
     status = agent.status()
-    assert status["problem"] is None and status["not_after"] is not None
+    assert status.problem is None and status.not_after is not None
+    assert status.as_dict()["not_after"] == status.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
     # a new process finds the certificate usable and calls nobody
     again = identity(tmp_path, url)
     assert again.ready.is_set() and again.not_after == agent.not_after
