@@ -153,15 +153,16 @@ async def post_certificate(request: web.Request) -> web.Response:
         issued = control.issue_host(body.csr, host)
     except controlca.BadRequest as exc:
         raise Invalid(str(exc)) from exc
+    not_after = issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
-        await store.record_certificate(host, generation, issued.not_after.isoformat())
+        await store.record_certificate(host, generation, not_after)
     except Stale as exc:
         assert generation is not None  # a renewal never is stale
         raise Forbidden(_used_token(host, generation)) from exc
     answer = {
         "certificate": issued.cert_pem,
         "ca": issued.ca_pem,
-        "not_after": issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "not_after": not_after,
     }
     return web.json_response(answer, status=201)
 

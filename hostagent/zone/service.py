@@ -117,7 +117,10 @@ class ZoneService:
 
     def hosts_view(self) -> list[dict[str, Any]]:
         timeout = self.config.hosts.heartbeat_timeout_s
-        return [host_view(h, self.clock(), timeout) for h in self.store.hosts()]
+        certificates = self.store.certificates()
+        return [
+            host_view(h, self.clock(), timeout, certificates.get(h.id)) for h in self.store.hosts()
+        ]
 
     async def remove_host(self, host: str) -> None:
         """Forget a host (decommissioned, or dead for good). Refused while it holds a node

@@ -74,6 +74,14 @@ class HostRemoval:
     forgotten: list[NodeRecord]
 
 
+@dataclass(frozen=True)
+class HostCertificate:
+    """The last client certificate the zone issued to a host."""
+
+    not_after: str
+    token_generation: int  # of the host token that last bootstrapped it
+
+
 class Stale(Exception):
     """The state a decision was made on changed before it was written; nothing was."""
 
@@ -106,6 +114,7 @@ class ZoneStore(Protocol):
     def deliveries(self, host: str) -> dict[tuple[str, str], str]: ...
     async def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None: ...
     def token_generation(self, host: str) -> int: ...
+    def certificates(self) -> dict[str, HostCertificate]: ...
     async def record_certificate(
         self, host: str, generation: int | None, not_after: str
     ) -> None: ...
@@ -322,6 +331,10 @@ class SqliteZoneStore:
     def token_generation(self, host: str) -> int:
         """The generation of the host token that last bootstrapped host (0: none did)."""
         return _token_generation(self.db.reader, host)
+
+    def certificates(self) -> dict[str, HostCertificate]:
+        rows = self.db.reader.execute("SELECT * FROM host_certificates").fetchall()
+        return {row["host"]: HostCertificate(row["not_after"], row["generation"]) for row in rows}
 
     async def record_certificate(self, host: str, generation: int | None, not_after: str) -> None:
         """Record a certificate issued to host: bootstrapped by a host token of generation

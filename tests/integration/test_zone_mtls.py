@@ -162,6 +162,10 @@ def test_the_agent_bootstraps_and_reports_with_its_certificate_only(lab: Lab) ->
     ).read_text()
     record = lab.zone.store.host(lab.agent.host_id)
     assert record is not None and record.report.api_token is None  # the zone holds no token
+    with lab.client(lab.zone_url, token=lab.zone.admin_token) as admin:
+        (view,) = [h for h in admin.get("/v1/hosts").json()["items"] if h["host"] == record.id]
+    assert view["certificate"]["token_generation"] == 1
+    assert view["certificate"]["not_after"].endswith("Z") and "api_token" not in view
     before = lab.reports()
     poll(lambda: lab.reports() > before, 30, "heartbeats with the certificate")
     assert lab.host_token not in lab.agent.log_tail()
