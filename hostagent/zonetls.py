@@ -34,7 +34,6 @@ from hostagent.errors import ConfigError
 from pki import controlca
 
 log = logging.getLogger(__name__)
-RENEW_FRACTION = 2 / 3
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,7 @@ class ZoneIdentity:
 
     def renew_at(self) -> datetime:
         assert self.not_before is not None and self.not_after is not None
-        return controlca.renew_at(self.not_before, self.not_after, RENEW_FRACTION)
+        return controlca.renew_at(self.not_before, self.not_after)
 
     async def run(self) -> None:
         """Bootstrap when needed, then renew forever (only cancellation ends it)."""

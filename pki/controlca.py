@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.names import DNS1123_LABEL
-from pki import keys
+from pki import keys, lifetime
 from pki.local import self_signed_ca
 
 CA_TTL = dt.timedelta(days=3650)
@@ -169,11 +169,10 @@ def usable(cert_pem: str, key_pem: str, ca_pem: str, host: str, now: dt.datetime
     )
 
 
-def renew_at(not_before: dt.datetime, not_after: dt.datetime, fraction: float) -> dt.datetime:
-    """When to renew: at `fraction` of the lifetime from the issue (not_before is
-    backdated by BACKDATE)."""
-    issued = not_before + BACKDATE
-    return issued + (not_after - issued) * fraction
+def renew_at(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime:
+    """When to renew (pki.lifetime's 2/3), counted from the issue: not_before is backdated
+    by BACKDATE, which would make a short-lived certificate due at once."""
+    return lifetime.renew_at(not_before + BACKDATE, not_after)
 
 
 def names_host(peercert: Mapping[str, Any], host: str) -> bool:

@@ -23,7 +23,6 @@ from hostagent.zone.config import ControlCaConfig
 from pki import controlca
 
 log = logging.getLogger(__name__)
-RENEW_FRACTION = 2 / 3
 
 
 class ControlPlane:
@@ -56,7 +55,7 @@ class ControlPlane:
         replaced atomically); when to make the next one."""
         key_pem, issued = controlca.sign_zone_client(self.ca_pem, self._key_pem, self.zone_ttl)
         write_atomically(self.zone_cert_file, (key_pem + issued.cert_pem).encode(), 0o600)
-        return controlca.renew_at(issued.not_before, issued.not_after, RENEW_FRACTION)
+        return controlca.renew_at(issued.not_before, issued.not_after)
 
     def server_tls(self, api: ApiConfig) -> ssl.SSLContext | None:
         """The API's TLS: its server certificate, asking every client for a certificate of

@@ -91,7 +91,7 @@ def test_usable_refuses_another_host_ca_key_or_an_expired_certificate(
 
 def test_renewal_is_at_two_thirds_of_the_lifetime_from_the_issue(ca: tuple[str, str]) -> None:
     issued = controlca.sign_host(*ca, controlca.host_csr("h1")[1], "h1", 30 * DAY)
-    at = controlca.renew_at(issued.not_before, issued.not_after, 2 / 3)
+    at = controlca.renew_at(issued.not_before, issued.not_after)
     assert abs(at - (issued.not_before + controlca.BACKDATE + 20 * DAY)) < dt.timedelta(seconds=1)
 
 
