@@ -3,7 +3,9 @@ real `hostagent serve` (real libvirt): the agent bootstraps its certificate with
 one-time host token, then reports with the certificate only and renews it without a
 restart; the zone refuses the used token, another host's certificate, a foreign CA's
 and an expired one, and no credentials; the agent takes the zone's client certificate
-on its cluster endpoints, refuses a host's, and still takes its own token (the CLI)."""
+on its cluster endpoints, refuses a host's, and still takes its own token (the CLI); the
+zone renews its own certificate while running; a certificate lost while the agent was
+down is bootstrapped again with a new token, without a restart."""
 
 from __future__ import annotations
 
@@ -74,22 +76,26 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     tmp = tmp_path_factory.mktemp("mtls")
     zone_port = free_port()
     zone_cert, zone_key = issue_server_cert(tmp / "ca", "zone", "127.0.0.1", tmp / "tls")
-    agent_cert, agent_key = issue_server_cert(tmp / "ca", "agent", "127.0.0.1", tmp / "tls")
+    state = Path("/var/lib/hostagent-e2e") / f"mtls-{tmp.name}"
+    agent = Agent(state_dir=state, image_dir=state / "images")  # QEMU must reach both
+    # the agent's server certificate names its host id, as the zone checks
+    agent_cert, agent_key = issue_server_cert(tmp / "ca", agent.host_id, "127.0.0.1", tmp / "tls")
     service_ca = tmp / "ca" / "ca.crt"
     config = ZoneServerConfig(
         state_dir=tmp / "zone",
         api=ApiConfig(listen=f"127.0.0.1:{zone_port}", tls_cert=zone_cert, tls_key=zone_key),
         hosts=HostsConfig(heartbeat_interval_s=0.5, heartbeat_timeout_s=5.0),
         agents=AgentsConfig(ca_file=service_ca),
-        control_ca=ControlCaConfig(host_cert_ttl_days=HOST_CERT_TTL_S / 86400),
+        control_ca=ControlCaConfig(
+            host_cert_ttl_days=HOST_CERT_TTL_S / 86400,
+            zone_cert_ttl_days=HOST_CERT_TTL_S / 86400,
+        ),
     )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     zone = asyncio.run_coroutine_threadsafe(_start_zone(config), loop).result(30)
 
-    state = Path("/var/lib/hostagent-e2e") / f"mtls-{tmp.name}"
-    agent = Agent(state_dir=state, image_dir=state / "images")  # QEMU must reach both
     (state / "images").mkdir(parents=True, exist_ok=True)
     token = next_host_token(config.state_dir, agent.host_id)
     token_file = state / "zone-token"
@@ -332,3 +338,29 @@ def test_a_lost_certificate_is_bootstrapped_again_with_a_new_token(lab: Lab) -> 
     poll(lambda: certificate()["connected"], 60, "reports again")
     assert certificate()["certificate"]["problem"] is None
     assert lab.agent.process.pid == pid and lab.agent.process.poll() is None
+
+
+def test_the_zone_calls_the_agent_with_its_renewed_certificate(lab: Lab) -> None:
+    """Through the zone's own context (the Deliverer's): the agent's server certificate
+    names its host, the zone's client certificate is taken, and after the zone renewed
+    it while running the new one is presented (the first one has expired by then)."""
+    poll(lambda: _registered(lab), 60, "the agent to register")
+    zone_pem = lab.control_dir / "zone-client.pem"
+    node = f"{lab.agent_url}/v1/clusters/mtls-none/nodes/n1"
+
+    def zone_call() -> int:
+        async def call() -> int:
+            async with http.async_client(tls=lab.zone.agents_tls, timeout_s=10) as client:
+                return (await client.get(node)).status_code
+
+        return asyncio.run_coroutine_threadsafe(call(), lab.loop).result(30)
+
+    assert zone_call() == 404  # past authentication: no such node
+    first = x509.load_pem_x509_certificate(zone_pem.read_bytes())
+    poll(lambda: _serial(zone_pem) != first.serial_number, HOST_CERT_TTL_S * 2, "a renewal")
+    poll(
+        lambda: dt.datetime.now(dt.UTC) > first.not_valid_after_utc,
+        HOST_CERT_TTL_S * 2,
+        "the first zone certificate to expire",
+    )
+    assert zone_call() == 404  # an expired certificate would fail the agent's handshake
