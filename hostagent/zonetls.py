@@ -55,7 +55,12 @@ class CertificateStatus:
 
 
 class CertificateFailed(Exception):
-    """One bootstrap or renewal failed; the message says why and what to do."""
+    """One bootstrap or renewal failed; the message says why and what to do. refused: the
+    zone refused the current certificate (a TLS alert, 401), e.g. its CA was made anew."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class ZoneIdentity:
@@ -87,6 +92,7 @@ class ZoneIdentity:
         self.problem: str | None = "no certificate of the zone yet"
         self.not_before: datetime | None = None
         self.not_after: datetime | None = None
+        self._try_token = False  # the zone refused the certificate: bootstrap once
         if self._usable():
             self._load()
 
@@ -127,12 +133,17 @@ class ZoneIdentity:
                 if self.ready.is_set():
                     wait = (self.renew_at() - datetime.now(UTC)).total_seconds()
                     await asyncio.sleep(max(wait, 0.0))
-                bootstrap = not self._usable()
+                bootstrap = self._try_token or not self._usable()
+                self._try_token = False
                 try:
                     session = bootstrapping if bootstrap else renewing
                     await self.obtain(session, bootstrap=bootstrap)
                 except Exception as exc:  # whatever fails, the loop goes on
                     self._failed(exc, bootstrap)
+                    # a certificate the zone refuses: the next attempt with the token
+                    # (its CA made anew?), then renewal again, in turn until one works
+                    refused = isinstance(exc, CertificateFailed) and exc.refused
+                    self._try_token = refused and not bootstrap
                     await asyncio.sleep(retry.next())
                     continue
                 retry.reset()
@@ -147,7 +158,7 @@ class ZoneIdentity:
         if self.problem != problem:
             log.warning("%s; retrying", problem, exc_info=not expected)
         self.problem = problem
-        if bootstrap:
+        if bootstrap and not self._usable():
             self.ready.clear()
 
     async def obtain(self, session: http.AsyncClient, *, bootstrap: bool) -> None:
@@ -167,16 +178,14 @@ class ZoneIdentity:
             async with asyncio.timeout(self._timeout_s):
                 response = await session.post(url, json={"csr": csr_pem}, headers=headers)
         except (http.HTTPError, TimeoutError, OSError) as exc:
-            kind = (
-                "TLS with the zone failed ([zone] ca_file?)"
-                if http.is_tls_error(exc)
-                else ("the zone is not reachable")
-            )
-            raise CertificateFailed(f"certificate {what}: {kind}: {exc!r}") from exc
+            tls = http.is_tls_error(exc)
+            kind = "TLS with the zone failed ([zone] ca_file?)" if tls else "unreachable zone"
+            raise CertificateFailed(f"certificate {what}: {kind}: {exc!r}", tls) from exc
         if response.status_code != 201:
             raise CertificateFailed(
                 f"certificate {what}: the zone answered {response.status_code}: "
-                f"{_message(response)}"
+                f"{_message(response)}",
+                response.status_code == 401,
             )
         try:
             answer = response.json()

@@ -29,12 +29,16 @@ TOKEN = "host.h1.1.mac"
 class StandIn:
     ca: tuple[str, str] = field(default_factory=controlca.make_ca)
     failures: list[int] = field(default_factory=list)  # statuses to answer first
+    refuse_renewals: int = 0  # answer so many renewals (no token) 401, as a new CA would
     calls: list[tuple[str | None, str]] = field(default_factory=list)  # (bearer, csr)
     ttl: dt.timedelta = dt.timedelta(days=30)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.calls.append((request.headers.get("Authorization"), body["csr"]))
+        if self.refuse_renewals and "Authorization" not in request.headers:
+            self.refuse_renewals -= 1
+            return web.json_response({"error": {"code": "u", "message": "who?"}}, status=401)
         if self.failures:
             status = self.failures.pop(0)
             return web.json_response({"error": {"code": "x", "message": "no"}}, status=status)
@@ -145,3 +149,23 @@ async def test_renewal_presents_the_certificate_and_swaps_it(
     finally:
         task.cancel()
     assert stand_in.calls[1][0] is None  # renewed without the token
+
+
+async def test_a_refused_certificate_is_replaced_with_the_token(
+    tmp_path: Path, zone: tuple[StandIn, str]
+) -> None:
+    """The zone refuses the certificate (its CA made anew): the next attempt is a
+    bootstrap with the token from the file, and heartbeats never stopped meanwhile."""
+    stand_in, url = zone
+    stand_in.ttl = dt.timedelta(seconds=3)
+    stand_in.refuse_renewals = 1
+    agent = identity(tmp_path, url)
+    task = asyncio.create_task(agent.run())
+    try:
+        await asyncio.wait_for(agent.ready.wait(), 10)
+        await until(lambda: len(stand_in.calls) >= 3 and agent.problem is None)
+        assert agent.ready.is_set()
+    finally:
+        task.cancel()
+    bearers = [bearer for bearer, _ in stand_in.calls[:3]]
+    assert bearers == [f"Bearer {TOKEN}", None, f"Bearer {TOKEN}"]
