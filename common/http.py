@@ -18,8 +18,9 @@ around it. Requests are not retried here: the callers' loops retry with common.b
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from os import PathLike
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import httpx
 
@@ -32,6 +33,9 @@ TransportError = httpx.TransportError  # not reachable, timed out, TLS, protocol
 
 FilePath = str | PathLike[str]
 MAX_CONNECTIONS = 100
+# (the name the client asked for, the verified certificate as ssl's getpeercert() gives
+# it): raises ssl.SSLCertVerificationError to refuse the peer
+PeerCheck = Callable[[str | None, dict[str, Any]], None]
 
 
 def tls_context(
@@ -39,14 +43,31 @@ def tls_context(
     *,
     cert_file: FilePath | None = None,
     key_file: FilePath | None = None,
+    check_peer: PeerCheck | None = None,
 ) -> ssl.SSLContext:
     """Trust `ca_file` (PEM), else the system's CAs; with cert_file, present it (and
-    key_file, else the key in cert_file). Raises OSError or ssl.SSLError for a file
-    that cannot be loaded: the caller names the setting."""
+    key_file, else the key in cert_file); with check_peer, let it refuse a verified
+    server in the handshake, before any request is sent (asynchronous clients). Raises
+    OSError or ssl.SSLError for a file that cannot be loaded: the caller names the
+    setting."""
     context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     if cert_file is not None:
         context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    if check_peer is not None:
+        context.sslobject_class = _checking(check_peer)
     return context
+
+
+def _checking(check_peer: PeerCheck) -> type[ssl.SSLObject]:
+    """The SSLObject class of a context whose handshakes end with check_peer (the
+    asynchronous clients' TLS runs over memory BIOs, i.e. SSLObjects)."""
+
+    class Checked(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()
+            check_peer(self.server_hostname, self.getpeercert() or {})
+
+    return Checked
 
 
 def is_tls_error(exc: BaseException) -> bool:

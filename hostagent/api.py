@@ -16,6 +16,7 @@ from common.names import check_name
 from hostagent import __version__
 from hostagent.errors import (
     Conflict,
+    Forbidden,
     Invalid,
     MalformedRequest,
     NotFound,
@@ -26,12 +27,14 @@ from hostagent.errors import (
 from hostagent.networks import PeerList, StoredPeers, parse_peers
 from hostagent.nodes import NodeService, parse_key, parse_spec
 from hostagent.openapi import openapi_document
+from pki import controlca
 
 log = logging.getLogger(__name__)
 
 STATUS = {
     MalformedRequest: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     Invalid: 422,
@@ -81,11 +84,27 @@ errors = error_middleware(STATUS)
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The API token (the CLI, a controller), or on the cluster endpoints the zone's
+    client certificate: the server asks for one with mutual TLS, and ssl verified it
+    against the zone's CA; a certificate naming anyone else is refused."""
     path = request.path
     if path.startswith("/v1/") and not path.startswith("/v1/phone-home/"):
         given = _bearer(request)
-        if given is None or not same_secret(given, request.app[TOKEN]):
-            raise Unauthorized("missing or wrong bearer token (see <state_dir>/api-token)")
+        if given is not None and same_secret(given, request.app[TOKEN]):
+            return await handler(request)
+        peer = request.transport.get_extra_info("peercert") if request.transport else None
+        if peer:
+            identity = controlca.identity_of(peer)
+            if identity is None or identity.kind != "zone":
+                who = f"host {identity.name}" if identity else "no part of hostagent"
+                raise Forbidden(f"a client certificate naming {who} may not call this agent")
+            if not path.startswith("/v1/clusters/"):
+                raise Forbidden("the zone's certificate is for the cluster endpoints only")
+            return await handler(request)
+        raise Unauthorized(
+            "missing or wrong bearer token (see <state_dir>/api-token), and no client "
+            "certificate of the zone"
+        )
     return await handler(request)
 
 

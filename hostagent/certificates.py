@@ -8,6 +8,7 @@ inputs. Secrets are read from their files once, at start, and never logged.
 from __future__ import annotations
 
 import pwd
+import ssl
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -25,11 +26,13 @@ from pki.local import LocalBackend
 from pki.renewal import RenewalTarget
 
 
-def make_backend(config: Config) -> Backend:
+def make_backend(config: Config, zone_tls: ssl.SSLContext | None = None) -> Backend:
+    """zone_tls: with mutual TLS, the context that presents the host's certificate of
+    the zone (hostagent/zonetls.py); the zone backend then sends no token."""
     if config.pki.backend == "local":
         return LocalBackend(config.state_dir)
     if config.pki.backend == "zone":
-        return _zone_backend(config)
+        return _zone_backend(config, zone_tls)
     assert config.pki.vault is not None  # the config's validator guarantees it
     return vault_backend(config.pki.vault)
 
@@ -52,17 +55,15 @@ def vault_backend(vault: VaultConfig) -> Backend:
     )
 
 
-def _zone_backend(config: Config) -> Backend:
+def _zone_backend(config: Config, zone_tls: ssl.SSLContext | None) -> Backend:
     from pki.zone import ZoneBackend, ZoneSettings
 
     zone = config.zone
     assert zone.url is not None and zone.token_file is not None  # the config's validators
+    token = None if zone_tls else read_secret(zone.token_file, "zone.token_file")
     return ZoneBackend(
         ZoneSettings(
-            url=zone.url,
-            token=read_secret(zone.token_file, "zone.token_file"),
-            ca_file=zone.ca_file,
-            timeout=zone.timeout_s,
+            url=zone.url, token=token, ca_file=zone.ca_file, timeout=zone.timeout_s, tls=zone_tls
         )
     )
 

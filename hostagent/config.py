@@ -55,6 +55,13 @@ class ApiConfig(_Section):
         return parse_listen(self.listen)[1]
 
 
+class AgentApiConfig(ApiConfig):
+    """The agent's [api]: client_ca_file verifies the zone's client certificate (default,
+    with mutual TLS: the zone's CA the agent got with its own certificate)."""
+
+    client_ca_file: Path | None = None
+
+
 class PhoneHomeConfig(_Section):
     port: Annotated[int, Field(ge=1, le=65535)] = 8472
 
@@ -277,7 +284,7 @@ class Config(_Section):
     host_id: str = Field(default_factory=socket.gethostname)
     state_dir: Path = Path("/var/lib/hostagent")
     image_dir: Path | None = None
-    api: ApiConfig = ApiConfig()
+    api: AgentApiConfig = AgentApiConfig()
     phone_home: PhoneHomeConfig = PhoneHomeConfig()
     libvirt: LibvirtConfig = LibvirtConfig()
     capacity: CapacityConfig = CapacityConfig()
@@ -334,6 +341,17 @@ class Config(_Section):
     @property
     def token_file(self) -> Path:
         return self.state_dir / "api-token"
+
+    @property
+    def zone_mtls(self) -> bool:
+        """Mutual TLS with the zone: on whenever the zone is reached over https."""
+        return self.zone.url is not None and self.zone.url.startswith("https:")
+
+    @property
+    def zone_tls_dir(self) -> Path:
+        """The host's certificate of the zone (client.pem: key and certificate) and the
+        zone's CA (ca.crt)."""
+        return self.state_dir / "zone-tls"
 
 
 def check_url(value: str, key: str) -> str:
@@ -417,6 +435,11 @@ def load_config(path: Path | None) -> Config:
 def _check_tls(config: Config) -> None:
     host = ipaddress.ip_address(config.api.host)
     has_tls = config.api.tls_cert is not None and config.api.tls_key is not None
+    if config.api.client_ca_file is not None and not has_tls:
+        raise ConfigError(
+            "api.client_ca_file: client certificates come over TLS only; set api.tls_cert "
+            "and api.tls_key too"
+        )
     if not host.is_loopback and not has_tls:
         raise ConfigError(
             f"api.listen: {config.api.listen} is not a loopback address, which requires "

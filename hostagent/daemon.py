@@ -39,6 +39,7 @@ from hostagent.sdnotify import Notifier
 from hostagent.store import Store
 from hostagent.virt.libvirt import Libvirt
 from hostagent.zoneclient import ZoneClient, host_report
+from hostagent.zonetls import ZoneIdentity
 from network.model import ClusterNetworkWanted
 from network.netlink import Netlink
 from network.nftables import NfTables
@@ -101,7 +102,11 @@ class Agent:
             on_reconnect=self._on_reconnect,
             on_timed=self._libvirt_timed,
         )
-        self.pki = certificates.make_backend(config)
+        self._api_tls: ssl.SSLContext | None = None
+        self.identity = (
+            ZoneIdentity(config, on_ca=self._trust_zone_ca) if config.zone_mtls else None
+        )
+        self.pki = certificates.make_backend(config, self.identity.tls if self.identity else None)
         self.renewer = Renewer(
             self.pki,
             lambda: certificates.renewal_targets(config, self.store.all()),
@@ -163,6 +168,15 @@ class Agent:
         if config.zone.url is None:
             return None
         assert config.zone.token_file is not None  # the config's validator guarantees it
+        if self.identity is not None:
+            return ZoneClient(
+                config.zone.url,
+                config.host_id,
+                None,
+                self._zone_report,
+                identity=self.identity,
+                timeout_s=config.zone.timeout_s,
+            )
         return ZoneClient(
             config.zone.url,
             config.host_id,
@@ -186,14 +200,23 @@ class Agent:
     # --- what the parts tell each other ------------------------------------------------
 
     def _zone_report(self) -> dict[str, Any]:
+        # With mutual TLS and an API over TLS the zone calls with its certificate: it
+        # gets no token of this agent.
+        takes_zone_cert = self.identity is not None and self.config.api.tls_cert is not None
         return host_report(
             self.config,
-            api_token=self.token,
+            api_token=None if takes_zone_cert else self.token,
             allocatable=capacity.allocatable(self.physical, self.config.capacity),
             allocated=self.service.allocated(),
             domain_type=self.domain_type,
             records=self.store.all(),
         )
+
+    def _trust_zone_ca(self, ca_file: Path) -> None:
+        """The zone's CA verifies the zone's client certificate on the API, unless
+        [api] client_ca_file names another."""
+        if self._api_tls is not None and self.config.api.client_ca_file is None:
+            self._api_tls.load_verify_locations(cafile=str(ca_file))
 
     def _enqueue(self, key: NodeKey) -> None:
         self.reconciler.enqueue(key)
@@ -291,6 +314,8 @@ class Agent:
             asyncio.create_task(self.peers.run()),
             asyncio.create_task(self.rewirer.run()),
         ]
+        if self.identity is not None:
+            self._tasks.append(asyncio.create_task(self.identity.run()))
         if self.zone is not None:
             self._tasks.append(asyncio.create_task(self.zone.run()))
         await self.reconciler.resync()
@@ -307,11 +332,18 @@ class Agent:
 
     async def _serve_api(self) -> None:
         await self.runner.setup()
-        tls = None
-        if self.config.api.tls_cert and self.config.api.tls_key:
-            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            tls.load_cert_chain(self.config.api.tls_cert, self.config.api.tls_key)
-        site = web.TCPSite(self.runner, self.config.api.host, self.config.api.port, ssl_context=tls)
+        api = self.config.api
+        if api.tls_cert and api.tls_key:
+            self._api_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._api_tls.load_cert_chain(api.tls_cert, api.tls_key)
+            if api.client_ca_file is not None or self.identity is not None:
+                # The zone's client certificate, asked for (the CLI brings the token)
+                self._api_tls.verify_mode = ssl.CERT_OPTIONAL
+            if api.client_ca_file is not None:
+                self._api_tls.load_verify_locations(cafile=str(api.client_ca_file))
+            elif self.identity is not None and self.identity.ready.is_set():
+                self._trust_zone_ca(self.identity.ca_file)
+        site = web.TCPSite(self.runner, api.host, api.port, ssl_context=self._api_tls)
         await site.start()
 
     async def stop(self) -> None:

@@ -129,12 +129,20 @@ class ZoneGauges:
             "When the zone last took this host's report (Unix time; 0: never)",
             registry=registry,
         )
+        self.certificate_expiry = Gauge(
+            "hostagent_zone_certificate_expiry_timestamp_seconds",
+            "When this host's client certificate of the zone expires (Unix time; 0: none "
+            "held, or no mutual TLS)",
+            registry=registry,
+        )
 
     def set(self, status: ZoneStatus) -> None:
         self.connected.set(1 if status.connected else 0)
         self.failures.set(status.failures)
         last = status.last_heartbeat
         self.last_heartbeat.set(last.timestamp() if last else 0)
+        held = status.certificate.not_after if status.certificate else None
+        self.certificate_expiry.set(held.timestamp() if held else 0)
 
 
 class ZoneMetrics:

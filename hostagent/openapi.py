@@ -27,7 +27,8 @@ ERRORS = {
     str(code): _response(text, "ErrorResponse")
     for code, text in (
         (400, "malformed request"),
-        (401, "no or wrong token"),
+        (401, "no or wrong token, and no client certificate of the zone"),
+        (403, "a client certificate that may not make this call (mutual TLS)"),
         (404, "no such node or peer list"),
         (409, "conflicts with existing state"),
         (422, "well-formed but invalid"),
@@ -163,8 +164,9 @@ def openapi_document(version: str) -> dict[str, Any]:
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "nodeToken": {"type": "http", "scheme": "bearer"},
+                "zoneCertificate": {"type": "mutualTLS"},
             },
         },
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"zoneCertificate": []}],
         "paths": _paths(),
     }

@@ -12,6 +12,7 @@ agent's API token are never logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -28,6 +29,7 @@ from hostagent.capacity import Resources
 from hostagent.config import Config
 from hostagent.errors import ConfigError
 from hostagent.store import NodeRecord
+from hostagent.zonetls import CertificateStatus, ZoneIdentity
 
 log = logging.getLogger(__name__)
 FIRST_INTERVAL_S = 5.0
@@ -38,7 +40,7 @@ Report = Callable[[], dict[str, Any]]
 def host_report(
     config: Config,
     *,
-    api_token: str,
+    api_token: str | None,
     allocatable: Resources,
     allocated: Resources,
     domain_type: str | None,
@@ -93,9 +95,12 @@ class ZoneStatus:
     last_error: str | None
     failures: int  # consecutive failed beats
     heartbeat_interval_s: float
+    # mutual TLS: the host's certificate of the zone (None without mutual TLS)
+    certificate: CertificateStatus | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "certificate": self.certificate.as_dict() if self.certificate else None,
             "url": self.url,
             "registered": self.registered,
             "connected": self.connected,
@@ -123,10 +128,11 @@ class ZoneClient:
         self,
         url: str,
         host_id: str,
-        token: str,
+        token: str | None,
         report: Report,
         *,
         ca_file: Path | None = None,
+        identity: ZoneIdentity | None = None,
         timeout_s: float = 10.0,
         first_interval_s: float = FIRST_INTERVAL_S,
     ) -> None:
@@ -134,7 +140,11 @@ class ZoneClient:
         self.host_id = host_id
         self._token = token
         self._report = report
-        self._tls = _tls(ca_file) if url.startswith("https:") else None
+        self._identity = identity  # mutual TLS: its context presents the certificate
+        if identity is not None:
+            self._tls: ssl.SSLContext | None = identity.tls
+        else:
+            self._tls = _tls(ca_file) if url.startswith("https:") else None
         self._timeout_s = timeout_s
         self.interval_s = first_interval_s
         self._registered = False
@@ -155,10 +165,12 @@ class ZoneClient:
             last_error=str(self._error) if self._error else None,
             failures=self._failures,
             heartbeat_interval_s=self.interval_s,
+            certificate=self._identity.status() if self._identity else None,
         )
 
     def session(self) -> http.AsyncClient:
-        """An HTTP client that carries the host token; use it on one event loop."""
+        """An HTTP client that carries the host token or presents the host's certificate;
+        use it on one event loop."""
         return http.async_client(token=self._token, tls=self._tls, timeout_s=self._timeout_s)
 
     async def run(self) -> None:
@@ -166,7 +178,18 @@ class ZoneClient:
         async with self.session() as session:
             while True:
                 took = await self.beat(session)
-                await asyncio.sleep(self.interval_s if took else self.retry_in())
+                await self._pause(took)
+
+    async def _pause(self, took: bool) -> None:
+        """The interval after a beat, shortened after a failure; a wait for the first
+        certificate of the zone ends as soon as it is there."""
+        delay = self.interval_s if took else self.retry_in()
+        if took or self._identity is None or self._identity.ready.is_set():
+            await asyncio.sleep(delay)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._identity.ready.wait()
 
     def retry_in(self) -> float:
         """After a failed beat: the interval, shortened at random by up to half, so the
@@ -176,6 +199,10 @@ class ZoneClient:
 
     async def beat(self, session: http.AsyncClient) -> bool:
         """One report; True when the zone took it."""
+        if self._identity is not None and not self._identity.ready.is_set():
+            problem = self._identity.problem or "no certificate of the zone yet"
+            self._failed(BeatFailed("certificate", f"no report without a certificate: {problem}"))
+            return False
         try:
             answer = await self._put(session)
         except BeatFailed as exc:
@@ -260,5 +287,8 @@ def _error_text(response: http.Response) -> str:
 
 def _hint(status: int) -> str:
     if status in (401, 403):
-        return " (is [zone] token_file this host's token: `hostagent zone host-token HOST`?)"
+        return (
+            " (the host's certificate of the zone, or on plain http [zone] token_file: "
+            "`hostagent zone host-token HOST`)"
+        )
     return ""

@@ -2,7 +2,8 @@
 
 With nodes of one cluster on several hosts, the hosts must share the cluster's CAs. The
 zone holds them (its own PKI backend, local or Vault) and answers an agent, authenticated
-with its host token, for the clusters that have a node on that host (docs/zone.md):
+with its control-plane client certificate (its host token on a loopback http zone), for
+the clusters that have a node on that host (docs/zone.md):
 
     GET  /v1/clusters/{c}/pki/ca               {"cas": {"kubernetes": PEM, ...}}
     POST /v1/clusters/{c}/pki/sign             {"name", "csr", "ttl_s"} -> {"cert", "ca"}
@@ -39,9 +40,13 @@ _UNAVAILABLE = {408, 425, 429, 500, 502, 503, 504, 507}
 @dataclass(frozen=True)
 class ZoneSettings:
     url: str  # the zone's base URL, e.g. https://10.250.0.1:8471
-    token: str = field(repr=False)  # this host's token: `hostagent zone host-token HOST`
+    # this host's token (a zone on loopback http), None with mutual TLS
+    token: str | None = field(repr=False)
     ca_file: Path | None = None  # PEM bundle that verifies the zone's TLS; None: system CAs
     timeout: float = 10.0
+    # mutual TLS: the agent's context, which presents its control-plane certificate (and
+    # the renewed one from its renewal on); it trusts ca_file
+    tls: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
 
 
 class ZoneBackend:
@@ -102,7 +107,7 @@ class ZoneBackend:
                 # An explicit SSL context: [zone] ca_file wins over whatever the
                 # environment names (SSL_CERT_FILE, REQUESTS_CA_BUNDLE); no proxy either.
                 try:
-                    tls = http.tls_context(self.settings.ca_file)
+                    tls = self.settings.tls or http.tls_context(self.settings.ca_file)
                 except (OSError, ssl.SSLError) as exc:
                     raise BackendUnavailable(
                         f"{self.description}: cannot load [zone] ca_file "
@@ -153,9 +158,10 @@ class ZoneBackend:
             )
         if status in (401, 403):
             return BackendRefused(
-                f"{self.description} denied {doing} ({status}: {message}). Is [zone] "
-                "token_file this host's token, and does the zone place a node of the "
-                "cluster on this host?"
+                f"{self.description} denied {doing} ({status}: {message}). Does this "
+                "host hold its certificate of the zone (or, on plain http, is [zone] "
+                "token_file its token), and does the zone place a node of the cluster on "
+                "this host?"
             )
         if status == 404:
             return PkiError(f"{self.description} answered 404 to {doing}: {message}")

@@ -113,6 +113,8 @@ else
 # listen = "127.0.0.1:8470"        # a non-loopback address requires tls_cert and tls_key
 # tls_cert = ""                    # PEM certificate chain (unset: plain HTTP, loopback only)
 # tls_key = ""                     # PEM private key
+# client_ca_file = ""              # verifies the zone's client certificate (mutual TLS);
+#                                  # unset: the zone's CA this host got at bootstrap
 
 [phone_home]
 # port = 8472                      # guests POST here, on their cluster's gateway address
@@ -181,6 +183,17 @@ else
 # approle_mount = "approle"
 # mount_prefix = "hostagent"       # PKI mounts: <prefix>-<cluster>-<ca>
 # kv_mount = "hostagent-kv"        # the clusters' service-account keys
+
+# A host of a zone (docs/zone.md; unset url: standalone). With an https url the agent
+# bootstraps a client certificate of the zone with the one-time token (mutual TLS),
+# keeps it in <state_dir>/zone-tls and renews it at 2/3 of its lifetime.
+# [zone]
+# url = "https://192.0.2.10:8471"
+# token_file = "/etc/hostagent/zone-token"  # `hostagent zone host-token HOST` on the zone
+# ca_file = ""                     # trust for the zone's TLS; unset: the system's CAs
+# failure_domain = "default"       # hosts that fail together
+# api_url = ""                     # how the zone reaches this agent; default from api.listen
+# timeout_s = 10.0                 # per request to the zone
 EOF
     mv "$conf.new" "$conf"
     chmod 0640 "$conf"

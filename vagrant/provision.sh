@@ -8,13 +8,15 @@
 #     The zone API on UNDERLAY_IP:8471 with TLS from the lab's CA (made here once, kept
 #     in /var/lib/hostagent-vagrant/ca), hostagent-zone.service enabled, and for each
 #     HOST its files in /var/lib/hostagent-vagrant/share/HOST/: zone-ca.pem, agent.crt and
-#     agent.key (TLS for its agent API at IP) and zone-token. The Vagrantfile copies them
+#     agent.key (TLS for its agent API at IP) and zone-token (a fresh one-time token: it
+#     bootstraps the agent's client certificate of the zone). The Vagrantfile copies them
 #     to vagrant/.lab/HOST/ on the workstation, which is rsynced to that host's
 #     /vagrant-lab.
 #   provision.sh host UNDERLAY_IP HOST_ID ZONE_IP
 #     libvirt + QEMU, its files from /vagrant-lab in /etc/hostagent, an agent
 #     configuration that registers with the zone (pki backend "zone"), hostagent.service
-#     enabled; done when the zone has taken the agent's first report.
+#     enabled; done when the zone has taken the agent's first report, which mutual TLS
+#     (on: the zone is https) makes with the agent's client certificate only.
 #
 # Idempotent: `vagrant provision` re-runs it (an upgrade of the agent from /vagrant).
 # Files it writes start with "# Written by vagrant/provision.sh"; remove that line to
@@ -275,7 +277,9 @@ TOML
   wait_for registered "$ip" ||
     die "the agent is not registered with the zone after ${WAIT_S}s: \
 $(zone_registration "$ip") (journalctl -u hostagent)"
-  say "registered with the zone at https://$zone_ip:$ZONE_PORT"
+  [ -s /var/lib/hostagent/zone-tls/client.pem ] ||
+    die "registered, but no client certificate in /var/lib/hostagent/zone-tls (journalctl -u hostagent)"
+  say "registered with the zone at https://$zone_ip:$ZONE_PORT with its client certificate"
 }
 
 main() {

@@ -3,8 +3,11 @@
 up: the lab image, the lab CA (a TLS certificate for the zone and for each agent), the
 shared bridge, the zone (a process in the root namespace, listening on the bridge's
 address), then each host (namespaces, its own libvirtd, its agent with pki backend
-"zone"), until every host is registered and Ready; it writes the zone's connection to
-<root>/zone-client.json, which the `cluster` verbs use by default.
+"zone"), until every host is registered and Ready. Mutual TLS is on: each agent
+bootstraps its client certificate of the zone's control-plane CA with a one-time host
+token, then reports with the certificate only, and the zone calls it with its own. It
+writes the zone's connection to <root>/zone-client.json, which the `cluster` verbs use
+by default.
 down: every host (VMs included), the zone, the bridge; --purge also the lab's files.
 """
 
@@ -30,8 +33,9 @@ from hostagent.lab.hosts import nsenter_argv, running_pid
 from hostagent.lab.lifecycle import lab_down, lab_up
 from hostagent.lab.plan import DEFAULT_ROOT, HostPlan, LabPlan, plan_lab
 from hostagent.labimage.build import build_lab_image
-from hostagent.zone.auth import host_token
 from hostagent.zone.client import LAB_CONTEXT, ZoneClient, ZoneContext
+from hostagent.zone.config import load_zone_config
+from hostagent.zone.tokens import next_host_token
 from pki import servicecerts
 
 log = logging.getLogger(__name__)
@@ -111,9 +115,10 @@ def write_agent_config(settings: LabSettings, plan: LabPlan, host: HostPlan) -> 
     cert, key = servicecerts.issue_server_cert(
         settings.root / "ca", host.name, address, host.config_dir / "tls"
     )
-    secret = ensure_secret(zone_dir(settings.root) / "state" / "host-secret")
+    # A fresh one-time token: the agent bootstraps with it unless it holds a certificate
+    token = next_host_token(load_zone_config(zone_dir(settings.root) / "zone.toml"), host.name)
     token_file = host.config_dir / "zone-token"
-    write_atomically(token_file, (host_token(secret, host.name) + "\n").encode(), 0o600)
+    write_atomically(token_file, (token + "\n").encode(), 0o600)
     config = host.config_dir / "hostagent.toml"
     config.write_text(
         f"""# written by `hostagent lab up`

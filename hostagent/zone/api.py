@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -13,11 +14,14 @@ from common.files import same_secret
 from hostagent import __version__
 from hostagent.api import STATUS as AGENT_STATUS
 from hostagent.api import Handler, error_middleware
-from hostagent.errors import Forbidden, Unauthorized, Unavailable
-from hostagent.zone.auth import host_of
-from hostagent.zone.model import ClusterSpec, HostReport, SignRequest
+from hostagent.errors import Forbidden, Invalid, Unauthorized, Unavailable
+from hostagent.zone.auth import HostToken, parse_host_token
+from hostagent.zone.controlplane import ControlPlane
+from hostagent.zone.model import CertificateRequest, ClusterSpec, HostReport, SignRequest
 from hostagent.zone.openapi import zone_openapi
 from hostagent.zone.service import ZoneService, parse_body
+from hostagent.zone.store import Stale
+from pki import controlca
 from pki.certset import PROFILE_BY_NAME, CertRequest
 from pki.errors import BackendRefused, BackendUnavailable, PkiError
 
@@ -34,8 +38,11 @@ ADMIN_TOKEN = web.AppKey("admin_token", str)
 HOST_SECRET = web.AppKey("host_secret", str)
 METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics")
 HEARTBEAT = web.AppKey("heartbeat_s", float)
-CALLER = web.RequestKey("caller", str)  # "admin", or "host:<id>"
+CONTROL = web.AppKey("control", ControlPlane)
+CALLER = web.RequestKey("caller", str)  # "admin", "host:<id>", or "bootstrap:<id>"
+BOOTSTRAP = web.RequestKey("bootstrap", HostToken)  # the host token of a bootstrap
 _HOST = "host:"
+_BOOTSTRAP = "bootstrap:"
 MAX_TTL = dt.timedelta(days=365)
 
 
@@ -44,19 +51,41 @@ errors = error_middleware(STATUS)
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Who calls: a verified client certificate of the control-plane CA names a host (the
+    zone's own, or any other name, is refused); else a bearer token: the admin token, or
+    a host token. Over TLS a host token only bootstraps its host's certificate; over
+    plain http (loopback) it stands for its host everywhere, as no certificate can."""
     if request.path.startswith("/v1/"):
+        tls, peer = _tls(request)
+        identity = controlca.identity_of(peer)
         scheme, _, value = request.headers.get("Authorization", "").partition(" ")
         token = value.strip() if scheme.lower() == "bearer" else ""
-        if token and same_secret(token, request.app[ADMIN_TOKEN]):
+        if peer and (identity is None or identity.kind != "host"):
+            who = identity.name if identity else "no host of this zone"
+            raise Forbidden(f"a client certificate naming {who} may not call the zone")
+        if identity is not None:
+            request[CALLER] = _HOST + identity.name
+        elif token and same_secret(token, request.app[ADMIN_TOKEN]):
             request[CALLER] = "admin"
-        elif token and (host := host_of(request.app[HOST_SECRET], token)) is not None:
-            request[CALLER] = _HOST + host
+        elif token and (host := parse_host_token(request.app[HOST_SECRET], token)) is not None:
+            request[CALLER] = (_BOOTSTRAP if tls else _HOST) + host.host
+            request[BOOTSTRAP] = host
         else:
             raise Unauthorized(
-                "missing or wrong bearer token (the zone's <state_dir>/api-token, or a host "
-                "token from `hostagent zone host-token HOST`)"
+                "missing or wrong credentials: a client certificate of the zone's "
+                "control-plane CA, the zone's <state_dir>/api-token, or a host token from "
+                "`hostagent zone host-token HOST`"
             )
     return await handler(request)
+
+
+def _tls(request: web.Request) -> tuple[bool, Any]:
+    """Whether the request came over TLS, and the client certificate ssl verified (the
+    dict of getpeercert(); None or empty without one)."""
+    transport = request.transport
+    if transport is None or transport.get_extra_info("ssl_object") is None:
+        return False, None
+    return True, transport.get_extra_info("peercert")
 
 
 def _admin(request: web.Request) -> None:
@@ -66,8 +95,14 @@ def _admin(request: web.Request) -> None:
 
 def _host(request: web.Request) -> str:
     caller = request[CALLER]
+    if caller.startswith(_BOOTSTRAP):
+        raise Forbidden(
+            "a host token only bootstraps the host's client certificate "
+            f"(POST /v1/hosts/{caller.removeprefix(_BOOTSTRAP)}/certificate); then the "
+            "agent calls with that certificate"
+        )
     if not caller.startswith(_HOST):
-        raise Forbidden("this call is for agents: use the host's own token")
+        raise Forbidden("this call is for agents: use the host's own certificate or token")
     return caller.removeprefix(_HOST)
 
 
@@ -87,11 +122,57 @@ async def openapi(request: web.Request) -> web.Response:
 async def put_host(request: web.Request) -> web.Response:
     host = request.match_info["host"]
     if _host(request) != host:
-        raise Forbidden(f"a host token of {_host(request)} cannot report for host {host}")
+        raise Forbidden(f"host {_host(request)} cannot report for host {host}")
     report = parse_body(HostReport, await request.read(), "host report")
     created = await request.app[SERVICE].report(host, report)
     body = {"host": host, "heartbeat_interval_s": request.app[HEARTBEAT]}
     return web.json_response(body, status=201 if created else 200)
+
+
+async def post_certificate(request: web.Request) -> web.Response:
+    """A client certificate for the host: bootstrapped with a fresh host token (once per
+    token generation) or renewed with the host's current certificate."""
+    host, caller = request.match_info["host"], request[CALLER]
+    if not _tls(request)[0]:
+        raise Forbidden("client certificates are issued over TLS only: the zone serves plain http")
+    if caller.startswith(_BOOTSTRAP):
+        token = request[BOOTSTRAP]
+        if token.host != host:
+            raise Forbidden(f"a host token of {token.host} cannot bootstrap host {host}")
+        generation: int | None = token.generation
+    elif caller == _HOST + host:
+        generation = None
+    else:
+        who = caller.removeprefix(_HOST)
+        raise Forbidden(f"{who} cannot ask for a certificate of host {host}")
+    store, control = request.app[SERVICE].store, request.app[CONTROL]
+    if generation is not None and generation <= store.token_generation(host):
+        raise Forbidden(_used_token(host, generation))
+    body = parse_body(CertificateRequest, await request.read(), "certificate request")
+    try:
+        issued = control.issue_host(body.csr, host)
+    except controlca.BadRequest as exc:
+        raise Invalid(str(exc)) from exc
+    not_after = issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        await store.record_certificate(host, generation, not_after)
+    except Stale as exc:
+        assert generation is not None  # a renewal never is stale
+        raise Forbidden(_used_token(host, generation)) from exc
+    answer = {
+        "certificate": issued.cert_pem,
+        "ca": issued.ca_pem,
+        "not_after": not_after,
+    }
+    return web.json_response(answer, status=201)
+
+
+def _used_token(host: str, generation: int) -> str:
+    return (
+        f"this host token of {host} (generation {generation}) was already used to bootstrap "
+        f"a certificate; host tokens bootstrap once: make a new one with `hostagent zone "
+        f"host-token {host}` on the zone and put it in the agent's [zone] token_file"
+    )
 
 
 async def delete_host(request: web.Request) -> web.Response:
@@ -171,6 +252,7 @@ def zone_app(
     *,
     metrics_text: Callable[[], bytes],
     heartbeat_s: float,
+    control: ControlPlane,
 ) -> web.Application:
     app = web.Application(middlewares=[errors, auth], client_max_size=8 * 1024 * 1024)
     app[SERVICE] = service
@@ -178,10 +260,12 @@ def zone_app(
     app[HOST_SECRET] = host_secret
     app[METRICS] = metrics_text
     app[HEARTBEAT] = heartbeat_s
+    app[CONTROL] = control
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_put("/v1/hosts/{host}", put_host)
+    app.router.add_post("/v1/hosts/{host}/certificate", post_certificate)
     app.router.add_get("/v1/hosts", list_hosts)
     app.router.add_delete("/v1/hosts/{host}", delete_host)
     app.router.add_get("/v1/clusters", list_clusters)

@@ -10,13 +10,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common.files import ensure_secret
 from hostagent import tables
 from hostagent.config import Config
-from hostagent.zone.auth import host_token
+from hostagent.errors import StoreUnavailable
 from hostagent.zone.client import ZoneClient, resolve_context
 from hostagent.zone.config import load_zone_config
 from hostagent.zone.describe import describe
+from hostagent.zone.tokens import next_host_token
 
 
 def _client(args: argparse.Namespace) -> ZoneClient:
@@ -32,10 +32,9 @@ def cmd_zone_serve(args: argparse.Namespace, _: Config) -> None:
 
 def cmd_host_token(args: argparse.Namespace, _: Config) -> None:
     config = load_zone_config(args.zone_config)
-    secret = ensure_secret(config.state_dir / "host-secret")
     try:
-        print(host_token(secret, args.host))
-    except ValueError as exc:
+        print(next_host_token(config, args.host))
+    except (ValueError, StoreUnavailable) as exc:
         raise SystemExit(f"hostagent: {exc}") from exc
 
 
@@ -164,7 +163,10 @@ def add_commands(sub: Any) -> None:
     serve = zone.add_parser("serve", help="run the zone")
     serve.add_argument("--zone-config", type=Path, help="TOML (default /etc/hostagent/zone.toml)")
     serve.set_defaults(agent_config=False, func=cmd_zone_serve)
-    token = zone.add_parser("host-token", help="print the token a host's agent registers with")
+    token = zone.add_parser(
+        "host-token",
+        help="print a new one-time token a host's agent bootstraps its certificate with",
+    )
     token.add_argument("host")
     token.add_argument("--zone-config", type=Path, help="TOML (default /etc/hostagent/zone.toml)")
     token.set_defaults(agent_config=False, func=cmd_host_token)

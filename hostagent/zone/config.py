@@ -35,6 +35,7 @@ class HostsConfig(_Section):
 
 class AgentsConfig(_Section):
     ca_file: Path | None = None
+    verify_host_names: bool = True  # an agent's server certificate names its host id
     retry_initial_s: Annotated[float, Field(gt=0)] = 1.0
     retry_max_s: Annotated[float, Field(gt=0)] = 30.0
     request_timeout_s: Annotated[float, Field(gt=0)] = 10.0
@@ -118,6 +119,22 @@ class StoreConfig(_Section):
         return self
 
 
+class ControlCaConfig(_Section):
+    """`[control_ca]`: the CA of hostagent's own control plane (not of any cluster). No
+    files: the zone makes one under <state_dir>/control-ca on its first start."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    host_cert_ttl_days: Annotated[float, Field(gt=0, le=365)] = 30.0
+    zone_cert_ttl_days: Annotated[float, Field(gt=0, le=365)] = 30.0
+
+    @model_validator(mode="after")
+    def _pair(self) -> ControlCaConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both cert_file and key_file, or neither (the zone makes one)")
+        return self
+
+
 class ZoneServerConfig(_Section):
     state_dir: Path = Path("/var/lib/hostagent-zone")
     api: ApiConfig = ApiConfig(listen=DEFAULT_ZONE_LISTEN)
@@ -126,6 +143,7 @@ class ZoneServerConfig(_Section):
     network: ZoneNetworkConfig = ZoneNetworkConfig()
     pki: ZonePkiConfig = ZonePkiConfig()
     store: StoreConfig = StoreConfig()
+    control_ca: ControlCaConfig = ControlCaConfig()
 
 
 def _loopback(host: str) -> bool:

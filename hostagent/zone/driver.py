@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 from typing import Any
 
 from common import http
@@ -32,9 +33,11 @@ class AgentError(Exception):
 
 
 class Deliverer:
-    def __init__(self, service: ZoneService, config: AgentsConfig) -> None:
+    def __init__(self, service: ZoneService, config: AgentsConfig, tls: ssl.SSLContext) -> None:
+        """tls: trust for the agents' certificates, and the zone's client certificate."""
         self.service = service
         self.config = config
+        self._tls = tls
         self._kicks: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failing: dict[str, str] = {}
@@ -44,7 +47,7 @@ class Deliverer:
 
     async def start(self) -> None:
         self._http = http.async_client(
-            tls=http.tls_context(self.config.ca_file),
+            tls=self._tls,
             timeout_s=self.config.request_timeout_s,
         )
         self.service.on_change = self.kick
@@ -160,10 +163,10 @@ class Deliverer:
         self.service.refused[key] = message
 
     async def _call(
-        self, method: str, url: str, token: str, path: str, body: Any = None
+        self, method: str, url: str, token: str | None, path: str, body: Any = None
     ) -> tuple[int, Any]:
         assert self._http is not None, "start() first"
-        headers = {"Authorization": f"Bearer {token}"}
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             async with asyncio.timeout(self.config.request_timeout_s):  # for the whole call
                 response = await self._http.request(method, url + path, json=body, headers=headers)

@@ -38,12 +38,20 @@ from hostagent.zone.etcd import (
     present,
     unchanged,
 )
-from hostagent.zone.keys import Layout, cluster_value, gateway_value, host_value, node_value
+from hostagent.zone.keys import (
+    Layout,
+    certificate_value,
+    cluster_value,
+    gateway_value,
+    host_value,
+    node_value,
+)
 from hostagent.zone.mirror import Mirror
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.store import (
     ClusterRecord,
     Gateway,
+    HostCertificate,
     HostRecord,
     HostRemoval,
     NodeRecord,
@@ -320,6 +328,23 @@ class EtcdZoneStore:
         op: Op = Delete(target) if digest is None else Put(target, digest.encode())
         await self._write(lambda mirror: _Plan([], [op], None))
 
+    async def record_certificate(self, host: str, generation: int | None, not_after: str) -> None:
+        """Record a certificate issued to host: bootstrapped by a host token of generation
+        (Stale, nothing written, when that generation or a later one was taken before),
+        or renewed (generation None)."""
+        key = self.layout.certificate(host)
+
+        def plan(mirror: Mirror) -> _Plan[None]:
+            taken = _generation(mirror, host)
+            if generation is not None and generation <= taken:
+                raise Stale(f"host token generation {generation} of {host} was used")
+            value = certificate_value(
+                HostCertificate(not_after, taken if generation is None else generation)
+            )
+            return _Plan([unchanged(key, mirror.mod(key))], [Put(key, value)], None)
+
+        await self._write(plan)
+
     # --- reads -----------------------------------------------------------------------
 
     def hosts(self) -> list[HostRecord]:
@@ -355,9 +380,21 @@ class EtcdZoneStore:
     def deliveries(self, host: str) -> dict[tuple[str, str], str]:
         return dict(self._view().deliveries.get(host, {}))
 
+    def token_generation(self, host: str) -> int:
+        """The generation of the host token that last bootstrapped host (0: none did)."""
+        return _generation(self._view(), host)
+
+    def certificates(self) -> dict[str, HostCertificate]:
+        return dict(self._view().certificates)
+
 
 def _same(mirror: Mirror, key: str) -> Compare:
     return unchanged(key, mirror.mod(key))
+
+
+def _generation(mirror: Mirror, host: str) -> int:
+    certificate = mirror.certificates.get(host)
+    return 0 if certificate is None else certificate.token_generation
 
 
 def _deleting(mirror: Mirror, cluster: str) -> bool:

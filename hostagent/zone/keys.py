@@ -11,6 +11,9 @@ One key per record, under a configurable prefix P (default ``/hostagent/zone/``)
     P deliveries/<host>/<kind>/<key>   the digest the host's agent acknowledged
     P alloc/<kind>/<value>             the cluster holding a VNI or range (kind: vni,
                                        node-subnet, pod-cidr, service-cidr)
+    P certificates/<host>              the host's last client certificate and the host
+                                       token generation that bootstrapped it (kept when
+                                       the host is removed: a spent token stays spent)
 
 An allocation key is created only if absent, in the transaction that creates its cluster,
 and deleted in the one that removes it: two zones allocating at once cannot both get it.
@@ -23,7 +26,7 @@ from typing import Any
 
 from hostagent.model import Role
 from hostagent.zone.model import STORED, ClusterSpec, HostReport
-from hostagent.zone.store import ClusterRecord, Gateway, HostRecord, NodeRecord
+from hostagent.zone.store import ClusterRecord, Gateway, HostCertificate, HostRecord, NodeRecord
 
 DEFAULT_PREFIX = "/hostagent/zone/"
 ALLOCATIONS = ("vni", "node-subnet", "pod-cidr", "service-cidr")
@@ -63,6 +66,9 @@ class Layout:
     def deliveries_of(self, host: str) -> str:
         return f"{self.prefix}deliveries/{host}/"
 
+    def certificate(self, host: str) -> str:
+        return f"{self.prefix}certificates/{host}"
+
     def allocations(self, cluster: ClusterRecord) -> list[str]:
         values = (str(cluster.vni), cluster.node_subnet, cluster.pod_cidr, cluster.service_cidr)
         return [
@@ -72,14 +78,14 @@ class Layout:
     def parse(self, key: str) -> tuple[str, ...]:
         """A key as (kind, names...): ("hosts", host, "report"), ("clusters", name),
         ("nodes", cluster, node), ("gateways", cluster, host), ("deliveries", host, kind,
-        key), ("alloc", kind, value); () for a key of no known kind."""
+        key), ("alloc", kind, value), ("certificates", host); () for a key of no known kind."""
         rest = key.removeprefix(self.prefix)
         if rest == key:
             return ()
         kind, _, tail = rest.partition("/")
         # How many parts each kind has; the last part of a delivery's or an allocation's
         # key may hold slashes ("demo/m1", "10.128.0.0/24"), the names of the others not.
-        counts = {"hosts": 2, "clusters": 1, "nodes": 2, "gateways": 2}
+        counts = {"hosts": 2, "clusters": 1, "nodes": 2, "gateways": 2, "certificates": 1}
         last_free = {"deliveries": 3, "alloc": 2}
         if kind in counts:
             parts = tuple(tail.split("/"))
@@ -163,3 +169,13 @@ def gateway_value(gateway: Gateway) -> bytes:
 
 def gateway_record(cluster: str, host: str, value: bytes) -> Gateway:
     return Gateway(cluster, host, json.loads(value)["address"])
+
+
+def certificate_value(certificate: HostCertificate) -> bytes:
+    data = {"not_after": certificate.not_after, "generation": certificate.token_generation}
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def certificate_record(value: bytes) -> HostCertificate:
+    data = json.loads(value)
+    return HostCertificate(data["not_after"], data["generation"])

@@ -18,12 +18,13 @@ from typing import Any
 from hostagent.zone.etcd import Event, KeyValue
 from hostagent.zone.keys import (
     Layout,
+    certificate_record,
     cluster_record,
     gateway_record,
     host_record,
     node_record,
 )
-from hostagent.zone.store import ClusterRecord, Gateway, HostRecord, NodeRecord
+from hostagent.zone.store import ClusterRecord, Gateway, HostCertificate, HostRecord, NodeRecord
 
 
 @dataclass
@@ -44,12 +45,14 @@ class Mirror:
     gateways: dict[str, dict[str, Gateway]] = field(default_factory=dict)  # cluster -> host
     gateways_on: dict[str, set[str]] = field(default_factory=dict)  # host -> clusters
     deliveries: dict[str, dict[tuple[str, str], str]] = field(default_factory=dict)
+    certificates: dict[str, HostCertificate] = field(default_factory=dict)  # host ->
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def load(self, revision: int, kvs: Iterable[KeyValue]) -> None:
         """Start again from a full listing at revision."""
         indexes: list[dict[Any, Any]] = [self.mods, self.hosts, self.clusters, self.nodes]
         indexes += [self.nodes_on, self.gateways, self.gateways_on, self.deliveries]
+        indexes.append(self.certificates)
         for index in indexes:
             index.clear()
         for kv in kvs:
@@ -117,6 +120,8 @@ class Mirror:
                 self.gateways_on.setdefault(host, set()).add(cluster)
             case ("deliveries", host, kind, name):
                 self.deliveries.setdefault(host, {})[(kind, name)] = value.decode()
+            case ("certificates", host):
+                self.certificates[host] = certificate_record(value)
 
     def _delete(self, key: str) -> None:
         self.mods.pop(key, None)
@@ -132,6 +137,8 @@ class Mirror:
                 _discard(self.gateways_on, host, cluster)
             case ("deliveries", host, kind, name):
                 _discard(self.deliveries, host, (kind, name))
+            case ("certificates", host):
+                self.certificates.pop(host, None)
 
     def _drop_node(self, cluster: str, name: str) -> None:
         old = self.nodes.get(cluster, {}).get(name)

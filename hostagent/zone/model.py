@@ -108,7 +108,8 @@ class HostReport(_Lenient):
     """What an agent sends at registration and with every heartbeat (docs/zone.md)."""
 
     api_url: str
-    api_token: Annotated[str, Field(min_length=1, max_length=512)]
+    # None: the agent takes the zone's client certificate instead (mutual TLS)
+    api_token: Annotated[str, Field(min_length=1, max_length=512)] | None = None
     underlay_address: str | None = None
     failure_domain: Annotated[str, Field(min_length=1, max_length=63)] = "default"
     allocatable: ResourcesBody
@@ -133,6 +134,12 @@ class SignRequest(_Strict):
     name: str = Field(description="the certificate's name in pki.certset, e.g. apiserver")
     csr: Annotated[str, Field(max_length=64 * 1024)]
     ttl_s: Annotated[float, Field(gt=0)] = 90 * 86400
+
+
+class CertificateRequest(_Strict):
+    """A host asks for its control-plane client certificate (docs/zone.md, "Mutual TLS")."""
+
+    csr: Annotated[str, Field(min_length=1, max_length=64 * 1024)]
 
 
 class HostState(enum.StrEnum):

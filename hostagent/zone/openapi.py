@@ -7,7 +7,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from hostagent.model import ErrorResponse
-from hostagent.zone.model import ClusterSpec, HostReport, SignRequest
+from hostagent.zone.model import CertificateRequest, ClusterSpec, HostReport, SignRequest
 
 _JSON = "application/json"
 
@@ -32,8 +32,8 @@ ERRORS = {
     str(code): _error(text)
     for code, text in (
         (400, "malformed request"),
-        (401, "no or wrong token"),
-        (403, "a token that may not make this call"),
+        (401, "no or wrong token, and no client certificate"),
+        (403, "a token or client certificate that may not make this call"),
         (404, "no such cluster"),
         (409, "conflicts with existing state"),
         (422, "well-formed but invalid"),
@@ -73,10 +73,22 @@ def _paths() -> dict[str, Any]:
         "/v1/hosts/{host}": {
             "parameters": _HOST,
             "put": op(
-                "Register or heartbeat (the host's own token); 201 the first time",
+                "Register or heartbeat (the host's own client certificate; its token on a "
+                "plain-http zone); 201 the first time",
                 requestBody=_body("HostReport"),
             ),
             "delete": op("Forget a host that runs no wanted node (admin token)", "204"),
+        },
+        "/v1/hosts/{host}/certificate": {
+            "parameters": _HOST,
+            "post": op(
+                "The host's control-plane client certificate for the CSR's key: "
+                '{"certificate", "ca", "not_after"}. Bootstrap with a one-time host token '
+                "(403 once its generation was used), renew with the current certificate; "
+                "over TLS only",
+                "201",
+                requestBody=_body("CertificateRequest"),
+            ),
         },
         "/v1/clusters": {"get": op("Every cluster with its status")},
         "/v1/clusters/{cluster}": {
@@ -88,18 +100,24 @@ def _paths() -> dict[str, Any]:
         "/v1/clusters/{cluster}/pki/ca": {"parameters": _NAME, "get": op("The cluster's CAs")},
         "/v1/clusters/{cluster}/pki/sign": {
             "parameters": _NAME,
-            "post": op("Sign a node's CSR (host token)", requestBody=_body("SignRequest")),
+            "post": op(
+                "Sign a node's CSR (the host's certificate or token)",
+                requestBody=_body("SignRequest"),
+            ),
         },
         "/v1/clusters/{cluster}/pki/service-account": {
             "parameters": _NAME,
-            "get": op("The cluster's service-account key pair (host token)"),
+            "get": op("The cluster's service-account key pair (the host's certificate or token)"),
         },
     }
 
 
 def zone_openapi(version: str) -> dict[str, Any]:
     _, schemas = models_json_schema(
-        [(m, "validation") for m in (ClusterSpec, HostReport, SignRequest, ErrorResponse)],
+        [
+            (m, "validation")
+            for m in (ClusterSpec, HostReport, SignRequest, CertificateRequest, ErrorResponse)
+        ],
         ref_template="#/components/schemas/{model}",
     )
     return {
@@ -108,7 +126,10 @@ def zone_openapi(version: str) -> dict[str, Any]:
         "paths": _paths(),
         "components": {
             "schemas": schemas.get("$defs", {}),
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "clientCertificate": {"type": "mutualTLS"},
+            },
         },
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"clientCertificate": []}],
     }

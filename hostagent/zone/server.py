@@ -8,11 +8,12 @@ import contextlib
 import logging
 import os
 import signal
-import ssl
 from collections.abc import Mapping
+from datetime import UTC, datetime
 
 from aiohttp import web
 
+from common.backoff import Backoff
 from common.files import ensure_secret
 from hostagent import __version__
 from hostagent.certificates import vault_backend
@@ -20,11 +21,10 @@ from hostagent.metrics import ZoneMetrics
 from hostagent.sdnotify import Notifier
 from hostagent.zone.api import zone_app
 from hostagent.zone.config import ZoneServerConfig
+from hostagent.zone.controlplane import ControlPlane
 from hostagent.zone.driver import Deliverer
-from hostagent.zone.etcd import Etcd, Tls
-from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.service import ZoneService
-from hostagent.zone.store import SqliteZoneStore, ZoneStore
+from hostagent.zone.stores import make_store
 from pki.backend import Backend
 from pki.local import LocalBackend
 
@@ -36,20 +36,6 @@ def make_backend(config: ZoneServerConfig) -> Backend:
         assert config.pki.vault is not None  # the config's validator guarantees it
         return vault_backend(config.pki.vault)
     return LocalBackend(config.state_dir / "pki")
-
-
-def make_store(config: ZoneServerConfig) -> ZoneStore:
-    """The configured store, not started yet (Zone.start starts it)."""
-    store = config.store
-    if store.backend == "sqlite":
-        return SqliteZoneStore(config.state_dir / "zone.db")
-    etcd = Etcd(
-        store.endpoints,
-        Tls(store.ca_file, store.cert_file, store.key_file),
-        dial_timeout_s=store.dial_timeout_s,
-        request_timeout_s=store.request_timeout_s,
-    )
-    return EtcdZoneStore(etcd, store.prefix)
 
 
 def _count(values: list[str], keys: tuple[str, ...]) -> dict[str, int]:
@@ -65,7 +51,13 @@ class Zone:
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = make_store(config)
         self.service = ZoneService(self.store, config, make_backend(config))
-        self.deliverer = Deliverer(self.service, config.agents)
+        self.control = ControlPlane(config.control_ca, config.state_dir)
+        self._renew_zone_cert_at = self.control.refresh_zone_cert()
+        self.agents_tls = self.control.agents_tls(
+            config.agents.ca_file,
+            self.service.hosts_at if config.agents.verify_host_names else None,
+        )
+        self.deliverer = Deliverer(self.service, config.agents, self.agents_tls)
         self.metrics = ZoneMetrics(
             self._hosts_by_state,
             self._clusters_by_phase,
@@ -75,6 +67,7 @@ class Zone:
         self.admin_token = ensure_secret(config.state_dir / "api-token")
         self.host_secret = ensure_secret(config.state_dir / "host-secret")
         self.runner: web.AppRunner | None = None
+        self._renewal: asyncio.Task[None] | None = None
 
     def _hosts_by_state(self) -> dict[str, int]:
         states = [host["state"] for host in self.service.hosts_view()]
@@ -92,17 +85,16 @@ class Zone:
             self.host_secret,
             metrics_text=self.metrics.render,
             heartbeat_s=self.config.hosts.heartbeat_interval_s,
+            control=self.control,
         )
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         api = self.config.api
-        tls = None
-        if api.tls_cert and api.tls_key:
-            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            tls.load_cert_chain(api.tls_cert, api.tls_key)
+        tls = self.control.server_tls(api)
         await web.TCPSite(self.runner, api.host, api.port, ssl_context=tls).start()
         await self.service.finish_deletions()
         await self.deliverer.start()
+        self._renewal = asyncio.create_task(self._renew_zone_cert(), name="zone-cert")
         clusters, hosts = len(self.store.clusters()), len(self.store.hosts())
         log.info(
             "hostagent zone %s serving on %s (%d clusters, %d hosts known)",
@@ -112,7 +104,29 @@ class Zone:
             hosts,
         )
 
+    async def _renew_zone_cert(self) -> None:
+        """The zone's own client certificate, made anew at 2/3 of its lifetime; the calls
+        to agents present the new one from then on."""
+        retry = Backoff(1.0, 300.0)
+        while True:
+            wait = (self._renew_zone_cert_at - datetime.now(UTC)).total_seconds()
+            await asyncio.sleep(max(wait, 0.0))
+            try:
+                renew_at = await asyncio.to_thread(self.control.refresh_zone_cert)
+                self.control.load_zone_cert(self.agents_tls)
+            except OSError as exc:
+                log.error("cannot renew the zone's client certificate, retrying: %s", exc)
+                await asyncio.sleep(retry.next())
+                continue
+            retry.reset()
+            self._renew_zone_cert_at = renew_at
+            log.info("renewed the zone's client certificate %s", self.control.zone_cert_file)
+
     async def stop(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewal
         await self.deliverer.close()
         if self.runner is not None:
             await self.runner.cleanup()

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -116,7 +117,10 @@ class ZoneService:
 
     def hosts_view(self) -> list[dict[str, Any]]:
         timeout = self.config.hosts.heartbeat_timeout_s
-        return [host_view(h, self.clock(), timeout) for h in self.store.hosts()]
+        certificates = self.store.certificates()
+        return [
+            host_view(h, self.clock(), timeout, certificates.get(h.id)) for h in self.store.hosts()
+        ]
 
     async def remove_host(self, host: str) -> None:
         """Forget a host (decommissioned, or dead for good). Refused while it holds a node
@@ -397,8 +401,9 @@ class ZoneService:
         hosts = {h: r for h in sorted(peers) if (r := self.store.host(h)) is not None}
         return host_work(host, clusters, nodes, gateways, hosts, self.config.network.mtu)
 
-    def api_of(self, host: str) -> tuple[str, str] | None:
-        """The agent's URL and token; None when unknown, or when an older zone took a plain
+    def api_of(self, host: str) -> tuple[str, str | None] | None:
+        """The agent's URL and token (None: the agent takes the zone's client certificate
+        instead); None when unknown, or when an older zone took a plain
         http URL off loopback (the token is never sent over it; the agent's next report
         is refused until it names https)."""
         record = self.store.host(host)
@@ -409,6 +414,14 @@ class ZoneService:
         except ValueError:
             return None
         return url, record.report.api_token
+
+    def hosts_at(self, address: str) -> set[str]:
+        """The hosts whose reported api_url has address (an IP or a DNS name) as its host."""
+        return {
+            record.id
+            for record in self.store.hosts()
+            if urlsplit(record.report.api_url).hostname == address
+        }
 
     def hosts_with_work(self) -> set[str]:
         hosts = {n.host for n in self.store.nodes()}

@@ -8,14 +8,17 @@ from typing import Any
 from hostagent.model import Phase
 from hostagent.zone.desired import api_endpoint
 from hostagent.zone.model import UNKNOWN, ClusterPhase, HostState
-from hostagent.zone.store import ClusterRecord, HostRecord, NodeRecord
+from hostagent.zone.store import ClusterRecord, HostCertificate, HostRecord, NodeRecord
 
 
 def host_state(record: HostRecord, now: float, timeout_s: float) -> HostState:
     return HostState.READY if now - record.last_heartbeat <= timeout_s else HostState.NOT_READY
 
 
-def host_view(record: HostRecord, now: float, timeout_s: float) -> dict[str, Any]:
+def host_view(
+    record: HostRecord, now: float, timeout_s: float, certificate: HostCertificate | None = None
+) -> dict[str, Any]:
+    """certificate: the last client certificate issued to the host (mutual TLS)."""
     report = record.report.model_dump(mode="json", exclude={"api_token"})
     return {
         "host": record.id,
@@ -23,6 +26,12 @@ def host_view(record: HostRecord, now: float, timeout_s: float) -> dict[str, Any
         "state": host_state(record, now, timeout_s).value,
         "registered_at": record.registered_at,
         "last_heartbeat_s_ago": round(max(0.0, now - record.last_heartbeat), 1),
+        "certificate": None
+        if certificate is None
+        else {
+            "not_after": certificate.not_after,
+            "token_generation": certificate.token_generation,
+        },
     }
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hostagent.model import Role
-from hostagent.sqlite import Connection, Database, Row
+from hostagent.sqlite import Connection, Database, Row, read_only
 from hostagent.store import now
 from hostagent.zone.model import STORED, ClusterSpec, HostReport
 
@@ -74,6 +74,14 @@ class HostRemoval:
     forgotten: list[NodeRecord]
 
 
+@dataclass(frozen=True)
+class HostCertificate:
+    """The last client certificate the zone issued to a host."""
+
+    not_after: str
+    token_generation: int  # of the host token that last bootstrapped it
+
+
 class Stale(Exception):
     """The state a decision was made on changed before it was written; nothing was."""
 
@@ -106,6 +114,11 @@ class ZoneStore(Protocol):
     async def remove_cluster(self, name: str) -> None: ...
     def deliveries(self, host: str) -> dict[tuple[str, str], str]: ...
     async def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None: ...
+    def token_generation(self, host: str) -> int: ...
+    def certificates(self) -> dict[str, HostCertificate]: ...
+    async def record_certificate(
+        self, host: str, generation: int | None, not_after: str
+    ) -> None: ...
 
 
 SCHEMA = """
@@ -150,6 +163,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
     key    TEXT NOT NULL,
     digest TEXT NOT NULL,
     PRIMARY KEY (host, kind, key)
+);
+CREATE TABLE IF NOT EXISTS host_certificates (
+    host       TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL,
+    not_after  TEXT NOT NULL
 );
 """
 
@@ -326,6 +344,52 @@ class SqliteZoneStore:
     async def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None:
         """Record what host acknowledged for (kind, key); None forgets it."""
         await self.db.write(lambda db: _set_delivery(db, host, kind, key, digest))
+
+    # --- the hosts' client certificates ----------------------------------------------
+
+    def token_generation(self, host: str) -> int:
+        """The generation of the host token that last bootstrapped host (0: none did)."""
+        return _token_generation(self.db.reader, host)
+
+    def certificates(self) -> dict[str, HostCertificate]:
+        rows = self.db.reader.execute("SELECT * FROM host_certificates").fetchall()
+        return {row["host"]: HostCertificate(row["not_after"], row["generation"]) for row in rows}
+
+    async def record_certificate(self, host: str, generation: int | None, not_after: str) -> None:
+        """Record a certificate issued to host: bootstrapped by a host token of generation
+        (Stale, nothing written, when that generation or a later one was taken before),
+        or renewed (generation None)."""
+
+        def work(db: Connection) -> None:
+            taken = _token_generation(db, host)
+            if generation is not None and generation <= taken:
+                raise Stale(f"host token generation {generation} of {host} was used")
+            db.execute(
+                "INSERT INTO host_certificates (host, generation, not_after) VALUES (?, ?, ?) "
+                "ON CONFLICT (host) DO UPDATE SET generation = excluded.generation, "
+                "not_after = excluded.not_after",
+                (host, taken if generation is None else generation, not_after),
+            )
+
+        await self.db.write(work)
+
+
+def token_generation_in(path: Path, host: str) -> int:
+    """token_generation of the zone database at path, read beside a running zone without
+    creating or changing anything (0 when there is no database, or no such table yet)."""
+    if not path.exists():
+        return 0
+    with read_only(path) as db:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        if db.execute(query, ("host_certificates",)).fetchone() is None:
+            return 0
+        return _token_generation(db, host)
+
+
+def _token_generation(db: Connection, host: str) -> int:
+    query = "SELECT generation FROM host_certificates WHERE host = ?"
+    row = db.execute(query, (host,)).fetchone()
+    return 0 if row is None else int(row["generation"])
 
 
 def _get_cluster(db: Connection, name: str) -> ClusterRecord | None:

@@ -9,13 +9,16 @@ worker pings the nodes of its cluster on the other hosts across VXLAN and cannot
 the other cluster's node even with forwarding on in every host; scaling updates every
 host's peers; a killed agent makes the cluster Degraded and leaves the other hosts
 alone, and it converges when back; a zone restarted mid-creation still completes the
-cluster; deleting leaves nothing on any host.
+cluster; deleting leaves nothing on any host. Mutual TLS is on throughout: the agents hold
+certificates of the zone, their host tokens are spent, the zone holds no agent token.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sqlite3
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,6 +156,41 @@ def lab(lab_image_dir: Path) -> Iterator[Lab]:
             if log.exists() and not IN_CI:
                 print(f"--- {host.name} agent log (tail)\n" + log.read_text()[-3000:])
         down(settings, purge=True, progress=print)
+
+
+def test_agents_and_zone_use_client_certificates(lab: Lab) -> None:
+    """Mutual TLS is on: every agent holds its certificate of the zone, its host token is
+    spent (refused for a report and for another bootstrap), the zone holds no agent
+    token, and an agent takes the zone's certificate and refuses a call without one."""
+    ca = lab.settings.root / "ca" / "ca.crt"
+    zone_pem = zone_dir(lab.settings.root) / "state" / "control-ca" / "zone-client.pem"
+    for host in lab.plan.hosts:
+        pem = host.state_dir / "zone-tls" / "client.pem"
+        assert pem.stat().st_mode & 0o777 == 0o600
+        assert "PRIVATE KEY" in pem.read_text()
+        token = (host.config_dir / "zone-token").read_text().strip()
+        with httpx.Client(
+            base_url=lab.context.url,
+            headers={"Authorization": f"Bearer {token}"},
+            verify=ssl.create_default_context(cafile=ca),
+            timeout=30,
+        ) as spent:
+            assert spent.put(f"/v1/hosts/{host.name}", json={}).status_code == 403
+            again = spent.post(f"/v1/hosts/{host.name}/certificate", json={"csr": "x"})
+            assert again.status_code == 403 and "already used" in again.text
+        node = "/v1/clusters/nothing/nodes/n1"
+        url = f"https://{host.address.ip}:8470"
+        with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=ca)) as bare:
+            assert bare.get(node).status_code == 401
+        zone_tls = ssl.create_default_context(cafile=ca)
+        zone_tls.load_cert_chain(zone_pem)
+        with httpx.Client(base_url=url, verify=zone_tls) as as_zone:
+            assert as_zone.get(node).status_code == 404  # past authentication
+    db = zone_dir(lab.settings.root) / "state" / "zone.db"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        reports = [json.loads(row[0]) for row in conn.execute("SELECT report FROM hosts")]
+    assert len(reports) == len(lab.plan.hosts)
+    assert all(report.get("api_token") is None for report in reports)
 
 
 def test_cluster_becomes_ready_with_masters_on_three_hosts(lab: Lab) -> None:

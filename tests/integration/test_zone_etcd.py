@@ -26,13 +26,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hostagent.errors import StoreUnavailable
 from hostagent.zone.api import zone_app
 from hostagent.zone.auth import host_token
-from hostagent.zone.config import ZoneServerConfig, load_zone_config
+from hostagent.zone.config import ControlCaConfig, ZoneServerConfig, load_zone_config
+from hostagent.zone.controlplane import ControlPlane
 from hostagent.zone.etcd import Delete, Put
 from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.model import ClusterSpec, HostReport
-from hostagent.zone.server import Zone, make_store
+from hostagent.zone.server import Zone
 from hostagent.zone.service import ZoneService
 from hostagent.zone.store import Stale
+from hostagent.zone.stores import make_store
 from pki import keys, servicecerts
 from pki.local import LocalBackend
 from tests import etcd
@@ -130,7 +132,14 @@ async def test_etcd_down_is_a_503_with_nothing_half_written_and_back_by_itself(
     await store.start()
     config = ZoneServerConfig(state_dir=tmp_path)
     service = ZoneService(store, config, LocalBackend(tmp_path / "pki"))
-    app = zone_app(service, "admin-token", SECRET, metrics_text=lambda: b"", heartbeat_s=5.0)
+    app = zone_app(
+        service,
+        "admin-token",
+        SECRET,
+        metrics_text=lambda: b"",
+        heartbeat_s=5.0,
+        control=ControlPlane(ControlCaConfig(), tmp_path),
+    )
     try:
         async with TestClient(TestServer(app)) as client:
             host = {"Authorization": f"Bearer {host_token(SECRET, 'h1')}"}

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from hostagent.cli import client_for
-from hostagent.config import ApiConfig, Config
+from hostagent.config import AgentApiConfig, Config
 from pki.servicecerts import issue_server_cert
 
 
@@ -27,7 +27,7 @@ def tls_agent(tmp_path: Path) -> Iterator[Config]:
     (tmp_path / "api-token").write_text("secret\n")
     config = Config(
         state_dir=tmp_path,
-        api=ApiConfig(listen=f"127.0.0.1:{port}", tls_cert=cert, tls_key=key),
+        api=AgentApiConfig(listen=f"127.0.0.1:{port}", tls_cert=cert, tls_key=key),
     )
     loop = asyncio.new_event_loop()
     app = web.Application()

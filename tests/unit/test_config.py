@@ -198,6 +198,18 @@ def test_non_loopback_with_tls_is_accepted(tmp_path: Path) -> None:
     assert config.api.tls_key == Path("/etc/hostagent/tls.key")
 
 
+def test_a_client_ca_needs_tls(tmp_path: Path) -> None:
+    message = config_error(tmp_path, '[api]\nclient_ca_file = "/etc/hostagent/zone-ca.pem"\n')
+    assert message.startswith("api.client_ca_file:") and "tls_cert" in message
+
+
+def test_mutual_tls_with_the_zone_is_on_for_an_https_zone(tmp_path: Path) -> None:
+    zone = '[zone]\nurl = "{}"\ntoken_file = "/etc/t"\napi_url = "https://192.0.2.1:8470"\n'
+    assert load_config(write(tmp_path, zone.format("https://192.0.2.9:8471"))).zone_mtls
+    assert not load_config(write(tmp_path, zone.format("http://127.0.0.1:8471"))).zone_mtls
+    assert not load_config(write(tmp_path, "")).zone_mtls
+
+
 @pytest.mark.parametrize("listen", ["127.0.0.1:8470", "127.1.2.3:1", "[::1]:65535"])
 def test_loopback_needs_no_tls(tmp_path: Path, listen: str) -> None:
     assert load_config(write(tmp_path, f'[api]\nlisten = "{listen}"\n')).api.listen == listen

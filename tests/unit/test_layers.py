@@ -38,6 +38,8 @@ PURE = (
     "cloudconfig.render",
     "pki.certset",
     "pki.lifetime",
+    "pki.controlca",
+    "hostagent.zone.auth",
 )
 
 Graph = dict[str, set[str]]

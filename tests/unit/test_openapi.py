@@ -43,7 +43,14 @@ def agent() -> web.Application:
 
 def zone() -> web.Application:
     nothing: Any = None
-    return zone_app(nothing, TOKEN, "host-secret", metrics_text=lambda: METRICS, heartbeat_s=5.0)
+    return zone_app(
+        nothing,
+        TOKEN,
+        "host-secret",
+        metrics_text=lambda: METRICS,
+        heartbeat_s=5.0,
+        control=nothing,
+    )
 
 
 @pytest.fixture(params=[agent, zone], ids=["agent", "zone"])

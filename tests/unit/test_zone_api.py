@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from hostagent.zone.api import zone_app
-from hostagent.zone.auth import host_of, host_token
-from hostagent.zone.config import ZoneServerConfig
+from hostagent.zone.auth import HostToken, host_token, parse_host_token
+from hostagent.zone.config import ControlCaConfig, ZoneServerConfig
+from hostagent.zone.controlplane import ControlPlane
 from hostagent.zone.service import ZoneService
 from pki.local import LocalBackend
 from tests.conftest import StoreFactory
@@ -50,7 +51,14 @@ def report(i: int) -> dict[str, Any]:
 async def client(tmp_path: Path, zone_stores: StoreFactory) -> AsyncIterator[TestClient[Any, Any]]:
     config = ZoneServerConfig(state_dir=tmp_path)
     service = ZoneService(await zone_stores(), config, LocalBackend(tmp_path / "pki"))
-    app = zone_app(service, "admin-token", SECRET, metrics_text=lambda: b"", heartbeat_s=5.0)
+    app = zone_app(
+        service,
+        "admin-token",
+        SECRET,
+        metrics_text=lambda: b"",
+        heartbeat_s=5.0,
+        control=ControlPlane(ControlCaConfig(), tmp_path),
+    )
     async with TestClient(TestServer(app)) as test_client:
         yield test_client
 
@@ -63,14 +71,26 @@ async def error_of(response: Any, status: int) -> dict[str, str]:
     return error
 
 
-def test_host_tokens_name_their_host_and_cannot_be_forged() -> None:
+def test_host_tokens_name_their_host_and_generation_and_cannot_be_forged() -> None:
     token = host_token(SECRET, "h1")
-    assert host_of(SECRET, token) == "h1"
-    assert host_of("other-secret", token) is None
-    assert host_of(SECRET, token.replace("h1", "h2")) is None
-    assert host_of(SECRET, "garbage") is None
-    assert host_of(SECRET, "host.h1.wröng") is None
-    assert host_of(SECRET, "host.h1.wr\udcf6ng") is None  # how aiohttp decodes a 0xf6 byte
+    assert parse_host_token(SECRET, token) == HostToken("h1", 1)
+    assert parse_host_token(SECRET, host_token(SECRET, "h1", 7)) == HostToken("h1", 7)
+    assert parse_host_token("other-secret", token) is None
+    assert parse_host_token(SECRET, token.replace("h1", "h2")) is None
+    assert parse_host_token(SECRET, token.replace("h1.1.", "h1.2.")) is None
+    assert parse_host_token(SECRET, token.replace("h1.1.", "h1.01.")) is None
+    assert parse_host_token(SECRET, "garbage") is None
+    assert parse_host_token(SECRET, "host.h1.1.wröng") is None
+    assert parse_host_token(SECRET, "host.h1.1.wr\udcf6ng") is None  # aiohttp's 0xf6
+    assert parse_host_token(SECRET, "host.h1.wr\udcf6ng") is None  # no generation
+    with pytest.raises(ValueError):
+        host_token(SECRET, "h1", 0)
+
+
+async def test_certificates_are_issued_over_tls_only(client: TestClient[Any, Any]) -> None:
+    body = {"csr": "unused"}
+    response = await client.post("/v1/hosts/h1/certificate", json=body, headers=as_host("h1"))
+    assert "over TLS only" in (await error_of(response, 403))["message"]
 
 
 async def test_no_or_wrong_token_is_401(client: TestClient[Any, Any]) -> None:

@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from common import http
 from hostagent.zone.config import AgentsConfig, ZoneServerConfig
 from hostagent.zone.driver import Deliverer
 from hostagent.zone.model import ClusterSpec, HostReport
@@ -115,7 +116,7 @@ class Zone:
         )
         self.store = store
         self.service = ZoneService(self.store, config, LocalBackend(tmp_path / "pki"))
-        self.deliverer = Deliverer(self.service, config.agents)
+        self.deliverer = Deliverer(self.service, config.agents, http.tls_context())
         self.agents: dict[str, StandInAgent] = {}
 
     async def add_agent(self, i: int) -> StandInAgent:
@@ -238,6 +239,6 @@ async def test_a_restarted_zone_redrives_what_was_in_flight(tmp_path: Path, zone
     await zone.deliverer.close()  # the zone "crashes" before delivering anything
     await zone.service.put_cluster("demo", spec(0))
     assert all(a.nodes == {} for a in zone.agents.values())
-    zone.deliverer = Deliverer(zone.service, zone.deliverer.config)
+    zone.deliverer = Deliverer(zone.service, zone.deliverer.config, http.tls_context())
     await zone.deliverer.start()
     await until(lambda: all(len(a.nodes) == 1 for a in zone.agents.values()))

@@ -10,8 +10,8 @@ from hostagent.errors import ConfigError
 from hostagent.zone.config import load_zone_config
 from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.keys import Layout
-from hostagent.zone.server import make_store
 from hostagent.zone.store import SqliteZoneStore
+from hostagent.zone.stores import make_store
 
 
 def test_every_key_reads_back_as_what_it_names() -> None:
