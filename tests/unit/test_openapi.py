@@ -101,3 +101,12 @@ async def test_metrics_are_documented_as_what_they_are(client: TestClient[Any, A
     assert response.content_type == "text/plain"
     ok = (await document(client))["paths"]["/metrics"]["get"]["responses"]["200"]
     assert set(ok["content"]) == {"text/plain"}
+
+
+async def test_a_405_names_the_allowed_methods(client: TestClient[Any, Any]) -> None:
+    """RFC 9110: a 405 carries Allow. The error middleware answers in the error shape and
+    keeps aiohttp's Allow header."""
+    response = await client.request("TRACE", "/healthz")
+    assert response.status == 405
+    assert (await response.json())["error"]["code"] == "method_not_allowed"
+    assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD"}
