@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from common.names import DNS1123_LABEL
 from hostagent.model import ErrorResponse, Health, Node, NodeList, NodeSpec
 from hostagent.networks import PeerList
 
@@ -34,13 +35,20 @@ ERRORS = {
         (507, "host out of capacity"),
     )
 }
+# A write that finds the store's disk full changes nothing and answers 503 store_full.
+WRITE_ERRORS = {**ERRORS, "503": _response("the state store cannot be written", "ErrorResponse")}
 # aiohttp's answer to a body over the app's client_max_size (1 MiB; phone-home's own app
 # 64 KiB), for every operation that reads one.
 TOO_LARGE = {"413": _response("body too large", "ErrorResponse")}
-NAME_PARAMS = [
-    {"name": n, "in": "path", "required": True, "schema": {"type": "string", "maxLength": 63}}
-    for n in ("cluster", "node")
-]
+
+
+def name_parameters(*names: str) -> list[dict[str, Any]]:
+    """Path parameters that are names (cluster, node, host): DNS-1123 labels."""
+    label = {"type": "string", "maxLength": 63, "pattern": DNS1123_LABEL.pattern}
+    return [{"name": n, "in": "path", "required": True, "schema": label} for n in names]
+
+
+NAME_PARAMS = name_parameters("cluster", "node")
 PEERS_PATH = {
     "parameters": NAME_PARAMS[:1],
     "put": {
@@ -49,7 +57,11 @@ PEERS_PATH = {
             "required": True,
             "content": {"application/json": {"schema": _ref("PeerList")}},
         },
-        "responses": {"200": _response("the stored list", "PeerList"), **ERRORS, **TOO_LARGE},
+        "responses": {
+            "200": _response("the stored list", "PeerList"),
+            **WRITE_ERRORS,
+            **TOO_LARGE,
+        },
     },
     "get": {
         "summary": "The cluster's peer hosts as last stored",
@@ -57,7 +69,7 @@ PEERS_PATH = {
     },
     "delete": {
         "summary": "Forget the cluster's peer list (also when there is none)",
-        "responses": {"204": {"description": "forgotten"}, **ERRORS},
+        "responses": {"204": {"description": "forgotten"}, **WRITE_ERRORS},
     },
 }
 
@@ -74,7 +86,7 @@ def _paths() -> dict[str, Any]:
             "responses": {
                 "200": _response("existed", "Node"),
                 "201": _response("created", "Node"),
-                **ERRORS,
+                **WRITE_ERRORS,
                 **TOO_LARGE,
             },
         },
@@ -84,7 +96,7 @@ def _paths() -> dict[str, Any]:
         },
         "delete": {
             "summary": "Delete the node: Deleting, then gone",
-            "responses": {"202": _response("deleting", "Node"), **ERRORS},
+            "responses": {"202": _response("deleting", "Node"), **WRITE_ERRORS},
         },
     }
     plain = {
@@ -144,7 +156,7 @@ def _paths() -> dict[str, Any]:
                     "required": False,
                     "content": {"application/json": {"schema": {"type": "object"}}},
                 },
-                "responses": {"200": _response("ready", "Node"), **ERRORS, **TOO_LARGE},
+                "responses": {"200": _response("ready", "Node"), **WRITE_ERRORS, **TOO_LARGE},
             },
         },
     }

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from hostagent.model import ErrorResponse
+from hostagent.openapi import name_parameters
 from hostagent.zone.model import ClusterSpec, HostReport, SignRequest
 
 _JSON = "application/json"
@@ -43,8 +44,8 @@ ERRORS = {
 }
 # aiohttp's answer to a body over the app's client_max_size, for every operation with one.
 TOO_LARGE = {"413": _error("body too large")}
-_NAME = [{"name": "cluster", "in": "path", "required": True, "schema": {"type": "string"}}]
-_HOST = [{"name": "host", "in": "path", "required": True, "schema": {"type": "string"}}]
+_NAME = name_parameters("cluster")
+_HOST = name_parameters("host")
 
 
 def _paths() -> dict[str, Any]:

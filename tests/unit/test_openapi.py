@@ -10,8 +10,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from hostagent.api import api_app
+from common.names import DNS1123_LABEL
+from hostagent.api import STATUS, api_app
+from hostagent.openapi import openapi_document
+from hostagent.zone.api import STATUS as ZONE_STATUS
 from hostagent.zone.api import zone_app
+from hostagent.zone.openapi import zone_openapi
 
 TOKEN = "t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -110,3 +114,33 @@ async def test_a_405_names_the_allowed_methods(client: TestClient[Any, Any]) -> 
     assert response.status == 405
     assert (await response.json())["error"]["code"] == "method_not_allowed"
     assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD"}
+
+
+async def test_every_name_in_a_path_is_documented_as_a_dns_label(
+    client: TestClient[Any, Any],
+) -> None:
+    """Cluster, node and host names are DNS-1123 labels (API.md): a name the document
+    allows is one the API takes."""
+    paths = (await document(client))["paths"]
+    for path, ops in paths.items():
+        for parameter in ops.get("parameters", []):
+            assert parameter["in"] == "path", (path, parameter)
+            schema = parameter["schema"]
+            assert schema["pattern"] == DNS1123_LABEL.pattern, (path, parameter)
+            assert schema["maxLength"] == 63, (path, parameter)
+
+
+@pytest.mark.parametrize(
+    ("served", "statuses"),
+    [(openapi_document("test"), STATUS), (zone_openapi("test"), ZONE_STATUS)],
+    ids=["agent", "zone"],
+)
+def test_every_write_documents_every_error_status(
+    served: dict[str, Any], statuses: dict[type[Exception], int]
+) -> None:
+    """A write can meet each error its app maps to a status, a full store's 503
+    (store_full) included."""
+    codes = {str(status) for status in statuses.values()}
+    for path, ops in served["paths"].items():
+        for method in {"put", "post", "delete"} & set(ops):
+            assert codes <= set(ops[method]["responses"]), (method, path)
