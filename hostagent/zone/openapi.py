@@ -49,9 +49,16 @@ _HOST = name_parameters("host")
 
 
 def _paths() -> dict[str, Any]:
-    def op(summary: str, status: str = "200", **extra: Any) -> dict[str, Any]:
+    def op(summary: str, *statuses: str, **extra: Any) -> dict[str, Any]:
+        """An operation answering a JSON object with each of statuses (200 if none given;
+        a 204 has no body)."""
         errors = {**ERRORS, **TOO_LARGE} if "requestBody" in extra else ERRORS
-        return {"summary": summary, "responses": {status: _ok(summary), **errors}, **extra}
+        ok = {s: {"description": summary} if s == "204" else _ok(summary) for s in statuses}
+        return {
+            "summary": summary,
+            "responses": {**(ok or {"200": _ok(summary)}), **errors},
+            **extra,
+        }
 
     return {
         "/healthz": {
@@ -74,7 +81,9 @@ def _paths() -> dict[str, Any]:
         "/v1/hosts/{host}": {
             "parameters": _HOST,
             "put": op(
-                "Register or heartbeat (the host's own token); 201 the first time",
+                "Register (201) or heartbeat (200) with the host's own token",
+                "200",
+                "201",
                 requestBody=_body("HostReport"),
             ),
             "delete": op("Forget a host that runs no wanted node (admin token)", "204"),
@@ -82,7 +91,12 @@ def _paths() -> dict[str, Any]:
         "/v1/clusters": {"get": op("Every cluster with its status")},
         "/v1/clusters/{cluster}": {
             "parameters": _NAME,
-            "put": op("Create (201) or scale (200) a cluster", requestBody=_body("ClusterSpec")),
+            "put": op(
+                "Create (201) or scale (200) a cluster",
+                "200",
+                "201",
+                requestBody=_body("ClusterSpec"),
+            ),
             "get": op("The cluster with its allocation and each node's host and phase"),
             "delete": op("Delete the cluster from every host", "202"),
         },

@@ -144,3 +144,31 @@ def test_every_write_documents_every_error_status(
     for path, ops in served["paths"].items():
         for method in {"put", "post", "delete"} & set(ops):
             assert codes <= set(ops[method]["responses"]), (method, path)
+
+
+async def test_a_204_is_documented_without_a_body(client: TestClient[Any, Any]) -> None:
+    paths = (await document(client))["paths"]
+    no_content = [
+        op["responses"]["204"]
+        for ops in paths.values()
+        for op in ops.values()
+        if isinstance(op, dict) and "204" in op.get("responses", {})
+    ]
+    assert no_content
+    for response in no_content:
+        assert "content" not in response, response
+
+
+@pytest.mark.parametrize(
+    ("app", "path"),
+    [
+        (agent, "/v1/clusters/{cluster}/nodes/{node}"),
+        (zone, "/v1/clusters/{cluster}"),
+        (zone, "/v1/hosts/{host}"),
+    ],
+)
+async def test_a_put_that_creates_documents_201_and_200(app: Any, path: str) -> None:
+    async with TestClient(TestServer(app())) as client:
+        put = (await document(client))["paths"][path]["put"]
+    assert {"200", "201"} <= set(put["responses"])
+    assert put["responses"]["200"]["content"] == put["responses"]["201"]["content"]
