@@ -9,7 +9,14 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from common.names import check_dns_name, check_name
 
@@ -22,6 +29,17 @@ def check_kubernetes_version(value: str) -> str:
     if not KUBERNETES_VERSION.fullmatch(value):
         raise ValueError(f"kubernetes_version {value[:40]!r} must look like 1.31.2")
     return value
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, bool | str):
+        raise ValueError(f"must be a JSON number, not {json.dumps(value)[:40]}")
+    return value
+
+
+# A number in a request is a JSON number, as the API documents say: pydantic's lax mode
+# would also take true (as 1) and "2".
+JsonNumber = BeforeValidator(_json_number)
 
 
 def check_ssh_keys(value: list[str]) -> list[str]:
@@ -49,10 +67,10 @@ class _Strict(BaseModel):
 
 
 class NetworkSpec(_Strict):
-    vni: Annotated[int, Field(ge=1, le=16_777_215)]
+    vni: Annotated[int, JsonNumber, Field(ge=1, le=16_777_215)]
     address: str = Field(description="The node's address with prefix length, e.g. 10.42.0.11/24")
     gateway: str = Field(description="The cluster network's gateway on this host")
-    mtu: Annotated[int, Field(ge=576, le=9000)] = 1450
+    mtu: Annotated[int, JsonNumber, Field(ge=576, le=9000)] = 1450
 
     @field_validator("address")
     @classmethod
@@ -149,16 +167,16 @@ class ClusterSpec(_Strict):
 
 class NodeSpec(_Strict):
     role: Role
-    vcpus: Annotated[int, Field(ge=1, le=256)]
-    memory_mib: Annotated[int, Field(ge=64, le=4 * 1024 * 1024)]
-    disk_gib: Annotated[int, Field(ge=1, le=65_536)]
+    vcpus: Annotated[int, JsonNumber, Field(ge=1, le=256)]
+    memory_mib: Annotated[int, JsonNumber, Field(ge=64, le=4 * 1024 * 1024)]
+    disk_gib: Annotated[int, JsonNumber, Field(ge=1, le=65_536)]
     image: str
     kubernetes_version: str
     network: NetworkSpec
     ssh_authorized_keys: list[Annotated[str, Field(max_length=16_384)]] = Field(
         default_factory=list, max_length=64
     )
-    etcd_disk_gib: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+    etcd_disk_gib: Annotated[int, JsonNumber, Field(ge=1, le=4096)] | None = Field(
         default=None,
         description="masters: size of etcd's own data disk, kept when the root disk is "
         "re-created (default 5)",
