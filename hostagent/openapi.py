@@ -42,21 +42,42 @@ WRITE_ERRORS = {**ERRORS, "503": _response("the state store cannot be written", 
 TOO_LARGE = {"413": _response("body too large", "ErrorResponse")}
 
 
-def name_parameters(*names: str) -> list[dict[str, Any]]:
-    """Path parameters that are names (cluster, node, host): DNS-1123 labels."""
+def name_parameters(**examples: str) -> list[dict[str, Any]]:
+    """Path parameters that are names (cluster, node, host: DNS-1123 labels), each with
+    its example."""
     label = {"type": "string", "maxLength": 63, "pattern": DNS1123_LABEL.pattern}
-    return [{"name": n, "in": "path", "required": True, "schema": label} for n in names]
+    return [
+        {"name": name, "in": "path", "required": True, "schema": label, "example": example}
+        for name, example in examples.items()
+    ]
 
 
-NAME_PARAMS = name_parameters("cluster", "node")
+def json_body(schema: str, example: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {"application/json": {"schema": _ref(schema), "example": example}},
+    }
+
+
+# The documents' examples (API.md's), one node of each example cluster.
+EXAMPLE_NAMES = {"cluster": "alpha", "node": "m1"}
+NODE_SPEC_EXAMPLE: dict[str, Any] = {
+    "role": "master",
+    "vcpus": 2,
+    "memory_mib": 2048,
+    "disk_gib": 20,
+    "image": "lab",
+    "kubernetes_version": "1.31.2",
+    "network": {"vni": 4242, "address": "10.42.0.11/24", "gateway": "10.42.0.1", "mtu": 1450},
+    "ssh_authorized_keys": [],
+}
+PEER_LIST_EXAMPLE = {"peers": [{"address": "10.250.0.12", "macs": ["52:54:00:aa:bb:cc"]}]}
+NAME_PARAMS = name_parameters(**EXAMPLE_NAMES)
 PEERS_PATH = {
     "parameters": NAME_PARAMS[:1],
     "put": {
         "summary": "Replace the cluster's peer hosts (the zone sends them) and rewire its FDB",
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": _ref("PeerList")}},
-        },
+        "requestBody": json_body("PeerList", PEER_LIST_EXAMPLE),
         "responses": {
             "200": _response("the stored list", "PeerList"),
             **WRITE_ERRORS,
@@ -79,10 +100,7 @@ def _paths() -> dict[str, Any]:
         "parameters": NAME_PARAMS,
         "put": {
             "summary": "Create or update the desired node",
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref("NodeSpec")}},
-            },
+            "requestBody": json_body("NodeSpec", NODE_SPEC_EXAMPLE),
             "responses": {
                 "200": _response("existed", "Node"),
                 "201": _response("created", "Node"),

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from hostagent.model import ErrorResponse
-from hostagent.openapi import name_parameters
+from hostagent.openapi import json_body, name_parameters
 from hostagent.zone.model import ClusterSpec, HostReport, SignRequest
 
 _JSON = "application/json"
@@ -15,10 +15,6 @@ _JSON = "application/json"
 
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _body(schema: str) -> dict[str, Any]:
-    return {"required": True, "content": {_JSON: {"schema": _ref(schema)}}}
 
 
 def _ok(description: str) -> dict[str, Any]:
@@ -44,8 +40,39 @@ ERRORS = {
 }
 # aiohttp's answer to a body over the app's client_max_size, for every operation with one.
 TOO_LARGE = {"413": _error("body too large")}
-_NAME = name_parameters("cluster")
-_HOST = name_parameters("host")
+# The document's examples (docs/zone.md's): a host, and a cluster that fits on it.
+EXAMPLE_NAMES = {"cluster": "demo", "host": "h1"}
+HOST_REPORT_EXAMPLE: dict[str, Any] = {
+    "api_url": "https://10.250.0.11:8470",
+    "api_token": "agent-token",
+    "underlay_address": "10.250.0.11",
+    "failure_domain": "rack-1",
+    "allocatable": {"vcpus": 12.0, "memory_mib": 30720, "disk_gib": 490},
+    "allocated": {"vcpus": 0.0, "memory_mib": 0, "disk_gib": 0},
+    "domain_type": "kvm",
+    "version": "0.1.0",
+}
+CLUSTER_SPEC_EXAMPLE: dict[str, Any] = {
+    "kubernetes_version": "1.31.2",
+    "image": "lab",
+    "masters": {"count": 1, "vcpus": 2, "memory_mib": 2048, "disk_gib": 20},
+    "workers": {"count": 2, "vcpus": 2, "memory_mib": 2048, "disk_gib": 20},
+    "ssh_authorized_keys": [],
+}
+# kube-proxy's client certificate request (CN system:kube-proxy, an ECDSA P-256 key).
+SIGN_REQUEST_EXAMPLE = {
+    "name": "kube-proxy",
+    "csr": "-----BEGIN CERTIFICATE REQUEST-----\n"
+    "MIHVMH4CAQAwHDEaMBgGA1UEAwwRc3lzdGVtOmt1YmUtcHJveHkwWTATBgcqhkjO\n"
+    "PQIBBggqhkjOPQMBBwNCAAToMynCsFRt6JXp+VIXzQTuyAXIna9fHDdDTaOQTEM5\n"
+    "W+FSs41eScd+R8zqBacLeS68Lfl/RbPo6IOWmXlY5XzroAAwCgYIKoZIzj0EAwID\n"
+    "RwAwRAIgamCfRfCeqm0vu4gyDdQZ+B1J5fArhoxRznEieBWMXDICIAt8ePI245oG\n"
+    "Hj9/5Dn1NTrtMRG21LAb7334oosYkPOS\n"
+    "-----END CERTIFICATE REQUEST-----\n",
+    "ttl_s": 86400,
+}
+_NAME = name_parameters(cluster=EXAMPLE_NAMES["cluster"])
+_HOST = name_parameters(host=EXAMPLE_NAMES["host"])
 
 
 def _paths() -> dict[str, Any]:
@@ -84,7 +111,7 @@ def _paths() -> dict[str, Any]:
                 "Register (201) or heartbeat (200) with the host's own token",
                 "200",
                 "201",
-                requestBody=_body("HostReport"),
+                requestBody=json_body("HostReport", HOST_REPORT_EXAMPLE),
             ),
             "delete": op("Forget a host that runs no wanted node (admin token)", "204"),
         },
@@ -95,7 +122,7 @@ def _paths() -> dict[str, Any]:
                 "Create (201) or scale (200) a cluster",
                 "200",
                 "201",
-                requestBody=_body("ClusterSpec"),
+                requestBody=json_body("ClusterSpec", CLUSTER_SPEC_EXAMPLE),
             ),
             "get": op("The cluster with its allocation and each node's host and phase"),
             "delete": op("Delete the cluster from every host", "202"),
@@ -103,7 +130,10 @@ def _paths() -> dict[str, Any]:
         "/v1/clusters/{cluster}/pki/ca": {"parameters": _NAME, "get": op("The cluster's CAs")},
         "/v1/clusters/{cluster}/pki/sign": {
             "parameters": _NAME,
-            "post": op("Sign a node's CSR (host token)", requestBody=_body("SignRequest")),
+            "post": op(
+                "Sign a node's CSR (host token)",
+                requestBody=json_body("SignRequest", SIGN_REQUEST_EXAMPLE),
+            ),
         },
         "/v1/clusters/{cluster}/pki/service-account": {
             "parameters": _NAME,
