@@ -3,6 +3,7 @@ route: every route is documented and every documented operation is routed."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,12 +11,20 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from common.names import DNS1123_LABEL
+from common.names import DNS1123_LABEL, check_name
 from hostagent.api import STATUS, api_app
-from hostagent.openapi import openapi_document
+from hostagent.model import NodeSpec
+from hostagent.networks import parse_peers
+from hostagent.openapi import EXAMPLE_NAMES, NODE_SPEC_EXAMPLE, PEER_LIST_EXAMPLE, openapi_document
 from hostagent.zone.api import STATUS as ZONE_STATUS
 from hostagent.zone.api import zone_app
-from hostagent.zone.openapi import zone_openapi
+from hostagent.zone.model import ClusterSpec, HostReport, SignRequest
+from hostagent.zone.openapi import (
+    CLUSTER_SPEC_EXAMPLE,
+    HOST_REPORT_EXAMPLE,
+    SIGN_REQUEST_EXAMPLE,
+    zone_openapi,
+)
 
 TOKEN = "t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -172,3 +181,17 @@ async def test_a_put_that_creates_documents_201_and_200(app: Any, path: str) -> 
         put = (await document(client))["paths"][path]["put"]
     assert {"200", "201"} <= set(put["responses"])
     assert put["responses"]["200"]["content"] == put["responses"]["201"]["content"]
+
+
+def test_the_documents_examples_are_valid_requests() -> None:
+    """What a reader copies from the documents passes the models (the fuzz test also sends
+    them to the real apps)."""
+    NodeSpec.model_validate(NODE_SPEC_EXAMPLE)
+    parse_peers(EXAMPLE_NAMES["cluster"], json.dumps(PEER_LIST_EXAMPLE).encode())
+    HostReport.model_validate(HOST_REPORT_EXAMPLE)
+    ClusterSpec.model_validate(CLUSTER_SPEC_EXAMPLE)
+    SignRequest.model_validate(SIGN_REQUEST_EXAMPLE)
+    for served in (openapi_document("test"), zone_openapi("test")):
+        for ops in served["paths"].values():
+            for parameter in ops.get("parameters", []):
+                check_name(parameter["name"], parameter["example"])
