@@ -250,3 +250,13 @@ async def test_pki_for_the_hosts_of_a_cluster(client: TestClient[Any, Any]) -> N
     idle = next(h for h in ("h1", "h2", "h3") if h not in hosts.values())
     await error_of(await client.get("/v1/clusters/demo/pki/ca", headers=as_host(idle)), 403)
     await error_of(await client.get("/v1/clusters/demo/pki/ca", headers=ADMIN), 403)
+
+
+@pytest.mark.parametrize("body", [b"{", b'{"name": "", "csr": "", "ttl_s": 0}'])
+async def test_signing_with_the_admin_token_is_403_whatever_the_body(
+    client: TestClient[Any, Any], body: bytes
+) -> None:
+    """Who may not call is told so first, not what is wrong with the request."""
+    headers = {**ADMIN, "Content-Type": "application/json"}
+    response = await client.post("/v1/clusters/demo/pki/sign", data=body, headers=headers)
+    assert (await error_of(response, 403))["code"] == "forbidden"
