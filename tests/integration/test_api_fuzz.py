@@ -150,7 +150,9 @@ class Served:
 class Target:
     served: Served
     state: Callable[[], Any]  # everything a rejected request must leave as it was
-    token: Callable[[Any, str], str | None]  # (case, who) -> the bearer token, if any
+    # (case, who) -> our bearer token for the caller, if any, and the status the operation
+    # must refuse it with (None: it may pass)
+    credentials: Callable[[Any, str], tuple[str | None, int | None]]
 
 
 def lab_image(images: Path) -> None:
@@ -207,13 +209,18 @@ def agent(tmp_path: Path) -> Iterator[Target]:
     served.serve(make_app)
     node_token = served.call(lambda: store.get(KEY)).token  # type: ignore[union-attr]
 
-    def token(case: Any, who: str) -> str | None:
+    def credentials(case: Any, who: str) -> tuple[str | None, int | None]:
+        """The API token; for phone-home the example node's token, which opens no other
+        node's phone-home, whatever the name."""
         if who == "anonymous":
-            return None
-        return node_token if case.operation.path.startswith("/v1/phone-home/") else TOKEN
+            return None, None
+        if not case.operation.path.startswith("/v1/phone-home/"):
+            return TOKEN, None
+        own = case.path_parameters == {"cluster": KEY.cluster, "node": KEY.name}
+        return node_token, None if own else 401
 
     try:
-        yield Target(served, lambda: (store.all(), store.all_peers()), token)
+        yield Target(served, lambda: (store.all(), store.all_peers()), credentials)
     finally:
         served.close()
         store.close()
@@ -240,13 +247,17 @@ def zone(tmp_path: Path) -> Iterator[Target]:
     served.serve(make_app)
     host = host_token(HOST_SECRET, HOST)
 
-    def token(case: Any, who: str) -> str | None:
+    def credentials(case: Any, who: str) -> tuple[str | None, int | None]:
         """The host's own token for what agents call, the admin's for the rest; "other"
-        swaps them."""
+        swaps them (any valid token may read the document)."""
         path, method = case.operation.path, case.operation.method.upper()
         for_hosts = "/pki/" in path or (path == "/v1/hosts/{host}" and method == "PUT")
         right, other = (host, ADMIN) if for_hosts else (ADMIN, host)
-        return {"right": right, "other": other}.get(who)
+        if who == "right":
+            return right, None
+        if who == "other":
+            return other, None if path in ("/v1/openapi.json", "/healthz", "/metrics") else 403
+        return None, None
 
     def state() -> Any:
         hosts = store.hosts()
@@ -255,7 +266,7 @@ def zone(tmp_path: Path) -> Iterator[Target]:
         return hosts, store.clusters(), store.nodes(), store.gateways(), deliveries, files
 
     try:
-        yield Target(served, state, token)
+        yield Target(served, state, credentials)
     finally:
         served.close()
         store.close()
@@ -279,7 +290,7 @@ def fuzz(case: Any, target: Target, who: str) -> None:
     """One drawn request, sent as `who` ("right": the credentials the operation needs,
     "other": a valid token of the wrong kind, "anonymous": none but what schemathesis
     draws), and what its answer must be."""
-    token = target.token(case, who)
+    token, refusal = target.credentials(case, who)
     headers = {} if token is None else {"Authorization": f"Bearer {token}"}
     before = target.served.call(target.state)
     response = case.call_and_validate(
@@ -287,6 +298,14 @@ def fuzz(case: Any, target: Target, who: str) -> None:
     )
     # No 5xx but API.md's 507 (out of capacity), which the document says where it can come.
     assert response.status_code < 500 or response.status_code == 507, response.text
+    if case.method.upper() == case.operation.method.upper():
+        # Who may not call is told so first, and nothing more about the request: no token
+        # or another (schemathesis draws some, and leaves ours out to try without) is 401.
+        sent = response.request.headers.get("Authorization")
+        if sent != headers.get("Authorization") and case.operation.path.startswith("/v1/"):
+            refusal = 401
+        if refusal is not None:
+            assert response.status_code == refusal, (response.text, case.as_curl_command())
     if response.status_code >= 400:
         check_error_shape(response)
         assert target.served.call(target.state) == before, "a rejected request changed state"
