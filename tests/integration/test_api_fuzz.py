@@ -56,6 +56,8 @@ from hostagent.zone.service import ZoneService
 from hostagent.zone.store import SqliteZoneStore
 from pki.local import LocalBackend
 
+pytestmark = pytest.mark.integration
+
 EXAMPLES = int(os.environ.get("HOSTAGENT_FUZZ_EXAMPLES", "25"))
 RANDOM = os.environ.get("HOSTAGENT_FUZZ_RANDOM", "") not in ("", "0")
 TIMEOUT_S = 30.0
@@ -111,7 +113,9 @@ class Served:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-server")
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="fuzz-server", daemon=True
+        )
         self.thread.start()
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -205,10 +209,6 @@ def agent(tmp_path: Path) -> Iterator[Target]:
             image_names=service.images.names,
         )
 
-    served = Served()
-    served.serve(make_app)
-    node_token = served.call(lambda: store.get(KEY)).token  # type: ignore[union-attr]
-
     def credentials(case: Any, who: str) -> tuple[str | None, int | None]:
         """The API token; for phone-home the example node's token, which opens no other
         node's phone-home, whatever the name."""
@@ -219,7 +219,10 @@ def agent(tmp_path: Path) -> Iterator[Target]:
         own = case.path_parameters == {"cluster": KEY.cluster, "node": KEY.name}
         return node_token, None if own else 401
 
+    served = Served()
     try:
+        served.serve(make_app)
+        node_token = served.call(lambda: store.get(KEY)).token  # type: ignore[union-attr]
         yield Target(served, lambda: (store.all(), store.all_peers()), credentials)
     finally:
         served.close()
@@ -243,8 +246,6 @@ def zone(tmp_path: Path) -> Iterator[Target]:
         await service.put_cluster(CLUSTER, ClusterSpec.model_validate(CLUSTER_SPEC_EXAMPLE))
         return zone_app(service, ADMIN, HOST_SECRET, metrics_text=metrics.render, heartbeat_s=5)
 
-    served = Served()
-    served.serve(make_app)
     host = host_token(HOST_SECRET, HOST)
 
     def credentials(case: Any, who: str) -> tuple[str | None, int | None]:
@@ -265,7 +266,9 @@ def zone(tmp_path: Path) -> Iterator[Target]:
         files = sorted(str(p.relative_to(pki_dir)) for p in pki_dir.rglob("*"))
         return hosts, store.clusters(), store.nodes(), store.gateways(), deliveries, files
 
+    served = Served()
     try:
+        served.serve(make_app)
         yield Target(served, state, credentials)
     finally:
         served.close()
