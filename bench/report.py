@@ -46,6 +46,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     ),
     Benchmark("placement", "Zone placement: nodes over 1000 hosts", (), ("--repeat", "3"), False),
     Benchmark("store_writes", "Store commits and the event loop", (), ("--writes", "20"), False),
+    Benchmark(
+        "zone_pass", "Zone delivery round over 250-2000 hosts", (), ("--hosts", "250,500"), False
+    ),
 )
 
 

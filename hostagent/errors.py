@@ -59,6 +59,13 @@ class StoreFull(Unavailable):
     code = "store_full"
 
 
+class StoreUnavailable(Unavailable):
+    """The zone's replicated store (etcd) cannot be reached, or this zone cannot follow
+    it: nothing was changed (a write whose answer was lost is re-checked when retried)."""
+
+    code = "store_unavailable"
+
+
 def validation_problems(exc: ValidationError, *, plain: bool = False) -> str:
     """A pydantic ValidationError as one line: ``key.path: message; ...`` (the message
     alone when the whole object failed). ``plain`` drops pydantic's ``Value error, ``

@@ -8,7 +8,7 @@ PACKAGES=(
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
   pkg-config gcc python3-venv python3-dev cloud-init busybox-static cpio
   libxml2-utils iproute2 nftables ca-certificates debootstrap e2fsprogs systemd
-  vagrant vagrant-libvirt fdisk mount
+  vagrant vagrant-libvirt fdisk mount etcd-server etcd-client
 )
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -22,8 +22,18 @@ for pkg in "${PACKAGES[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup-host: installing ${missing[*]}"
+  # etcd-server enables and starts Debian's own member on 127.0.0.1:2379 when installed.
+  # The zone's tests and labs run their own members on free ports: keep that one off
+  # (masked before the install, so that it never starts; under sysvinit, disabled after).
+  if [ -d /run/systemd/system ] && printf '%s\n' "${missing[@]}" | grep -qx etcd-server; then
+    systemctl mask etcd.service >/dev/null
+  fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ ! -d /run/systemd/system ] && printf '%s\n' "${missing[@]}" | grep -qx etcd-server; then
+    /etc/init.d/etcd stop >/dev/null 2>&1 || true
+    update-rc.d etcd disable >/dev/null 2>&1 || true
+  fi
 fi
 # The lab image is built from Debian's packages with apt-get download: it needs package lists.
 if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then apt-get update -qq; fi

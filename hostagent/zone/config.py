@@ -7,6 +7,7 @@ import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -78,6 +79,45 @@ class ZonePkiConfig(_Section):
         return self
 
 
+class StoreConfig(_Section):
+    """Where the zone keeps its state: SQLite in state_dir (one machine), or etcd."""
+
+    backend: Literal["sqlite", "etcd"] = "sqlite"
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    prefix: str = "/hostagent/zone/"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    dial_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    request_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one endpoint is needed")
+        for endpoint in value:
+            url = urlsplit(endpoint)
+            if url.scheme not in ("http", "https") or not url.hostname or url.port is None:
+                raise ValueError(f"{endpoint!r} is not http(s)://host:port")
+            if url.scheme == "http" and not _loopback(url.hostname):
+                raise ValueError(f"{endpoint}: plain http only to a loopback address")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} must start with /")
+        return value if value.endswith("/") else value + "/"
+
+    @model_validator(mode="after")
+    def _client_certificate(self) -> StoreConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class ZoneServerConfig(_Section):
     state_dir: Path = Path("/var/lib/hostagent-zone")
     api: ApiConfig = ApiConfig(listen=DEFAULT_ZONE_LISTEN)
@@ -85,6 +125,14 @@ class ZoneServerConfig(_Section):
     agents: AgentsConfig = AgentsConfig()
     network: ZoneNetworkConfig = ZoneNetworkConfig()
     pki: ZonePkiConfig = ZonePkiConfig()
+    store: StoreConfig = StoreConfig()
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def load_zone_config(path: Path | None) -> ZoneServerConfig:

@@ -3,10 +3,10 @@
 Each pass compares the host's work (desired.host_work) with what the agent acknowledged
 (the store's deliveries) and sends only the difference through the agent API: PUT the
 NodeSpecs and peer lists it lacks, DELETE what it should no longer have, until a DELETE
-answers 404. A failed pass is retried with exponential backoff, jittered so that hosts
-that failed together are not all retried in the same instant; each host has its own
-task, so a slow or dead agent delays nobody else, and one that comes back catches up on
-its next pass (its report kicks the task).
+answers 404. A failed pass (or one the store could not serve) is retried with exponential
+backoff, jittered so that hosts that failed together are not all retried in the same
+instant; each host has its own task, so a slow or dead agent delays nobody else, and one
+that comes back catches up on its next pass (its report kicks the task).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 from common import http
 from common.backoff import Backoff
+from hostagent.errors import StoreUnavailable
 from hostagent.zone.config import AgentsConfig
 from hostagent.zone.desired import peers_digest
 from hostagent.zone.service import ZoneService
@@ -87,7 +88,7 @@ class Deliverer:
             event.clear()
             try:
                 settled = await self._pass(host)
-            except AgentError as exc:
+            except (AgentError, StoreUnavailable) as exc:
                 if self._failing.get(host) != str(exc):
                     log.warning("host %s: delivery failed, retrying: %s", host, exc)
                 self._failing[host] = str(exc)

@@ -21,8 +21,10 @@ from hostagent.sdnotify import Notifier
 from hostagent.zone.api import zone_app
 from hostagent.zone.config import ZoneServerConfig
 from hostagent.zone.driver import Deliverer
+from hostagent.zone.etcd import Etcd, Tls
+from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.service import ZoneService
-from hostagent.zone.store import SqliteZoneStore
+from hostagent.zone.store import SqliteZoneStore, ZoneStore
 from pki.backend import Backend
 from pki.local import LocalBackend
 
@@ -36,6 +38,20 @@ def make_backend(config: ZoneServerConfig) -> Backend:
     return LocalBackend(config.state_dir / "pki")
 
 
+def make_store(config: ZoneServerConfig) -> ZoneStore:
+    """The configured store, not started yet (Zone.start starts it)."""
+    store = config.store
+    if store.backend == "sqlite":
+        return SqliteZoneStore(config.state_dir / "zone.db")
+    etcd = Etcd(
+        store.endpoints,
+        Tls(store.ca_file, store.cert_file, store.key_file),
+        dial_timeout_s=store.dial_timeout_s,
+        request_timeout_s=store.request_timeout_s,
+    )
+    return EtcdZoneStore(etcd, store.prefix)
+
+
 def _count(values: list[str], keys: tuple[str, ...]) -> dict[str, int]:
     counts = dict.fromkeys(keys, 0)
     for value in values:
@@ -47,7 +63,7 @@ class Zone:
     def __init__(self, config: ZoneServerConfig) -> None:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = SqliteZoneStore(config.state_dir / "zone.db")
+        self.store = make_store(config)
         self.service = ZoneService(self.store, config, make_backend(config))
         self.deliverer = Deliverer(self.service, config.agents)
         self.metrics = ZoneMetrics(
@@ -69,6 +85,7 @@ class Zone:
         return _count(phases, ("Provisioning", "Ready", "Degraded", "Deleting"))
 
     async def start(self) -> None:
+        await self.store.start()
         app = zone_app(
             self.service,
             self.admin_token,
@@ -99,7 +116,7 @@ class Zone:
         await self.deliverer.close()
         if self.runner is not None:
             await self.runner.cleanup()
-        self.store.close()
+        await self.store.close()
 
 
 async def serve(config: ZoneServerConfig, environ: Mapping[str, str]) -> None:

@@ -193,7 +193,8 @@ class ZoneService:
                     log.info("cluster %s: %s while it was placed; placing again", name, exc)
             else:
                 raise Unavailable(
-                    f"cluster {name}: hosts kept leaving while it was placed; try again"
+                    f"cluster {name}: hosts kept leaving, or another zone kept taking the "
+                    "same ranges, while it was placed; try again"
                 )
         return self.cluster(name), created
 
@@ -365,9 +366,11 @@ class ZoneService:
         return [self._view(record) for record in self.store.clusters()]
 
     def _view(self, record: ClusterRecord) -> dict[str, Any]:
-        hosts = {h.id: h for h in self.store.hosts()}
+        """The cluster with its nodes, reading only the hosts they are on (listing every
+        cluster costs the zone's nodes, not its clusters times its hosts)."""
         timeout = self.config.hosts.heartbeat_timeout_s
         nodes = self.store.nodes(record.name)
+        hosts = {h: r for h in {n.host for n in nodes} if (r := self.store.host(h)) is not None}
         return cluster_view(record, nodes, hosts, self.clock(), timeout, self.refused)
 
     async def delete_cluster(self, name: str) -> dict[str, Any]:
@@ -383,11 +386,15 @@ class ZoneService:
     # --- for the Deliverer -----------------------------------------------------------
 
     def work(self, host: str) -> HostWork:
+        """What host should hold, read from its own clusters and their hosts only: a pass
+        costs what the host serves, not what the zone holds (one round of passes over
+        every host would otherwise cost hosts squared)."""
         nodes = self.store.nodes_near(host)
-        names = {n.cluster for n in nodes}
-        clusters = {c.name: c for c in self.store.clusters() if c.name in names}
-        gateways = [g for g in self.store.gateways() if g.cluster in names]
-        hosts = {h.id: h for h in self.store.hosts()}
+        names = sorted({n.cluster for n in nodes})
+        clusters = {name: c for name in names if (c := self.store.cluster(name)) is not None}
+        gateways = [g for name in names for g in self.store.gateways(name)]
+        peers = {n.host for n in nodes}
+        hosts = {h: r for h in sorted(peers) if (r := self.store.host(h)) is not None}
         return host_work(host, clusters, nodes, gateways, hosts, self.config.network.mtu)
 
     def api_of(self, host: str) -> tuple[str, str] | None:

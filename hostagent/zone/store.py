@@ -2,8 +2,8 @@
 
 Everything the zone decides is written here first, in one transaction per decision, and
 everything it does afterwards (deliveries to agents) is re-derived from it, so a restart
-loses nothing and re-drives what was in flight. A replicated backend implements the same
-protocol.
+loses nothing and re-drives what was in flight. The replicated backend, etcd
+(zone/etcdstore.py), implements the same protocol; the store's tests run against both.
 
 Reads are synchronous (cheap under WAL); writes are coroutines whose transactions run in
 the store's writer thread, so an fsync never holds the event loop. As other writes can
@@ -79,7 +79,8 @@ class Stale(Exception):
 
 
 class ZoneStore(Protocol):
-    def close(self) -> None: ...
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
     async def put_host(self, host: str, report: HostReport, at: float) -> bool: ...
     def hosts(self) -> list[HostRecord]: ...
     def host(self, host: str) -> HostRecord | None: ...
@@ -135,6 +136,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     PRIMARY KEY (cluster, name),
     UNIQUE (cluster, address)
 );
+CREATE INDEX IF NOT EXISTS nodes_by_host ON nodes (host);
 CREATE TABLE IF NOT EXISTS gateways (
     cluster TEXT NOT NULL REFERENCES clusters (name),
     host    TEXT NOT NULL,
@@ -157,8 +159,14 @@ class SqliteZoneStore:
 
     def __init__(self, path: Path) -> None:
         self.db = Database(path, SCHEMA)
+        # Each host's report as last validated, with the JSON it came from: a report is
+        # validated again only when it changed, not on every read of every host.
+        self._reports: dict[str, tuple[str, HostReport]] = {}
 
-    def close(self) -> None:
+    async def start(self) -> None:
+        """Nothing to do: the file is open from the start."""
+
+    async def close(self) -> None:
         self.db.close()
 
     # --- hosts -----------------------------------------------------------------------
@@ -180,16 +188,27 @@ class SqliteZoneStore:
 
     def hosts(self) -> list[HostRecord]:
         rows = self.db.reader.execute("SELECT * FROM hosts ORDER BY id").fetchall()
-        return [_host(row) for row in rows]
+        return [self._host(row) for row in rows]
 
     def host(self, host: str) -> HostRecord | None:
         row = self.db.reader.execute("SELECT * FROM hosts WHERE id = ?", (host,)).fetchone()
-        return None if row is None else _host(row)
+        return None if row is None else self._host(row)
+
+    def _host(self, row: Row) -> HostRecord:
+        text = row["report"]
+        cached = self._reports.get(row["id"])
+        if cached is None or cached[0] != text:
+            cached = (text, parse_report(text))
+            self._reports[row["id"]] = cached
+        return HostRecord(row["id"], cached[1], row["registered_at"], row["last_heartbeat"])
 
     async def remove_host(self, host: str) -> HostRemoval:
         """Forget the host, unless it holds a node the zone still wants; the nodes it held
         that were being removed (and their gateways) go with it."""
-        return await self.db.write(lambda db: _remove_host(db, host))
+        removal = await self.db.write(lambda db: _remove_host(db, host))
+        if not removal.live:
+            self._reports.pop(host, None)
+        return removal
 
     # --- clusters and nodes ----------------------------------------------------------
 
@@ -377,13 +396,9 @@ def _insert(db: Connection, nodes: list[NodeRecord], gateways: list[Gateway]) ->
             raise Stale(f"host {host} lost its gateway on cluster {cluster}")
 
 
-def _host(row: Row) -> HostRecord:
-    return HostRecord(
-        id=row["id"],
-        report=HostReport.model_validate(json.loads(row["report"]), context=STORED),
-        registered_at=row["registered_at"],
-        last_heartbeat=row["last_heartbeat"],
-    )
+def parse_report(text: str | bytes) -> HostReport:
+    """A stored report as the zone took it (rules added since do not make it unreadable)."""
+    return HostReport.model_validate(json.loads(text), context=STORED)
 
 
 def _cluster(row: Row) -> ClusterRecord:

@@ -32,6 +32,7 @@ PURE = (
     "hostagent.nodeplan",
     "hostagent.virt.domain",
     "hostagent.zone.placement",
+    "hostagent.zone.keys",
     "network.plan",
     "network.firewall",
     "cloudconfig.render",
@@ -211,6 +212,8 @@ ADAPTERS = {
     "psutil": {"hostagent.daemon"},
     "jinja2": {"cloudconfig.render"},
     "yaml": {"common.yamlio"},
+    "aetcd": {"hostagent.zone.etcd"},
+    "grpc": {"hostagent.zone.etcd"},  # aetcd's transport: TLS channels
 }
 # aiohttp serves the APIs; it is no client.
 SERVERS = {"hostagent.api", "hostagent.daemon", "hostagent.zone.api", "hostagent.zone.server"}

@@ -19,8 +19,8 @@ from hostagent.zone.api import zone_app
 from hostagent.zone.auth import host_of, host_token
 from hostagent.zone.config import ZoneServerConfig
 from hostagent.zone.service import ZoneService
-from hostagent.zone.store import SqliteZoneStore
 from pki.local import LocalBackend
+from tests.conftest import StoreFactory
 from tests.rawhttp import bearer_error
 
 ADMIN = {"Authorization": "Bearer admin-token"}
@@ -47,14 +47,12 @@ def report(i: int) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
+async def client(tmp_path: Path, zone_stores: StoreFactory) -> AsyncIterator[TestClient[Any, Any]]:
     config = ZoneServerConfig(state_dir=tmp_path)
-    store = SqliteZoneStore(tmp_path / "zone.db")
-    service = ZoneService(store, config, LocalBackend(tmp_path / "pki"))
+    service = ZoneService(await zone_stores(), config, LocalBackend(tmp_path / "pki"))
     app = zone_app(service, "admin-token", SECRET, metrics_text=lambda: b"", heartbeat_s=5.0)
     async with TestClient(TestServer(app)) as test_client:
         yield test_client
-    store.close()
 
 
 async def error_of(response: Any, status: int) -> dict[str, str]:

@@ -21,8 +21,9 @@ from hostagent.zone.config import AgentsConfig, ZoneServerConfig
 from hostagent.zone.driver import Deliverer
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.service import ZoneService
-from hostagent.zone.store import SqliteZoneStore
+from hostagent.zone.store import ZoneStore
 from pki.local import LocalBackend
+from tests.conftest import StoreFactory
 
 
 class StandInAgent:
@@ -107,12 +108,12 @@ async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
 
 
 class Zone:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, store: ZoneStore) -> None:
         config = ZoneServerConfig(
             state_dir=tmp_path,
             agents=AgentsConfig(retry_initial_s=0.05, retry_max_s=0.2, request_timeout_s=5.0),
         )
-        self.store = SqliteZoneStore(tmp_path / "zone.db")
+        self.store = store
         self.service = ZoneService(self.store, config, LocalBackend(tmp_path / "pki"))
         self.deliverer = Deliverer(self.service, config.agents)
         self.agents: dict[str, StandInAgent] = {}
@@ -130,8 +131,8 @@ class Zone:
 
 
 @pytest.fixture
-async def zone(tmp_path: Path) -> AsyncIterator[Zone]:
-    zone = Zone(tmp_path)
+async def zone(tmp_path: Path, zone_stores: StoreFactory) -> AsyncIterator[Zone]:
+    zone = Zone(tmp_path, await zone_stores())
     for i in (1, 2, 3):
         await zone.add_agent(i)
     await zone.deliverer.start()
@@ -140,7 +141,6 @@ async def zone(tmp_path: Path) -> AsyncIterator[Zone]:
     for agent in zone.agents.values():
         if agent.server is not None:
             await agent.server.close()
-    zone.store.close()
 
 
 def spec(workers: int) -> ClusterSpec:

@@ -1,12 +1,12 @@
-"""ZoneService with its real SQLite store and a real local CA: allocation, placement,
-scaling, deletion, host liveness and the status it reports."""
+"""ZoneService with its real store, SQLite and etcd (every case runs against both: the
+store's contract), and a real local CA: allocation, placement, scaling, deletion, host
+liveness and the status it reports."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,9 @@ from hostagent.errors import Conflict, Forbidden, Invalid, NotFound, OutOfCapaci
 from hostagent.zone.config import ZoneNetworkConfig, ZoneServerConfig
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.service import ZoneService
-from hostagent.zone.store import SqliteZoneStore
 from network.names import mac_address
 from pki.local import LocalBackend
+from tests.conftest import StoreFactory
 
 
 class Clock:
@@ -63,14 +63,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def service(tmp_path: Path, clock: Clock) -> Iterator[ZoneService]:
+async def service(tmp_path: Path, clock: Clock, zone_stores: StoreFactory) -> ZoneService:
     config = ZoneServerConfig(state_dir=tmp_path)
-    store = SqliteZoneStore(tmp_path / "zone.db")
+    store = await zone_stores()
     zone = ZoneService(store, config, LocalBackend(tmp_path / "pki"), clock=clock)
     kicked: list[str] = []
     zone.on_change = kicked.extend
-    yield zone
-    store.close()
+    return zone
 
 
 async def register(service: ZoneService, hosts: int = 3, **kwargs: Any) -> None:
@@ -272,18 +271,18 @@ async def test_pki_only_for_hosts_running_the_cluster(service: ZoneService) -> N
         service.check_pki(idle, "demo")
 
 
-async def test_state_survives_a_restart(tmp_path: Path, clock: Clock) -> None:
+async def test_state_survives_a_restart(
+    tmp_path: Path, clock: Clock, zone_stores: StoreFactory
+) -> None:
     config = ZoneServerConfig(state_dir=tmp_path)
-    store = SqliteZoneStore(tmp_path / "zone.db")
+    store = await zone_stores()
     zone = ZoneService(store, config, LocalBackend(tmp_path / "pki"), clock=clock)
     await register(zone)
     before, _ = await zone.put_cluster("demo", spec())
-    store.close()
-    store = SqliteZoneStore(tmp_path / "zone.db")
-    again = ZoneService(store, config, LocalBackend(tmp_path / "pki"), clock=clock)
+    await store.close()
+    again = ZoneService(await zone_stores(), config, LocalBackend(tmp_path / "pki"), clock=clock)
     assert again.cluster("demo") == before
     assert [h["host"] for h in again.hosts_view()] == ["h1", "h2", "h3"]
-    store.close()
 
 
 def test_pools_must_fit_their_slices() -> None:
@@ -432,3 +431,28 @@ async def test_a_host_that_got_a_node_after_its_removal_was_checked_stays(
         await service.remove_host("h1")
     assert service.store.host("h1") is not None
     assert [n.host for n in service.store.nodes("demo")] == ["h1"]
+
+
+async def test_a_delivery_round_validates_each_report_once_not_once_per_host(
+    service: ZoneService, mocker: MockerFixture
+) -> None:
+    """A pass reads its own host's clusters and their hosts only: a round over every host
+    validates each report at most once (it used to validate every report in every pass,
+    hosts squared per round: 1,800 here)."""
+    hosts = 30
+    await register(service, hosts=hosts)
+    for i in range(10):
+        await service.put_cluster(f"c{i}", spec(3, 2))
+    beats = [
+        report(i, allocated={"vcpus": 1, "memory_mib": 1, "disk_gib": 1}) for i in range(1, 31)
+    ]
+    for i, beat in enumerate(beats, start=1):  # every report changes: each is parsed anew
+        await service.report(f"h{i}", beat)
+    validations = mocker.spy(HostReport, "model_validate")
+    for _ in range(2):
+        for i in range(1, hosts + 1):
+            work = service.work(f"h{i}")
+            assert service.api_of(f"h{i}") is not None
+            service.store.deliveries(f"h{i}")
+            assert all(spec.network.vni >= 4096 for spec in work.nodes.values())
+    assert 0 < validations.call_count <= hosts

@@ -1,0 +1,165 @@
+"""The zone's keys in etcd and their JSON values (docs/zone.md, "The zone's keys in etcd").
+Pure: the etcd store and its mirror build and read keys only here.
+
+One key per record, under a configurable prefix P (default ``/hostagent/zone/``):
+
+    P hosts/<host>/report              the host's last report, registered_at, last_heartbeat
+    P hosts/<host>/placed              bumped whenever a node is placed on the host
+    P clusters/<cluster>               spec, allocations, created_at, deleting
+    P nodes/<cluster>/<node>           role, host, address, created_at, deleting
+    P gateways/<cluster>/<host>        the host's address on the cluster network
+    P deliveries/<host>/<kind>/<key>   the digest the host's agent acknowledged
+    P alloc/<kind>/<value>             the cluster holding a VNI or range (kind: vni,
+                                       node-subnet, pod-cidr, service-cidr)
+
+An allocation key is created only if absent, in the transaction that creates its cluster,
+and deleted in the one that removes it: two zones allocating at once cannot both get it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hostagent.model import Role
+from hostagent.zone.model import STORED, ClusterSpec, HostReport
+from hostagent.zone.store import ClusterRecord, Gateway, HostRecord, NodeRecord
+
+DEFAULT_PREFIX = "/hostagent/zone/"
+ALLOCATIONS = ("vni", "node-subnet", "pod-cidr", "service-cidr")
+
+
+class Layout:
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+
+    def host(self, host: str) -> str:
+        return f"{self.prefix}hosts/{host}/report"
+
+    def placed(self, host: str) -> str:
+        return f"{self.prefix}hosts/{host}/placed"
+
+    def host_keys(self, host: str) -> str:
+        return f"{self.prefix}hosts/{host}/"
+
+    def cluster(self, name: str) -> str:
+        return f"{self.prefix}clusters/{name}"
+
+    def node(self, cluster: str, node: str) -> str:
+        return f"{self.prefix}nodes/{cluster}/{node}"
+
+    def nodes_of(self, cluster: str) -> str:
+        return f"{self.prefix}nodes/{cluster}/"
+
+    def gateway(self, cluster: str, host: str) -> str:
+        return f"{self.prefix}gateways/{cluster}/{host}"
+
+    def gateways_of(self, cluster: str) -> str:
+        return f"{self.prefix}gateways/{cluster}/"
+
+    def delivery(self, host: str, kind: str, key: str) -> str:
+        return f"{self.prefix}deliveries/{host}/{kind}/{key}"
+
+    def deliveries_of(self, host: str) -> str:
+        return f"{self.prefix}deliveries/{host}/"
+
+    def allocations(self, cluster: ClusterRecord) -> list[str]:
+        values = (str(cluster.vni), cluster.node_subnet, cluster.pod_cidr, cluster.service_cidr)
+        return [
+            f"{self.prefix}alloc/{kind}/{v}" for kind, v in zip(ALLOCATIONS, values, strict=True)
+        ]
+
+    def parse(self, key: str) -> tuple[str, ...]:
+        """A key as (kind, names...): ("hosts", host, "report"), ("clusters", name),
+        ("nodes", cluster, node), ("gateways", cluster, host), ("deliveries", host, kind,
+        key), ("alloc", kind, value); () for a key of no known kind."""
+        rest = key.removeprefix(self.prefix)
+        if rest == key:
+            return ()
+        kind, _, tail = rest.partition("/")
+        # How many parts each kind has; the last part of a delivery's or an allocation's
+        # key may hold slashes ("demo/m1", "10.128.0.0/24"), the names of the others not.
+        counts = {"hosts": 2, "clusters": 1, "nodes": 2, "gateways": 2}
+        last_free = {"deliveries": 3, "alloc": 2}
+        if kind in counts:
+            parts = tuple(tail.split("/"))
+            count = counts[kind]
+        elif kind in last_free:
+            count = last_free[kind]
+            parts = tuple(tail.split("/", count - 1))
+        else:
+            return ()
+        return (kind, *parts) if len(parts) == count and all(parts) else ()
+
+
+def host_value(report: HostReport, registered_at: str, last_heartbeat: float) -> bytes:
+    data = {
+        "report": report.model_dump(mode="json"),
+        "registered_at": registered_at,
+        "last_heartbeat": last_heartbeat,
+    }
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def host_record(host: str, data: dict[str, Any]) -> HostRecord:
+    report = HostReport.model_validate(data["report"], context=STORED)
+    return HostRecord(host, report, data["registered_at"], data["last_heartbeat"])
+
+
+def cluster_value(cluster: ClusterRecord) -> bytes:
+    data = {
+        "spec": cluster.spec.model_dump(mode="json"),
+        "vni": cluster.vni,
+        "node_subnet": cluster.node_subnet,
+        "pod_cidr": cluster.pod_cidr,
+        "service_cidr": cluster.service_cidr,
+        "created_at": cluster.created_at,
+        "deleting": cluster.deleting,
+    }
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def cluster_record(name: str, value: bytes) -> ClusterRecord:
+    data = json.loads(value)
+    return ClusterRecord(
+        name=name,
+        spec=ClusterSpec.model_validate(data["spec"]),
+        vni=data["vni"],
+        node_subnet=data["node_subnet"],
+        pod_cidr=data["pod_cidr"],
+        service_cidr=data["service_cidr"],
+        created_at=data["created_at"],
+        deleting=data["deleting"],
+    )
+
+
+def node_value(node: NodeRecord) -> bytes:
+    data = {
+        "role": node.role.value,
+        "host": node.host,
+        "address": node.address,
+        "created_at": node.created_at,
+        "deleting": node.deleting,
+    }
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def node_record(cluster: str, name: str, value: bytes) -> NodeRecord:
+    data = json.loads(value)
+    return NodeRecord(
+        cluster,
+        name,
+        Role(data["role"]),
+        data["host"],
+        data["address"],
+        data["created_at"],
+        data["deleting"],
+    )
+
+
+def gateway_value(gateway: Gateway) -> bytes:
+    return json.dumps({"address": gateway.address}).encode()
+
+
+def gateway_record(cluster: str, host: str, value: bytes) -> Gateway:
+    return Gateway(cluster, host, json.loads(value)["address"])
