@@ -147,9 +147,13 @@ class Served:
 
         self.url = self.run(start())
 
-    def close(self) -> None:
+    def close(self, *after: Coroutine[Any, Any, None]) -> None:
+        """Stop serving, then run `after` on the loop (closing what the app used), then
+        stop the loop."""
         if self.runner is not None:
             self.run(self.runner.cleanup())
+        for work in after:
+            self.run(work)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(TIMEOUT_S)
         self.loop.close()
@@ -246,6 +250,7 @@ def zone(tmp_path: Path) -> Iterator[Target]:
     metrics = ZoneMetrics(lambda: {}, lambda: {}, lambda: 0, lambda: 0)
 
     async def make_app() -> web.Application:
+        await store.start()
         # What the document's examples name: a registered host, and a cluster on it.
         await service.report(HOST, HostReport.model_validate(HOST_REPORT_EXAMPLE))
         await service.put_cluster(CLUSTER, ClusterSpec.model_validate(CLUSTER_SPEC_EXAMPLE))
@@ -276,8 +281,7 @@ def zone(tmp_path: Path) -> Iterator[Target]:
         served.serve(make_app)
         yield Target(served, state, credentials)
     finally:
-        served.close()
-        store.close()
+        served.close(store.close())
 
 
 # --- the checks ---------------------------------------------------------------------------
