@@ -4,9 +4,11 @@ schemathesis draws requests for every documented operation (valid ones and ones 
 the document: wrong types, missing fields, bad names, odd headers) and sends them over
 HTTP on loopback to the real apps (the agent's NodeService and Store, the zone's
 ZoneService, Store and local CA; nothing boots a VM or reaches libvirt), authenticated and
-not. Each answer must: not be a 5xx; match the served document (status, content type,
-body); be in API.md's error shape when it is an error; and, when it rejects the request,
-leave the state as it was (the stores and the zone's CA files, compared before and after).
+not. Each answer must: not be a 5xx (but a documented 507); match the served document
+(status, content type, body); be in API.md's error shape when it is an error; refuse a
+caller without the right token first (401/403, whatever else the request holds); and,
+when it rejects the request, leave the state as it was (the stores and the zone's CA
+files, compared before and after).
 
 HOSTAGENT_FUZZ_EXAMPLES sets how many requests are drawn per operation for the right
 caller (default 25; a quarter of it for refused callers); HOSTAGENT_FUZZ_RANDOM=1 draws
