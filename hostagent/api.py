@@ -73,7 +73,10 @@ def error_middleware(statuses: Mapping[type[HostAgentError], int]) -> Middleware
         except web.HTTPException as exc:
             if exc.status >= 400:
                 reason = exc.reason.lower().replace(" ", "_")
-                return error_response(exc.status, reason, exc.reason)
+                response = error_response(exc.status, reason, exc.reason)
+                if "Allow" in exc.headers:  # a 405 must name the allowed methods (RFC 9110)
+                    response.headers["Allow"] = exc.headers["Allow"]
+                return response
             raise
 
     return errors
@@ -197,7 +200,10 @@ async def delete_peers(request: web.Request) -> web.Response:
 
 
 async def phone_home(request: web.Request) -> web.Response:
-    key = _key(request)
+    try:
+        key = _key(request)
+    except Invalid as exc:  # no node has that name, so no node token fits: as for any other
+        raise Unauthorized("wrong or missing node token") from exc
     node = await request.app[SERVICE].phone_home(key, _bearer(request), await request.read())
     log.info("%s phoned home", key)
     return _json(node)

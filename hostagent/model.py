@@ -9,7 +9,13 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from common.names import check_dns_name, check_name
 
@@ -49,10 +55,10 @@ class _Strict(BaseModel):
 
 
 class NetworkSpec(_Strict):
-    vni: Annotated[int, Field(ge=1, le=16_777_215)]
+    vni: Annotated[int, Field(strict=True, ge=1, le=16_777_215)]
     address: str = Field(description="The node's address with prefix length, e.g. 10.42.0.11/24")
     gateway: str = Field(description="The cluster network's gateway on this host")
-    mtu: Annotated[int, Field(ge=576, le=9000)] = 1450
+    mtu: Annotated[int, Field(strict=True, ge=576, le=9000)] = 1450
 
     @field_validator("address")
     @classmethod
@@ -149,16 +155,16 @@ class ClusterSpec(_Strict):
 
 class NodeSpec(_Strict):
     role: Role
-    vcpus: Annotated[int, Field(ge=1, le=256)]
-    memory_mib: Annotated[int, Field(ge=64, le=4 * 1024 * 1024)]
-    disk_gib: Annotated[int, Field(ge=1, le=65_536)]
+    vcpus: Annotated[int, Field(strict=True, ge=1, le=256)]
+    memory_mib: Annotated[int, Field(strict=True, ge=64, le=4 * 1024 * 1024)]
+    disk_gib: Annotated[int, Field(strict=True, ge=1, le=65_536)]
     image: str
     kubernetes_version: str
     network: NetworkSpec
     ssh_authorized_keys: list[Annotated[str, Field(max_length=16_384)]] = Field(
         default_factory=list, max_length=64
     )
-    etcd_disk_gib: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+    etcd_disk_gib: Annotated[int, Field(strict=True, ge=1, le=4096)] | None = Field(
         default=None,
         description="masters: size of etcd's own data disk, kept when the root disk is "
         "re-created (default 5)",

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from common.names import DNS1123_LABEL
 from hostagent.model import ErrorResponse, Health, Node, NodeList, NodeSpec
 from hostagent.networks import PeerList
 
@@ -35,22 +36,54 @@ ERRORS = {
         (507, "host out of capacity"),
     )
 }
+# A write that finds the store's disk full changes nothing and answers 503 store_full.
+WRITE_ERRORS = {**ERRORS, "503": _response("the state store cannot be written", "ErrorResponse")}
 # aiohttp's answer to a body over the app's client_max_size (1 MiB; phone-home's own app
 # 64 KiB), for every operation that reads one.
 TOO_LARGE = {"413": _response("body too large", "ErrorResponse")}
-NAME_PARAMS = [
-    {"name": n, "in": "path", "required": True, "schema": {"type": "string", "maxLength": 63}}
-    for n in ("cluster", "node")
-]
+
+
+def name_parameters(**examples: str) -> list[dict[str, Any]]:
+    """Path parameters that are names (cluster, node, host: DNS-1123 labels), each with
+    its example."""
+    label = {"type": "string", "maxLength": 63, "pattern": DNS1123_LABEL.pattern}
+    return [
+        {"name": name, "in": "path", "required": True, "schema": label, "example": example}
+        for name, example in examples.items()
+    ]
+
+
+def json_body(schema: str, example: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {"application/json": {"schema": _ref(schema), "example": example}},
+    }
+
+
+# The documents' examples (API.md's), one node of each example cluster.
+EXAMPLE_NAMES = {"cluster": "alpha", "node": "m1"}
+NODE_SPEC_EXAMPLE: dict[str, Any] = {
+    "role": "master",
+    "vcpus": 2,
+    "memory_mib": 2048,
+    "disk_gib": 20,
+    "image": "lab",
+    "kubernetes_version": "1.31.2",
+    "network": {"vni": 4242, "address": "10.42.0.11/24", "gateway": "10.42.0.1", "mtu": 1450},
+    "ssh_authorized_keys": [],
+}
+PEER_LIST_EXAMPLE = {"peers": [{"address": "10.250.0.12", "macs": ["52:54:00:aa:bb:cc"]}]}
+NAME_PARAMS = name_parameters(**EXAMPLE_NAMES)
 PEERS_PATH = {
     "parameters": NAME_PARAMS[:1],
     "put": {
         "summary": "Replace the cluster's peer hosts (the zone sends them) and rewire its FDB",
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": _ref("PeerList")}},
+        "requestBody": json_body("PeerList", PEER_LIST_EXAMPLE),
+        "responses": {
+            "200": _response("the stored list", "PeerList"),
+            **WRITE_ERRORS,
+            **TOO_LARGE,
         },
-        "responses": {"200": _response("the stored list", "PeerList"), **ERRORS, **TOO_LARGE},
     },
     "get": {
         "summary": "The cluster's peer hosts as last stored",
@@ -58,7 +91,7 @@ PEERS_PATH = {
     },
     "delete": {
         "summary": "Forget the cluster's peer list (also when there is none)",
-        "responses": {"204": {"description": "forgotten"}, **ERRORS},
+        "responses": {"204": {"description": "forgotten"}, **WRITE_ERRORS},
     },
 }
 
@@ -68,14 +101,11 @@ def _paths() -> dict[str, Any]:
         "parameters": NAME_PARAMS,
         "put": {
             "summary": "Create or update the desired node",
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref("NodeSpec")}},
-            },
+            "requestBody": json_body("NodeSpec", NODE_SPEC_EXAMPLE),
             "responses": {
                 "200": _response("existed", "Node"),
                 "201": _response("created", "Node"),
-                **ERRORS,
+                **WRITE_ERRORS,
                 **TOO_LARGE,
             },
         },
@@ -85,7 +115,7 @@ def _paths() -> dict[str, Any]:
         },
         "delete": {
             "summary": "Delete the node: Deleting, then gone",
-            "responses": {"202": _response("deleting", "Node"), **ERRORS},
+            "responses": {"202": _response("deleting", "Node"), **WRITE_ERRORS},
         },
     }
     plain = {
@@ -145,7 +175,7 @@ def _paths() -> dict[str, Any]:
                     "required": False,
                     "content": {"application/json": {"schema": {"type": "object"}}},
                 },
-                "responses": {"200": _response("ready", "Node"), **ERRORS, **TOO_LARGE},
+                "responses": {"200": _response("ready", "Node"), **WRITE_ERRORS, **TOO_LARGE},
             },
         },
     }

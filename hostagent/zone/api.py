@@ -218,8 +218,9 @@ async def pki_ca(request: web.Request) -> web.Response:
 
 async def pki_sign(request: web.Request) -> web.Response:
     service, cluster = request.app[SERVICE], request.match_info["cluster"]
+    host = _host(request)  # an admin is refused before the body is read
     body: SignRequest = parse_body(SignRequest, await request.read(), "signing request")
-    service.check_pki(_host(request), cluster, body.name)
+    service.check_pki(host, cluster, body.name)
     profile = PROFILE_BY_NAME[body.name]
     cert_request = CertRequest(
         name=profile.name,

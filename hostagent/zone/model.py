@@ -32,10 +32,10 @@ MAX_WORKERS = 500
 
 
 class PoolSpec(_Strict):
-    count: Annotated[int, Field(ge=0, le=MAX_WORKERS)]
-    vcpus: Annotated[int, Field(ge=1, le=256)] = 2
-    memory_mib: Annotated[int, Field(ge=64, le=4 * 1024 * 1024)] = 2048
-    disk_gib: Annotated[int, Field(ge=1, le=65_536)] = 20
+    count: Annotated[int, Field(strict=True, ge=0, le=MAX_WORKERS)]
+    vcpus: Annotated[int, Field(strict=True, ge=1, le=256)] = 2
+    memory_mib: Annotated[int, Field(strict=True, ge=64, le=4 * 1024 * 1024)] = 2048
+    disk_gib: Annotated[int, Field(strict=True, ge=1, le=65_536)] = 20
 
 
 class ClusterSpec(_Strict):
@@ -80,14 +80,14 @@ class ClusterSpec(_Strict):
 
 
 class ResourcesBody(_Lenient):
-    vcpus: Annotated[float, Field(ge=0)]
-    memory_mib: Annotated[int, Field(ge=0)]
-    disk_gib: Annotated[int, Field(ge=0)]
+    vcpus: Annotated[float, Field(strict=True, ge=0)]
+    memory_mib: Annotated[int, Field(strict=True, ge=0)]
+    disk_gib: Annotated[int, Field(strict=True, ge=0)]
 
 
 class Overhead(_Lenient):
-    base_mib: Annotated[int, Field(ge=0)] = 192
-    per_gib_mib: Annotated[int, Field(ge=0)] = 16
+    base_mib: Annotated[int, Field(strict=True, ge=0)] = 192
+    per_gib_mib: Annotated[int, Field(strict=True, ge=0)] = 16
 
 
 class ReportedNode(_Lenient):
@@ -101,7 +101,7 @@ class ReportedNode(_Lenient):
 
 class ReportedNetwork(_Lenient):
     cluster: str
-    vni: Annotated[int, Field(ge=1, le=16_777_215)]
+    vni: Annotated[int, Field(strict=True, ge=1, le=16_777_215)]
 
 
 class HostReport(_Lenient):
@@ -133,7 +133,7 @@ class SignRequest(_Strict):
 
     name: str = Field(description="the certificate's name in pki.certset, e.g. apiserver")
     csr: Annotated[str, Field(max_length=64 * 1024)]
-    ttl_s: Annotated[float, Field(gt=0)] = 90 * 86400
+    ttl_s: Annotated[float, Field(strict=True, gt=0)] = 90 * 86400
 
 
 class CertificateRequest(_Strict):

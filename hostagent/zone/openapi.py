@@ -7,6 +7,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from hostagent.model import ErrorResponse
+from hostagent.openapi import json_body, name_parameters
 from hostagent.zone.model import CertificateRequest, ClusterSpec, HostReport, SignRequest
 
 _JSON = "application/json"
@@ -14,10 +15,6 @@ _JSON = "application/json"
 
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _body(schema: str) -> dict[str, Any]:
-    return {"required": True, "content": {_JSON: {"schema": _ref(schema)}}}
 
 
 def _ok(description: str) -> dict[str, Any]:
@@ -43,14 +40,62 @@ ERRORS = {
 }
 # aiohttp's answer to a body over the app's client_max_size, for every operation with one.
 TOO_LARGE = {"413": _error("body too large")}
-_NAME = [{"name": "cluster", "in": "path", "required": True, "schema": {"type": "string"}}]
-_HOST = [{"name": "host", "in": "path", "required": True, "schema": {"type": "string"}}]
+# The document's examples (docs/zone.md's): a host, and a cluster that fits on it.
+EXAMPLE_NAMES = {"cluster": "demo", "host": "h1"}
+HOST_REPORT_EXAMPLE: dict[str, Any] = {
+    "api_url": "https://10.250.0.11:8470",
+    "api_token": "agent-token",
+    "underlay_address": "10.250.0.11",
+    "failure_domain": "rack-1",
+    "allocatable": {"vcpus": 12.0, "memory_mib": 30720, "disk_gib": 490},
+    "allocated": {"vcpus": 0.0, "memory_mib": 0, "disk_gib": 0},
+    "domain_type": "kvm",
+    "version": "0.1.0",
+}
+CLUSTER_SPEC_EXAMPLE: dict[str, Any] = {
+    "kubernetes_version": "1.31.2",
+    "image": "lab",
+    "masters": {"count": 1, "vcpus": 2, "memory_mib": 2048, "disk_gib": 20},
+    "workers": {"count": 2, "vcpus": 2, "memory_mib": 2048, "disk_gib": 20},
+    "ssh_authorized_keys": [],
+}
+# kube-proxy's client certificate request (CN system:kube-proxy, an ECDSA P-256 key).
+SIGN_REQUEST_EXAMPLE = {
+    "name": "kube-proxy",
+    "csr": "-----BEGIN CERTIFICATE REQUEST-----\n"
+    "MIHVMH4CAQAwHDEaMBgGA1UEAwwRc3lzdGVtOmt1YmUtcHJveHkwWTATBgcqhkjO\n"
+    "PQIBBggqhkjOPQMBBwNCAAToMynCsFRt6JXp+VIXzQTuyAXIna9fHDdDTaOQTEM5\n"
+    "W+FSs41eScd+R8zqBacLeS68Lfl/RbPo6IOWmXlY5XzroAAwCgYIKoZIzj0EAwID\n"
+    "RwAwRAIgamCfRfCeqm0vu4gyDdQZ+B1J5fArhoxRznEieBWMXDICIAt8ePI245oG\n"
+    "Hj9/5Dn1NTrtMRG21LAb7334oosYkPOS\n"
+    "-----END CERTIFICATE REQUEST-----\n",
+    "ttl_s": 86400,
+}
+# A host's control-plane certificate request (CN h1, an ECDSA P-256 key).
+CERTIFICATE_REQUEST_EXAMPLE = {
+    "csr": "-----BEGIN CERTIFICATE REQUEST-----\n"
+    "MIHHMG8CAQAwDTELMAkGA1UEAwwCaDEwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNC\n"
+    "AAS7TANTH5RNSeQMzf1Y+Ko8gV/hKuyh4nlJjTjUu/Fei7Z39CQaJQTAWMSFKJRv\n"
+    "LJOoojp4Rze4RXYOt9J+b3LmoAAwCgYIKoZIzj0EAwIDSAAwRQIhAL6hL/3EQLGy\n"
+    "H6PoPY+R7vUHDQiZY/Kejw8GzZlg/pPgAiA2b366rb8gS6tbXutbUXXDoInWFF2U\n"
+    "Ub46SyGImgbDVQ==\n"
+    "-----END CERTIFICATE REQUEST-----\n",
+}
+_NAME = name_parameters(cluster=EXAMPLE_NAMES["cluster"])
+_HOST = name_parameters(host=EXAMPLE_NAMES["host"])
 
 
 def _paths() -> dict[str, Any]:
-    def op(summary: str, status: str = "200", **extra: Any) -> dict[str, Any]:
+    def op(summary: str, *statuses: str, **extra: Any) -> dict[str, Any]:
+        """An operation answering a JSON object with each of statuses (200 if none given;
+        a 204 has no body)."""
         errors = {**ERRORS, **TOO_LARGE} if "requestBody" in extra else ERRORS
-        return {"summary": summary, "responses": {status: _ok(summary), **errors}, **extra}
+        ok = {s: {"description": summary} if s == "204" else _ok(summary) for s in statuses}
+        return {
+            "summary": summary,
+            "responses": {**(ok or {"200": _ok(summary)}), **errors},
+            **extra,
+        }
 
     return {
         "/healthz": {
@@ -73,9 +118,11 @@ def _paths() -> dict[str, Any]:
         "/v1/hosts/{host}": {
             "parameters": _HOST,
             "put": op(
-                "Register or heartbeat (the host's own client certificate; its token on a "
-                "plain-http zone); 201 the first time",
-                requestBody=_body("HostReport"),
+                "Register (201) or heartbeat (200) as the host itself: its own client "
+                "certificate (its token on a plain-http zone)",
+                "200",
+                "201",
+                requestBody=json_body("HostReport", HOST_REPORT_EXAMPLE),
             ),
             "delete": op("Forget a host that runs no wanted node (admin token)", "204"),
         },
@@ -87,13 +134,18 @@ def _paths() -> dict[str, Any]:
                 "(403 once its generation was used), renew with the current certificate; "
                 "over TLS only",
                 "201",
-                requestBody=_body("CertificateRequest"),
+                requestBody=json_body("CertificateRequest", CERTIFICATE_REQUEST_EXAMPLE),
             ),
         },
         "/v1/clusters": {"get": op("Every cluster with its status")},
         "/v1/clusters/{cluster}": {
             "parameters": _NAME,
-            "put": op("Create (201) or scale (200) a cluster", requestBody=_body("ClusterSpec")),
+            "put": op(
+                "Create (201) or scale (200) a cluster",
+                "200",
+                "201",
+                requestBody=json_body("ClusterSpec", CLUSTER_SPEC_EXAMPLE),
+            ),
             "get": op("The cluster with its allocation and each node's host and phase"),
             "delete": op("Delete the cluster from every host", "202"),
         },
@@ -102,7 +154,7 @@ def _paths() -> dict[str, Any]:
             "parameters": _NAME,
             "post": op(
                 "Sign a node's CSR (the host's certificate or token)",
-                requestBody=_body("SignRequest"),
+                requestBody=json_body("SignRequest", SIGN_REQUEST_EXAMPLE),
             ),
         },
         "/v1/clusters/{cluster}/pki/service-account": {

@@ -312,6 +312,9 @@ async def test_role_change_is_409(client: TestClient[Any, Any]) -> None:
         ("/v1/clusters/" + "a" * 64 + "/nodes/m1", {}, "cluster"),
         (NODE, {"role": "boss"}, "role"),
         (NODE, {"vcpus": 0}, "vcpus"),
+        (NODE, {"vcpus": True}, "vcpus"),
+        (NODE, {"vcpus": "2"}, "vcpus"),
+        (NODE, {"network": {**SPEC["network"], "mtu": "1450"}}, "mtu"),
         (NODE, {"unknown": 1}, "unknown"),
         (NODE, {"image": "nope"}, "nope"),
         (NODE, {"memory_mib": 64 * 1024}, "memory_mib"),
@@ -367,6 +370,20 @@ async def test_phone_home_needs_the_node_token_not_the_api_token(
 async def test_phone_home_for_unknown_node_is_401(client: TestClient[Any, Any]) -> None:
     response = await client.post("/v1/phone-home/alpha/m1", json={}, headers=AUTH)
     await error_of(response, 401, "unauthorized")
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/phone-home/Alpha/m1", "/v1/phone-home/alpha/m..1", "/v1/phone-home/%20/m1"]
+)
+async def test_phone_home_for_a_name_that_cannot_be_a_node_is_401(
+    client: TestClient[Any, Any], store: Store, path: str
+) -> None:
+    """No node has that name, so no node token fits: the same 401 as for any unknown node,
+    not a 422 that tells a caller without a token how names are checked."""
+    await put(client)
+    before = store.all()
+    await error_of(await client.post(path, json={}, headers=AUTH), 401, "unauthorized")
+    assert store.all() == before
 
 
 async def test_node_token_does_not_open_the_api(client: TestClient[Any, Any], store: Store) -> None:

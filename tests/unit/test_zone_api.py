@@ -126,6 +126,46 @@ async def test_a_host_registers_only_for_itself(client: TestClient[Any, Any]) ->
     await error_of(await client.get("/v1/hosts", headers=as_host("h1")), 403)
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        (
+            "/v1/clusters/demo",
+            {**CLUSTER, "masters": {**CLUSTER["masters"], "count": True}},
+            "count",
+        ),
+        (
+            "/v1/clusters/demo",
+            {**CLUSTER, "workers": {**CLUSTER["workers"], "vcpus": "1"}},
+            "vcpus",
+        ),
+        (
+            "/v1/hosts/h1",
+            {**report(1), "overhead": {"base_mib": 192, "per_gib_mib": False}},
+            "per_gib_mib",
+        ),
+        (
+            "/v1/hosts/h1",
+            {**report(1), "allocated": {**report(1)["allocated"], "vcpus": "0"}},
+            "vcpus",
+        ),
+    ],
+)
+async def test_a_number_must_be_a_json_number(
+    client: TestClient[Any, Any], path: str, body: dict[str, Any], words: str
+) -> None:
+    """Not true (pydantic's lax mode reads it as 1) nor a string of digits: the documents
+    say integer or number."""
+    await client.put("/v1/hosts/h1", json=report(1), headers=as_host("h1"))
+    before = await (await client.get("/v1/hosts", headers=ADMIN)).json()
+    headers = as_host("h1") if path.startswith("/v1/hosts/") else ADMIN
+    error = await error_of(await client.put(path, json=body, headers=headers), 422)
+    assert words in error["message"]
+    assert (await (await client.get("/v1/clusters", headers=ADMIN)).json())["items"] == []
+    after = await (await client.get("/v1/hosts", headers=ADMIN)).json()
+    assert [h["allocated"] for h in after["items"]] == [h["allocated"] for h in before["items"]]
+
+
 async def test_bad_bodies(client: TestClient[Any, Any]) -> None:
     headers = {**ADMIN, "Content-Type": "application/json"}
     await error_of(await client.put("/v1/clusters/demo", data=b"{", headers=headers), 400)
@@ -228,3 +268,13 @@ async def test_pki_for_the_hosts_of_a_cluster(client: TestClient[Any, Any]) -> N
     idle = next(h for h in ("h1", "h2", "h3") if h not in hosts.values())
     await error_of(await client.get("/v1/clusters/demo/pki/ca", headers=as_host(idle)), 403)
     await error_of(await client.get("/v1/clusters/demo/pki/ca", headers=ADMIN), 403)
+
+
+@pytest.mark.parametrize("body", [b"{", b'{"name": "", "csr": "", "ttl_s": 0}'])
+async def test_signing_with_the_admin_token_is_403_whatever_the_body(
+    client: TestClient[Any, Any], body: bytes
+) -> None:
+    """Who may not call is told so first, not what is wrong with the request."""
+    headers = {**ADMIN, "Content-Type": "application/json"}
+    response = await client.post("/v1/clusters/demo/pki/sign", data=body, headers=headers)
+    assert (await error_of(response, 403))["code"] == "forbidden"
