@@ -279,13 +279,20 @@ class Reconciler:
         elif step is Step.REMOVE_FILES:
             await p.remove_files(key)
             p.hook.reached(Point.REMOVE_FILES)
+        elif step is Step.CLUSTER_GONE:
+            # Before the record (or the orphan's domain) goes, which is what makes a
+            # restarted agent do it again. Nodes being deleted do not count: two last
+            # nodes deleted at once must not each wait for the other.
+            if not any(
+                r.key.cluster == key.cluster and r.key != key and not r.deleting
+                for r in self.store.all()
+            ):
+                await p.cluster_gone(key.cluster)
+                p.hook.reached(Point.CLUSTER_GONE)
         elif step is Step.FORGET:
             await self.store.remove(key)
             self._starts.forget(key)
             p.hook.reached(Point.FORGET)
-            if not any(r.key.cluster == key.cluster for r in self.store.all()):
-                await p.cluster_gone(key.cluster)
-                p.hook.reached(Point.CLUSTER_GONE)
 
     def _record(self, key: NodeKey) -> NodeRecord:
         record = self.store.get(key)

@@ -43,11 +43,11 @@ class Point(enum.Enum):
     RUNNING = "running"  # ... and recorded as Running
     # deleting a node (and removing a domain that has no node)
     SHUTDOWN = "shutdown"
-    DESTROY = "destroy"
+    DESTROY = "destroy"  # a domain without a node: destroy, remove-files, cluster-gone, undefine
     UNDEFINE = "undefine"
     REMOVE_FILES = "remove-files"
-    FORGET = "forget"  # the node is gone from the store
     CLUSTER_GONE = "cluster-gone"  # its cluster's certificates revoked (its last node)
+    FORGET = "forget"  # the node is gone from the store
     NETWORK_TEARDOWN = "network-teardown"  # the networks of the clusters left
 
 

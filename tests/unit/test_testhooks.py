@@ -132,7 +132,7 @@ async def test_the_reconciler_reaches_every_step_boundary_in_order(world: World)
         Point.SHUTDOWN,
         Point.UNDEFINE,
         Point.REMOVE_FILES,
-        Point.FORGET,
         Point.CLUSTER_GONE,
+        Point.FORGET,
         Point.NETWORK_TEARDOWN,
     ]
