@@ -63,6 +63,13 @@ async def _all(*steps: Awaitable[None]) -> None:
             raise result
 
 
+def _remove_temporaries(files: NodeFiles) -> None:
+    """What an agent killed while writing the config drive left (common.files names its
+    temporaries so; the certificate directory's are the PKI's to remove, under its lock)."""
+    for temporary in files.root.glob(f".{files.config_drive.name}.*.tmp"):
+        temporary.unlink(missing_ok=True)
+
+
 class NodeFiles:
     """Where a node's files live on the host."""
 
@@ -144,6 +151,7 @@ class Provisioner:
         image = self.image(record.spec)
         try:
             await asyncio.to_thread(self._make_dirs, files)
+            await asyncio.to_thread(_remove_temporaries, files)
             self.hook.reached(Point.DIRECTORIES)
             context = self.context(record, peers)
             await _all(
