@@ -6,10 +6,12 @@ reconciler, provisioner, store and local CA, libvirt's test driver)."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from pytest_mock import MockerFixture
 
 from hostagent.model import NodeKey, Phase
+from pki.certset import CaName
 from pki.local import LocalBackend
 from tests.unit.test_reconciler_faults import SPEC, World, until, world
 
@@ -28,6 +30,18 @@ async def test_a_half_written_config_drive_is_removed(world: World) -> None:
     assert not temporary.exists()
     assert other.exists()
     assert (root / "cidata.iso").stat().st_size > 0
+
+
+def test_a_half_written_ca_is_removed(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path)
+    directory = backend.cluster_dir("c1")
+    directory.mkdir(parents=True)
+    temporary = directory / ".etcd.key.tmp-8e56d9e9"  # pki.files' name for a temporary
+    temporary.write_text("half a key")
+    backend.ensure_cluster("c1")
+    assert not temporary.exists()
+    made = {f"{ca}.{kind}" for ca in CaName for kind in ("crt", "key")}
+    assert {p.name for p in directory.iterdir()} == made
 
 
 async def two_nodes(world: World) -> NodeKey:
