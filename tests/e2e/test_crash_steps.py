@@ -149,14 +149,9 @@ class Case:
     def remove_leftovers(self) -> None:
         """What the agent may have left: its VM, devices, rules and table, its state."""
         cleanup(self.agent, [self.bridge, self.vxlan])
-        while (
-            subprocess.run(
-                ["ip", "rule", "del", "iif", self.bridge, "pref", str(ISOLATION_PRIORITY)],
-                capture_output=True,
-            ).returncode
-            == 0
-        ):
-            pass
+        rule = ["ip", "rule", "del", "iif", self.bridge, "pref", str(ISOLATION_PRIORITY)]
+        for _ in range(isolation_rules(self.bridge)):
+            subprocess.run(rule, capture_output=True)
         table = f"inet {table_name(self.agent.host_id)}"
         subprocess.run(["nft", "delete", "table", *table.split()], capture_output=True)
         shutil.rmtree(self.agent.home or self.agent.state_dir, ignore_errors=True)
