@@ -4,11 +4,12 @@ node completes, with nothing half-written and nothing twice.
 - OpenBao (the Vault backend) is stopped for real between two certificate signings of a
   node, and started again with its data: a proxy in front of it (tests/holdproxy.py)
   holds the node's second `sign` request until the test has stopped OpenBao.
-- libvirtd is SIGKILLed when the agent is about to define the domain, and when it is about
-  to start it, then started again. Never the machine's libvirtd: the agent runs in a lab
+- libvirtd is SIGKILLed while the agent's define waits for its answer (libvirtd stopped
+  first, so the request sits unread in its socket), and when the agent is about to start
+  the domain; then started again. Never the machine's libvirtd: the agent runs in a lab
   host of the test's own (namespaces with their own libvirtd, hostagent/lab), and stops
   itself at the step boundary with the test-only hook (HOSTAGENT_TEST_FREEZE_AFTER) until
-  the test has killed libvirtd.
+  the test has stopped or killed libvirtd.
 """
 
 from __future__ import annotations
@@ -240,10 +241,21 @@ def libvirtd_running(host: LabHost) -> bool:
     return done.returncode == 0
 
 
+def signal_libvirtd(host: LabHost, name: str) -> None:
+    """Signal the lab host's own libvirtd (found by its pid file, inside the host)."""
+    exec_in(host.pid, ["sh", "-c", f"kill -{name} $(cat {LIBVIRTD_PID})"])
+
+
 def kill_libvirtd(host: LabHost) -> None:
-    """SIGKILL the lab host's own libvirtd (found by its pid file, inside the host)."""
-    exec_in(host.pid, ["sh", "-c", f"kill -KILL $(cat {LIBVIRTD_PID})"])
+    signal_libvirtd(host, "KILL")
     poll(lambda: not libvirtd_running(host), 30, "libvirtd to die")
+
+
+def libvirtd_backlog(host: LabHost) -> int:
+    """The most bytes waiting in one of libvirtd's client connections: what a stopped
+    libvirtd was sent and has not read."""
+    listed = exec_in(host.pid, ["ss", "-xHn"]).stdout.splitlines()
+    return max((int(line.split()[2]) for line in listed if "libvirt-sock " in line), default=0)
 
 
 def start_libvirtd(host: LabHost) -> None:
@@ -270,8 +282,16 @@ def test_libvirtd_killed_and_restarted(
         client = agent.start(freeze_after)
         client.put_node(cluster, "m1", spec(VNI + index, f"10.99.{index}"))
         poll(agent.frozen, 120, f"the agent to stop before the {killed_at}")
-        kill_libvirtd(host)
-        agent.resume()
+        if killed_at == "define":
+            # libvirtd stopped, the agent sends the domain XML, which waits unread in
+            # libvirtd's socket (kilobytes: no keepalive ping); then libvirtd dies.
+            signal_libvirtd(host, "STOP")
+            agent.resume()
+            poll(lambda: libvirtd_backlog(host) > 1000, 60, "the define to reach libvirtd")
+            kill_libvirtd(host)
+        else:
+            kill_libvirtd(host)
+            agent.resume()
         poll(
             lambda: "waiting for libvirt" in message(client, cluster),
             120,
