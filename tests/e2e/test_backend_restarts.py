@@ -86,9 +86,9 @@ def vault_agent(lab_image_dir: Path, bao: openbao.DevServer) -> Iterator[tuple[A
     token.chmod(0o600)
     proxy = HoldProxy(int(bao.url.rsplit(":", 1)[1]), SIGN, hold_at=2)
     agent = Agent(state_dir=home / "state", image_dir=BASE / "images", home=home)
-    agent.write_config(
-        f'[pki]\nbackend = "vault"\n[pki.vault]\nurl = "http://127.0.0.1:{proxy.port}"\n'
-        f'token_file = "{token}"\n'
+    agent.write_config(  # into [reconciler] first: retries while OpenBao is down
+        f'backoff_max_s = 2\n[pki]\nbackend = "vault"\n'
+        f'[pki.vault]\nurl = "http://127.0.0.1:{proxy.port}"\ntoken_file = "{token}"\n'
     )
     try:
         yield agent, proxy
