@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -21,6 +22,8 @@ from pyroute2 import IPRoute
 
 from hostagent.client import Client
 from hostagent.virt.domain import parse_meta
+from network.firewall import FAMILY, table_name
+from network.model import ISOLATION_PRIORITY
 from pki import files as pki_files
 
 
@@ -153,7 +156,9 @@ def link_exists(name: str) -> bool:
 
 
 def cleanup(agent: Agent, bridges: list[str]) -> None:
-    """Remove everything the agent under test may have left, whatever state the test ended in."""
+    """Remove everything the agent under test may have left, whatever state the test ended
+    in: its domains, the bridges (and VXLAN devices) named, their isolation rules, its
+    nftables table, its state_dir."""
     agent.stop()
     conn = libvirt.open("qemu:///system")
     try:
@@ -168,8 +173,20 @@ def cleanup(agent: Agent, bridges: list[str]) -> None:
         for bridge in bridges:
             for index in ipr.link_lookup(ifname=bridge):
                 ipr.link("del", index=index)
+    for bridge in bridges:
+        rule = ["ip", "rule", "del", "iif", bridge, "pref", str(ISOLATION_PRIORITY)]
+        for _ in range(isolation_rules(bridge)):
+            subprocess.run(rule, capture_output=True)
+    table = ["nft", "delete", "table", FAMILY, table_name(agent.host_id)]
+    subprocess.run(table, capture_output=True)  # absent when the agent removed it
     if os.environ.get("HOSTAGENT_KEEP_TEST_STATE") != "1":
         shutil.rmtree(agent.state_dir, ignore_errors=True)
+
+
+def isolation_rules(bridge: str) -> int:
+    """How many policy rules match packets arriving on bridge (the agent adds one)."""
+    done = subprocess.run(["ip", "-j", "rule", "show"], check=True, capture_output=True)
+    return sum(1 for rule in json.loads(done.stdout) if rule.get("iif") == bridge)
 
 
 def restart_libvirtd() -> None:

@@ -12,7 +12,6 @@ cluster, VNI and bridge, and one VM; everything is removed whatever the test's e
 from __future__ import annotations
 
 import itertools
-import json
 import secrets
 import shutil
 import sqlite3
@@ -26,7 +25,6 @@ import pytest
 from hostagent.client import ApiError, Client
 from hostagent.testhooks import CRASH_AFTER, Point
 from network.firewall import table_name
-from network.model import ISOLATION_PRIORITY
 from network.names import bridge_name, tap_name, vxlan_name
 from network.netlink import Netlink
 from tests.conftest import require_libvirt
@@ -34,6 +32,7 @@ from tests.e2e.agent import (
     Agent,
     assert_whole_certificate_set,
     cleanup,
+    isolation_rules,
     leftovers,
     owned_domains,
     poll,
@@ -149,11 +148,6 @@ class Case:
     def remove_leftovers(self) -> None:
         """What the agent may have left: its VM, devices, rules and table, its state."""
         cleanup(self.agent, [self.bridge, self.vxlan])
-        rule = ["ip", "rule", "del", "iif", self.bridge, "pref", str(ISOLATION_PRIORITY)]
-        for _ in range(isolation_rules(self.bridge)):
-            subprocess.run(rule, capture_output=True)
-        table = f"inet {table_name(self.agent.host_id)}"
-        subprocess.run(["nft", "delete", "table", *table.split()], capture_output=True)
         shutil.rmtree(self.agent.home or self.agent.state_dir, ignore_errors=True)
 
 
@@ -171,11 +165,6 @@ def case(images: Path) -> Iterator[Case]:
 
 
 # --- what the host holds for a cluster ----------------------------------------------------
-
-
-def isolation_rules(bridge: str) -> int:
-    done = subprocess.run(["ip", "-j", "rule", "show"], check=True, capture_output=True)
-    return sum(1 for rule in json.loads(done.stdout) if rule.get("iif") == bridge)
 
 
 def nft_rules(host_id: str) -> list[str] | None:
