@@ -37,6 +37,7 @@ from hostagent.provisioner import Provisioner
 from hostagent.reconciler import Reconciler
 from hostagent.sdnotify import Notifier
 from hostagent.store import Store
+from hostagent.testhooks import Hook
 from hostagent.virt.libvirt import Libvirt
 from hostagent.zoneclient import ZoneClient, host_report
 from hostagent.zonetls import ZoneIdentity
@@ -81,7 +82,7 @@ class PhoneHomeSites:
 class Agent:
     """Every part of the agent, made here; start() brings them up, stop() down."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, hook: Hook | None = None) -> None:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         config.state_dir.chmod(0o711)
@@ -152,6 +153,7 @@ class Agent:
             self.sites.update,
             self.pki,
             self.peer_source,
+            hook,
         )
         self.reconciler = Reconciler(
             self.store,
@@ -364,7 +366,7 @@ class Agent:
 async def serve(config: Config, environ: Mapping[str, str]) -> None:
     """Run the agent until SIGTERM/SIGINT, telling systemd (when it started us) how it goes."""
     notifier = Notifier.from_environ(environ, os.getpid())
-    agent = Agent(config)
+    agent = Agent(config, Hook.from_environ(environ))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2,6 +2,11 @@
 
 The reconciler carries the steps out; this module knows nothing of libvirt, only of what
 it reported (virt.domain.DomainInfo).
+
+A removal ends with what remembers the node: the record of a deleted node is forgotten
+after its domain, files and (its cluster's last node) certificates; an orphan domain (no
+record) is undefined after its files and certificates. An agent killed at any step finds
+the rest to do at its next start.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ class Step(enum.Enum):
     DESTROY = "destroy the domain"
     UNDEFINE = "undefine the domain"
     REMOVE_FILES = "remove the node's files"
+    CLUSTER_GONE = "remove the cluster's certificates if this was its last node"
     FORGET = "forget the node"
     NETWORK = "set up the cluster network"
     PREPARE = "prepare disk, config drive and certificate directory"
@@ -35,11 +41,11 @@ def plan_node(record: NodeRecord | None, domain: DomainInfo | None) -> list[Step
         if domain is None:
             return []
         stop = [Step.DESTROY] if domain.running else []
-        return [*stop, Step.UNDEFINE, Step.REMOVE_FILES, Step.NETWORK]
+        return [*stop, Step.REMOVE_FILES, Step.CLUSTER_GONE, Step.UNDEFINE, Step.NETWORK]
     if record.deleting:
         stop = [Step.SHUTDOWN] if domain and domain.running else []
         undefine = [Step.UNDEFINE] if domain else []
-        return [*stop, *undefine, Step.REMOVE_FILES, Step.FORGET, Step.NETWORK]
+        return [*stop, *undefine, Step.REMOVE_FILES, Step.CLUSTER_GONE, Step.FORGET, Step.NETWORK]
     if domain is None:
         return list(CREATE)
     if domain.meta.spec_hash != record.spec.spec_hash():

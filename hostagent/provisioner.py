@@ -26,6 +26,7 @@ from hostagent.model import NodeKey, NodeSpec
 from hostagent.networks import PeerSource
 from hostagent.nodecontext import ETCD_DISK_SERIAL, node_context
 from hostagent.store import NodeRecord
+from hostagent.testhooks import Hook, Point
 from hostagent.virt import disk
 from hostagent.virt.domain import DataDisk, DomainMeta, DomainParams, domain_xml
 from hostagent.virt.libvirt import Libvirt
@@ -62,6 +63,13 @@ async def _all(*steps: Awaitable[None]) -> None:
             raise result
 
 
+def _remove_temporaries(files: NodeFiles) -> None:
+    """What an agent killed while writing the config drive left (common.files names its
+    temporaries so; the certificate directory's are the PKI's to remove, under its lock)."""
+    for temporary in files.root.glob(f".{files.config_drive.name}.*.tmp"):
+        temporary.unlink(missing_ok=True)
+
+
 class NodeFiles:
     """Where a node's files live on the host."""
 
@@ -86,6 +94,7 @@ class Provisioner:
         on_networks: Callable[[list[ClusterNetworkWanted]], Awaitable[None]],
         pki: Backend,
         peers: PeerSource,
+        hook: Hook | None = None,
     ) -> None:
         self.config = config
         self.images = images
@@ -96,6 +105,7 @@ class Provisioner:
         self.on_networks = on_networks
         self.pki = pki
         self.peers = peers
+        self.hook = hook or Hook()  # test-only fault injection; inert unless a test asks
         self.underlay = networks.underlay(config.network)
         self._network_lock = asyncio.Lock()
 
@@ -141,12 +151,15 @@ class Provisioner:
         image = self.image(record.spec)
         try:
             await asyncio.to_thread(self._make_dirs, files)
+            await asyncio.to_thread(_remove_temporaries, files)
+            self.hook.reached(Point.DIRECTORIES)
             context = self.context(record, peers)
             await _all(
                 self._certificates(record, files),
                 self._config_drive(context, files),
                 self._disks(record, image, files),
             )
+            self.hook.reached(Point.FILES)
         except OSError as exc:
             raise ProvisioningError(_disk_full(f"writing {files.root}: {exc}", files)) from exc
         except ProvisioningError as exc:
@@ -165,6 +178,7 @@ class Provisioner:
             uid=uid,
             gid=gid,
         )
+        self.hook.reached(Point.CERTIFICATES)
 
     async def _config_drive(self, context: NodeContext, files: NodeFiles) -> None:
         cloudconfig = self.config.cloudconfig
@@ -175,6 +189,7 @@ class Provisioner:
         except ValueError as exc:  # e.g. an operator's override template that fails
             raise ProvisioningError(f"rendering the cloud-config failed: {exc}") from exc
         await asyncio.to_thread(build_config_drive, files.config_drive, contents)
+        self.hook.reached(Point.CONFIG_DRIVE)
 
     async def _disks(self, record: NodeRecord, image: Image, files: NodeFiles) -> None:
         timeout_s = self.config.libvirt.qemu_img_timeout_s
@@ -184,10 +199,12 @@ class Provisioner:
         etcd_size = record.spec.etcd_disk_size
         if etcd_size is None:
             await overlay
-            return
-        # etcd's data lives apart from the root disk, which may be re-created (a new
-        # image): losing etcd with it was Giantnetes' worst recurring failure.
-        await _all(overlay, disk.ensure_blank(files.etcd_disk, etcd_size, timeout_s=timeout_s))
+        else:
+            # etcd's data lives apart from the root disk, which may be re-created (a new
+            # image): losing etcd with it was Giantnetes' worst recurring failure.
+            etcd = disk.ensure_blank(files.etcd_disk, etcd_size, timeout_s=timeout_s)
+            await _all(overlay, etcd)
+        self.hook.reached(Point.DISK)
 
     def _make_dirs(self, files: NodeFiles) -> None:
         # QEMU runs as its own user: it must traverse to the node's files and read the

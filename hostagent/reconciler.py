@@ -20,6 +20,7 @@ from hostagent.model import NodeKey, Phase
 from hostagent.nodeplan import Step, plan_node
 from hostagent.provisioner import Provisioner
 from hostagent.store import NodeRecord, Store
+from hostagent.testhooks import Point
 from hostagent.virt.domain import DomainInfo
 from pki.errors import BackendUnavailable
 
@@ -239,6 +240,9 @@ class Reconciler:
         p = self.provisioner
         if step is Step.NETWORK:
             await p.ensure_networks(self.store.all())
+            record = self.store.get(key)
+            creating = record is not None and not record.deleting
+            p.hook.reached(Point.NETWORK if creating else Point.NETWORK_TEARDOWN)
         elif step is Step.PREPARE:
             record = self._record(key)
             if record.phase is not Phase.PROVISIONING:  # a retry keeps its cause in view
@@ -246,14 +250,18 @@ class Reconciler:
             await p.prepare_files(record, self.store.all())
         elif step is Step.DEFINE:
             await p.define(self._record(key))
+            p.hook.reached(Point.DEFINE)
         elif step in (Step.START, Step.MARK_RUNNING):
+            domain_id = None
             if step is Step.START:
                 self._starts.note(key)
-            domain_id = await p.virt.start(key.domain) if step is Step.START else None
+                domain_id = await p.virt.start(key.domain)
+                p.hook.reached(Point.START)
             if domain_id is None:
                 info = await p.virt.domain(key.domain, self.host_id)
                 domain_id = info.domain_id if info else None
             await self.store.set_phase(key, Phase.RUNNING, "", domain_id=domain_id)
+            p.hook.reached(Point.RUNNING)
         else:
             await self._teardown(step, key)
 
@@ -261,17 +269,30 @@ class Reconciler:
         p = self.provisioner
         if step is Step.SHUTDOWN:
             await p.virt.shutdown(key.domain, self.shutdown_timeout_s)
+            p.hook.reached(Point.SHUTDOWN)
         elif step is Step.DESTROY:
             await p.virt.destroy(key.domain)
+            p.hook.reached(Point.DESTROY)
         elif step is Step.UNDEFINE:
             await p.virt.undefine(key.domain)
+            p.hook.reached(Point.UNDEFINE)
         elif step is Step.REMOVE_FILES:
             await p.remove_files(key)
+            p.hook.reached(Point.REMOVE_FILES)
+        elif step is Step.CLUSTER_GONE:
+            # Before the record (or the orphan's domain) goes, which is what makes a
+            # restarted agent do it again. Nodes being deleted do not count: two last
+            # nodes deleted at once must not each wait for the other.
+            if not any(
+                r.key.cluster == key.cluster and r.key != key and not r.deleting
+                for r in self.store.all()
+            ):
+                await p.cluster_gone(key.cluster)
+                p.hook.reached(Point.CLUSTER_GONE)
         elif step is Step.FORGET:
             await self.store.remove(key)
             self._starts.forget(key)
-            if not any(r.key.cluster == key.cluster for r in self.store.all()):
-                await p.cluster_gone(key.cluster)
+            p.hook.reached(Point.FORGET)
 
     def _record(self, key: NodeKey) -> NodeRecord:
         record = self.store.get(key)

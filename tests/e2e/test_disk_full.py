@@ -21,9 +21,8 @@ import pytest
 
 from hostagent.client import ApiError
 from network.names import bridge_name
-from pki import files as pki_files
 from tests.conftest import require_libvirt
-from tests.e2e.agent import Agent, cleanup
+from tests.e2e.agent import Agent, assert_whole_certificate_set, cleanup, leftovers
 
 pytestmark = pytest.mark.e2e
 
@@ -90,23 +89,6 @@ def fill(filler: Path) -> None:
     finally:
         os.close(fd)
     assert free_bytes(filler.parent) == 0
-
-
-def leftovers(state: Path) -> list[Path]:
-    """Temporaries (`.<name>.<random>.tmp`, the PKI's `.<name>.tmp-<random>`) and
-    half-made disks anywhere in the state_dir."""
-    return sorted(
-        path for path in state.rglob("*") if path.name.endswith(".partial") or ".tmp" in path.name
-    )
-
-
-def assert_whole_certificate_set(pki: Path) -> None:
-    """Either no set at all, or the manifest's set with every file it names intact."""
-    manifest = pki_files.read_manifest(pki)
-    if manifest is None:
-        assert not [p for p in pki.rglob("*") if p.suffix in (".crt", ".key")], "a torn set"
-    else:
-        assert pki_files.stale_names(pki, manifest) == set()
 
 
 def test_a_full_disk_fails_the_node_clearly_and_it_recovers(agent: Agent) -> None:

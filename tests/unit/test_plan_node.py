@@ -70,14 +70,21 @@ def test_nothing_desired_nothing_there() -> None:
 def test_orphan_running_is_destroyed_then_removed() -> None:
     assert plan_node(None, RUNNING) == [
         Step.DESTROY,
-        Step.UNDEFINE,
         Step.REMOVE_FILES,
+        Step.CLUSTER_GONE,
+        Step.UNDEFINE,
         Step.NETWORK,
     ]
 
 
-def test_orphan_stopped_is_removed() -> None:
-    assert plan_node(None, STOPPED) == [Step.UNDEFINE, Step.REMOVE_FILES, Step.NETWORK]
+def test_orphan_stopped_is_removed_its_domain_last() -> None:
+    # The domain is all that remembers an orphan: it goes after the files and certificates.
+    assert plan_node(None, STOPPED) == [
+        Step.REMOVE_FILES,
+        Step.CLUSTER_GONE,
+        Step.UNDEFINE,
+        Step.NETWORK,
+    ]
 
 
 def test_orphan_is_never_forgotten_or_created() -> None:
@@ -97,6 +104,7 @@ def test_deleting_with_running_domain_shuts_down_first(phase: Phase) -> None:
         Step.SHUTDOWN,
         Step.UNDEFINE,
         Step.REMOVE_FILES,
+        Step.CLUSTER_GONE,
         Step.FORGET,
         Step.NETWORK,
     ]
@@ -107,6 +115,7 @@ def test_deleting_with_stopped_domain() -> None:
     assert plan_node(record, STOPPED) == [
         Step.UNDEFINE,
         Step.REMOVE_FILES,
+        Step.CLUSTER_GONE,
         Step.FORGET,
         Step.NETWORK,
     ]
@@ -114,7 +123,12 @@ def test_deleting_with_stopped_domain() -> None:
 
 def test_deleting_without_domain() -> None:
     record = make_record(deleting=True, phase=Phase.DELETING)
-    assert plan_node(record, None) == [Step.REMOVE_FILES, Step.FORGET, Step.NETWORK]
+    assert plan_node(record, None) == [
+        Step.REMOVE_FILES,
+        Step.CLUSTER_GONE,
+        Step.FORGET,
+        Step.NETWORK,
+    ]
 
 
 def test_deleting_wins_over_a_changed_spec() -> None:
