@@ -3,6 +3,7 @@ made once with mode 0600 whatever the umask, and compared in constant time."""
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
 import secrets
@@ -44,12 +45,26 @@ def write_atomically(target: Path, content: bytes | Writer, mode: int) -> None:
 
 
 def ensure_secret(path: Path, make: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> str:
-    """The secret in path, made once (mode 0600, never replaced) with make()."""
+    """The secret in path, made once (mode 0600, never replaced) with make(). The new file
+    is written whole beside path and then linked into place, which fails when another
+    process made it first: a crash leaves no secret or a whole one, never an empty file.
+    An empty file (left by an older version killed while making it) is made again."""
+    if path.exists() and path.stat().st_size == 0:
+        path.unlink()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(make() + "\n")
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(make() + "\n")
+                out.flush()
+                os.fchmod(out.fileno(), 0o600)
+                os.fsync(out.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(temp, path)
+        finally:
+            Path(temp).unlink(missing_ok=True)
+        fsync_dir(path.parent)
     return path.read_text().strip()
 
 

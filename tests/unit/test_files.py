@@ -51,6 +51,23 @@ def test_a_secret_is_made_once_with_mode_0600(tmp_path: Path, open_umask: None) 
     assert ensure_secret(path, lambda: "other") == "abc123", "never replaced"
 
 
+def test_a_secret_is_never_left_empty_or_half_made(tmp_path: Path) -> None:
+    """Killed while making it (here make() fails), nothing is at the path; an empty file an
+    older version left that way is made again; the first whole secret is never replaced."""
+    path = tmp_path / "api-token"
+
+    def killed() -> str:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ensure_secret(path, killed)
+    assert list(tmp_path.iterdir()) == []
+    path.write_text("")
+    assert ensure_secret(path, lambda: "fresh") == "fresh"
+    assert ensure_secret(path, lambda: "other") == "fresh"
+    assert [p.name for p in tmp_path.iterdir()] == ["api-token"]
+
+
 def test_the_default_secret_is_long_and_random(tmp_path: Path) -> None:
     one, two = ensure_secret(tmp_path / "a"), ensure_secret(tmp_path / "b")
     assert one != two and len(one) >= 40
