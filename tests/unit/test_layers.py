@@ -40,6 +40,7 @@ PURE = (
     "pki.lifetime",
     "pki.controlca",
     "hostagent.zone.auth",
+    "hostagent.zone.rollout",
 )
 
 Graph = dict[str, set[str]]
