@@ -41,6 +41,7 @@ PURE = (
     "pki.controlca",
     "hostagent.zone.auth",
     "hostagent.zone.rollout",
+    "hostagent.zone.remediation",
 )
 
 Graph = dict[str, set[str]]
