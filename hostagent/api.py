@@ -203,6 +203,12 @@ async def phone_home(request: web.Request) -> web.Response:
     return _json(node)
 
 
+async def guest_health(request: web.Request) -> web.Response:
+    key = _key(request)
+    health = request.app[SERVICE].guest_health(key, _bearer(request), await request.read())
+    return _json(health)
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document(__version__))
 
@@ -212,6 +218,7 @@ def phone_home_app(service: NodeService) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
     app[SERVICE] = service
     app.router.add_post("/v1/phone-home/{cluster}/{node}", phone_home)
+    app.router.add_post("/v1/phone-home/{cluster}/{node}/health", guest_health)
     return app
 
 
@@ -249,4 +256,5 @@ def api_app(
     app.router.add_get(cluster_peers, get_peers)
     app.router.add_delete(cluster_peers, delete_peers)
     app.router.add_post("/v1/phone-home/{cluster}/{node}", phone_home)
+    app.router.add_post("/v1/phone-home/{cluster}/{node}/health", guest_health)
     return app

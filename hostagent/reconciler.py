@@ -48,6 +48,11 @@ class StartHistory:
     def forget(self, key: NodeKey) -> None:
         self._starts.pop(key, None)
 
+    def recent(self, key: NodeKey) -> list[float]:
+        """When the node was started within the window (monotonic seconds, oldest first)."""
+        now = time.monotonic()
+        return [t for t in self._starts.get(key, []) if now - t < self.window_s]
+
 
 class Reconciler:
     def __init__(
@@ -69,7 +74,7 @@ class Reconciler:
         self._queued: set[NodeKey] = set()
         self._active: set[NodeKey] = set()
         self._again: set[NodeKey] = set()
-        self._starts = StartHistory(config.crash_loop_starts, config.crash_loop_window_s)
+        self.starts = StartHistory(config.crash_loop_starts, config.crash_loop_window_s)
         self._unowned: set[str] = set()  # domains whose bad metadata was warned about
 
     def enqueue(self, key: NodeKey) -> None:
@@ -211,7 +216,7 @@ class Reconciler:
             await self.store.set_phase(key, phase or record.phase, message)
 
     async def _fail(self, key: NodeKey, error: str, attempts: int) -> None:
-        self._starts.forget(key)  # a retry (PUT again) starts with a clean history
+        self.starts.forget(key)  # a retry (PUT again) starts with a clean history
         record = self.store.get(key)
         if record is None:
             log.error("cleaning up orphan domain %s failed: %s", key.domain, error)
@@ -248,7 +253,7 @@ class Reconciler:
             await p.define(self._record(key))
         elif step in (Step.START, Step.MARK_RUNNING):
             if step is Step.START:
-                self._starts.note(key)
+                self.starts.note(key)
             domain_id = await p.virt.start(key.domain) if step is Step.START else None
             if domain_id is None:
                 info = await p.virt.domain(key.domain, self.host_id)
@@ -269,7 +274,7 @@ class Reconciler:
             await p.remove_files(key)
         elif step is Step.FORGET:
             await self.store.remove(key)
-            self._starts.forget(key)
+            self.starts.forget(key)
             if not any(r.key.cluster == key.cluster for r in self.store.all()):
                 await p.cluster_gone(key.cluster)
 
