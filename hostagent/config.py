@@ -97,7 +97,9 @@ class ReconcilerConfig(_Section):
 class HealthConfig(_Section):
     """`[health]`: when the agent calls a node unhealthy (docs/configuration.md)."""
 
-    report_interval_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    report_interval_s: Annotated[
+        int, Field(ge=context.MIN_HEALTH_INTERVAL_S, le=context.MAX_HEALTH_INTERVAL_S)
+    ] = 30
     report_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     crash_loop_starts: Annotated[int, Field(ge=2)] = 3
     check_interval_s: Annotated[float, Field(gt=0)] = 10.0

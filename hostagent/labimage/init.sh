@@ -309,6 +309,15 @@ phone_home() {  # URL TOKEN
     done
 }
 
+# Tells the agent every INTERVAL s that the guest is alive, as cloud-init guests'
+# hostagent-health.timer does (docs/operations.md, "Node health").
+report_health() {  # URL TOKEN INTERVAL
+    while sleep "$3"; do
+        post_once "$1/health" "$2" '{}' >/dev/null ||
+            log "health report failed: $(tail -n 1 /tmp/wget.log)"
+    done
+}
+
 configure_from_cidata() {
     mount_cidata || return 1
     set_identity
@@ -322,7 +331,9 @@ configure_from_cidata() {
     fi
     PINGS=$(ping_results)
     log "phoning home to $url"
-    phone_home "$url" "$token"
+    phone_home "$url" "$token" || return 1
+    interval=$(userdata_value PHONE_HOME_HEALTH_INTERVAL_S)
+    report_health "$url" "$token" "${interval:-30}" &
 }
 
 main() {
