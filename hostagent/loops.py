@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from common.errors import ProvisioningError
@@ -103,12 +102,12 @@ class HealthMonitor:
         self._starts = starts
         self._config = config
         self._failed = failed
-        self._since = time.monotonic()  # a guest gets a full timeout after the agent starts
+        self._since = book.clock()  # a guest gets a full timeout after the agent starts
 
     async def check(self) -> None:
         running = {d.name: d.running for d in await self._domains()}
         records = self._records()
-        now, stamp = time.monotonic(), store_now()
+        now, stamp = self.book.clock(), store_now()
         for record in records:
             observed = self._observe(record, running, now)
             verdict = judge(observed, self._config, self._starts.window_s)

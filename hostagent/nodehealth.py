@@ -5,7 +5,8 @@ and since when each verdict holds. The zone replaces unhealthy nodes
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from hostagent.config import HealthConfig
@@ -69,14 +70,16 @@ def judge(node: Observation, config: HealthConfig, window_s: float) -> Verdict |
 class HealthBook:
     """When each guest last reported (monotonic seconds), the last verdict of each node and
     since when it holds (a wall-clock string). Kept in memory: after a restart the agent
-    gives every guest a full report_timeout_s again."""
+    gives every guest a full report_timeout_s again. clock: the monotonic seconds of the
+    reports, the same as the reconciler's start history."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self._health: dict[NodeKey, NodeHealth] = {}
         self._reports: dict[NodeKey, float] = {}
 
-    def reported(self, key: NodeKey, at: float) -> None:
-        self._reports[key] = at
+    def reported(self, key: NodeKey) -> None:
+        self._reports[key] = self.clock()
 
     def last_report(self, key: NodeKey) -> float | None:
         return self._reports.get(key)

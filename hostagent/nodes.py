@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import secrets
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,14 +128,14 @@ class NodeService:
     async def phone_home(self, key: NodeKey, token: str | None, body: bytes) -> Node:
         report = self._guest_report(key, token, body)
         await self.store.set_ready(key, report)
-        self.health.reported(key, time.monotonic())
+        self.health.reported(key)
         return self.get(key)
 
     def guest_health(self, key: NodeKey, token: str | None, body: bytes) -> NodeHealth:
         """The guest's periodic report (its health timer): it is alive. The body is
         checked like a phone-home's and not kept."""
         self._guest_report(key, token, body)
-        self.health.reported(key, time.monotonic())
+        self.health.reported(key)
         return self.health.get(key)
 
     def _guest_report(self, key: NodeKey, token: str | None, body: bytes) -> dict[str, Any]:
