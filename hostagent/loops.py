@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from common.errors import ProvisioningError
 from hostagent.config import HealthConfig
 from hostagent.model import NodeHealth, NodeKey
-from hostagent.nodehealth import HealthBook, Observation, judge
+from hostagent.nodehealth import HealthBook, Observation, judge, silence
 from hostagent.reconciler import StartHistory
 from hostagent.store import NodeRecord
 from hostagent.store import now as store_now
@@ -120,14 +120,15 @@ class HealthMonitor:
     def _observe(self, record: NodeRecord, running: dict[str, bool], now: float) -> Observation:
         key = record.key
         starts = self._starts.recent(key)
-        quiet_from = max([self._since, *starts, self.book.last_report(key) or 0.0])
+        last_start = starts[-1] if starts else None
+        report = self.book.last_report(key)
         return Observation(
             phase=record.phase,
             deleting=record.deleting,
             message=record.message,
             running=running.get(key.domain, False),
             starts=len(starts),
-            silent_s=None if record.guest is None else now - quiet_from,
+            silent_s=silence(record.phase, now, self._since, last_start, report),
         )
 
     @staticmethod

@@ -26,7 +26,7 @@ class Reason(enum.StrEnum):
 class Observation:
     """One node as the agent sees it. running: its domain runs (False: stopped or gone);
     starts: times the reconciler started it within the crash-loop window; silent_s: how
-    long since the guest last reported (None: it never phoned home, nothing to miss)."""
+    long since the guest last reported (None: not watched, see silence())."""
 
     phase: Phase
     deleting: bool
@@ -65,6 +65,19 @@ def judge(node: Observation, config: HealthConfig, window_s: float) -> Verdict |
             f"(timeout {config.report_timeout_s:.0f}s)",
         )
     return None
+
+
+def silence(
+    phase: Phase, now: float, watched_from: float, last_start: float | None, report: float | None
+) -> float | None:
+    """How long the guest has been silent, if its silence counts: a Ready node's, or a
+    Running one's whose guest reported since its VM last started (a VM being created or
+    booting again is not silent yet: its phone-home is awaited). Counted from the last
+    of watched_from (the agent's start), the VM's last start and the last report."""
+    since_start = report is not None and (last_start is None or report > last_start)
+    if phase is not Phase.READY and not (phase is Phase.RUNNING and since_start):
+        return None
+    return now - max(watched_from, last_start or watched_from, report or watched_from)
 
 
 class HealthBook:

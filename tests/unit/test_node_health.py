@@ -16,7 +16,7 @@ from hostagent.images import ImageCatalog
 from hostagent.loops import HealthMonitor
 from hostagent.metrics import Metrics
 from hostagent.model import NodeHealth, NodeKey, Phase
-from hostagent.nodehealth import HealthBook, Observation, Reason, judge
+from hostagent.nodehealth import HealthBook, Observation, Reason, judge, silence
 from hostagent.nodes import NodeService
 from tests.unit.test_reconciler_faults import World, until
 from tests.unit.test_reconciler_faults import world as world  # the fixture
@@ -44,6 +44,24 @@ FINE = Observation(Phase.READY, False, "", running=True, starts=1, silent_s=10.0
 def test_verdicts(observed: Observation, reason: Reason | None) -> None:
     verdict = judge(observed, CONFIG, WINDOW_S)
     assert (verdict.reason if verdict else None) is reason
+
+
+@pytest.mark.parametrize(
+    ("phase", "last_start", "report", "silent"),
+    [
+        (Phase.READY, 10.0, 150.0, 50.0),  # from the last report
+        (Phase.READY, None, None, 100.0),  # from the agent's start (after a restart of it)
+        (Phase.READY, 120.0, 50.0, 80.0),  # the VM started again: from that start
+        (Phase.RUNNING, 120.0, 50.0, None),  # booting again, its phone-home awaited
+        (Phase.RUNNING, 120.0, 130.0, 70.0),  # reported since it started: watched
+        (Phase.RUNNING, None, None, None),  # never reported
+        (Phase.PROVISIONING, None, 150.0, None),
+    ],
+)
+def test_silence_counts_once_the_guest_has_spoken(
+    phase: Phase, last_start: float | None, report: float | None, silent: float | None
+) -> None:
+    assert silence(phase, 200.0, 100.0, last_start, report) == silent
 
 
 def test_since_holds_while_the_reason_does() -> None:
@@ -179,6 +197,21 @@ async def test_a_guest_that_stops_reporting_is_unhealthy_until_it_reports(watch:
     watch.service.guest_health(key, world.node().token, b'{"kubelet": "active"}')
     await watch.monitor.check()
     assert watch.health() == NodeHealth()
+
+
+async def test_a_guest_booting_again_is_not_silent_until_it_has_spoken(watch: Watch) -> None:
+    world, key = watch.world, watch.world.key
+    await watch.service.phone_home(key, world.node().token, b"{}")
+    watch.stop_vm()
+    await watch.restarted()  # Running again; cloud-init does not phone home twice
+    assert world.node().phase is Phase.RUNNING
+    watch.offset = CONFIG.report_timeout_s * 2
+    await watch.monitor.check()
+    assert watch.health() == NodeHealth()
+    watch.service.guest_health(key, world.node().token, b"{}")  # its timer runs again
+    watch.offset += CONFIG.report_timeout_s + 5
+    await watch.monitor.check()
+    assert watch.health().reason == "guest-not-reporting"
 
 
 async def test_a_node_the_agent_deletes_is_never_unhealthy(watch: Watch) -> None:
