@@ -71,7 +71,7 @@ class Decision:
 
 
 def budget(node_count: int, limits: Limits) -> int:
-    """Replacements allowed per window: max(1, 10 %) of the cluster's nodes."""
+    """Replacements allowed per window: max(1, max_fraction) of the cluster's nodes."""
     return max(1, int(node_count * limits.max_fraction))
 
 
@@ -113,7 +113,7 @@ def _hold(
     if left <= 0:
         return (
             f"{budget(len(nodes), limits)} replacement(s) per {limits.window_s:.0f}s already "
-            "made in this cluster (max(1, 10 %) of its nodes)"
+            f"made in this cluster (max(1, {limits.max_fraction:.0%}) of its nodes)"
         )
     if node.role is Role.MASTER:
         return _master_hold(nodes, limits, master_done)

@@ -42,6 +42,7 @@ PURE = (
     "hostagent.zone.auth",
     "hostagent.zone.rollout",
     "hostagent.zone.remediation",
+    "hostagent.nodehealth",
 )
 
 Graph = dict[str, set[str]]
