@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from hostagent.model import Role
+from hostagent.zone.model import ClusterSpec, PoolSpec
 
 DEFAULT_READY_TIMEOUT_S = 600.0  # Cluster API's MachineHealthCheck nodeStartupTimeout
 _MINOR = re.compile(r"^1\.(\d+)\.\d+$")
@@ -56,6 +57,21 @@ class Target:
 
     def shape(self, role: Role) -> Shape:
         return self.masters if role is Role.MASTER else self.workers
+
+
+def shape_of(spec: ClusterSpec, pool: PoolSpec) -> Shape:
+    return Shape(spec.kubernetes_version, spec.image, pool.vcpus, pool.memory_mib, pool.disk_gib)
+
+
+def target_of(
+    spec: ClusterSpec,
+    max_surge: int = 1,
+    max_unavailable: int = 0,
+    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+) -> Target:
+    """The Target of a cluster's spec (what `nodes` run is each node's Shape the same way)."""
+    masters, workers = shape_of(spec, spec.masters), shape_of(spec, spec.workers)
+    return Target(masters, workers, spec.workers.count, max_surge, max_unavailable, ready_timeout_s)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostagent.model import Role
+from hostagent.zone.model import ClusterSpec
 from hostagent.zone.rollout import (
     AddWorker,
     Plan,
@@ -19,6 +20,7 @@ from hostagent.zone.rollout import (
     Shape,
     Target,
     plan,
+    target_of,
     version_change_problem,
 )
 
@@ -116,6 +118,20 @@ def test_a_failed_node_stops_everything() -> None:
 def test_done_when_every_node_runs_the_target() -> None:
     result = plan(target(2), cluster(3, 2, NEW), True, NOW)
     assert result == Plan((), "5/5 nodes at 1.31.2", done=True)
+
+
+def test_the_target_of_a_cluster_spec() -> None:
+    spec = ClusterSpec.model_validate(
+        {
+            "kubernetes_version": "1.31.2",
+            "masters": {"count": 3, "vcpus": 4},
+            "workers": {"count": 5, "memory_mib": 4096},
+        }
+    )
+    goal = target_of(spec, max_surge=2)
+    assert goal.masters == Shape("1.31.2", "lab", 4, 2048, 20)
+    assert goal.workers == Shape("1.31.2", "lab", 2, 4096, 20)
+    assert (goal.worker_count, goal.max_surge, goal.max_unavailable) == (5, 2, 0)
 
 
 def test_surge_and_unavailable_cannot_both_be_zero() -> None:
