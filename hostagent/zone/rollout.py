@@ -77,7 +77,8 @@ def target_of(
 @dataclass(frozen=True)
 class RolloutNode:
     """A node of the cluster as it runs. since: when it was last (re)created, or when it
-    stopped being Ready; failed: its host gave up on it (phase Failed)."""
+    stopped being Ready; failed: its host gave up on it (phase Failed); removing: a worker
+    being removed, which still counts against max_surge until it is gone."""
 
     name: str
     role: Role
@@ -85,6 +86,7 @@ class RolloutNode:
     ready: bool
     since: float
     failed: bool = False
+    removing: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,8 @@ class Plan:
 
 def plan(target: Target, nodes: Sequence[RolloutNode], etcd_healthy: bool, now: float) -> Plan:
     progress = progress_text(target, nodes)
-    for node in sorted(nodes, key=lambda n: (n.role is not Role.MASTER, _order(n.name))):
+    staying = [n for n in nodes if not n.removing]
+    for node in sorted(staying, key=lambda n: (n.role is not Role.MASTER, _order(n.name))):
         if why := _stuck(node, target, now):
             return Plan((), progress, stopped=why)
     masters = [n for n in nodes if n.role is Role.MASTER]
@@ -136,14 +139,17 @@ def plan(target: Target, nodes: Sequence[RolloutNode], etcd_healthy: bool, now: 
         return Plan(actions, progress)
     if _settled(target, workers):
         return Plan((), progress, done=True)
+    if any(w.removing for w in workers):
+        return Plan((), progress, waiting="waiting for old workers to be removed")
     return Plan((), progress, waiting="waiting for new workers to become Ready")
 
 
 def progress_text(target: Target, nodes: Iterable[RolloutNode]) -> str:
     """e.g. "3/5 nodes at 1.31.2": nodes Ready at the target spec, of those wanted."""
     found = list(nodes)
-    wanted = sum(1 for n in found if n.role is Role.MASTER) + target.worker_count
-    at = sum(1 for n in found if n.ready and n.shape == target.shape(n.role))
+    wanted = sum(1 for n in found if n.role is Role.MASTER and not n.removing)
+    wanted += target.worker_count
+    at = sum(1 for n in found if n.ready and not n.removing and n.shape == target.shape(n.role))
     return f"{min(at, wanted)}/{wanted} nodes at {target.workers.kubernetes_version}"
 
 
@@ -199,9 +205,10 @@ def _masters_busy(masters: Sequence[RolloutNode], etcd_healthy: bool) -> str:
 
 
 def _worker_actions(target: Target, workers: Sequence[RolloutNode]) -> tuple[Action, ...]:
-    new = [w for w in workers if w.shape == target.workers]
-    old = sorted((w for w in workers if w.shape != target.workers), key=_old_first)
-    ready = sum(1 for w in workers if w.ready)
+    staying = [w for w in workers if not w.removing]
+    new = [w for w in staying if w.shape == target.workers]
+    old = sorted((w for w in staying if w.shape != target.workers), key=_old_first)
+    ready = sum(1 for w in staying if w.ready)
     actions: list[Action] = []
     surge_room = target.worker_count + target.max_surge - len(workers)
     room = min(surge_room, target.worker_count - len(new))
@@ -223,7 +230,7 @@ def _worker_actions(target: Target, workers: Sequence[RolloutNode]) -> tuple[Act
 
 def _settled(target: Target, workers: Sequence[RolloutNode]) -> bool:
     return len(workers) == target.worker_count and all(
-        w.ready and w.shape == target.workers for w in workers
+        w.ready and w.shape == target.workers and not w.removing for w in workers
     )
 
 

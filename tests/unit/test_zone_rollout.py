@@ -109,6 +109,17 @@ def test_a_node_not_ready_in_time_stops_everything() -> None:
     assert not result.done
 
 
+def test_a_worker_being_removed_still_counts_against_surge() -> None:
+    leaving = dataclasses.replace(node("w1", ready=False), removing=True)
+    nodes = [*cluster(1, 0, NEW), leaving, node("w2"), node("w3", NEW)]
+    result = plan(target(2), nodes, True, NOW - 1e6)
+    assert result.actions == ()
+    assert result.waiting == "waiting for old workers to be removed"
+    assert result.progress == "2/3 nodes at 1.31.2"
+    nodes.remove(leaving)
+    assert plan(target(2), nodes, True, NOW).actions == (AddWorker("w4"),)
+
+
 def test_a_failed_node_stops_everything() -> None:
     nodes = [*cluster(1, 0, NEW), node("w1"), dataclasses.replace(node("w2", NEW), failed=True)]
     result = plan(target(2), nodes, True, NOW)
@@ -174,11 +185,18 @@ class Sim:
                 assert all(n.name != action.node for n in self.nodes), "a name used twice"
                 self.nodes.append(node(action.node, target.workers, ready=False, since=self.now))
             else:
-                self.nodes = [n for n in self.nodes if n.name != action.node]
+                i = next(i for i, n in enumerate(self.nodes) if n.name == action.node)
+                assert not self.nodes[i].removing, "a worker removed twice"
+                self.nodes[i] = dataclasses.replace(self.nodes[i], removing=True, ready=False)
+
+    def removed(self, names: set[str]) -> None:
+        self.nodes = [n for n in self.nodes if not (n.removing and n.name in names)]
 
     def become_ready(self, names: set[str]) -> None:
+        """The nodes named become Ready (a worker being removed never does)."""
         self.nodes = [
-            dataclasses.replace(n, ready=True) if n.name in names else n for n in self.nodes
+            dataclasses.replace(n, ready=True) if n.name in names and not n.removing else n
+            for n in self.nodes
         ]
 
 
@@ -187,7 +205,7 @@ def check_invariants(sim: Sim, result: Plan, target: Target, start_workers: int)
     masters_down = [n for n in sim.nodes if n.role is Role.MASTER and not n.ready]
     assert len(workers) <= max(start_workers, target.worker_count) + target.max_surge
     assert len(masters_down) <= 1, f"two masters down: {masters_down}"
-    ready = sum(1 for w in workers if w.ready)
+    ready = sum(1 for w in workers if w.ready and not w.removing)
     assert ready >= min(start_workers, target.worker_count) - target.max_unavailable
 
 
@@ -214,12 +232,13 @@ def test_a_rollout_keeps_its_limits_and_ends_at_the_target(
             break
         sim.apply(result, goal)
         check_invariants(sim, result, goal, workers)
-        pending = sorted(n.name for n in sim.nodes if not n.ready)
-        sim.become_ready(
-            set(data.draw(st.lists(st.sampled_from(pending), unique=True)) if pending else [])
-        )
+        pending = sorted(n.name for n in sim.nodes if not n.ready)  # removals included
+        chosen = set(data.draw(st.lists(st.sampled_from(pending), unique=True)) if pending else [])
+        sim.removed(chosen)
+        sim.become_ready(chosen)
         sim.now += 1
     else:
+        sim.removed({n.name for n in sim.nodes})
         sim.become_ready({n.name for n in sim.nodes})
         assert plan(goal, sim.nodes, True, sim.now).done, "the rollout did not finish"
     assert all(n.shape == NEW and n.ready for n in sim.nodes)
@@ -242,6 +261,7 @@ def test_putting_the_old_spec_back_rolls_back_the_same_way(
                 break
             sim.apply(result, goal)
             check_invariants(sim, result, goal, workers)
+            sim.removed({n.name for n in sim.nodes})
             sim.become_ready({n.name for n in sim.nodes})
             sim.now += 1
     assert plan(back, sim.nodes, True, sim.now).done
@@ -266,9 +286,10 @@ def test_nothing_is_touched_past_a_node_that_never_becomes_ready(
         if result.done:
             return
         sim.apply(result, goal)
-        pending = [n.name for n in sim.nodes if not n.ready]
+        pending = [n.name for n in sim.nodes if not n.ready and not n.removing]
         if doomed is None and pending and data.draw(st.booleans()):
             doomed = data.draw(st.sampled_from(pending))
         sim.become_ready({n for n in pending if n != doomed})
+        sim.removed({n.name for n in sim.nodes})
         sim.now += goal.ready_timeout_s / 3
     pytest.fail("the rollout neither finished nor stopped")
