@@ -449,6 +449,22 @@ async def test_a_non_ascii_token_is_401_not_an_error(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_the_phone_home_app_takes_health_reports(service: NodeService) -> None:
+    key = NodeKey(cluster="alpha", name="m1")
+    await service.put(key, parse_spec(json.dumps(SPEC).encode()))
+    record = service.store.get(key)
+    assert record is not None
+    async with TestClient(TestServer(phone_home_app(service))) as guest:
+        path = "/v1/phone-home/alpha/m1/health"
+        response = await guest.post(path, json={}, headers={"Authorization": "Bearer x"})
+        await error_of(response, 401, "unauthorized")
+        response = await guest.post(
+            path, json={}, headers={"Authorization": f"Bearer {record.token}"}
+        )
+        assert response.status == 200
+    assert service.health.last_report(key) is not None
+
+
 @pytest.mark.parametrize("token", NON_ASCII_TOKENS)
 async def test_a_non_ascii_token_is_401_on_the_phone_home_app(
     service: NodeService, caplog: pytest.LogCaptureFixture, token: bytes
