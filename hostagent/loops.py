@@ -139,11 +139,15 @@ class HealthMonitor:
             log.warning("%s is unhealthy (%s): %s", key, health.reason, health.message)
 
     async def run(self) -> None:
+        blind = False  # warned that libvirt cannot be asked: once per outage
         while True:
             try:
                 await self.check()
+                blind = False
             except ProvisioningError as exc:
-                log.warning("node health: cannot list the domains, verdicts kept: %s", exc)
+                if not blind:
+                    log.warning("node health: cannot list the domains, verdicts kept: %s", exc)
+                blind = True
             except Exception:  # this loop ending would restart the agent (watchdog)
                 log.exception("node health check crashed; the next one retries")
                 self._failed()

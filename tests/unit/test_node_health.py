@@ -5,6 +5,7 @@ back to healthy once the cause is gone."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, replace
 
@@ -12,13 +13,17 @@ import libvirt
 import pytest
 
 from hostagent.config import HealthConfig
+from hostagent.errors import LibvirtUnavailable
 from hostagent.images import ImageCatalog
 from hostagent.loops import HealthMonitor
 from hostagent.metrics import Metrics
 from hostagent.model import NodeHealth, NodeKey, Phase
 from hostagent.nodehealth import HealthBook, Observation, Reason, judge, silence
 from hostagent.nodes import NodeService
-from tests.unit.test_reconciler_faults import World, until
+from hostagent.reconciler import StartHistory
+from hostagent.store import NodeRecord
+from hostagent.virt.domain import DomainInfo
+from tests.unit.test_reconciler_faults import SPEC, World, until
 from tests.unit.test_reconciler_faults import world as world  # the fixture
 
 CONFIG = HealthConfig()
@@ -220,3 +225,36 @@ async def test_a_node_the_agent_deletes_is_never_unhealthy(watch: Watch) -> None
     await until(lambda: watch.world.store.get(watch.world.key) is None)
     await watch.monitor.check()
     assert watch.monitor.book.unhealthy() == {}
+
+
+async def test_a_pass_blind_to_libvirt_keeps_the_verdicts_and_warns_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = NodeKey(cluster="alpha", name="w1")
+    record = NodeRecord(key, SPEC, "t", Phase.READY, "", "", False, {}, 1)
+    book = HealthBook()
+    outage = {"on": False}
+    calls = {"n": 0}
+
+    async def domains() -> list[DomainInfo]:
+        calls["n"] += 1
+        if outage["on"]:
+            raise LibvirtUnavailable("libvirtd is not answering")
+        return []  # the VM is gone: not running
+
+    config = HealthConfig(check_interval_s=0.01)
+    monitor = HealthMonitor(
+        book, lambda: [record], domains, StartHistory(5, 600), config, lambda: None
+    )
+    task = asyncio.create_task(monitor.run())
+    try:
+        await until(lambda: book.get(key).reason == "vm-not-running")
+        since = book.get(key).since
+        outage["on"], seen = True, calls["n"]
+        await until(lambda: calls["n"] >= seen + 5)
+        assert book.get(key).since == since  # kept, not judged again
+        warnings = [r for r in caplog.records if "cannot list the domains" in r.message]
+        assert len(warnings) == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
