@@ -229,6 +229,7 @@ def _runcmd(ctx: NodeContext, derived: Derived, files: WriteFiles) -> list[Any]:
     expected = {
         "role": ctx.role,
         "kubernetes_version": ctx.kubernetes_version,
+        "health_interval_s": ctx.health_report_interval_s,
         "files": files.paths,
         "mounts": list(derived.mounts),
         "marker": RUNCMD_MARKER,

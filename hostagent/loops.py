@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from common.errors import ProvisioningError
 from hostagent.config import HealthConfig
 from hostagent.model import NodeHealth, NodeKey
-from hostagent.nodehealth import HealthBook, Observation, judge, silence
+from hostagent.nodehealth import HealthBook, Observation, judge, reports_health, silence
 from hostagent.reconciler import StartHistory
 from hostagent.store import NodeRecord
 from hostagent.store import now as store_now
@@ -128,7 +128,9 @@ class HealthMonitor:
             message=record.message,
             running=running.get(key.domain, False),
             starts=len(starts),
-            silent_s=silence(record.phase, now, self._since, last_start, report),
+            silent_s=silence(
+                record.phase, now, self._since, last_start, report, reports_health(record.guest)
+            ),
         )
 
     @staticmethod

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from hostagent.config import HealthConfig
 from hostagent.model import NodeHealth, NodeKey, Phase
@@ -67,15 +68,27 @@ def judge(node: Observation, config: HealthConfig, window_s: float) -> Verdict |
     return None
 
 
+def reports_health(guest: Mapping[str, Any] | None) -> bool:
+    """Whether the guest said, when it phoned home, that it reports its health."""
+    return bool(guest and guest.get("health_interval_s"))
+
+
 def silence(
-    phase: Phase, now: float, watched_from: float, last_start: float | None, report: float | None
+    phase: Phase,
+    now: float,
+    watched_from: float,
+    last_start: float | None,
+    report: float | None,
+    reporter: bool,
 ) -> float | None:
     """How long the guest has been silent, if its silence counts: a Ready node's, or a
     Running one's whose guest reported since its VM last started (a VM being created or
-    booting again is not silent yet: its phone-home is awaited). Counted from the last
-    of watched_from (the agent's start), the VM's last start and the last report."""
+    booting again is not silent yet: its phone-home is awaited), and only when its
+    phone-home said it reports its health (reporter; a guest made before there were
+    health reports never does). Counted from the last of watched_from (the agent's
+    start), the VM's last start and the last report."""
     since_start = report is not None and (last_start is None or report > last_start)
-    if phase is not Phase.READY and not (phase is Phase.RUNNING and since_start):
+    if not reporter or (phase is not Phase.READY and not (phase is Phase.RUNNING and since_start)):
         return None
     return now - max(watched_from, last_start or watched_from, report or watched_from)
 

@@ -18,7 +18,14 @@ from hostagent.images import ImageCatalog
 from hostagent.loops import HealthMonitor
 from hostagent.metrics import Metrics
 from hostagent.model import NodeHealth, NodeKey, Phase
-from hostagent.nodehealth import HealthBook, Observation, Reason, judge, silence
+from hostagent.nodehealth import (
+    HealthBook,
+    Observation,
+    Reason,
+    judge,
+    reports_health,
+    silence,
+)
 from hostagent.nodes import NodeService
 from hostagent.reconciler import StartHistory
 from hostagent.store import NodeRecord
@@ -27,6 +34,7 @@ from tests.unit.test_reconciler_faults import SPEC, World, until
 from tests.unit.test_reconciler_faults import world as world  # the fixture
 
 CONFIG = HealthConfig()
+REPORTER = b'{"health_interval_s": 30}'  # what a guest that reports its health phones home with
 WINDOW_S = 600.0
 FINE = Observation(Phase.READY, False, "", running=True, starts=1, silent_s=10.0)
 
@@ -66,7 +74,15 @@ def test_verdicts(observed: Observation, reason: Reason | None) -> None:
 def test_silence_counts_once_the_guest_has_spoken(
     phase: Phase, last_start: float | None, report: float | None, silent: float | None
 ) -> None:
-    assert silence(phase, 200.0, 100.0, last_start, report) == silent
+    assert silence(phase, 200.0, 100.0, last_start, report, reporter=True) == silent
+    # A guest that never said it reports its health (made by an older agent) is not silent.
+    assert silence(phase, 200.0, 100.0, last_start, report, reporter=False) is None
+
+
+def test_a_guest_reports_its_health_if_its_phone_home_says_so() -> None:
+    assert reports_health({"health_interval_s": 30})
+    assert not reports_health({"hostname": "w1"})
+    assert not reports_health(None)
 
 
 def test_since_holds_while_the_reason_does() -> None:
@@ -188,7 +204,7 @@ async def test_a_vm_that_keeps_dying_crash_loops_then_fails(watch: Watch) -> Non
 
 async def test_a_guest_that_stops_reporting_is_unhealthy_until_it_reports(watch: Watch) -> None:
     world, key = watch.world, watch.world.key
-    await watch.service.phone_home(key, world.node().token, b"{}")
+    await watch.service.phone_home(key, world.node().token, REPORTER)
     assert world.node().phase is Phase.READY
     watch.offset = CONFIG.report_timeout_s - 5
     await watch.monitor.check()
@@ -206,7 +222,7 @@ async def test_a_guest_that_stops_reporting_is_unhealthy_until_it_reports(watch:
 
 async def test_a_guest_booting_again_is_not_silent_until_it_has_spoken(watch: Watch) -> None:
     world, key = watch.world, watch.world.key
-    await watch.service.phone_home(key, world.node().token, b"{}")
+    await watch.service.phone_home(key, world.node().token, REPORTER)
     watch.stop_vm()
     await watch.restarted()  # Running again; cloud-init does not phone home twice
     assert world.node().phase is Phase.RUNNING
@@ -217,6 +233,14 @@ async def test_a_guest_booting_again_is_not_silent_until_it_has_spoken(watch: Wa
     watch.offset += CONFIG.report_timeout_s + 5
     await watch.monitor.check()
     assert watch.health().reason == "guest-not-reporting"
+
+
+async def test_a_guest_made_before_health_reports_is_never_silent(watch: Watch) -> None:
+    world, key = watch.world, watch.world.key
+    await watch.service.phone_home(key, world.node().token, b'{"hostname": "m1"}')
+    watch.offset = CONFIG.report_timeout_s * 10
+    await watch.monitor.check()
+    assert watch.health() == NodeHealth()
 
 
 async def test_a_node_the_agent_deletes_is_never_unhealthy(watch: Watch) -> None:

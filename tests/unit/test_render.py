@@ -418,6 +418,7 @@ def test_phone_home_report(tmp_path: Path) -> None:
         "files": [str(written), str(tmp_path / "missing")],
         "mounts": ["/", str(tmp_path)],
         "marker": str(marker),
+        "health_interval_s": 30,
     }
     body = phone_home_report.report(expected)
     assert body["files"] == {str(written): "0640", str(tmp_path / "missing"): None}
@@ -426,6 +427,7 @@ def test_phone_home_report(tmp_path: Path) -> None:
     marker.touch()
     assert phone_home_report.report(expected)["commands_ran"] is True
     assert (body["role"], body["kubernetes_version"]) == ("master", "1.31.2")
+    assert body["health_interval_s"] == 30  # the agent watches its health reports
     assert isinstance(body["hostname"], str) and isinstance(body["addresses"], list)
     json.dumps(body)
 
