@@ -119,6 +119,11 @@ class MasterPeer:
     address: str  # IPv4 without prefix length
 
 
+# The guest's health report interval, seconds (hostagent-health.timer)
+MIN_HEALTH_INTERVAL_S = 5
+MAX_HEALTH_INTERVAL_S = 3600
+
+
 @dataclass(frozen=True)
 class NodeContext:
     cluster: str
@@ -134,6 +139,8 @@ class NodeContext:
     ssh_authorized_keys: tuple[str, ...]
     phone_home_url: str
     phone_home_token: str
+    # How often the guest tells its agent it is alive (hostagent-health.timer).
+    health_report_interval_s: int = 30
     # The guest cluster. The defaults match ClusterSpec's; empty masters on a master
     # means "this node alone", an empty api_endpoint "the first master, port 6443".
     masters: tuple[MasterPeer, ...] = ()

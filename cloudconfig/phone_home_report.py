@@ -2,7 +2,8 @@
 
 Not imported by the agent: userdata.py reads this file's text and puts it into the
 last runcmd entry. argv[1] is a JSON object userdata.py wrote: `role`,
-`kubernetes_version`, `files` (every path write_files wrote), `mounts` (paths that
+`kubernetes_version`, `health_interval_s` (the guest reports its health this often),
+`files` (every path write_files wrote), `mounts` (paths that
 must be mount points) and `marker` (a file an earlier runcmd entry creates). Kept to
 the standard library of any python3 a cloud-init guest has.
 """
@@ -51,6 +52,7 @@ def report(expected: "dict[str, object]") -> "dict[str, object]":
         "commands_ran": os.path.exists(marker),
         "role": expected["role"],
         "kubernetes_version": expected["kubernetes_version"],
+        "health_interval_s": expected["health_interval_s"],
     }
 
 

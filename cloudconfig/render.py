@@ -21,7 +21,13 @@ import jinja2
 
 from cloudconfig import userdata
 from cloudconfig.addons import calico
-from cloudconfig.context import Derived, MasterPeer, NodeContext
+from cloudconfig.context import (
+    MAX_HEALTH_INTERVAL_S,
+    MIN_HEALTH_INTERVAL_S,
+    Derived,
+    MasterPeer,
+    NodeContext,
+)
 from cloudconfig.userdata import ETCD_DATA_DIR
 from cloudconfig.versions import TEMPLATES, template_folder
 from common import yamlio
@@ -208,6 +214,11 @@ def check_context(ctx: NodeContext) -> str:
     if ctx.role not in ROLES:
         raise ValueError(f"role {ctx.role!r} must be one of {', '.join(ROLES)}")
     check_phone_home(ctx.phone_home_url, ctx.phone_home_token)
+    if not MIN_HEALTH_INTERVAL_S <= ctx.health_report_interval_s <= MAX_HEALTH_INTERVAL_S:
+        raise ValueError(
+            f"health_report_interval_s {ctx.health_report_interval_s} must be "
+            f"{MIN_HEALTH_INTERVAL_S}..{MAX_HEALTH_INTERVAL_S}"
+        )
     minor = template_folder(ctx.kubernetes_version)
     derive(ctx)
     return minor

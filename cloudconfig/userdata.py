@@ -110,7 +110,10 @@ def _identity_files(files: WriteFiles, ctx: NodeContext) -> None:
     # PHONE_HOME_* lines out of user-data, so they come before any user value. Both
     # values are checked (render.check_phone_home) to need no quoting in a YAML block
     # scalar or a shell assignment.
-    env = f"PHONE_HOME_URL={ctx.phone_home_url}\nPHONE_HOME_TOKEN={ctx.phone_home_token}\n"
+    env = (
+        f"PHONE_HOME_URL={ctx.phone_home_url}\nPHONE_HOME_TOKEN={ctx.phone_home_token}\n"
+        f"PHONE_HOME_HEALTH_INTERVAL_S={ctx.health_report_interval_s}\n"
+    )
     files.file(PHONE_HOME_ENV, env, "0600")
     node = {
         "cluster": ctx.cluster,
@@ -124,7 +127,8 @@ def _identity_files(files: WriteFiles, ctx: NodeContext) -> None:
 
 def _node_files(files: WriteFiles, ctx: NodeContext, derived: Derived, body: Body) -> None:
     """Both roles: kernel settings, containerd's config, the kubelet (unit,
-    KubeletConfiguration, kubeconfig), certificate reloads, kube-proxy."""
+    KubeletConfiguration, kubeconfig), certificate reloads, the health report to the
+    agent, kube-proxy."""
     node_user = f"system:node:{ctx.hostname}"
     files.file("/etc/modules-load.d/kubernetes.conf", "overlay\nbr_netfilter\n")
     files.file(
@@ -141,6 +145,10 @@ def _node_files(files: WriteFiles, ctx: NodeContext, derived: Derived, body: Bod
     reload = body("units/hostagent-cert-reload.service.j2")
     files.unit("hostagent-cert-reload.service", reload, enable=False)
     files.unit("hostagent-cert-reload.timer", body("units/hostagent-cert-reload.timer.j2"))
+    health = body("units/hostagent-health.sh.j2", phone_home_env=PHONE_HOME_ENV)
+    files.file("/usr/local/sbin/hostagent-health", health, "0755")
+    files.unit("hostagent-health.service", body("units/hostagent-health.service.j2"), enable=False)
+    files.unit("hostagent-health.timer", body("units/hostagent-health.timer.j2"))
     files.file("/var/lib/kube-proxy/config.yaml", body("config/kube-proxy.yaml.j2"))
     proxy_conf = _kubeconfig(body, "system:kube-proxy", derived.api_server, layout.KUBE_PROXY)
     files.file("/var/lib/kube-proxy/kubeconfig.conf", proxy_conf, "0600")
@@ -221,6 +229,7 @@ def _runcmd(ctx: NodeContext, derived: Derived, files: WriteFiles) -> list[Any]:
     expected = {
         "role": ctx.role,
         "kubernetes_version": ctx.kubernetes_version,
+        "health_interval_s": ctx.health_report_interval_s,
         "files": files.paths,
         "mounts": list(derived.mounts),
         "marker": RUNCMD_MARKER,

@@ -24,6 +24,7 @@ from hostagent.errors import (
     Unauthorized,
     Unavailable,
 )
+from hostagent.model import NodeKey
 from hostagent.networks import PeerList, StoredPeers, parse_peers
 from hostagent.nodes import NodeService, parse_key, parse_spec
 from hostagent.openapi import openapi_document
@@ -122,7 +123,7 @@ def _json(model: BaseModel, status: int = 200) -> web.Response:
     )
 
 
-def _key(request: web.Request) -> Any:
+def _key(request: web.Request) -> NodeKey:
     return parse_key(request.match_info["cluster"], request.match_info["node"])
 
 
@@ -199,14 +200,26 @@ async def delete_peers(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def phone_home(request: web.Request) -> web.Response:
+def _guest_key(request: web.Request) -> NodeKey:
+    """The node a guest speaks for. No node has an invalid name, so no node token fits it:
+    401 as for any other node, not 422."""
     try:
-        key = _key(request)
-    except Invalid as exc:  # no node has that name, so no node token fits: as for any other
+        return _key(request)
+    except Invalid as exc:
         raise Unauthorized("wrong or missing node token") from exc
+
+
+async def phone_home(request: web.Request) -> web.Response:
+    key = _guest_key(request)
     node = await request.app[SERVICE].phone_home(key, _bearer(request), await request.read())
     log.info("%s phoned home", key)
     return _json(node)
+
+
+async def guest_health(request: web.Request) -> web.Response:
+    key = _guest_key(request)
+    health = request.app[SERVICE].guest_health(key, _bearer(request), await request.read())
+    return _json(health)
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -218,6 +231,7 @@ def phone_home_app(service: NodeService) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
     app[SERVICE] = service
     app.router.add_post("/v1/phone-home/{cluster}/{node}", phone_home)
+    app.router.add_post("/v1/phone-home/{cluster}/{node}/health", guest_health)
     return app
 
 
@@ -255,4 +269,5 @@ def api_app(
     app.router.add_get(cluster_peers, get_peers)
     app.router.add_delete(cluster_peers, delete_peers)
     app.router.add_post("/v1/phone-home/{cluster}/{node}", phone_home)
+    app.router.add_post("/v1/phone-home/{cluster}/{node}/health", guest_health)
     return app

@@ -94,6 +94,26 @@ class ReconcilerConfig(_Section):
     crash_loop_window_s: Annotated[float, Field(gt=0)] = 600.0
 
 
+class HealthConfig(_Section):
+    """`[health]`: when the agent calls a node unhealthy (docs/configuration.md)."""
+
+    report_interval_s: Annotated[
+        int, Field(ge=context.MIN_HEALTH_INTERVAL_S, le=context.MAX_HEALTH_INTERVAL_S)
+    ] = 30
+    report_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    crash_loop_starts: Annotated[int, Field(ge=2)] = 3
+    check_interval_s: Annotated[float, Field(gt=0)] = 10.0
+
+    @model_validator(mode="after")
+    def _timeout(self) -> HealthConfig:
+        if self.report_timeout_s <= self.report_interval_s:
+            raise ValueError(
+                f"health.report_timeout_s {self.report_timeout_s} must be longer than "
+                f"health.report_interval_s {self.report_interval_s}: guests report that often"
+            )
+        return self
+
+
 class ExtraFileConfig(_Section):
     """`[[cloudconfig.<role>.files]]`: a file added to the role's write_files."""
 
@@ -289,6 +309,7 @@ class Config(_Section):
     libvirt: LibvirtConfig = LibvirtConfig()
     capacity: CapacityConfig = CapacityConfig()
     reconciler: ReconcilerConfig = ReconcilerConfig()
+    health: HealthConfig = HealthConfig()
     cloudconfig: CloudConfigConfig = CloudConfigConfig()
     pki: PkiConfig = PkiConfig()
     network: NetworkConfig = NetworkConfig()

@@ -28,10 +28,11 @@ from hostagent.errors import LibvirtUnavailable
 from hostagent.hostview import HostFacts, host_view, network_view
 from hostagent.images import ImageCatalog
 from hostagent.kvmprobe import resolve_domain_type
-from hostagent.loops import NetworkRewirer, PeerMonitor
+from hostagent.loops import HealthMonitor, NetworkRewirer, PeerMonitor
 from hostagent.metrics import Metrics
 from hostagent.model import NodeKey
 from hostagent.networks import MergedPeers, StaticPeers, StoredPeers, wanted_networks
+from hostagent.nodehealth import HealthBook
 from hostagent.nodes import NodeService
 from hostagent.provisioner import Provisioner
 from hostagent.reconciler import Reconciler
@@ -116,6 +117,7 @@ class Agent:
             fraction=config.pki.renew_fraction,
         )
         self.zone = self._zone_client(config)
+        self.health = HealthBook()
         self.metrics = Metrics(
             lambda: dict(Counter(record.phase for record in self.store.all())),
             lambda: self.virt.reconnects,
@@ -123,8 +125,11 @@ class Agent:
             lambda: certificates.soonest_expiries(config.nodes_dir, self.store.all()),
             self.zone.status if self.zone else None,
             kvm_unusable=lambda: self.kvm_device().problem is not None,
+            unhealthy=self.health.unhealthy,
         )
-        self.service = NodeService(config, self.store, self.images, self.physical, self._enqueue)
+        self.service = NodeService(
+            config, self.store, self.images, self.physical, self._enqueue, self.health
+        )
         self.netlink = Netlink()
         self.rewirer = NetworkRewirer(
             lambda: self.provisioner.ensure_networks(self.store.all()),
@@ -162,6 +167,14 @@ class Agent:
             self.metrics,
             config.host_id,
             config.libvirt.shutdown_timeout_s,
+        )
+        self.health_monitor = HealthMonitor(
+            self.health,
+            self.store.all,
+            lambda: self.virt.owned_domains(config.host_id),
+            self.reconciler.starts,
+            config.health,
+            lambda: self.metrics.loop_error("health"),
         )
         self.runner = web.AppRunner(self._api_app(), access_log=None)
         self._tasks: list[asyncio.Task[None]] = []
@@ -212,6 +225,7 @@ class Agent:
             allocated=self.service.allocated(),
             domain_type=self.domain_type,
             records=self.store.all(),
+            health=self.health.get,
         )
 
     def _trust_zone_ca(self, ca_file: Path) -> None:
@@ -315,6 +329,7 @@ class Agent:
             asyncio.create_task(self.renewer.run()),
             asyncio.create_task(self.peers.run()),
             asyncio.create_task(self.rewirer.run()),
+            asyncio.create_task(self.health_monitor.run()),
         ]
         if self.identity is not None:
             self._tasks.append(asyncio.create_task(self.identity.run()))

@@ -15,7 +15,9 @@ from pki.renewal import NodeRenewalStatus
 RenewalStatus = Callable[[], dict[tuple[str, str], NodeRenewalStatus]]
 Expiries = Callable[[], dict[tuple[str, str], datetime]]
 # The agent's background loops that count the errors they survive.
-LOOPS = ("peers", "reconciler", "rewirer")
+LOOPS = ("health", "peers", "reconciler", "rewirer")
+# (cluster, node) -> why the node is unhealthy (nodehealth.Reason), for unhealthy nodes only
+Unhealthy = Callable[[], dict[tuple[str, str], str]]
 
 
 class Metrics:
@@ -27,6 +29,7 @@ class Metrics:
         expiries: Expiries,
         zone: Callable[[], ZoneStatus] | None = None,
         kvm_unusable: Callable[[], bool] = lambda: False,
+        unhealthy: Unhealthy = dict,
     ) -> None:
         self.registry = CollectorRegistry()
         self.nodes = Gauge(
@@ -82,6 +85,12 @@ class Metrics:
             ["cluster", "node"],
             registry=self.registry,
         )
+        self.node_unhealthy = Gauge(
+            "hostagent_node_unhealthy",
+            "1 for each node the agent finds unhealthy, by why (docs/operations.md)",
+            ["cluster", "node", "reason"],
+            registry=self.registry,
+        )
         # Standalone agents export no zone series.
         self.zone = ZoneGauges(self.registry) if zone is not None else None
         self._zone = zone
@@ -90,6 +99,7 @@ class Metrics:
         self._renewals = renewals
         self._expiries = expiries
         self._kvm_unusable = kvm_unusable
+        self._unhealthy = unhealthy
 
     def loop_error(self, loop: str) -> None:
         """One unexpected error the background loop named survived (one of LOOPS)."""
@@ -107,6 +117,9 @@ class Metrics:
             self.cert_expiry.labels(cluster=cluster, node=node).set(when.timestamp())
         for (cluster, node), status in self._renewals().items():
             self.cert_failures.labels(cluster=cluster, node=node).set(status.failures)
+        self.node_unhealthy.clear()
+        for (cluster, node), reason in self._unhealthy().items():
+            self.node_unhealthy.labels(cluster=cluster, node=node, reason=reason).set(1)
         if self._zone is not None and self.zone is not None:
             self.zone.set(self._zone())
         return generate_latest(self.registry)

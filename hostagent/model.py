@@ -235,6 +235,18 @@ class NodeKey(_Strict):
         return f"{self.cluster}/{self.name}"
 
 
+class NodeHealth(BaseModel):
+    """Whether the node works once created (docs/operations.md, "Node health"): reason is
+    one of the nodehealth.Reason values, since when it was first seen (UTC, ISO 8601)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    healthy: bool = True
+    reason: str = ""
+    message: str = ""
+    since: str | None = None
+
+
 class NodeStatus(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -247,6 +259,9 @@ class NodeStatus(BaseModel):
     )
     certificates: dict[str, str] = Field(
         default_factory=dict, description="Each certificate of the node and when it expires"
+    )
+    health: NodeHealth = Field(
+        default_factory=NodeHealth, description="Whether the node works once created"
     )
 
 

@@ -68,6 +68,7 @@ def node_context(
         ssh_authorized_keys=tuple(spec.ssh_authorized_keys),
         phone_home_url=phone_home_url(key, spec, config.phone_home.port),
         phone_home_token=record.token,
+        health_report_interval_s=config.health.report_interval_s,
         masters=cluster_masters(record, peers),
         api_endpoint=cluster.api_endpoint or "",
         pod_cidr=cluster.pod_cidr,

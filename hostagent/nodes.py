@@ -29,7 +29,8 @@ from hostagent.errors import (
     validation_problems,
 )
 from hostagent.images import ImageCatalog
-from hostagent.model import Node, NodeKey, NodeSpec, NodeStatus, Phase
+from hostagent.model import Node, NodeHealth, NodeKey, NodeSpec, NodeStatus, Phase
+from hostagent.nodehealth import HealthBook
 from hostagent.store import NodeRecord, Store
 from pki import layout
 from pki.files import read_expiries
@@ -55,7 +56,7 @@ def parse_spec(body: bytes) -> NodeSpec:
         raise Invalid(validation_problems(exc, plain=True)) from exc
 
 
-def to_node(record: NodeRecord, nodes_dir: Path | None = None) -> Node:
+def to_node(record: NodeRecord, nodes_dir: Path | None, health: NodeHealth) -> Node:
     return Node(
         cluster=record.key.cluster,
         name=record.key.name,
@@ -67,6 +68,7 @@ def to_node(record: NodeRecord, nodes_dir: Path | None = None) -> Node:
             updated_at=record.updated_at,
             guest=record.guest,
             certificates=_expiries(record, nodes_dir),
+            health=health,
         ),
     )
 
@@ -87,18 +89,23 @@ class NodeService:
         images: ImageCatalog,
         physical: capacity.Resources,
         notify: Callable[[NodeKey], None],
+        health: HealthBook | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.images = images
         self.physical = physical
         self.notify = notify
+        self.health = health or HealthBook()
 
     def get(self, key: NodeKey) -> Node:
-        return to_node(self._existing(key), self.config.nodes_dir)
+        return self._node(self._existing(key))
 
     def all(self) -> list[Node]:
-        return [to_node(record, self.config.nodes_dir) for record in self.store.all()]
+        return [self._node(record) for record in self.store.all()]
+
+    def _node(self, record: NodeRecord) -> Node:
+        return to_node(record, self.config.nodes_dir, self.health.get(record.key))
 
     async def put(self, key: NodeKey, spec: NodeSpec) -> tuple[Node, bool]:
         def check(current: NodeRecord | None, others: list[NodeRecord]) -> None:
@@ -109,16 +116,29 @@ class NodeService:
         put = await self.store.put(key, spec, secrets.token_hex(16), check)
         if put.change is not None:
             self.notify(key)
-        return to_node(put.record, self.config.nodes_dir), put.change == "accepted"
+        return self._node(put.record), put.change == "accepted"
 
     async def delete(self, key: NodeKey) -> Node:
         record = self._existing(key)
         if not record.deleting or record.phase is Phase.FAILED:
             await self.store.mark_deleting(key)
             self.notify(key)
-        return to_node(self._existing(key), self.config.nodes_dir)
+        return self.get(key)
 
     async def phone_home(self, key: NodeKey, token: str | None, body: bytes) -> Node:
+        report = self._guest_report(key, token, body)
+        await self.store.set_ready(key, report)
+        self.health.reported(key)
+        return self.get(key)
+
+    def guest_health(self, key: NodeKey, token: str | None, body: bytes) -> NodeHealth:
+        """The guest's periodic report (its health timer): it is alive. The body is
+        checked like a phone-home's and not kept."""
+        self._guest_report(key, token, body)
+        self.health.reported(key)
+        return self.health.get(key)
+
+    def _guest_report(self, key: NodeKey, token: str | None, body: bytes) -> dict[str, Any]:
         record = self.store.get(key)
         if record is None or token is None or not same_secret(token, record.token):
             raise Unauthorized("wrong or missing node token")
@@ -127,11 +147,10 @@ class NodeService:
         try:
             report: Any = json.loads(body or b"{}")
         except ValueError as exc:
-            raise MalformedRequest(f"the phone-home body is not valid JSON: {exc}") from exc
+            raise MalformedRequest(f"the guest's report is not valid JSON: {exc}") from exc
         if not isinstance(report, dict):
-            raise MalformedRequest("the phone-home body must be a JSON object")
-        await self.store.set_ready(key, report)
-        return to_node(self._existing(key), self.config.nodes_dir)
+            raise MalformedRequest("the guest's report must be a JSON object")
+        return report
 
     def allocated(self) -> capacity.Resources:
         return capacity.allocated((r.spec for r in self.store.all()), self.config.capacity)

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from common.names import DNS1123_LABEL
-from hostagent.model import ErrorResponse, Health, Node, NodeList, NodeSpec
+from hostagent.model import ErrorResponse, Health, Node, NodeHealth, NodeList, NodeSpec
 from hostagent.networks import PeerList
 
 REF = "#/components/schemas/{model}"
@@ -178,12 +178,32 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": _response("ready", "Node"), **WRITE_ERRORS, **TOO_LARGE},
             },
         },
+        "/v1/phone-home/{cluster}/{node}/health": {
+            "parameters": NAME_PARAMS,
+            "post": {
+                "summary": "The guest's periodic report that it is alive (every "
+                "[health] report_interval_s); bearer is the node token",
+                "security": [{"nodeToken": []}],
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": _response("the node's health", "NodeHealth"),
+                    **WRITE_ERRORS,
+                    **TOO_LARGE,
+                },
+            },
+        },
     }
 
 
 def openapi_document(version: str) -> dict[str, Any]:
     _, schemas = models_json_schema(
-        [(m, "serialization") for m in (NodeSpec, Node, NodeList, ErrorResponse, Health, PeerList)],
+        [
+            (m, "serialization")
+            for m in (NodeSpec, Node, NodeList, NodeHealth, ErrorResponse, Health, PeerList)
+        ],
         ref_template=REF,
     )
     return {

@@ -49,6 +49,11 @@ class StartHistory:
     def forget(self, key: NodeKey) -> None:
         self._starts.pop(key, None)
 
+    def recent(self, key: NodeKey) -> list[float]:
+        """When the node was started within the window (monotonic seconds, oldest first)."""
+        now = time.monotonic()
+        return [t for t in self._starts.get(key, []) if now - t < self.window_s]
+
 
 class Reconciler:
     def __init__(
@@ -70,7 +75,7 @@ class Reconciler:
         self._queued: set[NodeKey] = set()
         self._active: set[NodeKey] = set()
         self._again: set[NodeKey] = set()
-        self._starts = StartHistory(config.crash_loop_starts, config.crash_loop_window_s)
+        self.starts = StartHistory(config.crash_loop_starts, config.crash_loop_window_s)
         self._unowned: set[str] = set()  # domains whose bad metadata was warned about
 
     def enqueue(self, key: NodeKey) -> None:
@@ -212,7 +217,7 @@ class Reconciler:
             await self.store.set_phase(key, phase or record.phase, message)
 
     async def _fail(self, key: NodeKey, error: str, attempts: int) -> None:
-        self._starts.forget(key)  # a retry (PUT again) starts with a clean history
+        self.starts.forget(key)  # a retry (PUT again) starts with a clean history
         record = self.store.get(key)
         if record is None:
             log.error("cleaning up orphan domain %s failed: %s", key.domain, error)
@@ -254,7 +259,7 @@ class Reconciler:
         elif step in (Step.START, Step.MARK_RUNNING):
             domain_id = None
             if step is Step.START:
-                self._starts.note(key)
+                self.starts.note(key)
                 domain_id = await p.virt.start(key.domain)
                 p.hook.reached(Point.START)
             if domain_id is None:
@@ -291,7 +296,7 @@ class Reconciler:
                 p.hook.reached(Point.CLUSTER_GONE)
         elif step is Step.FORGET:
             await self.store.remove(key)
-            self._starts.forget(key)
+            self.starts.forget(key)
             p.hook.reached(Point.FORGET)
 
     def _record(self, key: NodeKey) -> NodeRecord:

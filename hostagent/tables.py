@@ -10,7 +10,7 @@ from typing import Any
 
 from common import yamlio
 
-NODE_COLUMNS = ("CLUSTER", "NODE", "ROLE", "PHASE", "AGE", "ADDRESS", "MESSAGE")
+NODE_COLUMNS = ("CLUSTER", "NODE", "ROLE", "PHASE", "HEALTH", "AGE", "ADDRESS", "MESSAGE")
 
 
 def render(rows: Sequence[Sequence[str]]) -> str:
@@ -39,6 +39,7 @@ def nodes(items: list[dict[str, Any]]) -> str:
             n["name"],
             n["spec"]["role"],
             n["status"]["phase"],
+            _health(n["status"].get("health")),
             age(n["status"]["updated_at"]),
             n["spec"]["network"]["address"],
             n["status"]["message"][:60],
@@ -46,6 +47,13 @@ def nodes(items: list[dict[str, Any]]) -> str:
         for n in items
     ]
     return render(rows)
+
+
+def _health(health: dict[str, Any] | None) -> str:
+    """ok, or why not (an older agent sends no health: -)."""
+    if health is None:
+        return "-"
+    return "ok" if health["healthy"] else str(health["reason"])
 
 
 def emit(data: Any, output: str, as_table: Callable[[], str]) -> None:

@@ -28,6 +28,7 @@ from hostagent import __version__
 from hostagent.capacity import Resources
 from hostagent.config import Config
 from hostagent.errors import ConfigError
+from hostagent.model import NodeHealth, NodeKey
 from hostagent.store import NodeRecord
 from hostagent.zonetls import CertificateStatus, ZoneIdentity
 
@@ -45,9 +46,10 @@ def host_report(
     allocated: Resources,
     domain_type: str | None,
     records: Iterable[NodeRecord],
+    health: Callable[[NodeKey], NodeHealth],
 ) -> dict[str, Any]:
     """The body of `PUT /v1/hosts/{host}` (pure). domain_type is None until libvirt
-    answered the probe."""
+    answered the probe; health: each node's (nodehealth)."""
     records = list(records)
     networks = {(r.key.cluster, r.spec.network.vni) for r in records}
     return {
@@ -71,6 +73,7 @@ def host_report(
                 "message": r.message,
                 "updated_at": r.updated_at,
                 "spec_hash": r.spec.spec_hash(),
+                "health": health(r.key).model_dump(mode="json"),
             }
             for r in records
         ],

@@ -143,6 +143,12 @@ else
 # crash_loop_starts = 5            # a VM started this often ...
 # crash_loop_window_s = 600.0      # ... within this window is not started again: Failed
 
+[health]
+# report_interval_s = 30           # guests report to the agent this often (5..3600)
+# report_timeout_s = 120.0         # a Ready guest silent this long is unhealthy
+# crash_loop_starts = 3            # started this often within crash_loop_window_s: crash-looping
+# check_interval_s = 10.0          # the agent judges every node this often
+
 [cloudconfig]
 # template_dir = ""                # files here override the shipped templates, file by file
 # Per role (cloudconfig.master, cloudconfig.worker): files, units and commands added to

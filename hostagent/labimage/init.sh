@@ -275,8 +275,8 @@ phone_home_body() {
         "$(json_str "$(hostname)")" "$(json_str "$INSTANCE_ID")" "$addrs" "$pki"
     printf '"pki_read_bytes": %s, "pki_writable": %s, ' "$(pki_read_bytes)" "$(pki_writable)"
     printf '"pings": %s, ' "$PINGS"
-    printf '"disk_bytes": %s, "kernel": %s, "uptime_s": %s}' \
-        "$(disk_bytes)" "$(json_str "$(uname -r)")" "$up"
+    printf '"disk_bytes": %s, "kernel": %s, "uptime_s": %s, "health_interval_s": %s}' \
+        "$(disk_bytes)" "$(json_str "$(uname -r)")" "$up" "$HEALTH_INTERVAL_S"
 }
 
 # One POST; prints the last HTTP status seen (empty if none). 0 on any 2xx.
@@ -309,6 +309,15 @@ phone_home() {  # URL TOKEN
     done
 }
 
+# Tells the agent every INTERVAL s that the guest is alive, as cloud-init guests'
+# hostagent-health.timer does (docs/operations.md, "Node health").
+report_health() {  # URL TOKEN INTERVAL
+    while sleep "$3"; do
+        post_once "$1/health" "$2" '{}' >/dev/null ||
+            log "health report failed: $(tail -n 1 /tmp/wget.log)"
+    done
+}
+
 configure_from_cidata() {
     mount_cidata || return 1
     set_identity
@@ -321,8 +330,11 @@ configure_from_cidata() {
         return 1
     fi
     PINGS=$(ping_results)
+    HEALTH_INTERVAL_S=$(userdata_value PHONE_HOME_HEALTH_INTERVAL_S)
+    case "$HEALTH_INTERVAL_S" in ''|*[!0-9]*) HEALTH_INTERVAL_S=30 ;; esac
     log "phoning home to $url"
-    phone_home "$url" "$token"
+    phone_home "$url" "$token" || return 1
+    report_health "$url" "$token" "$HEALTH_INTERVAL_S" &
 }
 
 main() {

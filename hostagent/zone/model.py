@@ -90,6 +90,15 @@ class Overhead(_Lenient):
     per_gib_mib: Annotated[int, Field(strict=True, ge=0)] = 16
 
 
+class ReportedHealth(_Lenient):
+    """The agent's verdict on a node once created (docs/operations.md, "Node health")."""
+
+    healthy: Annotated[bool, Field(strict=True)] = True
+    reason: str = ""
+    message: str = ""
+    since: str | None = None
+
+
 class ReportedNode(_Lenient):
     cluster: str
     name: str
@@ -97,6 +106,7 @@ class ReportedNode(_Lenient):
     message: str = ""
     updated_at: str = ""
     spec_hash: str = ""
+    health: ReportedHealth = ReportedHealth()  # older agents send none: healthy
 
 
 class ReportedNetwork(_Lenient):

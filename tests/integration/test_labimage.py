@@ -32,15 +32,15 @@ import pytest
 import yaml
 
 from hostagent.labimage.build import CMDLINE, build_lab_image
-from tests.conftest import require
+from tests.conftest import IMAGE_CACHE, require
 from tests.guestxml import GuestXml, guest_xml
 
 pytestmark = pytest.mark.integration
 
-CACHE_DIR = Path("/var/cache/hostagent-test/images")
 GIB = 1 << 30
 PHONE_HOME_TIMEOUT_S = 120
 SHUTDOWN_TIMEOUT_S = 60
+HEALTH_INTERVAL_S = 3
 
 
 def _unavailable(reason: str) -> None:
@@ -129,7 +129,7 @@ def test_missing_package_lists_say_run_apt_get_update(
 @pytest.fixture(scope="module")
 def lab_image() -> Path:
     _require_root()
-    return build_lab_image(CACHE_DIR)
+    return build_lab_image(IMAGE_CACHE)
 
 
 @pytest.fixture
@@ -267,6 +267,7 @@ def _cidata(path: Path, guest: Guest, bridge: Bridge, url: str) -> None:
     }
     meta = {"instance-id": f"iid-{guest.node}", "local-hostname": guest.node}
     env = f"PHONE_HOME_URL={url}\nPHONE_HOME_TOKEN={guest.token}\n"
+    env += f"PHONE_HOME_HEALTH_INTERVAL_S={HEALTH_INTERVAL_S}\n"
     user = {"write_files": [{"path": "/etc/hostagent/phone-home.env", "content": env}]}
     files = {
         "meta-data": yaml.safe_dump(meta),
@@ -340,6 +341,19 @@ def _wait_accepted(server: PhoneHome, timeout: float) -> list[Received]:
     return seen
 
 
+def _wait_health_report(server: PhoneHome, timeout: float) -> Received:
+    """The first POST to .../health: the guest keeps reporting after its phone-home."""
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            call = server.received.get(timeout=remaining)
+        except queue.Empty:
+            break
+        if call.path.endswith("/health"):
+            return call
+    raise AssertionError(f"no health report within {timeout} s of the phone-home")
+
+
 def _wait_gone(dom: Any, timeout: float) -> float:
     import libvirt
 
@@ -368,6 +382,7 @@ def _check_phone_home(calls: list[Received], guest: Guest, bridge: Bridge) -> No
     assert body["disk_bytes"] == 2 * GIB
     assert body["kernel"].endswith("-amd64")
     assert isinstance(body["uptime_s"], float) and body["uptime_s"] > 0
+    assert body["health_interval_s"] == HEALTH_INTERVAL_S
 
 
 def _destroy(conn: Any, name: str) -> None:
@@ -422,6 +437,10 @@ def test_boots_phones_home_and_powers_off(
         calls = _wait_accepted(phone_home, PHONE_HOME_TIMEOUT_S)
         print(f"phone-home accepted {calls[-1].at - started:.1f} s after domain start")
         _check_phone_home(calls, guest, bridge)
+        report = _wait_health_report(phone_home, PHONE_HOME_TIMEOUT_S)
+        assert report.path == f"/v1/phone-home/lab/{guest.node}/health"
+        assert report.headers["Authorization"] == f"Bearer {guest.token}"
+        assert json.loads(report.body) == {}
         _shutdown(dom, guest)
 
 

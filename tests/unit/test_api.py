@@ -18,6 +18,7 @@ from hostagent.config import CapacityConfig, Config
 from hostagent.images import ImageCatalog
 from hostagent.model import NodeKey
 from hostagent.networks import StoredPeers
+from hostagent.nodehealth import Reason, Verdict
 from hostagent.nodes import NodeService, parse_spec
 from hostagent.store import Store
 from network.model import Peer
@@ -52,6 +53,7 @@ CONTRACT_PATHS = [
     "/v1/clusters/{cluster}/nodes/{node}",
     "/v1/nodes",
     "/v1/phone-home/{cluster}/{node}",
+    "/v1/phone-home/{cluster}/{node}/health",
 ]
 HOST_INFO = {"host_id": "h1", "capacity": {"vcpus": 8, "memory_mib": 8192, "disk_gib": 100}}
 METRICS = b"# HELP hostagent_nodes Nodes\n# TYPE hostagent_nodes gauge\nhostagent_nodes 0\n"
@@ -367,6 +369,45 @@ async def test_phone_home_needs_the_node_token_not_the_api_token(
     assert node["status"]["guest"] == report
 
 
+async def test_the_guest_reports_its_health_with_the_node_token(
+    client: TestClient[Any, Any], store: Store, service: NodeService
+) -> None:
+    await put(client)
+    key = NodeKey(cluster="alpha", name="m1")
+    record = store.get(key)
+    assert record is not None
+    path = "/v1/phone-home/alpha/m1/health"
+    await error_of(await client.post(path, json={}, headers=AUTH), 401, "unauthorized")
+    assert service.health.last_report(key) is None
+    node_auth = {"Authorization": f"Bearer {record.token}"}
+    await error_of(await client.post(path, data=b"[1]", headers=node_auth), 400, "malformed")
+    response = await client.post(path, json={"kubelet": "active"}, headers=node_auth)
+    assert response.status == 200
+    assert await response.json() == {"healthy": True, "reason": "", "message": "", "since": None}
+    assert service.health.last_report(key) is not None
+    phase = store.get(key)
+    assert phase is not None and phase.phase is record.phase  # a report is not a phone-home
+
+
+async def test_get_and_list_show_the_nodes_health(
+    client: TestClient[Any, Any], service: NodeService
+) -> None:
+    await put(client)
+    key = NodeKey(cluster="alpha", name="m1")
+    verdict = Verdict(Reason.NOT_RUNNING, "the VM is not running")
+    service.health.record(key, verdict, "2026-12-07T05:00:00Z")
+    sick = {
+        "healthy": False,
+        "reason": "vm-not-running",
+        "message": "the VM is not running",
+        "since": "2026-12-07T05:00:00Z",
+    }
+    node = await (await client.get(NODE, headers=AUTH)).json()
+    assert node["status"]["health"] == sick
+    listed = await (await client.get("/v1/nodes", headers=AUTH)).json()
+    assert listed["items"][0]["status"]["health"] == sick
+
+
 async def test_phone_home_for_unknown_node_is_401(client: TestClient[Any, Any]) -> None:
     response = await client.post("/v1/phone-home/alpha/m1", json={}, headers=AUTH)
     await error_of(response, 401, "unauthorized")
@@ -423,6 +464,22 @@ async def test_a_non_ascii_token_is_401_not_an_error(
     caplog.set_level(logging.ERROR)
     await bearer_error(client.server, method, path, token)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_the_phone_home_app_takes_health_reports(service: NodeService) -> None:
+    key = NodeKey(cluster="alpha", name="m1")
+    await service.put(key, parse_spec(json.dumps(SPEC).encode()))
+    record = service.store.get(key)
+    assert record is not None
+    async with TestClient(TestServer(phone_home_app(service))) as guest:
+        path = "/v1/phone-home/alpha/m1/health"
+        response = await guest.post(path, json={}, headers={"Authorization": "Bearer x"})
+        await error_of(response, 401, "unauthorized")
+        response = await guest.post(
+            path, json={}, headers={"Authorization": f"Bearer {record.token}"}
+        )
+        assert response.status == 200
+    assert service.health.last_report(key) is not None
 
 
 @pytest.mark.parametrize("token", NON_ASCII_TOKENS)

@@ -40,6 +40,9 @@ PURE = (
     "pki.lifetime",
     "pki.controlca",
     "hostagent.zone.auth",
+    "hostagent.zone.rollout",
+    "hostagent.zone.remediation",
+    "hostagent.nodehealth",
 )
 
 Graph = dict[str, set[str]]

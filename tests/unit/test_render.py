@@ -51,6 +51,9 @@ ETCD_DISK = "/dev/disk/by-id/virtio-etcd"
 PKI_MOUNT = [MOUNT_TAG, GUEST_MOUNT, "9p", "trans=virtio,version=9p2000.L,ro", "0", "0"]
 
 
+ENV = f"PHONE_HOME_URL={URL}\nPHONE_HOME_TOKEN={TOKEN}\nPHONE_HOME_HEALTH_INTERVAL_S=30\n"
+
+
 def context(role: str = "master", **changes: Any) -> NodeContext:
     ctx = NodeContext(
         cluster="alpha",
@@ -113,7 +116,7 @@ def test_user_data_structure(role: str) -> None:
     env = data["write_files"][0]
     assert env["path"] == "/etc/hostagent/phone-home.env"
     assert env["permissions"] == "0600"
-    assert env["content"] == f"PHONE_HOME_URL={URL}\nPHONE_HOME_TOKEN={TOKEN}\n"
+    assert env["content"] == ENV
 
 
 def test_master_formats_etcd_disk_once_and_mounts_it() -> None:
@@ -171,6 +174,9 @@ EVERY_NODE = {
     "/var/lib/kube-proxy/kubeconfig.conf",
     "/etc/kubernetes/manifests/kube-proxy.yaml",
     "/etc/containerd/config.toml",
+    "/usr/local/sbin/hostagent-health",
+    "/etc/systemd/system/hostagent-health.service",
+    "/etc/systemd/system/hostagent-health.timer",
 }
 
 
@@ -329,8 +335,36 @@ def test_units_are_enabled_after_daemon_reload() -> None:
         "--no-block",
         "kubelet.service",
         "hostagent-cert-reload.timer",
+        "hostagent-health.timer",
         "k8s-addons.service",
     ]
+
+
+@pytest.mark.parametrize("minor", supported_minors())
+@pytest.mark.parametrize("role", ["master", "worker"])
+def test_every_node_keeps_reporting_its_health(minor: str, role: str) -> None:
+    ctx = context(role, kubernetes_version=f"{minor}.4", health_report_interval_s=45)
+    data = user_data(ctx)
+    files = files_by_path(data)
+    timer = files["/etc/systemd/system/hostagent-health.timer"]["content"]
+    assert "OnBootSec=45s\nOnUnitActiveSec=45s\n" in timer
+    service = files["/etc/systemd/system/hostagent-health.service"]["content"]
+    assert "ExecStart=/usr/local/sbin/hostagent-health\n" in service
+    script = files["/usr/local/sbin/hostagent-health"]
+    assert script["permissions"] == "0755"
+    assert ". /etc/hostagent/phone-home.env\n" in script["content"]
+    assert '"$PHONE_HOME_URL/health"' in script["content"]
+    enabled = next(c for c in data["runcmd"] if c[:3] == ["systemctl", "enable", "--now"])
+    assert "hostagent-health.timer" in enabled
+    assert "hostagent-health.service" not in enabled  # the timer starts it
+    lines = [line.strip() for line in render_user_data(ctx).splitlines()]
+    assert "PHONE_HOME_HEALTH_INTERVAL_S=45" in lines  # what a lab guest greps
+
+
+@pytest.mark.parametrize("interval", [0, 4, 3601])
+def test_a_health_interval_out_of_range_is_refused(interval: int) -> None:
+    with pytest.raises(ValueError, match="health_report_interval_s"):
+        render_user_data(context(health_report_interval_s=interval))
 
 
 # --- phone-home ---------------------------------------------------------------------
@@ -384,6 +418,7 @@ def test_phone_home_report(tmp_path: Path) -> None:
         "files": [str(written), str(tmp_path / "missing")],
         "mounts": ["/", str(tmp_path)],
         "marker": str(marker),
+        "health_interval_s": 30,
     }
     body = phone_home_report.report(expected)
     assert body["files"] == {str(written): "0640", str(tmp_path / "missing"): None}
@@ -392,6 +427,7 @@ def test_phone_home_report(tmp_path: Path) -> None:
     marker.touch()
     assert phone_home_report.report(expected)["commands_ran"] is True
     assert (body["role"], body["kubernetes_version"]) == ("master", "1.31.2")
+    assert body["health_interval_s"] == 30  # the agent watches its health reports
     assert isinstance(body["hostname"], str) and isinstance(body["addresses"], list)
     json.dumps(body)
 
@@ -437,7 +473,8 @@ def test_extensions_are_appended() -> None:
     assert files["/etc/systemd/system/later.timer"]["content"] == "[Timer]\nOnBootSec=1h\n"
     runcmd = data["runcmd"]
     enable = ["systemctl", "enable", "--now", "--no-block", "kubelet.service"]
-    assert [*enable, "hostagent-cert-reload.timer", "audit.service"] in runcmd
+    timers = ["hostagent-cert-reload.timer", "hostagent-health.timer"]
+    assert [*enable, *timers, "audit.service"] in runcmd
     marker = runcmd.index(["touch", RUNCMD_MARKER])
     assert runcmd[marker - 3 : marker - 1] == ["echo one", "echo two > /tmp/two"]
 
@@ -631,7 +668,7 @@ def test_any_user_value_reads_back_exactly_or_is_refused(node: tuple[str, dict[s
     assert program == PHONE_HOME_PROGRAM
     assert expected["files"] == [f["path"] for f in data["write_files"]]
     env = data["write_files"][0]["content"]
-    assert env == f"PHONE_HOME_URL={URL}\nPHONE_HOME_TOKEN={TOKEN}\n"
+    assert env == ENV
 
 
 @pytest.mark.parametrize("value", [*HOSTILE, "two\nlines", "a\r\nb", "nul\x00", 0, True, None, 1.5])

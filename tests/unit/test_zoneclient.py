@@ -18,8 +18,9 @@ from hostagent import __version__
 from hostagent.capacity import Resources
 from hostagent.config import CapacityConfig, Config, NetworkConfig, ZoneConfig
 from hostagent.metrics import Metrics
-from hostagent.model import NodeKey, NodeSpec, Phase
+from hostagent.model import NodeHealth, NodeKey, NodeSpec, Phase
 from hostagent.store import Store
+from hostagent.zone.model import HostReport, ReportedHealth
 from hostagent.zoneclient import ZoneClient, host_report
 from tests.fakezone import FakeZone, free_port, serve_tls, tls_files
 
@@ -65,7 +66,12 @@ def config(tmp_path: Path, url: str = "http://127.0.0.1:8471") -> Config:
     )
 
 
-def reporter(cfg: Config, store: Store) -> Any:
+SICK = NodeHealth(
+    healthy=False, reason="vm-not-running", message="gone", since="2026-12-07T05:00:00Z"
+)
+
+
+def reporter(cfg: Config, store: Store, health: NodeHealth = SICK) -> Any:
     return lambda: host_report(
         cfg,
         api_token="agent-api-token",
@@ -73,6 +79,7 @@ def reporter(cfg: Config, store: Store) -> Any:
         allocated=Resources(2.0, 2288, 20),
         domain_type="kvm",
         records=store.all(),
+        health=lambda key: health,
     )
 
 
@@ -121,10 +128,18 @@ async def test_the_report_is_the_body_of_docs_zone_md(
                 "message": "",
                 "updated_at": record.updated_at,
                 "spec_hash": SPEC.spec_hash(),
+                "health": {
+                    "healthy": False,
+                    "reason": "vm-not-running",
+                    "message": "gone",
+                    "since": "2026-12-07T05:00:00Z",
+                },
             }
         ],
         "networks": [{"cluster": "demo", "vni": 4100}],
     }
+    (taken,) = HostReport.model_validate(zone.reports[0][1]).nodes
+    assert taken.health == ReportedHealth.model_validate(SICK.model_dump())
     assert zone.headers[0]["Authorization"] == f"Bearer {TOKEN}"
     assert zone.reports[0][0] == "h1"
 
