@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -13,7 +14,7 @@ from common.files import same_secret
 from hostagent import __version__
 from hostagent.api import STATUS as AGENT_STATUS
 from hostagent.api import Handler, error_middleware
-from hostagent.errors import Forbidden, Unauthorized, Unavailable
+from hostagent.errors import Forbidden, NotFound, Unauthorized, Unavailable
 from hostagent.zone.auth import host_of
 from hostagent.zone.model import ClusterSpec, HostReport, SignRequest
 from hostagent.zone.openapi import zone_openapi
@@ -34,6 +35,7 @@ ADMIN_TOKEN = web.AppKey("admin_token", str)
 HOST_SECRET = web.AppKey("host_secret", str)
 METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics")
 HEARTBEAT = web.AppKey("heartbeat_s", float)
+ZONE_VIEW: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("zone_view")
 CALLER = web.RequestKey("caller", str)  # "admin", or "host:<id>"
 _HOST = "host:"
 MAX_TTL = dt.timedelta(days=365)
@@ -82,6 +84,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(zone_openapi(__version__))
+
+
+async def zone(request: web.Request) -> web.Response:
+    """The replicas, the leader and the store (any valid token)."""
+    view = request.app.get(ZONE_VIEW)
+    if view is None:  # an app built without a Zone around it (tests of the handlers)
+        raise NotFound("this zone app has no replica view")
+    return web.json_response(view())
 
 
 async def put_host(request: web.Request) -> web.Response:
@@ -171,6 +181,7 @@ def zone_app(
     *,
     metrics_text: Callable[[], bytes],
     heartbeat_s: float,
+    zone_view: Callable[[], dict[str, Any]] | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[errors, auth], client_max_size=8 * 1024 * 1024)
     app[SERVICE] = service
@@ -178,9 +189,12 @@ def zone_app(
     app[HOST_SECRET] = host_secret
     app[METRICS] = metrics_text
     app[HEARTBEAT] = heartbeat_s
+    if zone_view is not None:
+        app[ZONE_VIEW] = zone_view
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_get("/v1/zone", zone)
     app.router.add_put("/v1/hosts/{host}", put_host)
     app.router.add_get("/v1/hosts", list_hosts)
     app.router.add_delete("/v1/hosts/{host}", delete_host)

@@ -118,6 +118,14 @@ class StoreConfig(_Section):
         return self
 
 
+class ReplicaConfig(_Section):
+    """This zone as one of several replicas on one etcd (backend "etcd" only)."""
+
+    id: str | None = None  # unset: <host name>-<random>, new at every start
+    api_url: str | None = None  # how others reach this replica; unset: from api.listen
+    leader_lease_ttl_s: Annotated[int, Field(ge=2, le=60)] = 5
+
+
 class ZoneServerConfig(_Section):
     state_dir: Path = Path("/var/lib/hostagent-zone")
     api: ApiConfig = ApiConfig(listen=DEFAULT_ZONE_LISTEN)
@@ -126,6 +134,7 @@ class ZoneServerConfig(_Section):
     network: ZoneNetworkConfig = ZoneNetworkConfig()
     pki: ZonePkiConfig = ZonePkiConfig()
     store: StoreConfig = StoreConfig()
+    replica: ReplicaConfig = ReplicaConfig()
 
 
 def _loopback(host: str) -> bool:

@@ -90,6 +90,7 @@ def unchanged(key: str, mod_revision: int) -> Compare:
 class Put:
     key: str
     value: bytes
+    lease: int = 0  # the key goes when this lease expires or is revoked
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ class Etcd:
             await self.close()
             self._index = (self._index + 1) % len(self.endpoints)
 
-    async def _unary(self, method: str, request: Any) -> Any:
+    async def _unary(self, method: str, request: Any, stub_class: Any = rpc.KVStub) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout_s
         backoff = Backoff(0.05, 1.0)
@@ -184,7 +185,7 @@ class Etcd:
             try:
                 channel = await self._connected()
                 remaining = max(deadline - loop.time(), 0.01)
-                stub = rpc.KVStub(channel)
+                stub = stub_class(channel)
                 return await getattr(stub, method)(request, timeout=remaining)
             except _Retry as exc:
                 why = str(exc)
@@ -205,6 +206,51 @@ class Etcd:
                     f"{why}; retry shortly"
                 )
             await asyncio.sleep(delay)
+
+    async def grant(self, ttl_s: int) -> int:
+        """A new lease of ttl_s seconds; its id."""
+        response = await self._unary("LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl_s), rpc.LeaseStub)
+        lease: int = response.ID
+        return lease
+
+    async def revoke(self, lease: int) -> None:
+        """End a lease now: its keys go at once (an unknown lease is no error)."""
+        try:
+            await self._unary("LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease), rpc.LeaseStub)
+        except StoreUnavailable as exc:
+            if "not found" not in str(exc):
+                raise
+
+    async def keep_alive(self, lease: int) -> int:
+        """Renew a lease once; the seconds it has left (0: it expired, its keys are gone).
+        One short stream per renewal: the zone renews only its own replica's lease."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout_s
+        endpoint, channel = self.endpoint, None
+        try:
+            channel = await self._connected()
+
+            async def requests() -> AsyncIterator[Any]:
+                yield rpc.LeaseKeepAliveRequest(ID=lease)
+
+            call = rpc.LeaseStub(channel).LeaseKeepAlive(
+                requests(), timeout=max(deadline - loop.time(), 0.01)
+            )
+            try:
+                async for response in call:
+                    ttl: int = response.TTL
+                    return ttl
+            finally:
+                call.cancel()
+            raise StoreUnavailable(f"etcd {endpoint} closed the lease stream")
+        except _Retry as exc:
+            raise StoreUnavailable(f"etcd {endpoint}: {exc}") from exc
+        except rpc.AioRpcError as exc:
+            await self._next(channel)
+            raise StoreUnavailable(f"etcd {endpoint}: {exc.code().name}: {exc.details()}") from exc
+        except asyncio.CancelledError:
+            _reraise_if_cancelled()
+            raise StoreUnavailable(f"etcd {endpoint}: the connection was closed") from None
 
     async def list_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
         """Every key under prefix, read in pages at one revision; and that revision."""
@@ -346,7 +392,8 @@ def _range(key: str) -> Any:
 
 def _op(op: Op) -> Any:
     if isinstance(op, Put):
-        return rpc.RequestOp(request_put=rpc.PutRequest(key=op.key.encode(), value=op.value))
+        put = rpc.PutRequest(key=op.key.encode(), value=op.value, lease=op.lease)
+        return rpc.RequestOp(request_put=put)
     key = op.key.encode()
     request = rpc.DeleteRangeRequest(key=key)
     if op.prefix:

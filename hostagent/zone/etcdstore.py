@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from common.backoff import Backoff
-from hostagent.errors import StoreUnavailable
+from hostagent.errors import NotLeader, StoreUnavailable
 from hostagent.store import now
 from hostagent.zone.etcd import (
     Compacted,
@@ -73,6 +73,10 @@ class EtcdZoneStore:
         self.mirror = Mirror(self.layout)
         self._live = False
         self._follower: asyncio.Task[None] | None = None
+        # While this replica leads: the create revision of its leader key. The leader's
+        # writes (deliveries) compare it in their transaction, so a replica that lost the
+        # lead, even one paused past its lease that still believes it leads, cannot write.
+        self.fence: int | None = None
 
     async def start(self) -> None:
         """List the zone's keys (StoreUnavailable when etcd cannot be reached) and follow
@@ -132,6 +136,10 @@ class EtcdZoneStore:
         """Apply ops if compares hold, then wait until the mirror holds the outcome: this
         write, or the state that made a compare fail."""
         result = await self.etcd.txn(compares, ops)
+        await self._caught_up(result)
+        return result
+
+    async def _caught_up(self, result: TxnResult) -> None:
         mirror = self.mirror
 
         def caught_up() -> bool:
@@ -147,7 +155,6 @@ class EtcdZoneStore:
                 f"etcd revision {result.revision} did not reach the zone's watch within "
                 f"{self.etcd.request_timeout_s} s"
             )
-        return result
 
     async def _write(self, plan: Callable[[Mirror], _Plan[T]]) -> T:
         """Decide on the mirror, write, and decide again while another write won."""
@@ -316,9 +323,36 @@ class EtcdZoneStore:
         await self._write(plan)
 
     async def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None:
+        """Record what an agent acknowledged; fenced by the leader key while this replica
+        leads (NotLeader when it no longer does: nothing is written)."""
         target = self.layout.delivery(host, kind, key)
         op: Op = Delete(target) if digest is None else Put(target, digest.encode())
-        await self._write(lambda mirror: _Plan([], [op], None))
+        fence = self.fence
+        if fence is None:
+            await self._write(lambda mirror: _Plan([], [op], None))
+            return
+        self._view()
+        leader = self.layout.leader
+        result = await self.etcd.txn([Compare(leader, "create", "==", fence)], [op])
+        if not result.succeeded:
+            raise NotLeader(
+                f"this zone replica no longer leads (its leader key of revision {fence} is "
+                "gone): the delivery's record was refused"
+            )
+        await self._caught_up(result)
+
+    # --- replicas and the leader ------------------------------------------------------
+
+    async def register(self, replica: str, value: bytes, lease: int) -> None:
+        """This replica's key, bound to its lease (GET /v1/zone lists them)."""
+        await self._commit([], [Put(self.layout.replica(replica), value, lease)])
+
+    async def campaign(self, replica: str, lease: int) -> int | None:
+        """Create the leader key for replica, bound to lease, if there is none; the key's
+        revision (the fence of this term) once the mirror holds it, else None."""
+        key = self.layout.leader
+        result = await self._commit([absent(key)], [Put(key, replica.encode(), lease)])
+        return result.revision if result.succeeded else None
 
     # --- reads -----------------------------------------------------------------------
 

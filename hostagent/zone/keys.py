@@ -11,6 +11,10 @@ One key per record, under a configurable prefix P (default ``/hostagent/zone/``)
     P deliveries/<host>/<kind>/<key>   the digest the host's agent acknowledged
     P alloc/<kind>/<value>             the cluster holding a VNI or range (kind: vni,
                                        node-subnet, pod-cidr, service-cidr)
+    P replicas/<id>                    a running zone replica (id, api_url, started), bound
+                                       to its lease
+    P leader                           the leading replica's id, bound to its lease; its
+                                       create revision fences the leader's writes
 
 An allocation key is created only if absent, in the transaction that creates its cluster,
 and deleted in the one that removes it: two zones allocating at once cannot both get it.
@@ -63,6 +67,13 @@ class Layout:
     def deliveries_of(self, host: str) -> str:
         return f"{self.prefix}deliveries/{host}/"
 
+    def replica(self, replica: str) -> str:
+        return f"{self.prefix}replicas/{replica}"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.prefix}leader"
+
     def allocations(self, cluster: ClusterRecord) -> list[str]:
         values = (str(cluster.vni), cluster.node_subnet, cluster.pod_cidr, cluster.service_cidr)
         return [
@@ -72,14 +83,17 @@ class Layout:
     def parse(self, key: str) -> tuple[str, ...]:
         """A key as (kind, names...): ("hosts", host, "report"), ("clusters", name),
         ("nodes", cluster, node), ("gateways", cluster, host), ("deliveries", host, kind,
-        key), ("alloc", kind, value); () for a key of no known kind."""
+        key), ("alloc", kind, value), ("replicas", id), ("leader",); () for a key of no
+        known kind."""
         rest = key.removeprefix(self.prefix)
         if rest == key:
             return ()
+        if rest == "leader":
+            return ("leader",)
         kind, _, tail = rest.partition("/")
         # How many parts each kind has; the last part of a delivery's or an allocation's
         # key may hold slashes ("demo/m1", "10.128.0.0/24"), the names of the others not.
-        counts = {"hosts": 2, "clusters": 1, "nodes": 2, "gateways": 2}
+        counts = {"hosts": 2, "clusters": 1, "nodes": 2, "gateways": 2, "replicas": 1}
         last_free = {"deliveries": 3, "alloc": 2}
         if kind in counts:
             parts = tuple(tail.split("/"))

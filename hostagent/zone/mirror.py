@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,27 +45,55 @@ class Mirror:
     gateways: dict[str, dict[str, Gateway]] = field(default_factory=dict)  # cluster -> host
     gateways_on: dict[str, set[str]] = field(default_factory=dict)  # host -> clusters
     deliveries: dict[str, dict[tuple[str, str], str]] = field(default_factory=dict)
+    replicas: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> registration
+    leader: tuple[str, int] | None = None  # the leading replica and its key's revision
+    # Told the hosts whose work a watched change may have changed (the leader's Deliverer
+    # kicks them); a report counts when it is a host's first or comes after wake_after_s.
+    on_hosts: Callable[[set[str]], None] | None = None
+    wake_after_s: float = math.inf
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def load(self, revision: int, kvs: Iterable[KeyValue]) -> None:
         """Start again from a full listing at revision."""
         indexes: list[dict[Any, Any]] = [self.mods, self.hosts, self.clusters, self.nodes]
         indexes += [self.nodes_on, self.gateways, self.gateways_on, self.deliveries]
-        for index in indexes:
+        for index in [*indexes, self.replicas]:
             index.clear()
+        self.leader = None
         for kv in kvs:
             self._put(kv.key, kv.value, kv.mod_revision)
         self.revision = revision
         self._signal()
 
     def apply(self, events: list[Event]) -> None:
+        hosts: set[str] = set()
+        clusters: set[str] = set()
         for event in events:
+            self._touching(event, hosts, clusters)
             if event.value is None:
                 self._delete(event.key)
             else:
                 self._put(event.key, event.value, event.revision)
             self.revision = max(self.revision, event.revision)
+        hosts |= {n.host for c in clusters for n in self.nodes.get(c, {}).values()}
+        if hosts and self.on_hosts is not None:
+            self.on_hosts(hosts)
         self._signal()
+
+    def _touching(self, event: Event, hosts: set[str], clusters: set[str]) -> None:
+        """Which hosts' work the event may change (the hosts of a cluster are added once
+        the batch is applied, so that hosts new to it count too)."""
+        match self.layout.parse(event.key):
+            case ("hosts", host, "report") if event.value is not None:
+                before = self.hosts.get(host)
+                at = json.loads(event.value).get("last_heartbeat", 0.0)
+                if before is None or at - before.data["last_heartbeat"] > self.wake_after_s:
+                    hosts.add(host)
+            case ("clusters", name) | ("nodes", name, _) | ("gateways", name, _):
+                clusters.add(name)
+                hosts.update(n.host for n in self.nodes.get(name, {}).values())
+            case ("deliveries", host, _, _) if event.value is None:
+                hosts.add(host)
 
     def _signal(self) -> None:
         self._changed.set()
@@ -96,12 +125,12 @@ class Mirror:
 
     def _put(self, key: str, value: bytes, revision: int) -> None:
         try:
-            self._record(key, value)
+            self._record(key, value, revision)
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"etcd key {key} at revision {revision} is unreadable: {exc}") from exc
         self.mods[key] = revision
 
-    def _record(self, key: str, value: bytes) -> None:
+    def _record(self, key: str, value: bytes, revision: int) -> None:
         match self.layout.parse(key):
             case ("hosts", host, "report"):
                 self.hosts[host] = _Host(json.loads(value))
@@ -117,6 +146,10 @@ class Mirror:
                 self.gateways_on.setdefault(host, set()).add(cluster)
             case ("deliveries", host, kind, name):
                 self.deliveries.setdefault(host, {})[(kind, name)] = value.decode()
+            case ("replicas", replica):
+                self.replicas[replica] = json.loads(value)
+            case ("leader",):  # written once per term: its mod revision is its create revision
+                self.leader = (value.decode(), revision)
 
     def _delete(self, key: str) -> None:
         self.mods.pop(key, None)
@@ -132,6 +165,10 @@ class Mirror:
                 _discard(self.gateways_on, host, cluster)
             case ("deliveries", host, kind, name):
                 _discard(self.deliveries, host, (kind, name))
+            case ("replicas", replica):
+                self.replicas.pop(replica, None)
+            case ("leader",):
+                self.leader = None
 
     def _drop_node(self, cluster: str, name: str) -> None:
         old = self.nodes.get(cluster, {}).get(name)

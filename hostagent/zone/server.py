@@ -7,9 +7,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
+import socket
 import ssl
 from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -18,9 +21,11 @@ from hostagent import __version__
 from hostagent.certificates import vault_backend
 from hostagent.metrics import ZoneMetrics
 from hostagent.sdnotify import Notifier
+from hostagent.store import now
 from hostagent.zone.api import zone_app
 from hostagent.zone.config import ZoneServerConfig
 from hostagent.zone.driver import Deliverer
+from hostagent.zone.election import Election
 from hostagent.zone.etcd import Etcd, Tls
 from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.service import ZoneService
@@ -65,16 +70,84 @@ class Zone:
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = make_store(config)
         self.service = ZoneService(self.store, config, make_backend(config))
-        self.deliverer = Deliverer(self.service, config.agents)
+        self.deliverer: Deliverer | None = None  # while this replica leads
+        self.passes = 0  # of the Deliverers this replica ran before the current one
         self.metrics = ZoneMetrics(
             self._hosts_by_state,
             self._clusters_by_phase,
-            lambda: len(self.deliverer.failing()),
-            lambda: self.deliverer.passes,
+            lambda: len(self.deliverer.failing()) if self.deliverer else 0,
+            lambda: self.passes + (self.deliverer.passes if self.deliverer else 0),
         )
+        self.metrics.leading = lambda: self.deliverer is not None
         self.admin_token = ensure_secret(config.state_dir / "api-token")
         self.host_secret = ensure_secret(config.state_dir / "host-secret")
         self.runner: web.AppRunner | None = None
+        replica = config.replica
+        self.replica_id = replica.id or f"{socket.gethostname()}-{secrets.token_hex(3)}"
+        scheme = "https" if config.api.tls_cert else "http"
+        self.api_url = replica.api_url or f"{scheme}://{config.api.listen}"
+        self.started = now()
+        self.election: Election | None = None
+        if isinstance(self.store, EtcdZoneStore):
+            self.election = Election(
+                self.store,
+                self.replica_id,
+                {"id": self.replica_id, "api_url": self.api_url, "started": self.started},
+                replica.leader_lease_ttl_s,
+                on_lead=self._lead,
+                on_follow=self._follow,
+                on_leader_change=self.metrics.leader_changes.inc,
+            )
+            # A host reporting again after this long wakes its deliverer on the leader.
+            self.store.mirror.wake_after_s = config.hosts.heartbeat_timeout_s
+
+    async def _lead(self) -> None:
+        """Run the deliveries: this replica is the leader (or the only zone)."""
+        await self.service.finish_deletions()
+        self.deliverer = Deliverer(self.service, self.config.agents)
+        await self.deliverer.start()
+        if isinstance(self.store, EtcdZoneStore):  # changes other replicas made wake hosts
+            self.store.mirror.on_hosts = self.deliverer.kick
+
+    async def _follow(self) -> None:
+        deliverer, self.deliverer = self.deliverer, None
+        self.service.on_change = lambda hosts: None
+        if isinstance(self.store, EtcdZoneStore):
+            self.store.mirror.on_hosts = None
+        if deliverer is not None:
+            self.passes += deliverer.passes
+            await deliverer.close()
+
+    def zone_view(self) -> dict[str, Any]:
+        """GET /v1/zone: the replicas, the leader and the store."""
+        me = {"id": self.replica_id, "api_url": self.api_url, "started": self.started}
+        if not isinstance(self.store, EtcdZoneStore):
+            store: dict[str, Any] = {
+                "backend": "sqlite",
+                "path": str(self.config.state_dir / "zone.db"),
+            }
+            return {
+                "replica": self.replica_id,
+                "leader": self.replica_id,
+                "replicas": [me],
+                "store": store,
+            }
+        mirror = self.store.mirror
+        self.store.hosts()  # 503 while the store cannot be followed
+        leader = mirror.leader[0] if mirror.leader else None
+        replicas = [mirror.replicas[r] for r in sorted(mirror.replicas)]
+        return {
+            "replica": self.replica_id,
+            "leader": leader,
+            "replicas": [{**r, "leader": r.get("id") == leader} for r in replicas],
+            "store": {
+                "backend": "etcd",
+                "endpoints": self.store.etcd.endpoints,
+                "endpoint": self.store.etcd.endpoint,
+                "prefix": self.store.layout.prefix,
+                "revision": mirror.revision,
+            },
+        }
 
     def _hosts_by_state(self) -> dict[str, int]:
         states = [host["state"] for host in self.service.hosts_view()]
@@ -92,6 +165,7 @@ class Zone:
             self.host_secret,
             metrics_text=self.metrics.render,
             heartbeat_s=self.config.hosts.heartbeat_interval_s,
+            zone_view=self.zone_view,
         )
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
@@ -101,19 +175,24 @@ class Zone:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(api.tls_cert, api.tls_key)
         await web.TCPSite(self.runner, api.host, api.port, ssl_context=tls).start()
-        await self.service.finish_deletions()
-        await self.deliverer.start()
+        if self.election is None:
+            await self._lead()
+        else:
+            self.election.start()
         clusters, hosts = len(self.store.clusters()), len(self.store.hosts())
         log.info(
-            "hostagent zone %s serving on %s (%d clusters, %d hosts known)",
+            "hostagent zone %s serving on %s as replica %s (%d clusters, %d hosts known)",
             __version__,
             api.listen,
+            self.replica_id,
             clusters,
             hosts,
         )
 
     async def stop(self) -> None:
-        await self.deliverer.close()
+        if self.election is not None:
+            await self.election.close()
+        await self._follow()
         if self.runner is not None:
             await self.runner.cleanup()
         await self.store.close()

@@ -33,6 +33,7 @@ PURE = (
     "hostagent.virt.domain",
     "hostagent.zone.placement",
     "hostagent.zone.keys",
+    "hostagent.zone.leadership",
     "network.plan",
     "network.firewall",
     "cloudconfig.render",
