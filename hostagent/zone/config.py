@@ -25,6 +25,10 @@ class _Section(BaseModel):
 class HostsConfig(_Section):
     heartbeat_interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
     heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 20.0
+    # backend "etcd": a host is NotReady once its lease expires (unset: 3 x the interval),
+    # and its full report is written only when it changes or this often
+    lease_ttl_s: Annotated[float, Field(ge=2, le=3600)] | None = None
+    report_interval_s: Annotated[float, Field(gt=0)] = 60.0
 
     @model_validator(mode="after")
     def _timeout(self) -> HostsConfig:

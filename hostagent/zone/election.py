@@ -122,7 +122,7 @@ class Election:
             await asyncio.sleep(self.ttl_s / 3)
             sent = loop.time()
             try:
-                ttl = await self.store.etcd.keep_alive(lease)
+                ttl = await self.store.keeper.renew(lease)
             except StoreUnavailable as exc:
                 log.warning("zone replica %s: lease renewal failed: %s", self.replica, exc)
                 continue

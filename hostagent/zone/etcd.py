@@ -11,6 +11,7 @@ each revision's events together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -221,37 +222,6 @@ class Etcd:
             if "not found" not in str(exc):
                 raise
 
-    async def keep_alive(self, lease: int) -> int:
-        """Renew a lease once; the seconds it has left (0: it expired, its keys are gone).
-        One short stream per renewal: the zone renews only its own replica's lease."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.request_timeout_s
-        endpoint, channel = self.endpoint, None
-        try:
-            channel = await self._connected()
-
-            async def requests() -> AsyncIterator[Any]:
-                yield rpc.LeaseKeepAliveRequest(ID=lease)
-
-            call = rpc.LeaseStub(channel).LeaseKeepAlive(
-                requests(), timeout=max(deadline - loop.time(), 0.01)
-            )
-            try:
-                async for response in call:
-                    ttl: int = response.TTL
-                    return ttl
-            finally:
-                call.cancel()
-            raise StoreUnavailable(f"etcd {endpoint} closed the lease stream")
-        except _Retry as exc:
-            raise StoreUnavailable(f"etcd {endpoint}: {exc}") from exc
-        except rpc.AioRpcError as exc:
-            await self._next(channel)
-            raise StoreUnavailable(f"etcd {endpoint}: {exc.code().name}: {exc.details()}") from exc
-        except asyncio.CancelledError:
-            _reraise_if_cancelled()
-            raise StoreUnavailable(f"etcd {endpoint}: the connection was closed") from None
-
     async def list_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
         """Every key under prefix, read in pages at one revision; and that revision."""
         end = prefix_range_end(prefix.encode())
@@ -331,6 +301,86 @@ class Etcd:
         finally:
             stop.set()
             call.cancel()
+
+
+class LeaseKeeper:
+    """Renews leases over one LeaseKeepAlive stream shared by every caller (hosts'
+    heartbeats: a thousand hosts must not mean a thousand streams). A renewal is one
+    request on the stream and its answer (matched by lease id); a broken stream fails the
+    renewals waiting on it and is opened again by the next."""
+
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = etcd
+        self._queue: asyncio.Queue[int] | None = None
+        self._waiting: dict[int, list[asyncio.Future[int]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def renew(self, lease: int) -> int:
+        """The seconds the lease has left after this renewal; 0: it had expired."""
+        if self._reader is None or self._reader.done():
+            await self._open()
+        assert self._queue is not None
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(lease, []).append(future)
+        self._queue.put_nowait(lease)
+        try:
+            async with asyncio.timeout(self.etcd.request_timeout_s):
+                return await future
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"etcd {self.etcd.endpoint} did not renew a lease within "
+                f"{self.etcd.request_timeout_s} s"
+            ) from None
+        finally:
+            waiting = self._waiting.get(lease, [])
+            if future in waiting:
+                waiting.remove(future)
+            if not waiting:
+                self._waiting.pop(lease, None)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+
+    async def _open(self) -> None:
+        etcd = self.etcd
+        try:
+            channel = await etcd._connected()
+        except _Retry as exc:
+            raise StoreUnavailable(f"etcd {etcd.endpoint}: {exc}") from exc
+        queue = self._queue = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[Any]:
+            while True:
+                yield rpc.LeaseKeepAliveRequest(ID=await queue.get())
+
+        call = rpc.LeaseStub(channel).LeaseKeepAlive(requests())
+        self._reader = asyncio.create_task(self._read(call, channel), name="etcd-lease-keeper")
+
+    async def _read(self, call: Any, channel: Any) -> None:
+        why = "the stream ended"
+        try:
+            async for response in call:
+                for future in self._waiting.get(response.ID, []):
+                    if not future.done():
+                        future.set_result(response.TTL)
+                        break
+        except rpc.AioRpcError as exc:
+            why = f"{exc.code().name}: {exc.details()}"
+            await self.etcd._next(channel)
+        except asyncio.CancelledError:
+            _reraise_if_cancelled()
+            why = "the connection was closed"
+        finally:
+            call.cancel()
+            failed = StoreUnavailable(f"etcd {self.etcd.endpoint}: lease renewals failed: {why}")
+            for futures in self._waiting.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(failed)
 
 
 def _reraise_if_cancelled() -> None:

@@ -31,6 +31,7 @@ from hostagent.zone.etcd import (
     Compare,
     Delete,
     Etcd,
+    LeaseKeeper,
     Op,
     Put,
     TxnResult,
@@ -39,6 +40,7 @@ from hostagent.zone.etcd import (
     unchanged,
 )
 from hostagent.zone.keys import Layout, cluster_value, gateway_value, host_value, node_value
+from hostagent.zone.liveness import report_due
 from hostagent.zone.mirror import Mirror
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.store import (
@@ -67,8 +69,18 @@ class _Plan(Generic[T]):
 
 
 class EtcdZoneStore:
-    def __init__(self, etcd: Etcd, prefix: str) -> None:
+    def __init__(
+        self,
+        etcd: Etcd,
+        prefix: str,
+        *,
+        host_lease_ttl_s: int = 15,
+        report_interval_s: float = 60.0,
+    ) -> None:
         self.etcd = etcd
+        self.keeper = LeaseKeeper(etcd)
+        self.host_lease_ttl_s = host_lease_ttl_s
+        self.report_interval_s = report_interval_s
         self.layout = Layout(prefix)
         self.mirror = Mirror(self.layout)
         self._live = False
@@ -92,6 +104,7 @@ class EtcdZoneStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower
         self._live = False
+        await self.keeper.close()
         await self.etcd.close()
 
     async def _follow(self) -> None:
@@ -165,13 +178,29 @@ class EtcdZoneStore:
         raise StoreUnavailable(f"the zone's state kept changing over {ATTEMPTS} attempts")
 
     async def put_host(self, host: str, report: HostReport, at: float) -> bool:
-        key = self.layout.host(host)
+        """A heartbeat renews the host's lease; the report is written (with the alive key,
+        under a new lease if the old one expired) only when liveness.report_due says so."""
+        mirror = self._view()
+        entry, lease = mirror.hosts.get(host), mirror.alive.get(host)
+        if lease is not None and await self.keeper.renew(lease) <= 0:
+            lease = None  # expired: the watch is about to drop the alive key
+        if lease is not None and entry is not None:
+            stored = entry.data["report"]
+            written = entry.data["last_heartbeat"]
+            if not report_due(
+                stored, report.model_dump(mode="json"), written, at, self.report_interval_s
+            ):
+                return False
+        if lease is None:
+            lease = await self.etcd.grant(self.host_lease_ttl_s)
+        key, alive = self.layout.host(host), self.layout.alive(host)
 
         def plan(mirror: Mirror) -> _Plan[bool]:
             entry = mirror.hosts.get(host)
             registered = now() if entry is None else entry.data["registered_at"]
-            value = host_value(report, registered, at)
-            return _Plan([unchanged(key, mirror.mod(key))], [Put(key, value)], entry is None)
+            ops: list[Op] = [Put(key, host_value(report, registered, at))]
+            ops.append(Put(alive, str(lease).encode(), lease))
+            return _Plan([unchanged(key, mirror.mod(key))], ops, entry is None)
 
         return await self._write(plan)
 

@@ -4,6 +4,9 @@ Pure: the etcd store and its mirror build and read keys only here.
 One key per record, under a configurable prefix P (default ``/hostagent/zone/``):
 
     P hosts/<host>/report              the host's last report, registered_at, last_heartbeat
+                                       (written when it changes or every report_interval_s)
+    P hosts/<host>/alive               the id of the host's lease, bound to it: the host is
+                                       Ready while the key exists
     P hosts/<host>/placed              bumped whenever a node is placed on the host
     P clusters/<cluster>               spec, allocations, created_at, deleting
     P nodes/<cluster>/<node>           role, host, address, created_at, deleting
@@ -39,6 +42,9 @@ class Layout:
 
     def host(self, host: str) -> str:
         return f"{self.prefix}hosts/{host}/report"
+
+    def alive(self, host: str) -> str:
+        return f"{self.prefix}hosts/{host}/alive"
 
     def placed(self, host: str) -> str:
         return f"{self.prefix}hosts/{host}/placed"

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hostagent.zone.etcd import Event, KeyValue
@@ -47,17 +46,17 @@ class Mirror:
     deliveries: dict[str, dict[tuple[str, str], str]] = field(default_factory=dict)
     replicas: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> registration
     leader: tuple[str, int] | None = None  # the leading replica and its key's revision
+    alive: dict[str, int] = field(default_factory=dict)  # host -> its live lease
     # Told the hosts whose work a watched change may have changed (the leader's Deliverer
-    # kicks them); a report counts when it is a host's first or comes after wake_after_s.
+    # kicks them), a host that becomes alive (registers, or reports again) among them.
     on_hosts: Callable[[set[str]], None] | None = None
-    wake_after_s: float = math.inf
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def load(self, revision: int, kvs: Iterable[KeyValue]) -> None:
         """Start again from a full listing at revision."""
         indexes: list[dict[Any, Any]] = [self.mods, self.hosts, self.clusters, self.nodes]
         indexes += [self.nodes_on, self.gateways, self.gateways_on, self.deliveries]
-        for index in [*indexes, self.replicas]:
+        for index in [*indexes, self.replicas, self.alive]:
             index.clear()
         self.leader = None
         for kv in kvs:
@@ -84,11 +83,8 @@ class Mirror:
         """Which hosts' work the event may change (the hosts of a cluster are added once
         the batch is applied, so that hosts new to it count too)."""
         match self.layout.parse(event.key):
-            case ("hosts", host, "report") if event.value is not None:
-                before = self.hosts.get(host)
-                at = json.loads(event.value).get("last_heartbeat", 0.0)
-                if before is None or at - before.data["last_heartbeat"] > self.wake_after_s:
-                    hosts.add(host)
+            case ("hosts", host, "alive") if event.value is not None and host not in self.alive:
+                hosts.add(host)
             case ("clusters", name) | ("nodes", name, _) | ("gateways", name, _):
                 clusters.add(name)
                 hosts.update(n.host for n in self.nodes.get(name, {}).values())
@@ -118,7 +114,7 @@ class Mirror:
             return None
         if entry.record is None:
             entry.record = host_record(host, entry.data)
-        return entry.record
+        return replace(entry.record, alive=host in self.alive)
 
     def nodes_of(self, cluster: str) -> list[NodeRecord]:
         return [n for _, n in sorted(self.nodes.get(cluster, {}).items())]
@@ -134,6 +130,8 @@ class Mirror:
         match self.layout.parse(key):
             case ("hosts", host, "report"):
                 self.hosts[host] = _Host(json.loads(value))
+            case ("hosts", host, "alive"):
+                self.alive[host] = int(value)
             case ("clusters", name):
                 self.clusters[name] = cluster_record(name, value)
             case ("nodes", cluster, name):
@@ -156,6 +154,8 @@ class Mirror:
         match self.layout.parse(key):
             case ("hosts", host, "report"):
                 self.hosts.pop(host, None)
+            case ("hosts", host, "alive"):
+                self.alive.pop(host, None)
             case ("clusters", name):
                 self.clusters.pop(name, None)
             case ("nodes", cluster, name):

@@ -28,6 +28,7 @@ from hostagent.zone.driver import Deliverer
 from hostagent.zone.election import Election
 from hostagent.zone.etcd import Etcd, Tls
 from hostagent.zone.etcdstore import EtcdZoneStore
+from hostagent.zone.liveness import lease_ttl
 from hostagent.zone.service import ZoneService
 from hostagent.zone.store import SqliteZoneStore, ZoneStore
 from pki.backend import Backend
@@ -54,7 +55,13 @@ def make_store(config: ZoneServerConfig) -> ZoneStore:
         dial_timeout_s=store.dial_timeout_s,
         request_timeout_s=store.request_timeout_s,
     )
-    return EtcdZoneStore(etcd, store.prefix)
+    hosts = config.hosts
+    return EtcdZoneStore(
+        etcd,
+        store.prefix,
+        host_lease_ttl_s=lease_ttl(hosts.lease_ttl_s, hosts.heartbeat_interval_s),
+        report_interval_s=hosts.report_interval_s,
+    )
 
 
 def _count(values: list[str], keys: tuple[str, ...]) -> dict[str, int]:
@@ -98,8 +105,6 @@ class Zone:
                 on_follow=self._follow,
                 on_leader_change=self.metrics.leader_changes.inc,
             )
-            # A host reporting again after this long wakes its deliverer on the leader.
-            self.store.mirror.wake_after_s = config.hosts.heartbeat_timeout_s
 
     async def _lead(self) -> None:
         """Run the deliveries: this replica is the leader (or the only zone)."""

@@ -272,8 +272,19 @@ async def test_heartbeats_to_any_replica_and_a_silent_host_is_not_ready_on_every
         return True
 
     await until(lambda: states("Ready"), 10)
+    # Unchanged reports only renew the host's lease: nothing is written to etcd.
+    store = zones[0].store
+    assert isinstance(store, EtcdZoneStore)
+    revision = store.mirror.revision
+    for zone in zones:
+        assert await harness.beat(zone.api_url, "h1", url) == 200
+    assert store.mirror.revision == revision
+    await until(lambda: states("Ready"), 1)
     took = await until(lambda: states("NotReady"), 10)
-    assert took <= 2.0 + 1.0  # heartbeat_timeout_s, and a poll
+    assert took <= TTL + 1.0  # the lease's TTL (3 x 0.5 s, at least 2 s), and a poll
+    # It beats again (to any replica): Ready on every replica, under a new lease.
+    assert await harness.beat(zones[1].api_url, "h1", url) == 200
+    await until(lambda: states("Ready"), 5)
 
 
 def serve(harness: Harness, name: str) -> tuple[subprocess.Popen[bytes], str]:

@@ -34,6 +34,7 @@ PURE = (
     "hostagent.zone.placement",
     "hostagent.zone.keys",
     "hostagent.zone.leadership",
+    "hostagent.zone.liveness",
     "network.plan",
     "network.firewall",
     "cloudconfig.render",
