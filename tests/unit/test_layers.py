@@ -29,6 +29,7 @@ FORBIDDEN = {
 PURE = (
     "common.names",
     "common.errors",
+    "common.failover",
     "hostagent.nodeplan",
     "hostagent.virt.domain",
     "hostagent.zone.placement",
