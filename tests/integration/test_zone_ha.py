@@ -1,7 +1,8 @@
 """Zone replicas on one etcd: exactly one leads (runs the deliveries), another takes over
 within the leader lease's TTL when it stops or is SIGKILLed, a leader paused past its lease
 cannot write (fencing), and hosts heartbeat to any replica, every replica seeing their
-state. The agents are the StandInAgent of the driver's unit tests, on loopback."""
+state, and the agent and the CLI move on from a dead first URL. The agents are the
+StandInAgent of the driver's unit tests, on loopback."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from common.files import ensure_secret
 from hostagent.config import ApiConfig
 from hostagent.errors import NotLeader
 from hostagent.zone.auth import host_token
+from hostagent.zone.client import ZoneClient as CliClient
+from hostagent.zone.client import resolve_context
 from hostagent.zone.config import (
     AgentsConfig,
     HostsConfig,
@@ -35,6 +38,7 @@ from hostagent.zone.config import (
 from hostagent.zone.etcd import Delete
 from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.server import Zone
+from hostagent.zoneclient import ZoneClient
 from tests.conftest import etcd_client
 from tests.etcd import Member, _free_port
 from tests.unit.test_zone_driver import StandInAgent
@@ -383,3 +387,29 @@ async def test_a_sigkilled_leader_replica_is_replaced_within_its_ttl(harness: Ha
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+async def test_the_agent_and_the_cli_fail_over_from_a_dead_first_url(
+    harness: Harness, zones: list[Zone]
+) -> None:
+    dead = f"http://127.0.0.1:{_free_port()}"
+    urls = [dead, zones[1].api_url, zones[2].api_url]
+    agent_url = await harness.agent("h1")
+    token = harness.host("h1")["Authorization"].removeprefix("Bearer ")
+    body = {
+        "api_url": agent_url,
+        "api_token": harness.agents["h1"].token,
+        "allocatable": {"vcpus": 8, "memory_mib": 8192, "disk_gib": 100},
+        "allocated": {"vcpus": 0, "memory_mib": 0, "disk_gib": 0},
+    }
+    beats = ZoneClient(dead, "h1", token, lambda: body, urls=urls, timeout_s=5.0)
+    async with beats.session() as session:
+        assert await beats.beat(session), beats.status().last_error
+    assert beats.status().url == zones[1].api_url
+    admin = harness.admin["Authorization"].removeprefix("Bearer ")
+    cli = CliClient(resolve_context(",".join(urls), admin, None, {}), timeout_s=5.0)
+    try:
+        hosts = await asyncio.to_thread(cli.hosts)
+    finally:
+        cli.close()
+    assert [(h["host"], h["state"]) for h in hosts] == [("h1", "Ready")]
