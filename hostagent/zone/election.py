@@ -79,6 +79,10 @@ class Election:
                 log.warning("zone election: %s; trying again", exc)
                 await self._step_down()
                 await asyncio.sleep(retry.next())
+            except Exception:  # never leave the replica leading with nobody watching
+                log.exception("zone election failed; stepping down and trying again")
+                await self._step_down()
+                await asyncio.sleep(retry.next())
 
     async def _term(self) -> None:
         """One lease's life: campaign, lead or follow until the lease may have lapsed."""

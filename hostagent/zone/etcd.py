@@ -314,11 +314,13 @@ class LeaseKeeper:
         self._queue: asyncio.Queue[int] | None = None
         self._waiting: dict[int, list[asyncio.Future[int]]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._opening = asyncio.Lock()
 
     async def renew(self, lease: int) -> int:
         """The seconds the lease has left after this renewal; 0: it had expired."""
-        if self._reader is None or self._reader.done():
-            await self._open()
+        async with self._opening:  # one stream, however many renewals find none open
+            if self._reader is None or self._reader.done():
+                await self._open()
         assert self._queue is not None
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(lease, []).append(future)
