@@ -28,6 +28,7 @@ from hostagent.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+KEEPALIVE_STREAMS = 8  # per zone replica, for every host's lease (LeaseKeeper)
 PAGE = 500  # keys per range request while listing (gRPC caps a message at 4 MiB)
 # CANCELLED: another call found the endpoint dead and closed the connection under this one.
 RETRYABLE = {
@@ -304,10 +305,28 @@ class Etcd:
 
 
 class LeaseKeeper:
-    """Renews leases over one LeaseKeepAlive stream shared by every caller (hosts'
-    heartbeats: a thousand hosts must not mean a thousand streams). A renewal is one
-    request on the stream and its answer (matched by lease id); a broken stream fails the
-    renewals waiting on it and is opened again by the next."""
+    """Renews leases over a few LeaseKeepAlive streams shared by every caller (hosts'
+    heartbeats: a thousand hosts must not mean a thousand streams), a lease always on the
+    same one. etcd handles a stream's renewals one after the other (a member that is not
+    the etcd leader forwards each to the leader and waits), so a single stream would cap a
+    replica at one renewal per round trip; STREAMS of them renew in parallel."""
+
+    def __init__(self, etcd: Etcd) -> None:
+        self._streams = [_KeepAliveStream(etcd) for _ in range(KEEPALIVE_STREAMS)]
+
+    async def renew(self, lease: int) -> int:
+        """The seconds the lease has left after this renewal; 0: it had expired."""
+        return await self._streams[lease % len(self._streams)].renew(lease)
+
+    async def close(self) -> None:
+        for stream in self._streams:
+            await stream.close()
+
+
+class _KeepAliveStream:
+    """One LeaseKeepAlive stream: a renewal is one request on it and its answer (matched by
+    lease id); a broken stream fails the renewals waiting on it and is opened again by the
+    next."""
 
     def __init__(self, etcd: Etcd) -> None:
         self.etcd = etcd
