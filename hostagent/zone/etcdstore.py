@@ -135,6 +135,10 @@ class EtcdZoneStore:
                 self._live, relist = False, True
                 await asyncio.sleep(retry.next())
 
+    def view(self) -> Mirror:
+        """The mirror, while it follows etcd (else StoreUnavailable: 503)."""
+        return self._view()
+
     def _view(self) -> Mirror:
         if not self._live:
             raise StoreUnavailable(

@@ -137,8 +137,7 @@ class Zone:
                 "replicas": [me],
                 "store": store,
             }
-        mirror = self.store.mirror
-        self.store.hosts()  # 503 while the store cannot be followed
+        mirror = self.store.view()  # 503 while the store cannot be followed
         leader = mirror.leader[0] if mirror.leader else None
         replicas = [mirror.replicas[r] for r in sorted(mirror.replicas)]
         return {
