@@ -63,6 +63,7 @@ def _zone_backend(config: Config) -> Backend:
             token=read_secret(zone.token_file, "zone.token_file"),
             ca_file=zone.ca_file,
             timeout=zone.timeout_s,
+            urls=zone.urls,
         )
     )
 

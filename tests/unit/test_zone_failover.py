@@ -1,5 +1,6 @@
-"""Zone URLs as a list: the agent's heartbeat and the CLI move on from a replica that is
-unreachable or answers 503 to the next, and stay there; other answers do not move them."""
+"""Zone URLs as a list: the agent's heartbeat, its PKI through the zone and the CLI move on
+from a replica that is unreachable or answers 503 to the next, and stay there; other
+answers do not move them."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from hostagent.config import ZoneConfig
 from hostagent.zone.client import ZoneClient as CliClient
 from hostagent.zone.client import ZoneContext, resolve_context
 from hostagent.zoneclient import ZoneClient
+from pki.backend import CaName
+from pki.errors import BackendUnavailable
+from pki.local import LocalBackend
+from pki.zone import ZoneBackend, ZoneSettings
 from tests.fakezone import FakeZone, free_port
 
 TOKEN = "host-token-h1"
@@ -147,3 +152,19 @@ async def test_the_cli_calls_the_first_replica_that_serves(tmp_path: Path) -> No
     context.save(saved)
     assert resolve_context(None, None, saved, {}) == context  # a list in the file
     assert ZoneContext("http://a", "t").urls == ("http://a",)
+
+
+async def test_pki_through_the_zone_retries_on_the_next_replica(tmp_path: Path) -> None:
+    serving = FakeZone({"h1": TOKEN}, pki=LocalBackend(tmp_path / "zone"))
+    serving.add_cluster("demo")
+    busy = FakeZone({"h1": TOKEN}, failures=[503])
+    async with TestServer(busy.app()) as b, TestServer(serving.app()) as g:
+        dead = f"http://127.0.0.1:{free_port()}"
+        urls = (dead, str(b.make_url("")).rstrip("/"), str(g.make_url("")).rstrip("/"))
+        backend = ZoneBackend(ZoneSettings(url=dead, token=TOKEN, timeout=2.0, urls=urls))
+        for why in ("not reachable", "503"):  # each failure: the retry goes to the next
+            with pytest.raises(BackendUnavailable, match=why):
+                await asyncio.to_thread(backend.ca_certificates, "demo")
+        cas = await asyncio.to_thread(backend.ca_certificates, "demo")
+        assert set(cas) == set(CaName)
+        assert len(busy.headers) == 1
