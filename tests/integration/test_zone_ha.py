@@ -207,6 +207,11 @@ async def test_a_stopped_leader_hands_over_and_deliveries_go_on(
     url = await harness.agent("h1")
     # Heartbeats and the cluster go to replicas that do not lead: the leader delivers.
     assert await harness.beat(others[0].api_url, "h1", url) == 201
+
+    async def seen() -> bool:  # another replica sees the host once its watch brings it
+        return others[1].store.host("h1") is not None
+
+    await until(seen, 10)
     status, body = await harness.call(
         "PUT", f"{others[1].api_url}/v1/clusters/one", json=CLUSTER, headers=harness.admin
     )
