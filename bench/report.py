@@ -49,6 +49,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "zone_pass", "Zone delivery round over 250-2000 hosts", (), ("--hosts", "250,500"), False
     ),
+    Benchmark(
+        "zone_load",
+        "Zone heartbeats: 1000 hosts on SQLite and on 3 replicas over etcd",
+        (),
+        ("--hosts", "200", "--seconds", "10"),
+        False,
+    ),
 )
 
 

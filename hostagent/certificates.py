@@ -63,7 +63,12 @@ def _zone_backend(config: Config, zone_tls: ssl.SSLContext | None) -> Backend:
     token = None if zone_tls else read_secret(zone.token_file, "zone.token_file")
     return ZoneBackend(
         ZoneSettings(
-            url=zone.url, token=token, ca_file=zone.ca_file, timeout=zone.timeout_s, tls=zone_tls
+            url=zone.url,
+            token=token,
+            ca_file=zone.ca_file,
+            timeout=zone.timeout_s,
+            tls=zone_tls,
+            urls=zone.urls,
         )
     )
 

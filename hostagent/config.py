@@ -11,7 +11,7 @@ import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -259,14 +259,27 @@ FAILURE_DOMAIN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
 
 class ZoneConfig(_Section):
-    """`[zone]`: the zone service this host registers with; no url means standalone."""
+    """`[zone]`: the zone service this host registers with; no url means standalone. url
+    may be a list (the zone's replicas): ``url`` is then the first, ``urls`` all of them."""
 
     url: str | None = None
+    urls: tuple[str, ...] = ()  # filled from url
     token_file: Path | None = None
     ca_file: Path | None = None
     failure_domain: str = "default"
     api_url: str | None = None
     timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "url" in data:
+            given = data["url"]
+            urls = list(given) if isinstance(given, list | tuple) else [given]
+            if not urls:
+                raise ValueError("url: an empty list (leave url out to run standalone)")
+            data = {**data, "url": urls[0], "urls": tuple(urls)}
+        return data
 
     @field_validator("url")
     @classmethod
@@ -274,6 +287,11 @@ class ZoneConfig(_Section):
         if value is None:
             return None
         return None if value is None else check_token_url(value, "url")
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_token_url(url, "url") for url in value)
 
     @field_validator("api_url")
     @classmethod

@@ -199,6 +199,7 @@ class Agent:
             self._zone_report,
             ca_file=config.zone.ca_file,
             timeout_s=config.zone.timeout_s,
+            urls=config.zone.urls,
         )
 
     def _api_app(self) -> web.Application:

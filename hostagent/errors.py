@@ -66,6 +66,11 @@ class StoreUnavailable(Unavailable):
     code = "store_unavailable"
 
 
+class NotLeader(StoreUnavailable):
+    """A zone replica that is no longer the leader tried a leader's write (a delivery's
+    record): etcd refused it, as the leader key it was fenced by is gone."""
+
+
 def validation_problems(exc: ValidationError, *, plain: bool = False) -> str:
     """A pydantic ValidationError as one line: ``key.path: message; ...`` (the message
     alone when the whole object failed). ``plain`` drops pydantic's ``Value error, ``

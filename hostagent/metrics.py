@@ -183,6 +183,17 @@ class ZoneMetrics:
         self.passes = Gauge(
             "hostagent_zone_delivery_passes", "Delivery passes since start", registry=self.registry
         )
+        self.leader = Gauge(
+            "hostagent_zone_leader",
+            "1 while this zone replica leads (runs the deliveries), else 0",
+            registry=self.registry,
+        )
+        self.leader_changes = Counter(
+            "hostagent_zone_leader_changes",
+            "Leaders this replica has seen take over (the first it saw included)",
+            registry=self.registry,
+        )
+        self.leading: Callable[[], bool] = lambda: True
         self._hosts = hosts_by_state
         self._clusters = clusters_by_phase
         self._failing = failing_delivery
@@ -195,4 +206,5 @@ class ZoneMetrics:
             self.clusters.labels(phase).set(count)
         self.failing.set(self._failing())
         self.passes.set(self._passes())
+        self.leader.set(1 if self.leading() else 0)
         return generate_latest(self.registry)

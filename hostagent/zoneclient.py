@@ -16,14 +16,16 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from common import http
 from common.backoff import jittered
+from common.failover import FAILOVER_STATUS, Urls, first_serving
 from hostagent import __version__
 from hostagent.capacity import Resources
 from hostagent.config import Config
@@ -138,8 +140,12 @@ class ZoneClient:
         identity: ZoneIdentity | None = None,
         timeout_s: float = 10.0,
         first_interval_s: float = FIRST_INTERVAL_S,
+        urls: Sequence[str] = (),
     ) -> None:
         self.url = url.rstrip("/")
+        # urls: the zone's replicas (url among them): a beat moves on to the next one when
+        # the current one is unreachable or answers 503 (common/failover.py).
+        self._urls = Urls(list(urls) or [url])
         self.host_id = host_id
         self._token = token
         self._report = report
@@ -207,7 +213,7 @@ class ZoneClient:
             self._failed(BeatFailed("certificate", f"no report without a certificate: {problem}"))
             return False
         try:
-            answer = await self._put(session)
+            answer = await first_serving(self._urls, partial(self._put_to, session), _moves_on)
         except BeatFailed as exc:
             self._failed(exc)
             return False
@@ -216,6 +222,10 @@ class ZoneClient:
             return False
         self._succeeded(answer)
         return True
+
+    async def _put_to(self, session: http.AsyncClient, url: str) -> dict[str, Any]:
+        self.url = url
+        return await self._put(session)
 
     async def _put(self, session: http.AsyncClient) -> dict[str, Any]:
         body = self._report()
@@ -270,6 +280,12 @@ class ZoneClient:
             )
         self._error = error
         self._failures += 1
+
+
+def _moves_on(error: Exception) -> bool:
+    """A beat that failed so goes on to the next zone replica."""
+    kinds = ("unreachable", f"http {FAILOVER_STATUS}")
+    return isinstance(error, BeatFailed) and error.kind in kinds
 
 
 def _tls(ca_file: Path | None) -> ssl.SSLContext:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common import http
+from common.failover import FAILOVER_STATUS, Urls
 from common.names import check_name
 from pki.backend import IssuedCert
 from pki.certset import CaName, CertRequest
@@ -47,6 +48,7 @@ class ZoneSettings:
     # mutual TLS: the agent's context, which presents its control-plane certificate (and
     # the renewed one from its renewal on); it trusts ca_file
     tls: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    urls: tuple[str, ...] = ()  # the zone's replicas (url among them); empty: url alone
 
 
 class ZoneBackend:
@@ -54,6 +56,9 @@ class ZoneBackend:
         self.settings = settings
         self._lock = threading.Lock()
         self._client: http.Client | None = None  # made on first use, shared by threads
+        # A replica that is unreachable or answers 503 is left for the next one, which the
+        # provisioning's retry then calls (common/failover.py).
+        self._urls = Urls(settings.urls or (settings.url,))
 
     @property
     def description(self) -> str:
@@ -114,7 +119,7 @@ class ZoneBackend:
                         f"{self.settings.ca_file}: {exc}; provisioning waits and retries"
                     ) from exc
                 self._client = http.client(
-                    self.settings.url.rstrip("/"),
+                    self._urls.current,
                     token=self.settings.token,
                     tls=tls,
                     timeout_s=self.settings.timeout,
@@ -130,6 +135,7 @@ class ZoneBackend:
         try:
             response = client.request(method, url, **kwargs)
         except http.HTTPError as exc:
+            self._move_on(client)
             if http.is_tls_error(exc):
                 raise BackendUnavailable(
                     f"{self.description}: TLS verification failed while {doing} (check [zone] "
@@ -140,6 +146,8 @@ class ZoneBackend:
                 "waits and retries"
             ) from exc
         if response.status_code >= 400:
+            if response.status_code == FAILOVER_STATUS:
+                self._move_on(client)
             raise self._error(response, doing)
         try:
             answer = response.json()
@@ -148,6 +156,14 @@ class ZoneBackend:
         if not isinstance(answer, dict):
             raise PkiError(f"{self.description} answered {doing} with no JSON object")
         return answer
+
+    def _move_on(self, client: http.Client) -> None:
+        """The replica behind client did not serve: the next call goes to the next one."""
+        with self._lock:
+            if client is self._client and len(self._urls.urls) > 1:
+                self._urls.failed(self._urls.current)
+                self._client = None
+                client.close()
 
     def _error(self, response: http.Response, doing: str) -> PkiError:
         status, message = response.status_code, _message(response)

@@ -41,6 +41,8 @@ class Member:
     peer_port: int
     tls: ServerTls | None = None
     max_txn_ops: int = 2048  # as docs/zone.md asks (etcd's default, 128, fits ~40 nodes)
+    name: str = "test"
+    initial_cluster: str = ""  # name=peer,...: a member of a cluster; empty: alone
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -54,16 +56,20 @@ class Member:
 
     def start(self, timeout: float = 30.0) -> None:
         """Start (again, on the same data and ports) and return once it is healthy."""
+        self.launch()
+        self.wait_healthy(timeout)
+
+    def launch(self) -> None:
         peer = f"http://127.0.0.1:{self.peer_port}"
         args = [
             etcd_binary() or "etcd",
-            "--name=test",
+            f"--name={self.name}",
             f"--data-dir={self.workdir / 'data'}",
             f"--listen-client-urls={self.endpoint}",
             f"--advertise-client-urls={self.endpoint}",
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=test={peer}",
+            f"--initial-cluster={self.initial_cluster or f'{self.name}={peer}'}",
             "--log-level=warn",
             "--logger=zap",
             f"--max-txn-ops={self.max_txn_ops}",
@@ -77,6 +83,9 @@ class Member:
             ]
         with (self.workdir / "etcd.log").open("ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_healthy(self, timeout: float) -> None:
+        assert self.process is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -131,6 +140,29 @@ def start(timeout: float = 30.0, tls: ServerTls | None = None, max_txn_ops: int 
         member.__exit__()
         raise
     return member
+
+
+def cluster(size: int = 3, timeout: float = 60.0) -> list[Member]:
+    """size members of one new cluster on free loopback ports, healthy (each with its own
+    data directory; stop and remove them with each member's __exit__)."""
+    members = [
+        Member(Path(tempfile.mkdtemp(prefix="hostagent-etcd-")), _free_port(), _free_port())
+        for _ in range(size)
+    ]
+    peers = ",".join(f"m{i}=http://127.0.0.1:{m.peer_port}" for i, m in enumerate(members))
+    for i, member in enumerate(members):
+        member.name, member.initial_cluster = f"m{i}", peers
+    try:
+        # A member is healthy only once a quorum is up: start them all, then wait.
+        for member in members:
+            member.launch()
+        for member in members:
+            member.wait_healthy(timeout)
+    except BaseException:
+        for member in members:
+            member.__exit__()
+        raise
+    return members
 
 
 def _free_port() -> int:

@@ -41,6 +41,7 @@ HEARTBEAT = web.AppKey("heartbeat_s", float)
 CONTROL = web.AppKey("control", ControlPlane)
 CALLER = web.RequestKey("caller", str)  # "admin", "host:<id>", or "bootstrap:<id>"
 BOOTSTRAP = web.RequestKey("bootstrap", HostToken)  # the host token of a bootstrap
+ZONE_VIEW: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("zone_view")
 _HOST = "host:"
 _BOOTSTRAP = "bootstrap:"
 MAX_TTL = dt.timedelta(days=365)
@@ -117,6 +118,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(zone_openapi(__version__))
+
+
+async def zone(request: web.Request) -> web.Response:
+    """The replicas, the leader and the store (any valid token)."""
+    return web.json_response(request.app[ZONE_VIEW]())
 
 
 async def put_host(request: web.Request) -> web.Response:
@@ -254,6 +260,7 @@ def zone_app(
     metrics_text: Callable[[], bytes],
     heartbeat_s: float,
     control: ControlPlane,
+    zone_view: Callable[[], dict[str, Any]],
 ) -> web.Application:
     app = web.Application(middlewares=[errors, auth], client_max_size=8 * 1024 * 1024)
     app[SERVICE] = service
@@ -262,9 +269,11 @@ def zone_app(
     app[METRICS] = metrics_text
     app[HEARTBEAT] = heartbeat_s
     app[CONTROL] = control
+    app[ZONE_VIEW] = zone_view
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_get("/v1/zone", zone)
     app.router.add_put("/v1/hosts/{host}", put_host)
     app.router.add_post("/v1/hosts/{host}/certificate", post_certificate)
     app.router.add_get("/v1/hosts", list_hosts)

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from common import http
+from common.failover import split_urls
 from common.files import write_atomically
-from hostagent.client import ApiError, call_json
+from hostagent.client import ApiError
+from hostagent.zone.failover import FailoverHttp
 
 LAB_CONTEXT = Path("/var/lib/hostagent-lab/zone-client.json")
 DEFAULT_URL = "http://127.0.0.1:8471"
@@ -26,6 +28,11 @@ class ZoneContext:
     url: str
     token: str
     ca_file: str | None = None
+    urls: tuple[str, ...] = ()  # every replica's URL, url first (more than one: failover)
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            object.__setattr__(self, "urls", (self.url,))
 
     def tls(self) -> ssl.SSLContext:
         """Trust for the zone's certificate: the context's CA file, else the system's."""
@@ -33,7 +40,8 @@ class ZoneContext:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        body = {"url": self.url, "token": self.token, "ca_file": self.ca_file}
+        url: str | list[str] = list(self.urls) if len(self.urls) > 1 else self.url
+        body = {"url": url, "token": self.token, "ca_file": self.ca_file}
         write_atomically(path, json.dumps(body).encode(), 0o600)
 
 
@@ -41,7 +49,8 @@ def resolve_context(
     url: str | None, token: str | None, context: Path | None, environ: dict[str, str]
 ) -> ZoneContext:
     """Flags first, then HOSTAGENT_ZONE_URL/HOSTAGENT_ZONE_TOKEN, then a context file
-    (--zone-context, else the lab's when a lab is up), then the local zone's defaults."""
+    (--zone-context, else the lab's when a lab is up), then the local zone's defaults. A URL
+    may be several, comma-separated (a list in the context file): the zone's replicas."""
     url = url or environ.get("HOSTAGENT_ZONE_URL")
     token = token or environ.get("HOSTAGENT_ZONE_TOKEN")
     path = context or (LAB_CONTEXT if LAB_CONTEXT.exists() and not url else None)
@@ -64,25 +73,26 @@ def resolve_context(
                 f"hostagent: no zone token: pass --zone-token, set HOSTAGENT_ZONE_TOKEN or make "
                 f"{DEFAULT_TOKEN_FILE} readable ({exc.strerror})"
             ) from exc
-    return ZoneContext(url or DEFAULT_URL, token, ca_file)
+    urls = context_urls(url or DEFAULT_URL)
+    return ZoneContext(urls[0], token, ca_file, tuple(urls))
+
+
+def context_urls(value: str | list[str]) -> list[str]:
+    urls = value if isinstance(value, list) else split_urls(value)
+    if not urls or not all(isinstance(u, str) for u in urls):
+        raise SystemExit(f"hostagent: {value!r} is no zone URL (or list of them)")
+    return urls
 
 
 class ZoneClient:
     def __init__(self, context: ZoneContext, timeout_s: float = 30.0) -> None:
-        # trust_env: a person's proxy settings apply to the CLI, as to their other tools
-        self.http = http.client(
-            context.url,
-            token=context.token,
-            tls=context.tls(),
-            timeout_s=timeout_s,
-            trust_env=True,
-        )
+        self.http = FailoverHttp(list(context.urls), context.token, context.tls(), timeout_s)
 
     def close(self) -> None:
         self.http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        return call_json(self.http, method, path, **kwargs)
+        return self.http.call(method, path, **kwargs)
 
     def put_cluster(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self._call("PUT", f"/v1/clusters/{name}", json=spec)

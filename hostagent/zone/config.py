@@ -25,6 +25,10 @@ class _Section(BaseModel):
 class HostsConfig(_Section):
     heartbeat_interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
     heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 20.0
+    # backend "etcd": a host is NotReady once its lease expires (unset: 3 x the interval),
+    # and its full report is written only when it changes or this often
+    lease_ttl_s: Annotated[float, Field(ge=2, le=3600)] | None = None
+    report_interval_s: Annotated[float, Field(gt=0)] = 60.0
 
     @model_validator(mode="after")
     def _timeout(self) -> HostsConfig:
@@ -135,6 +139,14 @@ class ControlCaConfig(_Section):
         return self
 
 
+class ReplicaConfig(_Section):
+    """This zone as one of several replicas on one etcd (backend "etcd" only)."""
+
+    id: str | None = None  # unset: <host name>-<random>, new at every start
+    api_url: str | None = None  # how others reach this replica; unset: from api.listen
+    leader_lease_ttl_s: Annotated[int, Field(ge=2, le=60)] = 5
+
+
 class ZoneServerConfig(_Section):
     state_dir: Path = Path("/var/lib/hostagent-zone")
     api: ApiConfig = ApiConfig(listen=DEFAULT_ZONE_LISTEN)
@@ -144,6 +156,7 @@ class ZoneServerConfig(_Section):
     pki: ZonePkiConfig = ZonePkiConfig()
     store: StoreConfig = StoreConfig()
     control_ca: ControlCaConfig = ControlCaConfig()
+    replica: ReplicaConfig = ReplicaConfig()
 
 
 def _loopback(host: str) -> bool:

@@ -11,6 +11,7 @@ each revision's events together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from hostagent.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+KEEPALIVE_STREAMS = 8  # per zone replica, for every host's lease (LeaseKeeper)
 PAGE = 500  # keys per range request while listing (gRPC caps a message at 4 MiB)
 # CANCELLED: another call found the endpoint dead and closed the connection under this one.
 RETRYABLE = {
@@ -90,6 +92,7 @@ def unchanged(key: str, mod_revision: int) -> Compare:
 class Put:
     key: str
     value: bytes
+    lease: int = 0  # the key goes when this lease expires or is revoked
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,7 @@ class Etcd:
             await self.close()
             self._index = (self._index + 1) % len(self.endpoints)
 
-    async def _unary(self, method: str, request: Any) -> Any:
+    async def _unary(self, method: str, request: Any, stub_class: Any = rpc.KVStub) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout_s
         backoff = Backoff(0.05, 1.0)
@@ -184,7 +187,7 @@ class Etcd:
             try:
                 channel = await self._connected()
                 remaining = max(deadline - loop.time(), 0.01)
-                stub = rpc.KVStub(channel)
+                stub = stub_class(channel)
                 return await getattr(stub, method)(request, timeout=remaining)
             except _Retry as exc:
                 why = str(exc)
@@ -205,6 +208,20 @@ class Etcd:
                     f"{why}; retry shortly"
                 )
             await asyncio.sleep(delay)
+
+    async def grant(self, ttl_s: int) -> int:
+        """A new lease of ttl_s seconds; its id."""
+        response = await self._unary("LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl_s), rpc.LeaseStub)
+        lease: int = response.ID
+        return lease
+
+    async def revoke(self, lease: int) -> None:
+        """End a lease now: its keys go at once (an unknown lease is no error)."""
+        try:
+            await self._unary("LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease), rpc.LeaseStub)
+        except StoreUnavailable as exc:
+            if "not found" not in str(exc):
+                raise
 
     async def list_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
         """Every key under prefix, read in pages at one revision; and that revision."""
@@ -287,6 +304,106 @@ class Etcd:
             call.cancel()
 
 
+class LeaseKeeper:
+    """Renews leases over a few LeaseKeepAlive streams shared by every caller (hosts'
+    heartbeats: a thousand hosts must not mean a thousand streams), a lease always on the
+    same one. etcd handles a stream's renewals one after the other (a member that is not
+    the etcd leader forwards each to the leader and waits), so a single stream would cap a
+    replica at one renewal per round trip; STREAMS of them renew in parallel."""
+
+    def __init__(self, etcd: Etcd) -> None:
+        self._streams = [_KeepAliveStream(etcd) for _ in range(KEEPALIVE_STREAMS)]
+
+    async def renew(self, lease: int) -> int:
+        """The seconds the lease has left after this renewal; 0: it had expired."""
+        return await self._streams[lease % len(self._streams)].renew(lease)
+
+    async def close(self) -> None:
+        for stream in self._streams:
+            await stream.close()
+
+
+class _KeepAliveStream:
+    """One LeaseKeepAlive stream: a renewal is one request on it and its answer (matched by
+    lease id); a broken stream fails the renewals waiting on it and is opened again by the
+    next."""
+
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = etcd
+        self._queue: asyncio.Queue[int] | None = None
+        self._waiting: dict[int, list[asyncio.Future[int]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._opening = asyncio.Lock()
+
+    async def renew(self, lease: int) -> int:
+        """The seconds the lease has left after this renewal; 0: it had expired."""
+        async with self._opening:  # one stream, however many renewals find none open
+            if self._reader is None or self._reader.done():
+                await self._open()
+        assert self._queue is not None
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(lease, []).append(future)
+        self._queue.put_nowait(lease)
+        try:
+            async with asyncio.timeout(self.etcd.request_timeout_s):
+                return await future
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"etcd {self.etcd.endpoint} did not renew a lease within "
+                f"{self.etcd.request_timeout_s} s"
+            ) from None
+        finally:
+            waiting = self._waiting.get(lease, [])
+            if future in waiting:
+                waiting.remove(future)
+            if not waiting:
+                self._waiting.pop(lease, None)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+
+    async def _open(self) -> None:
+        etcd = self.etcd
+        try:
+            channel = await etcd._connected()
+        except _Retry as exc:
+            raise StoreUnavailable(f"etcd {etcd.endpoint}: {exc}") from exc
+        queue = self._queue = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[Any]:
+            while True:
+                yield rpc.LeaseKeepAliveRequest(ID=await queue.get())
+
+        call = rpc.LeaseStub(channel).LeaseKeepAlive(requests())
+        self._reader = asyncio.create_task(self._read(call, channel), name="etcd-lease-keeper")
+
+    async def _read(self, call: Any, channel: Any) -> None:
+        why = "the stream ended"
+        try:
+            async for response in call:
+                for future in self._waiting.get(response.ID, []):
+                    if not future.done():
+                        future.set_result(response.TTL)
+                        break
+        except rpc.AioRpcError as exc:
+            why = f"{exc.code().name}: {exc.details()}"
+            await self.etcd._next(channel)
+        except asyncio.CancelledError:
+            _reraise_if_cancelled()
+            why = "the connection was closed"
+        finally:
+            call.cancel()
+            failed = StoreUnavailable(f"etcd {self.etcd.endpoint}: lease renewals failed: {why}")
+            for futures in self._waiting.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(failed)
+
+
 def _reraise_if_cancelled() -> None:
     """gRPC cancels the calls of a channel that is closed (when a call found its endpoint
     dead, or the store closes): that CancelledError is a failed call, unless this task
@@ -346,7 +463,8 @@ def _range(key: str) -> Any:
 
 def _op(op: Op) -> Any:
     if isinstance(op, Put):
-        return rpc.RequestOp(request_put=rpc.PutRequest(key=op.key.encode(), value=op.value))
+        put = rpc.PutRequest(key=op.key.encode(), value=op.value, lease=op.lease)
+        return rpc.RequestOp(request_put=put)
     key = op.key.encode()
     request = rpc.DeleteRangeRequest(key=key)
     if op.prefix:

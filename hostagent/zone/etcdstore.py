@@ -24,13 +24,14 @@ from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from common.backoff import Backoff
-from hostagent.errors import StoreUnavailable
+from hostagent.errors import NotLeader, StoreUnavailable
 from hostagent.store import now
 from hostagent.zone.etcd import (
     Compacted,
     Compare,
     Delete,
     Etcd,
+    LeaseKeeper,
     Op,
     Put,
     TxnResult,
@@ -46,6 +47,7 @@ from hostagent.zone.keys import (
     host_value,
     node_value,
 )
+from hostagent.zone.liveness import report_due
 from hostagent.zone.mirror import Mirror
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.store import (
@@ -75,12 +77,26 @@ class _Plan(Generic[T]):
 
 
 class EtcdZoneStore:
-    def __init__(self, etcd: Etcd, prefix: str) -> None:
+    def __init__(
+        self,
+        etcd: Etcd,
+        prefix: str,
+        *,
+        host_lease_ttl_s: int = 15,
+        report_interval_s: float = 60.0,
+    ) -> None:
         self.etcd = etcd
+        self.keeper = LeaseKeeper(etcd)
+        self.host_lease_ttl_s = host_lease_ttl_s
+        self.report_interval_s = report_interval_s
         self.layout = Layout(prefix)
         self.mirror = Mirror(self.layout)
         self._live = False
         self._follower: asyncio.Task[None] | None = None
+        # While this replica leads: the create revision of its leader key. The leader's
+        # writes (deliveries) compare it in their transaction, so a replica that lost the
+        # lead, even one paused past its lease that still believes it leads, cannot write.
+        self.fence: int | None = None
 
     async def start(self) -> None:
         """List the zone's keys (StoreUnavailable when etcd cannot be reached) and follow
@@ -96,6 +112,7 @@ class EtcdZoneStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower
         self._live = False
+        await self.keeper.close()
         await self.etcd.close()
 
     async def _follow(self) -> None:
@@ -126,6 +143,10 @@ class EtcdZoneStore:
                 self._live, relist = False, True
                 await asyncio.sleep(retry.next())
 
+    def view(self) -> Mirror:
+        """The mirror, while it follows etcd (else StoreUnavailable: 503)."""
+        return self._view()
+
     def _view(self) -> Mirror:
         if not self._live:
             raise StoreUnavailable(
@@ -140,6 +161,10 @@ class EtcdZoneStore:
         """Apply ops if compares hold, then wait until the mirror holds the outcome: this
         write, or the state that made a compare fail."""
         result = await self.etcd.txn(compares, ops)
+        await self._caught_up(result)
+        return result
+
+    async def _caught_up(self, result: TxnResult) -> None:
         mirror = self.mirror
 
         def caught_up() -> bool:
@@ -155,7 +180,6 @@ class EtcdZoneStore:
                 f"etcd revision {result.revision} did not reach the zone's watch within "
                 f"{self.etcd.request_timeout_s} s"
             )
-        return result
 
     async def _write(self, plan: Callable[[Mirror], _Plan[T]]) -> T:
         """Decide on the mirror, write, and decide again while another write won."""
@@ -166,13 +190,29 @@ class EtcdZoneStore:
         raise StoreUnavailable(f"the zone's state kept changing over {ATTEMPTS} attempts")
 
     async def put_host(self, host: str, report: HostReport, at: float) -> bool:
-        key = self.layout.host(host)
+        """A heartbeat renews the host's lease; the report is written (with the alive key,
+        under a new lease if the old one expired) only when liveness.report_due says so."""
+        mirror = self._view()
+        entry, lease = mirror.hosts.get(host), mirror.alive.get(host)
+        if lease is not None and await self.keeper.renew(lease) <= 0:
+            lease = None  # expired: the watch is about to drop the alive key
+        if lease is not None and entry is not None:
+            stored = entry.data["report"]
+            written = entry.data["last_heartbeat"]
+            if not report_due(
+                stored, report.model_dump(mode="json"), written, at, self.report_interval_s
+            ):
+                return False
+        if lease is None:
+            lease = await self.etcd.grant(self.host_lease_ttl_s)
+        key, alive = self.layout.host(host), self.layout.alive(host)
 
         def plan(mirror: Mirror) -> _Plan[bool]:
             entry = mirror.hosts.get(host)
             registered = now() if entry is None else entry.data["registered_at"]
-            value = host_value(report, registered, at)
-            return _Plan([unchanged(key, mirror.mod(key))], [Put(key, value)], entry is None)
+            ops: list[Op] = [Put(key, host_value(report, registered, at))]
+            ops.append(Put(alive, str(lease).encode(), lease))
+            return _Plan([unchanged(key, mirror.mod(key))], ops, entry is None)
 
         return await self._write(plan)
 
@@ -324,9 +364,36 @@ class EtcdZoneStore:
         await self._write(plan)
 
     async def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None:
+        """Record what an agent acknowledged; fenced by the leader key while this replica
+        leads (NotLeader when it no longer does: nothing is written)."""
         target = self.layout.delivery(host, kind, key)
         op: Op = Delete(target) if digest is None else Put(target, digest.encode())
-        await self._write(lambda mirror: _Plan([], [op], None))
+        fence = self.fence
+        if fence is None:
+            await self._write(lambda mirror: _Plan([], [op], None))
+            return
+        self._view()
+        leader = self.layout.leader
+        result = await self.etcd.txn([Compare(leader, "create", "==", fence)], [op])
+        if not result.succeeded:
+            raise NotLeader(
+                f"this zone replica no longer leads (its leader key of revision {fence} is "
+                "gone): the delivery's record was refused"
+            )
+        await self._caught_up(result)
+
+    # --- replicas and the leader ------------------------------------------------------
+
+    async def register(self, replica: str, value: bytes, lease: int) -> None:
+        """This replica's key, bound to its lease (GET /v1/zone lists them)."""
+        await self._commit([], [Put(self.layout.replica(replica), value, lease)])
+
+    async def campaign(self, replica: str, lease: int) -> int | None:
+        """Create the leader key for replica, bound to lease, if there is none; the key's
+        revision (the fence of this term) once the mirror holds it, else None."""
+        key = self.layout.leader
+        result = await self._commit([absent(key)], [Put(key, replica.encode(), lease)])
+        return result.revision if result.succeeded else None
 
     async def record_certificate(self, host: str, generation: int | None, not_after: str) -> None:
         """Record a certificate issued to host: bootstrapped by a host token of generation

@@ -4,6 +4,9 @@ Pure: the etcd store and its mirror build and read keys only here.
 One key per record, under a configurable prefix P (default ``/hostagent/zone/``):
 
     P hosts/<host>/report              the host's last report, registered_at, last_heartbeat
+                                       (written when it changes or every report_interval_s)
+    P hosts/<host>/alive               the id of the host's lease, bound to it: the host is
+                                       Ready while the key exists
     P hosts/<host>/placed              bumped whenever a node is placed on the host
     P clusters/<cluster>               spec, allocations, created_at, deleting
     P nodes/<cluster>/<node>           role, host, address, created_at, deleting
@@ -14,6 +17,10 @@ One key per record, under a configurable prefix P (default ``/hostagent/zone/``)
     P certificates/<host>              the host's last client certificate and the host
                                        token generation that bootstrapped it (kept when
                                        the host is removed: a spent token stays spent)
+    P replicas/<id>                    a running zone replica (id, api_url, started), bound
+                                       to its lease
+    P leader                           the leading replica's id, bound to its lease; its
+                                       create revision fences the leader's writes
 
 An allocation key is created only if absent, in the transaction that creates its cluster,
 and deleted in the one that removes it: two zones allocating at once cannot both get it.
@@ -38,6 +45,9 @@ class Layout:
 
     def host(self, host: str) -> str:
         return f"{self.prefix}hosts/{host}/report"
+
+    def alive(self, host: str) -> str:
+        return f"{self.prefix}hosts/{host}/alive"
 
     def placed(self, host: str) -> str:
         return f"{self.prefix}hosts/{host}/placed"
@@ -69,6 +79,13 @@ class Layout:
     def certificate(self, host: str) -> str:
         return f"{self.prefix}certificates/{host}"
 
+    def replica(self, replica: str) -> str:
+        return f"{self.prefix}replicas/{replica}"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.prefix}leader"
+
     def allocations(self, cluster: ClusterRecord) -> list[str]:
         values = (str(cluster.vni), cluster.node_subnet, cluster.pod_cidr, cluster.service_cidr)
         return [
@@ -78,14 +95,24 @@ class Layout:
     def parse(self, key: str) -> tuple[str, ...]:
         """A key as (kind, names...): ("hosts", host, "report"), ("clusters", name),
         ("nodes", cluster, node), ("gateways", cluster, host), ("deliveries", host, kind,
-        key), ("alloc", kind, value), ("certificates", host); () for a key of no known kind."""
+        key), ("alloc", kind, value), ("certificates", host), ("replicas", id), ("leader",);
+        () for a key of no known kind."""
         rest = key.removeprefix(self.prefix)
         if rest == key:
             return ()
+        if rest == "leader":
+            return ("leader",)
         kind, _, tail = rest.partition("/")
         # How many parts each kind has; the last part of a delivery's or an allocation's
         # key may hold slashes ("demo/m1", "10.128.0.0/24"), the names of the others not.
-        counts = {"hosts": 2, "clusters": 1, "nodes": 2, "gateways": 2, "certificates": 1}
+        counts = {
+            "hosts": 2,
+            "clusters": 1,
+            "nodes": 2,
+            "gateways": 2,
+            "certificates": 1,
+            "replicas": 1,
+        }
         last_free = {"deliveries": 3, "alloc": 2}
         if kind in counts:
             parts = tuple(tail.split("/"))

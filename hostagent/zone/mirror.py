@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hostagent.zone.etcd import Event, KeyValue
@@ -46,28 +46,52 @@ class Mirror:
     gateways_on: dict[str, set[str]] = field(default_factory=dict)  # host -> clusters
     deliveries: dict[str, dict[tuple[str, str], str]] = field(default_factory=dict)
     certificates: dict[str, HostCertificate] = field(default_factory=dict)  # host ->
+    replicas: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> registration
+    leader: tuple[str, int] | None = None  # the leading replica and its key's revision
+    alive: dict[str, int] = field(default_factory=dict)  # host -> its live lease
+    # Told the hosts whose work a watched change may have changed (the leader's Deliverer
+    # kicks them), a host that becomes alive (registers, or reports again) among them.
+    on_hosts: Callable[[set[str]], None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def load(self, revision: int, kvs: Iterable[KeyValue]) -> None:
         """Start again from a full listing at revision."""
         indexes: list[dict[Any, Any]] = [self.mods, self.hosts, self.clusters, self.nodes]
         indexes += [self.nodes_on, self.gateways, self.gateways_on, self.deliveries]
-        indexes.append(self.certificates)
-        for index in indexes:
+        for index in [*indexes, self.certificates, self.replicas, self.alive]:
             index.clear()
+        self.leader = None
         for kv in kvs:
             self._put(kv.key, kv.value, kv.mod_revision)
         self.revision = revision
         self._signal()
 
     def apply(self, events: list[Event]) -> None:
+        hosts: set[str] = set()
+        clusters: set[str] = set()
         for event in events:
+            self._touching(event, hosts, clusters)
             if event.value is None:
                 self._delete(event.key)
             else:
                 self._put(event.key, event.value, event.revision)
             self.revision = max(self.revision, event.revision)
+        hosts |= {n.host for c in clusters for n in self.nodes.get(c, {}).values()}
+        if hosts and self.on_hosts is not None:
+            self.on_hosts(hosts)
         self._signal()
+
+    def _touching(self, event: Event, hosts: set[str], clusters: set[str]) -> None:
+        """Which hosts' work the event may change (the hosts of a cluster are added once
+        the batch is applied, so that hosts new to it count too)."""
+        match self.layout.parse(event.key):
+            case ("hosts", host, "alive") if event.value is not None and host not in self.alive:
+                hosts.add(host)
+            case ("clusters", name) | ("nodes", name, _) | ("gateways", name, _):
+                clusters.add(name)
+                hosts.update(n.host for n in self.nodes.get(name, {}).values())
+            case ("deliveries", host, _, _) if event.value is None:
+                hosts.add(host)
 
     def _signal(self) -> None:
         self._changed.set()
@@ -92,22 +116,24 @@ class Mirror:
             return None
         if entry.record is None:
             entry.record = host_record(host, entry.data)
-        return entry.record
+        return replace(entry.record, alive=host in self.alive)
 
     def nodes_of(self, cluster: str) -> list[NodeRecord]:
         return [n for _, n in sorted(self.nodes.get(cluster, {}).items())]
 
     def _put(self, key: str, value: bytes, revision: int) -> None:
         try:
-            self._record(key, value)
+            self._record(key, value, revision)
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"etcd key {key} at revision {revision} is unreadable: {exc}") from exc
         self.mods[key] = revision
 
-    def _record(self, key: str, value: bytes) -> None:
+    def _record(self, key: str, value: bytes, revision: int) -> None:
         match self.layout.parse(key):
             case ("hosts", host, "report"):
                 self.hosts[host] = _Host(json.loads(value))
+            case ("hosts", host, "alive"):
+                self.alive[host] = int(value)
             case ("clusters", name):
                 self.clusters[name] = cluster_record(name, value)
             case ("nodes", cluster, name):
@@ -122,12 +148,18 @@ class Mirror:
                 self.deliveries.setdefault(host, {})[(kind, name)] = value.decode()
             case ("certificates", host):
                 self.certificates[host] = certificate_record(value)
+            case ("replicas", replica):
+                self.replicas[replica] = json.loads(value)
+            case ("leader",):  # written once per term: its mod revision is its create revision
+                self.leader = (value.decode(), revision)
 
     def _delete(self, key: str) -> None:
         self.mods.pop(key, None)
         match self.layout.parse(key):
             case ("hosts", host, "report"):
                 self.hosts.pop(host, None)
+            case ("hosts", host, "alive"):
+                self.alive.pop(host, None)
             case ("clusters", name):
                 self.clusters.pop(name, None)
             case ("nodes", cluster, name):
@@ -139,6 +171,10 @@ class Mirror:
                 _discard(self.deliveries, host, (kind, name))
             case ("certificates", host):
                 self.certificates.pop(host, None)
+            case ("replicas", replica):
+                self.replicas.pop(replica, None)
+            case ("leader",):
+                self.leader = None
 
     def _drop_node(self, cluster: str, name: str) -> None:
         old = self.nodes.get(cluster, {}).get(name)

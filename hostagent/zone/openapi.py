@@ -114,6 +114,12 @@ def _paths() -> dict[str, Any]:
             }
         },
         "/v1/openapi.json": {"get": op("This document")},
+        "/v1/zone": {
+            "get": op(
+                "The zone's replicas (id, api_url, started, leader), the leader's id, this "
+                "replica's id and the store (backend; etcd: endpoints, prefix, revision)"
+            )
+        },
         "/v1/hosts": {"get": op("Every registered host with its state (admin token)")},
         "/v1/hosts/{host}": {
             "parameters": _HOST,

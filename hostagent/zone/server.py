@@ -7,9 +7,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
+import socket
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
@@ -19,10 +22,13 @@ from hostagent import __version__
 from hostagent.certificates import vault_backend
 from hostagent.metrics import ZoneMetrics
 from hostagent.sdnotify import Notifier
+from hostagent.store import now
 from hostagent.zone.api import zone_app
 from hostagent.zone.config import ZoneServerConfig
 from hostagent.zone.controlplane import ControlPlane
 from hostagent.zone.driver import Deliverer
+from hostagent.zone.election import Election
+from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.service import ZoneService
 from hostagent.zone.stores import make_store
 from pki.backend import Backend
@@ -57,17 +63,82 @@ class Zone:
             config.agents.ca_file,
             self.service.hosts_at if config.agents.verify_host_names else None,
         )
-        self.deliverer = Deliverer(self.service, config.agents, self.agents_tls)
+        self.deliverer: Deliverer | None = None  # while this replica leads
+        self.passes = 0  # of the Deliverers this replica ran before the current one
         self.metrics = ZoneMetrics(
             self._hosts_by_state,
             self._clusters_by_phase,
-            lambda: len(self.deliverer.failing()),
-            lambda: self.deliverer.passes,
+            lambda: len(self.deliverer.failing()) if self.deliverer else 0,
+            lambda: self.passes + (self.deliverer.passes if self.deliverer else 0),
         )
+        self.metrics.leading = lambda: self.deliverer is not None
         self.admin_token = ensure_secret(config.state_dir / "api-token")
         self.host_secret = ensure_secret(config.state_dir / "host-secret")
         self.runner: web.AppRunner | None = None
         self._renewal: asyncio.Task[None] | None = None
+        replica = config.replica
+        self.replica_id = replica.id or f"{socket.gethostname()}-{secrets.token_hex(3)}"
+        scheme = "https" if config.api.tls_cert else "http"
+        self.api_url = replica.api_url or f"{scheme}://{config.api.listen}"
+        self.started = now()
+        self.election: Election | None = None
+        if isinstance(self.store, EtcdZoneStore):
+            self.election = Election(
+                self.store,
+                self.replica_id,
+                {"id": self.replica_id, "api_url": self.api_url, "started": self.started},
+                replica.leader_lease_ttl_s,
+                on_lead=self._lead,
+                on_follow=self._follow,
+                on_leader_change=self.metrics.leader_changes.inc,
+            )
+
+    async def _lead(self) -> None:
+        """Run the deliveries: this replica is the leader (or the only zone)."""
+        await self.service.finish_deletions()
+        self.deliverer = Deliverer(self.service, self.config.agents, self.agents_tls)
+        await self.deliverer.start()
+        if isinstance(self.store, EtcdZoneStore):  # changes other replicas made wake hosts
+            self.store.mirror.on_hosts = self.deliverer.kick
+
+    async def _follow(self) -> None:
+        deliverer, self.deliverer = self.deliverer, None
+        self.service.on_change = lambda hosts: None
+        if isinstance(self.store, EtcdZoneStore):
+            self.store.mirror.on_hosts = None
+        if deliverer is not None:
+            self.passes += deliverer.passes
+            await deliverer.close()
+
+    def zone_view(self) -> dict[str, Any]:
+        """GET /v1/zone: the replicas, the leader and the store."""
+        me = {"id": self.replica_id, "api_url": self.api_url, "started": self.started}
+        if not isinstance(self.store, EtcdZoneStore):
+            store: dict[str, Any] = {
+                "backend": "sqlite",
+                "path": str(self.config.state_dir / "zone.db"),
+            }
+            return {
+                "replica": self.replica_id,
+                "leader": self.replica_id,
+                "replicas": [me],
+                "store": store,
+            }
+        mirror = self.store.view()  # 503 while the store cannot be followed
+        leader = mirror.leader[0] if mirror.leader else None
+        replicas = [mirror.replicas[r] for r in sorted(mirror.replicas)]
+        return {
+            "replica": self.replica_id,
+            "leader": leader,
+            "replicas": [{**r, "leader": r.get("id") == leader} for r in replicas],
+            "store": {
+                "backend": "etcd",
+                "endpoints": self.store.etcd.endpoints,
+                "endpoint": self.store.etcd.endpoint,
+                "prefix": self.store.layout.prefix,
+                "revision": mirror.revision,
+            },
+        }
 
     def _hosts_by_state(self) -> dict[str, int]:
         states = [host["state"] for host in self.service.hosts_view()]
@@ -86,20 +157,24 @@ class Zone:
             metrics_text=self.metrics.render,
             heartbeat_s=self.config.hosts.heartbeat_interval_s,
             control=self.control,
+            zone_view=self.zone_view,
         )
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         api = self.config.api
         tls = self.control.server_tls(api)
         await web.TCPSite(self.runner, api.host, api.port, ssl_context=tls).start()
-        await self.service.finish_deletions()
-        await self.deliverer.start()
         self._renewal = asyncio.create_task(self._renew_zone_cert(), name="zone-cert")
+        if self.election is None:
+            await self._lead()
+        else:
+            self.election.start()
         clusters, hosts = len(self.store.clusters()), len(self.store.hosts())
         log.info(
-            "hostagent zone %s serving on %s (%d clusters, %d hosts known)",
+            "hostagent zone %s serving on %s as replica %s (%d clusters, %d hosts known)",
             __version__,
             api.listen,
+            self.replica_id,
             clusters,
             hosts,
         )
@@ -127,7 +202,9 @@ class Zone:
             self._renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewal
-        await self.deliverer.close()
+        if self.election is not None:
+            await self.election.close()
+        await self._follow()
         if self.runner is not None:
             await self.runner.cleanup()
         await self.store.close()

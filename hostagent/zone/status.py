@@ -12,7 +12,10 @@ from hostagent.zone.store import ClusterRecord, HostCertificate, HostRecord, Nod
 
 
 def host_state(record: HostRecord, now: float, timeout_s: float) -> HostState:
-    return HostState.READY if now - record.last_heartbeat <= timeout_s else HostState.NOT_READY
+    """Ready while the host's lease lives (etcd), else while its last heartbeat is at most
+    timeout_s old (SQLite)."""
+    ready = record.alive if record.alive is not None else now - record.last_heartbeat <= timeout_s
+    return HostState.READY if ready else HostState.NOT_READY
 
 
 def host_view(

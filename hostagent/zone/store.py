@@ -32,6 +32,9 @@ class HostRecord:
     report: HostReport
     registered_at: str
     last_heartbeat: float  # seconds since the epoch: survives a restart of the zone
+    # etcd: whether the host's lease is alive (its state); None (SQLite): judged by the
+    # time of the last heartbeat
+    alive: bool | None = None
 
 
 @dataclass(frozen=True)

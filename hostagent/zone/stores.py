@@ -5,6 +5,7 @@ from __future__ import annotations
 from hostagent.zone.config import ZoneServerConfig
 from hostagent.zone.etcd import Etcd, Tls
 from hostagent.zone.etcdstore import EtcdZoneStore
+from hostagent.zone.liveness import lease_ttl
 from hostagent.zone.store import SqliteZoneStore, ZoneStore
 
 
@@ -19,4 +20,10 @@ def make_store(config: ZoneServerConfig) -> ZoneStore:
         dial_timeout_s=store.dial_timeout_s,
         request_timeout_s=store.request_timeout_s,
     )
-    return EtcdZoneStore(etcd, store.prefix)
+    hosts = config.hosts
+    return EtcdZoneStore(
+        etcd,
+        store.prefix,
+        host_lease_ttl_s=lease_ttl(hosts.lease_ttl_s, hosts.heartbeat_interval_s),
+        report_interval_s=hosts.report_interval_s,
+    )

@@ -264,20 +264,22 @@ def zone(tmp_path: Path) -> Iterator[Target]:
             metrics_text=metrics.render,
             heartbeat_s=5,
             control=ControlPlane(ControlCaConfig(), tmp_path),
+            zone_view=dict,
         )
 
     host = host_token(HOST_SECRET, HOST)
 
     def credentials(case: Any, who: str) -> tuple[str | None, int | None]:
         """The host's own token for what agents call, the admin's for the rest; "other"
-        swaps them (any valid token may read the document)."""
+        swaps them (any valid token may read the document and the replicas)."""
         path, method = case.operation.path, case.operation.method.upper()
         for_hosts = "/pki/" in path or (path == "/v1/hosts/{host}" and method == "PUT")
         right, other = (host, ADMIN) if for_hosts else (ADMIN, host)
         if who == "right":
             return right, None
         if who == "other":
-            return other, None if path in ("/v1/openapi.json", "/healthz", "/metrics") else 403
+            readable = ("/v1/openapi.json", "/v1/zone", "/healthz", "/metrics")
+            return other, None if path in readable else 403
         return None, None
 
     def state() -> Any:

@@ -139,6 +139,7 @@ async def test_etcd_down_is_a_503_with_nothing_half_written_and_back_by_itself(
         metrics_text=lambda: b"",
         heartbeat_s=5.0,
         control=ControlPlane(ControlCaConfig(), tmp_path),
+        zone_view=dict,
     )
     try:
         async with TestClient(TestServer(app)) as client:

@@ -29,10 +29,13 @@ FORBIDDEN = {
 PURE = (
     "common.names",
     "common.errors",
+    "common.failover",
     "hostagent.nodeplan",
     "hostagent.virt.domain",
     "hostagent.zone.placement",
     "hostagent.zone.keys",
+    "hostagent.zone.leadership",
+    "hostagent.zone.liveness",
     "network.plan",
     "network.firewall",
     "cloudconfig.render",

@@ -63,6 +63,7 @@ def zone() -> web.Application:
         metrics_text=lambda: METRICS,
         heartbeat_s=5.0,
         control=nothing,
+        zone_view=dict,
     )
 
 

@@ -58,6 +58,7 @@ async def client(tmp_path: Path, zone_stores: StoreFactory) -> AsyncIterator[Tes
         metrics_text=lambda: b"",
         heartbeat_s=5.0,
         control=ControlPlane(ControlCaConfig(), tmp_path),
+        zone_view=dict,
     )
     async with TestClient(TestServer(app)) as test_client:
         yield test_client

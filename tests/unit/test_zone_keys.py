@@ -26,6 +26,8 @@ def test_every_key_reads_back_as_what_it_names() -> None:
         layout.delivery("h1", "node", "demo/m1"): ("deliveries", "h1", "node", "demo/m1"),
         layout.delivery("h1", "peers", "demo"): ("deliveries", "h1", "peers", "demo"),
         "/z/alloc/node-subnet/10.128.0.0/24": ("alloc", "node-subnet", "10.128.0.0/24"),
+        layout.replica("zone-a-1f2e3d"): ("replicas", "zone-a-1f2e3d"),
+        layout.leader: ("leader",),
     }
     for key, parts in cases.items():
         assert layout.parse(key) == parts, key

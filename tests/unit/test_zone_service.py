@@ -15,6 +15,7 @@ from pytest_mock import MockerFixture
 
 from hostagent.errors import Conflict, Forbidden, Invalid, NotFound, OutOfCapacity
 from hostagent.zone.config import ZoneNetworkConfig, ZoneServerConfig
+from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.service import ZoneService
 from network.names import mac_address
@@ -70,6 +71,17 @@ async def service(tmp_path: Path, clock: Clock, zone_stores: StoreFactory) -> Zo
     kicked: list[str] = []
     zone.on_change = kicked.extend
     return zone
+
+
+async def silence(service: ZoneService, clock: Clock, seconds: float) -> None:
+    """Every host stops reporting for seconds: on SQLite the clock moves past their last
+    heartbeats; on etcd their leases end (revoked: as if they expired)."""
+    clock.now += seconds
+    store = service.store
+    if isinstance(store, EtcdZoneStore):
+        for lease in list(store.mirror.alive.values()):
+            await store.etcd.revoke(lease)
+        await store.mirror.until(lambda: not store.mirror.alive, 10.0)
 
 
 async def register(service: ZoneService, hosts: int = 3, **kwargs: Any) -> None:
@@ -184,7 +196,7 @@ async def test_host_that_stops_reporting_makes_its_nodes_unknown(
         ]
         await service.report(host, report(i, nodes=nodes))
     assert service.cluster("demo")["status"]["phase"] == "Ready"
-    clock.now += 30  # past heartbeat_timeout_s (20 s) for everyone...
+    await silence(service, clock, 30)  # past heartbeat_timeout_s (20 s) for everyone...
     for i in (1, 2):  # ...but h1 and h2 report again
         await service.report(f"h{i}", service.store.host(f"h{i}").report)  # type: ignore[union-attr]
     status = service.cluster("demo")["status"]
@@ -197,7 +209,7 @@ async def test_host_that_stops_reporting_makes_its_nodes_unknown(
 
 async def test_not_ready_hosts_are_not_offered(service: ZoneService, clock: Clock) -> None:
     await register(service, hosts=1)
-    clock.now += 60
+    await silence(service, clock, 60)
     await service.report("h2", report(2))
     view, _ = await service.put_cluster("demo", spec(1, 1))
     assert {n["host"] for n in view["status"]["nodes"]} == {"h2"}

@@ -1,0 +1,331 @@
+"""Simulated hosts speaking the real agent-to-zone protocol (register, then heartbeat
+`PUT /v1/hosts/{host}` every --interval s with an unchanged report, a random phase each)
+against (a) one zone on SQLite and (b) 3 zone replicas on a 3-member etcd, all on
+loopback, for a bounded time. Measured after a warm-up (the registrations): heartbeats
+served per second, p50/p99 latency, zone and etcd CPU (psutil, % of one core), hosts Ready
+on every replica at the end and Ready->NotReady flaps seen by polling GET /v1/hosts; with
+etcd also the failover: the leader replica SIGKILLed, the time until a survivor shows
+another leader, and the heartbeats that failed over meanwhile (each simulated host has the
+three replicas as its URL list, a different one first: common.failover).
+
+The load generator runs on the same 2 cores as the zones and etcd: its own CPU is given.
+Run:  .venv/bin/python -m bench.zone_load [--hosts 1000] [--seconds 45] [--interval 5]
+      [--backends sqlite,etcd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from common import http
+from common.failover import FAILOVER_STATUS, Urls, first_serving
+from common.files import ensure_secret
+from hostagent.zone.auth import host_token
+from tests import etcd
+from tests.etcd import _free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUP = 20  # simulated hosts per HTTP connection pool
+
+
+def report(i: int) -> dict[str, Any]:
+    return {
+        "api_url": f"https://10.{i // 250}.{i % 250}.1:8470",
+        "api_token": f"token-{i}",
+        "underlay_address": f"10.{i // 250}.{i % 250}.1",
+        "failure_domain": f"rack-{i % 20}",
+        "allocatable": {"vcpus": 32, "memory_mib": 131072, "disk_gib": 2000},
+        "allocated": {"vcpus": 0, "memory_mib": 0, "disk_gib": 0},
+    }
+
+
+@dataclass
+class Stats:
+    latencies: list[float] = field(default_factory=list)  # seconds, after the warm-up
+    errors: int = 0
+    failovers: int = 0  # beats another replica took after the first failed
+
+
+def zone_config(state_dir: Path, port: int, interval: float, store: str) -> str:
+    return (
+        f'state_dir = "{state_dir}"\n[api]\nlisten = "127.0.0.1:{port}"\n'
+        f"[hosts]\nheartbeat_interval_s = {interval}\nheartbeat_timeout_s = {4 * interval}\n"
+        f"{store}"
+    )
+
+
+def serve(path: Path, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hostagent", "zone", "serve", "--zone-config", str(path)],
+        cwd=ROOT,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+async def wait_up(client: http.AsyncClient, url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if (await client.get(f"{url}/healthz")).status_code == 200:
+                return
+        except http.HTTPError:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"zone at {url} did not come up")
+
+
+def cpu(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+async def host_loop(
+    i: int,
+    urls: Urls,
+    client: http.AsyncClient,
+    secret: str,
+    interval: float,
+    measure_from: float,
+    stop: float,
+    stats: Stats,
+) -> None:
+    headers = {"Authorization": f"Bearer {host_token(secret, f'h{i}')}"}
+    body = report(i)
+    await asyncio.sleep(random.uniform(0, interval))
+    while time.monotonic() < stop:
+        started = time.monotonic()
+        first = urls.current
+
+        async def put(url: str) -> int:
+            response = await client.put(f"{url}/v1/hosts/h{i}", json=body, headers=headers)
+            if response.status_code == FAILOVER_STATUS:
+                raise ConnectionError("503")
+            return response.status_code
+
+        try:
+            status = await first_serving(
+                urls, put, lambda e: isinstance(e, ConnectionError | http.TransportError)
+            )
+            ok = status < 300
+        except (ConnectionError, http.HTTPError):
+            ok = False
+        took = time.monotonic() - started
+        if started >= measure_from:
+            if ok:
+                stats.latencies.append(took)
+                stats.failovers += urls.current != first
+            else:
+                stats.errors += 1
+        await asyncio.sleep(max(0.0, interval - took))
+
+
+async def poll_states(
+    client: http.AsyncClient, urls: list[str], admin: str, stop: float, flaps: list[int]
+) -> dict[str, int]:
+    """Poll every replica's GET /v1/hosts until stop; count Ready->NotReady transitions."""
+    last: dict[tuple[str, str], str] = {}
+    ready: dict[str, int] = {}
+    headers = {"Authorization": f"Bearer {admin}"}
+    while time.monotonic() < stop:
+        for url in urls:
+            try:
+                response = await client.get(f"{url}/v1/hosts", headers=headers, timeout=30)
+                items = response.json()["items"]
+            except (http.HTTPError, ValueError, KeyError):
+                continue
+            ready[url] = sum(h["state"] == "Ready" for h in items)
+            for h in items:
+                key = (url, h["host"])
+                if last.get(key) == "Ready" and h["state"] == "NotReady":
+                    flaps[0] += 1
+                last[key] = h["state"]
+        await asyncio.sleep(5)
+    return ready
+
+
+async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix=f"zone-load-{backend}-"))
+    state = work / "state"
+    state.mkdir(mode=0o700)
+    admin = ensure_secret(state / "api-token")
+    secret = ensure_secret(state / "host-secret")
+    members: list[etcd.Member] = []
+    zones: list[subprocess.Popen[bytes]] = []
+    urls: list[str] = []
+    result: dict[str, Any] = {"backend": backend, "hosts": hosts}
+    try:
+        if backend == "etcd":
+            members = etcd.cluster(3)
+            endpoints = ", ".join(f'"{m.endpoint}"' for m in members)
+            store = f'[store]\nbackend = "etcd"\nendpoints = [{endpoints}]\n'
+            names = ["z0", "z1", "z2"]
+        else:
+            store, names = "", ["z0"]
+        for name in names:
+            port = _free_port()
+            extra = f'[replica]\nid = "{name}"\n' if backend == "etcd" else ""
+            path = work / f"{name}.toml"
+            path.write_text(zone_config(state, port, interval, store + extra))
+            zones.append(serve(path, work / f"{name}.log"))
+            urls.append(f"http://127.0.0.1:{port}")
+        # A connection per simulated host, as every agent has its own, in small pools:
+        # httpx's pool assigns requests in time linear in its connections, so one pool of
+        # a thousand made the generator the bottleneck.
+        pools = [
+            http.async_client(timeout_s=30.0, max_connections=GROUP) for _ in range(0, hosts, GROUP)
+        ]
+        client = http.async_client(timeout_s=30.0)
+        async with contextlib.AsyncExitStack() as stack:
+            for pool in [client, *pools]:
+                await stack.enter_async_context(pool)
+            for url in urls:
+                await wait_up(client, url)
+            zone_procs = [psutil.Process(z.pid) for z in zones]
+            etcd_procs = [psutil.Process(m.process.pid) for m in members if m.process]
+            me = psutil.Process()
+            stats = Stats()
+            start = time.monotonic()
+            warmup = max(2 * interval, 10.0)
+            measure_from, stop = start + warmup, start + warmup + seconds
+            loops = [
+                host_loop(
+                    i,
+                    Urls(urls[i % len(urls) :] + urls[: i % len(urls)]),
+                    pools[i // GROUP],
+                    secret,
+                    interval,
+                    measure_from,
+                    stop,
+                    stats,
+                )
+                for i in range(hosts)
+            ]
+            flaps = [0]
+
+            async def measured() -> tuple[float, float, float]:
+                await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
+                return cpu(zone_procs), cpu(etcd_procs), cpu([me])
+
+            before_task = asyncio.create_task(measured())
+            states = asyncio.create_task(
+                poll_states(client, urls, admin, stop, flaps)  # from the start: flaps too
+            )
+            await asyncio.gather(*loops)
+            zone_before, etcd_before, me_before = await before_task
+            ready = await states
+            span = stop - measure_from
+            lat = sorted(stats.latencies)
+            result.update(
+                {
+                    "seconds": round(span, 1),
+                    "beats_per_s": round(len(lat) / span, 1),
+                    "target_per_s": round(hosts / interval, 1),
+                    "p50_ms": round(1000 * statistics.median(lat), 1) if lat else None,
+                    "p99_ms": round(1000 * lat[int(0.99 * (len(lat) - 1))], 1) if lat else None,
+                    "errors": stats.errors,
+                    "zone_cpu_pct": round(100 * (cpu(zone_procs) - zone_before) / span, 1),
+                    "etcd_cpu_pct": round(100 * (cpu(etcd_procs) - etcd_before) / span, 1),
+                    "loadgen_cpu_pct": round(100 * (cpu([me]) - me_before) / span, 1),
+                    "ready_at_end": ready,
+                    "flaps": flaps[0],
+                }
+            )
+            if backend == "etcd":
+                result["failover"] = await failover(client, zones, urls, admin, secret)
+        return result
+    finally:
+        for zone in zones:
+            if zone.poll() is None:
+                zone.terminate()
+        for zone in zones:
+            try:
+                zone.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                zone.kill()
+                zone.wait()
+        for member in members:
+            member.__exit__()
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+async def failover(
+    client: http.AsyncClient,
+    zones: list[subprocess.Popen[bytes]],
+    urls: list[str],
+    admin: str,
+    secret: str,
+) -> dict[str, Any]:
+    """SIGKILL the leader replica: when a survivor shows another leader, and when a survivor
+    acknowledges a write (a host's report)."""
+    headers = {"Authorization": f"Bearer {admin}"}
+
+    async def leader(url: str) -> str | None:
+        try:
+            view = (await client.get(f"{url}/v1/zone", headers=headers)).json()
+        except (http.HTTPError, ValueError):
+            return None
+        return view.get("leader")
+
+    old = await leader(urls[0])
+    if old is None:
+        return {"error": "no leader"}
+    index = int(old.removeprefix("z"))
+    zones[index].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    survivors = [u for i, u in enumerate(urls) if i != index]
+    beat = {"Authorization": f"Bearer {host_token(secret, 'h0')}"}
+    response = await client.put(f"{survivors[0]}/v1/hosts/h0", json=report(0), headers=beat)
+    written = time.monotonic() - killed
+    while time.monotonic() - killed < 30:
+        now = await leader(survivors[0])
+        if now is not None and now != old:
+            break
+        await asyncio.sleep(0.05)
+    took = time.monotonic() - killed
+    return {
+        "killed": old,
+        "new_leader": now,
+        "new_leader_after_s": round(took, 2),
+        "write_after_s": round(written, 2),
+        "write_status": response.status_code,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=45.0)
+    parser.add_argument("--interval", type=float, default=5.0)
+    parser.add_argument("--backends", default="sqlite,etcd")
+    args = parser.parse_args()
+    for backend in args.backends.split(","):
+        result = asyncio.run(run(backend, args.hosts, args.seconds, args.interval))
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
