@@ -28,7 +28,6 @@ from tests.fakezone import free_port
 from tests.unit.test_zone_service import report
 
 DAY = dt.timedelta(days=1)
-NOW = dt.datetime.now(dt.UTC)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def test_a_host_certificate_names_the_host_whatever_the_csr_asks(ca: tuple[str, 
     assert issued.ca_pem == ca[0]
     assert issued.not_after - issued.not_before == DAY + controlca.BACKDATE
     pem = key_pem + issued.cert_pem
-    assert controlca.usable(pem, pem, ca[0], "h1", NOW)
+    assert controlca.usable(pem, pem, ca[0], "h1", dt.datetime.now(dt.UTC))
     cert = x509.load_pem_x509_certificate(issued.cert_pem.encode())
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -83,12 +82,13 @@ def test_usable_refuses_another_host_ca_key_or_an_expired_certificate(
     cert_pem = controlca.sign_host(*ca, csr_pem, "h1", DAY).cert_pem
     other_key, _ = controlca.host_csr("h1")
     other_ca, _ = controlca.make_ca("other")
-    assert controlca.usable(cert_pem, key_pem, ca[0], "h1", NOW)
-    assert not controlca.usable(cert_pem, key_pem, ca[0], "h2", NOW)
-    assert not controlca.usable(cert_pem, other_key, ca[0], "h1", NOW)
-    assert not controlca.usable(cert_pem, key_pem, other_ca, "h1", NOW)
-    assert not controlca.usable(cert_pem, key_pem, ca[0], "h1", NOW + 2 * DAY)
-    assert not controlca.usable("", key_pem, ca[0], "h1", NOW)
+    now = dt.datetime.now(dt.UTC)  # after the issue (a module-level time can be older than it)
+    assert controlca.usable(cert_pem, key_pem, ca[0], "h1", now)
+    assert not controlca.usable(cert_pem, key_pem, ca[0], "h2", now)
+    assert not controlca.usable(cert_pem, other_key, ca[0], "h1", now)
+    assert not controlca.usable(cert_pem, key_pem, other_ca, "h1", now)
+    assert not controlca.usable(cert_pem, key_pem, ca[0], "h1", now + 2 * DAY)
+    assert not controlca.usable("", key_pem, ca[0], "h1", now)
 
 
 def test_renewal_is_at_two_thirds_of_the_lifetime_from_the_issue(ca: tuple[str, str]) -> None:
