@@ -3,6 +3,7 @@ canned outputs (no VMs, no root)."""
 
 from __future__ import annotations
 
+import importlib.util
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from bench import report
 from bench.report import BENCHMARKS, Result
+from tests.conftest import require
 
 NODE_STARTUP = """\
 median of 3 runs, seconds from PUT (baseline: from first step)
@@ -124,7 +126,7 @@ def test_report_with_a_failure(tmp_path: Path) -> None:
 
 
 def test_report_plots(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    require(importlib.util.find_spec("matplotlib") is not None, "needs matplotlib (bench extra)")
     results = [result("node_startup", NODE_STARTUP), result("qemu_overhead", QEMU_OVERHEAD)]
     report.write_report(tmp_path, results, MACHINE)
     for name in ("node_startup.png", "qemu_overhead.png"):
