@@ -129,9 +129,10 @@ class Watch:
             conn.close()
 
     async def restarted(self) -> None:
-        """libvirt's lifecycle event reaches the reconciler, which starts the VM again."""
+        """libvirt's lifecycle event reaches the reconciler, which starts the VM again and
+        then records it Running (the domain is active a moment before the record)."""
         self.world.reconciler.enqueue(self.world.key)
-        await until(self._running)
+        await until(lambda: self._running() and self.world.node().phase is Phase.RUNNING)
 
     def _running(self) -> bool:
         conn = libvirt.open("test:///default")
