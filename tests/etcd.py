@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -16,6 +15,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.fakezone import free_port
 
 
 def etcd_binary() -> str | None:
@@ -133,7 +134,7 @@ class Member:
 def start(timeout: float = 30.0, tls: ServerTls | None = None, max_txn_ops: int = 2048) -> Member:
     """A new member on free loopback ports, healthy."""
     workdir = Path(tempfile.mkdtemp(prefix="hostagent-etcd-"))
-    member = Member(workdir, _free_port(), _free_port(), tls, max_txn_ops)
+    member = Member(workdir, free_port(), free_port(), tls, max_txn_ops)
     try:
         member.start(timeout)
     except BaseException:
@@ -146,7 +147,7 @@ def cluster(size: int = 3, timeout: float = 60.0) -> list[Member]:
     """size members of one new cluster on free loopback ports, healthy (each with its own
     data directory; stop and remove them with each member's __exit__)."""
     members = [
-        Member(Path(tempfile.mkdtemp(prefix="hostagent-etcd-")), _free_port(), _free_port())
+        Member(Path(tempfile.mkdtemp(prefix="hostagent-etcd-")), free_port(), free_port())
         for _ in range(size)
     ]
     peers = ",".join(f"m{i}=http://127.0.0.1:{m.peer_port}" for i, m in enumerate(members))
@@ -163,10 +164,3 @@ def cluster(size: int = 3, timeout: float = 60.0) -> list[Member]:
             member.__exit__()
         raise
     return members
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port

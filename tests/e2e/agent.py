@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,12 +24,7 @@ from hostagent.virt.domain import parse_meta
 from network.firewall import FAMILY, table_name
 from network.model import ISOLATION_PRIORITY
 from pki import files as pki_files
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.fakezone import free_port
 
 
 def poll(check: Any, timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
@@ -126,6 +120,19 @@ class Agent:
 
     def log_tail(self) -> str:
         return self.log_path.read_text()[-5000:] if self.log_path.exists() else ""
+
+
+def lab_master(vni: int, subnet: str) -> dict[str, Any]:
+    """The smallest master NodeSpec on the lab image, at <subnet>.11 on VNI vni."""
+    return {
+        "role": "master",
+        "vcpus": 1,
+        "memory_mib": 256,
+        "disk_gib": 1,
+        "image": "lab",
+        "kubernetes_version": "1.31.2",
+        "network": {"vni": vni, "address": f"{subnet}.11/24", "gateway": f"{subnet}.1"},
+    }
 
 
 def owned_domains(host_id: str) -> list[str]:

@@ -23,7 +23,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -41,7 +40,7 @@ from pki.certset import NodeIdentity
 from pki.servicecerts import issue_server_cert
 from tests import openbao
 from tests.conftest import require, require_libvirt
-from tests.e2e.agent import Agent, cleanup, leftovers, owned_domains, poll
+from tests.e2e.agent import Agent, cleanup, lab_master, leftovers, owned_domains, poll
 from tests.holdproxy import HoldProxy
 from tests.integration.test_pki_backends import check_node_set
 
@@ -54,18 +53,6 @@ SUBNET = f"10.245.{secrets.randbelow(250)}"
 READY_S = 300
 SIGN = rb"POST /v1/[^ ]+/sign/"  # a certificate signing, in OpenBao's PKI API
 ROOT = Path(__file__).resolve().parents[2]  # the checkout the agent in a lab host imports
-
-
-def spec(vni: int, subnet: str) -> dict[str, Any]:
-    return {
-        "role": "master",
-        "vcpus": 1,
-        "memory_mib": 256,
-        "disk_gib": 1,
-        "image": "lab",
-        "kubernetes_version": "1.31.2",
-        "network": {"vni": vni, "address": f"{subnet}.11/24", "gateway": f"{subnet}.1"},
-    }
 
 
 @pytest.fixture
@@ -109,7 +96,7 @@ def test_openbao_stopped_between_two_signings(
     agent, proxy = vault_agent
     cluster = f"rb{TAG}"
     client = agent.start()
-    client.put_node(cluster, "m1", spec(VNI, SUBNET))
+    client.put_node(cluster, "m1", lab_master(VNI, SUBNET))
     assert proxy.held.wait(120), "the node's second certificate was never asked for"
     bao.stop()
     proxy.release()
@@ -280,7 +267,7 @@ def test_libvirtd_killed_and_restarted(
     agent = LabAgent(plan, host, f"agent-{killed_at}")
     try:
         client = agent.start(freeze_after)
-        client.put_node(cluster, "m1", spec(VNI + index, f"10.99.{index}"))
+        client.put_node(cluster, "m1", lab_master(VNI + index, f"10.99.{index}"))
         poll(agent.frozen, 120, f"the agent to stop before the {killed_at}")
         if killed_at == "define":
             # libvirtd stopped, the agent sends the domain XML, which waits unread in

@@ -33,6 +33,7 @@ from tests.e2e.agent import (
     assert_whole_certificate_set,
     cleanup,
     isolation_rules,
+    lab_master,
     leftovers,
     owned_domains,
     poll,
@@ -116,22 +117,6 @@ class Case:
     @property
     def node_dir(self) -> Path:
         return self.agent.state_dir / "nodes" / self.cluster / "m1"
-
-    def spec(self) -> dict[str, Any]:
-        return {
-            "role": "master",
-            "vcpus": 1,
-            "memory_mib": 256,
-            "disk_gib": 1,
-            "image": "lab",
-            "kubernetes_version": "1.31.2",
-            "network": {
-                "vni": self.vni,
-                "address": f"{SUBNET}.11/24",
-                "gateway": f"{SUBNET}.1",
-                "mtu": 1450,
-            },
-        }
 
     def start(self, crash_after: Point | None = None) -> Client:
         return self.agent.start(env={CRASH_AFTER: crash_after.value} if crash_after else None)
@@ -247,7 +232,7 @@ def gone(client: Client, case: Case) -> bool:
 @pytest.mark.parametrize("point", CREATE, ids=[p.value for p in CREATE])
 def test_killed_while_making_a_node(case: Case, point: Point) -> None:
     client = case.start(crash_after=point)
-    client.put_node(case.cluster, "m1", case.spec())
+    client.put_node(case.cluster, "m1", lab_master(case.vni, SUBNET))
     case.agent.wait_killed(CRASH_S)
 
     client = case.start()
@@ -260,7 +245,7 @@ def test_killed_while_making_a_node(case: Case, point: Point) -> None:
 @pytest.mark.parametrize("point", DELETE, ids=[p.value for p in DELETE])
 def test_killed_while_deleting_a_node(case: Case, point: Point) -> None:
     client = case.start(crash_after=point)
-    client.put_node(case.cluster, "m1", case.spec())
+    client.put_node(case.cluster, "m1", lab_master(case.vni, SUBNET))
     case.ready(client)
     client.delete_node(case.cluster, "m1")
     case.agent.wait_killed(CRASH_S)
@@ -276,7 +261,7 @@ def test_killed_while_removing_a_domain_without_a_node(case: Case, point: Point)
     """A node deleted from the store while the agent was down leaves an orphan domain,
     which the agent destroys (no shutdown) and removes; killed after one of those steps."""
     client = case.start()
-    client.put_node(case.cluster, "m1", case.spec())
+    client.put_node(case.cluster, "m1", lab_master(case.vni, SUBNET))
     case.ready(client)
     case.agent.kill()
     with sqlite3.connect(case.agent.state_dir / "state.db") as db:

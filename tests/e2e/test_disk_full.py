@@ -15,14 +15,13 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from hostagent.client import ApiError
 from network.names import bridge_name
 from tests.conftest import require_libvirt
-from tests.e2e.agent import Agent, assert_whole_certificate_set, cleanup, leftovers
+from tests.e2e.agent import Agent, assert_whole_certificate_set, cleanup, lab_master, leftovers
 
 pytestmark = pytest.mark.e2e
 
@@ -35,15 +34,7 @@ MAX_ATTEMPTS = 2
 # node's other files, each written whole or not at all: the config drive takes 88 KiB
 # on tmpfs, the certificate set 136 KiB, each qcow2 overlay 196 KiB.
 HEADROOM = 112 * 1024
-SPEC: dict[str, Any] = {
-    "role": "master",
-    "vcpus": 1,
-    "memory_mib": 256,
-    "disk_gib": 1,
-    "image": "lab",
-    "kubernetes_version": "1.31.2",
-    "network": {"vni": VNI, "address": f"{SUBNET}.11/24", "gateway": f"{SUBNET}.1", "mtu": 1450},
-}
+SPEC = lab_master(VNI, SUBNET)
 
 
 @pytest.fixture

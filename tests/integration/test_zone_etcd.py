@@ -40,6 +40,7 @@ from pki.local import LocalBackend
 from tests import etcd
 from tests.conftest import etcd_client, require
 from tests.etcd import Member, etcd_binary
+from tests.fakezone import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -187,7 +188,7 @@ async def test_a_store_that_cannot_reach_etcd_at_start_says_so(member: Member) -
 
 
 async def test_a_call_moves_on_from_a_dead_endpoint(etcd_member: Member) -> None:
-    dead = etcd.Member(Path("/nonexistent"), etcd._free_port(), etcd._free_port()).endpoint
+    dead = etcd.Member(Path("/nonexistent"), free_port(), free_port()).endpoint
     client = etcd_client(dead, etcd_member.endpoint, request_timeout_s=10.0)
     try:
         revision, _ = await client.list_prefix(f"/test/{uuid.uuid4().hex}/")
@@ -314,7 +315,7 @@ async def test_a_cluster_too_large_for_etcds_transactions_is_refused_naming_the_
 async def test_the_zone_serves_from_etcd_and_stops(tmp_path: Path, etcd_member: Member) -> None:
     prefix = f"/test/{uuid.uuid4().hex}/"
     text = (
-        f'state_dir = "{tmp_path}"\n[api]\nlisten = "127.0.0.1:{etcd._free_port()}"\n'
+        f'state_dir = "{tmp_path}"\n[api]\nlisten = "127.0.0.1:{free_port()}"\n'
         f'[store]\nbackend = "etcd"\nendpoints = ["{etcd_member.endpoint}"]\n'
         f'prefix = "{prefix}"\n'
     )

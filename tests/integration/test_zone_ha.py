@@ -40,7 +40,8 @@ from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.server import Zone
 from hostagent.zoneclient import ZoneClient
 from tests.conftest import etcd_client
-from tests.etcd import Member, _free_port
+from tests.etcd import Member
+from tests.fakezone import free_port
 from tests.unit.test_zone_driver import StandInAgent
 
 pytestmark = pytest.mark.integration
@@ -67,7 +68,7 @@ def config(tmp_path: Path, endpoint: str, prefix: str, replica: str) -> ZoneServ
     host-secret and pki/), each has its own port."""
     return ZoneServerConfig(
         state_dir=tmp_path / "zone",
-        api=ApiConfig(listen=f"127.0.0.1:{_free_port()}"),
+        api=ApiConfig(listen=f"127.0.0.1:{free_port()}"),
         hosts=HostsConfig(heartbeat_interval_s=0.5, heartbeat_timeout_s=2.0),
         agents=AgentsConfig(retry_initial_s=0.1, retry_max_s=0.5, request_timeout_s=5.0),
         store=StoreConfig(backend="etcd", endpoints=(endpoint,), prefix=prefix),
@@ -168,6 +169,10 @@ def leaders(zones: list[Zone]) -> list[Zone]:
     return [z for z in zones if z.deliverer is not None]
 
 
+async def one_leader(zones: list[Zone]) -> bool:
+    return len(leaders(zones)) == 1
+
+
 async def test_three_replicas_elect_one_leader_that_every_replica_shows(
     harness: Harness, zones: list[Zone]
 ) -> None:
@@ -198,10 +203,7 @@ async def test_three_replicas_elect_one_leader_that_every_replica_shows(
 async def test_a_stopped_leader_hands_over_and_deliveries_go_on(
     harness: Harness, zones: list[Zone]
 ) -> None:
-    async def one_leader() -> bool:
-        return len(leaders(zones)) == 1
-
-    await until(one_leader, 30)
+    await until(lambda: one_leader(zones), 30)
     old = leaders(zones)[0]
     others = [z for z in zones if z is not old]
     url = await harness.agent("h1")
@@ -223,7 +225,7 @@ async def test_a_stopped_leader_hands_over_and_deliveries_go_on(
     await until(lambda: delivered("one/m1"), 30)
     await old.stop()
     zones.remove(old)  # the fixture does not stop it twice
-    took = await until(one_leader, TTL + 10)
+    took = await until(lambda: one_leader(zones), TTL + 10)
     assert took < TTL + 1  # a stopped leader revokes its lease: no wait for the TTL
     status, body = await harness.call(
         "PUT", f"{zones[0].api_url}/v1/clusters/two", json=CLUSTER, headers=harness.admin
@@ -235,10 +237,7 @@ async def test_a_stopped_leader_hands_over_and_deliveries_go_on(
 async def test_a_leader_paused_past_its_lease_cannot_record_a_delivery(
     harness: Harness, zones: list[Zone]
 ) -> None:
-    async def one_leader() -> bool:
-        return len(leaders(zones)) == 1
-
-    await until(one_leader, 30)
+    await until(lambda: one_leader(zones), 30)
     old = leaders(zones)[0]
     assert old.election is not None and isinstance(old.store, EtcdZoneStore)
     fence = old.store.fence
@@ -397,7 +396,7 @@ async def test_a_sigkilled_leader_replica_is_replaced_within_its_ttl(harness: Ha
 async def test_the_agent_and_the_cli_fail_over_from_a_dead_first_url(
     harness: Harness, zones: list[Zone]
 ) -> None:
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     urls = [dead, zones[1].api_url, zones[2].api_url]
     agent_url = await harness.agent("h1")
     token = harness.host("h1")["Authorization"].removeprefix("Bearer ")

@@ -33,7 +33,8 @@ from hostagent.zone.tokens import next_host_token
 from pki import controlca, keys
 from pki.servicecerts import issue_server_cert
 from tests.conftest import require_libvirt
-from tests.e2e.agent import Agent, cleanup, free_port, poll
+from tests.e2e.agent import Agent, cleanup, poll
+from tests.fakezone import free_port
 
 pytestmark = pytest.mark.integration
 HOST_CERT_TTL_S = 24.0  # renewed at 2/3: every 16 s while the tests run
