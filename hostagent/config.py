@@ -114,6 +114,16 @@ class HealthConfig(_Section):
         return self
 
 
+class ImagesConfig(_Section):
+    """`[images]`: images pulled with `PUT /v1/images/{name}` (docs/configuration.md)."""
+
+    unused_ttl_s: Annotated[float, Field(gt=0)] = 86400.0
+    gc_interval_s: Annotated[float, Field(gt=0)] = 600.0
+    download_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    download_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    ca_file: Path | None = None
+
+
 class ExtraFileConfig(_Section):
     """`[[cloudconfig.<role>.files]]`: a file added to the role's write_files."""
 
@@ -328,6 +338,8 @@ class Config(_Section):
     capacity: CapacityConfig = CapacityConfig()
     reconciler: ReconcilerConfig = ReconcilerConfig()
     health: HealthConfig = HealthConfig()
+    # [images] in the file; `images` is the image directory (a property) in the code
+    image_cache: ImagesConfig = Field(default=ImagesConfig(), alias="images")
     cloudconfig: CloudConfigConfig = CloudConfigConfig()
     pki: PkiConfig = PkiConfig()
     network: NetworkConfig = NetworkConfig()

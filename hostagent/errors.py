@@ -81,3 +81,7 @@ def validation_problems(exc: ValidationError, *, plain: bool = False) -> str:
         message = error["msg"].removeprefix("Value error, ") if plain else error["msg"]
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
+
+
+class ImageNotReady(ProvisioningError):
+    """The node's image is still being pulled: the node waits (Pending), it does not fail."""
