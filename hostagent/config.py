@@ -103,6 +103,7 @@ class HealthConfig(_Section):
     report_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     crash_loop_starts: Annotated[int, Field(ge=2)] = 3
     check_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    boot_timeout_s: Annotated[float, Field(gt=0)] = 900.0
 
     @model_validator(mode="after")
     def _timeout(self) -> HealthConfig:

@@ -23,6 +23,7 @@ from common.files import ensure_secret
 from hostagent import __version__, capacity, certificates
 from hostagent.access import KvmDevice, check_qemu_can_reach, kvm_device
 from hostagent.api import api_app, phone_home_app
+from hostagent.bootwatch import BootWatch
 from hostagent.config import Config, read_secret
 from hostagent.errors import LibvirtUnavailable
 from hostagent.hostview import HostFacts, host_view, network_view
@@ -197,6 +198,13 @@ class Agent:
             config.health,
             lambda: self.metrics.loop_error("health"),
         )
+        self.boot_watch = BootWatch(
+            self.store,
+            config.nodes_dir,
+            config.health.boot_timeout_s,
+            config.health.check_interval_s,
+            lambda: self.metrics.loop_error("health"),
+        )
         self.runner = web.AppRunner(self._api_app(), access_log=None)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -354,6 +362,7 @@ class Agent:
             asyncio.create_task(self.rewirer.run()),
             asyncio.create_task(self.health_monitor.run()),
             asyncio.create_task(self.image_collector.run()),
+            asyncio.create_task(self.boot_watch.run()),
         ]
         if self.identity is not None:
             self._tasks.append(asyncio.create_task(self.identity.run()))
