@@ -140,6 +140,7 @@ class Agent:
             unhealthy=self.health.unhealthy,
             images=lambda: dict(Counter(image.phase.value for image in self.store.images())),
             image_bytes=self.image_puller.held_bytes,
+            peers=lambda: {a: h.reachable for a, h in self.peers.health.items()},
         )
         self.image_collector = ImageCollector(
             self.store,

@@ -32,6 +32,7 @@ class Metrics:
         unhealthy: Unhealthy = dict,
         images: Callable[[], dict[str, int]] = dict,
         image_bytes: Callable[[], int] = lambda: 0,
+        peers: Callable[[], dict[str, bool]] = dict,
     ) -> None:
         self.registry = CollectorRegistry()
         self.nodes = Gauge(
@@ -117,6 +118,12 @@ class Metrics:
         )
         for result in ("ready", "failed"):
             self.image_pulls.labels(result=result)
+        self.peer_reachable = Gauge(
+            "hostagent_peer_reachable",
+            "1 when the peer host answered the last underlay check, else 0",
+            ["address"],
+            registry=self.registry,
+        )
         # Standalone agents export no zone series.
         self.zone = ZoneGauges(self.registry) if zone is not None else None
         self._zone = zone
@@ -128,6 +135,7 @@ class Metrics:
         self._unhealthy = unhealthy
         self._images = images
         self._image_bytes = image_bytes
+        self._peers = peers
 
     def image_pulled(self, ok: bool) -> None:
         self.image_pulls.labels(result="ready" if ok else "failed").inc()
@@ -155,6 +163,9 @@ class Metrics:
         for image_phase in ("Downloading", "Ready", "Failed"):
             self.images.labels(phase=image_phase).set(pulled.get(image_phase, 0))
         self.image_bytes.set(self._image_bytes())
+        self.peer_reachable.clear()
+        for address, reachable in self._peers().items():
+            self.peer_reachable.labels(address=address).set(1 if reachable else 0)
         self.node_unhealthy.clear()
         for (cluster, node), reason in self._unhealthy().items():
             self.node_unhealthy.labels(cluster=cluster, node=node, reason=reason).set(1)
