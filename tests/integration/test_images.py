@@ -6,9 +6,14 @@ be deleted; an unused one is collected after its time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
+import os
+import pwd
+import re
+import secrets
 import shutil
 import subprocess
 import tarfile
@@ -18,12 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from pytest_mock import MockerFixture
 
 from hostagent.api import api_app
 from hostagent.capacity import Resources
+from hostagent.certificates import make_backend
 from hostagent.config import Config
 from hostagent.errors import ImageNotReady
 from hostagent.imagecache import ImageCollector
@@ -31,11 +39,13 @@ from hostagent.imagepull import ImagePuller
 from hostagent.images import ImageCatalog, ImageLayout
 from hostagent.imageservice import ImageService
 from hostagent.metrics import Metrics
-from hostagent.model import NodeSpec
+from hostagent.model import NodeKey, NodeSpec, Phase
 from hostagent.networks import StoredPeers
 from hostagent.nodes import NodeService
 from hostagent.provisioner import Provisioner
+from hostagent.reconciler import Reconciler
 from hostagent.store import Store
+from hostagent.virt.libvirt import Libvirt
 from tests.conftest import require
 
 pytestmark = pytest.mark.integration
@@ -374,3 +384,90 @@ async def test_an_unused_image_is_collected_after_its_time(agent: Agent, tmp_pat
     assert await early.collect() == []  # unused from now on: its time starts
     assert await late.collect() == ["pulled"]
     assert agent.puller.held_bytes() == 0
+
+
+async def test_a_node_waits_for_its_image_then_boots_from_it(
+    agent: Agent, tmp_path: Path, mocker: MockerFixture
+) -> None:
+    """The real Reconciler and Provisioner on libvirt's in-process test driver: the node
+    waits Pending while its image downloads (no attempt counted), then its overlay is made
+    on the pulled disk and its domain started. The host network is the one stand-in."""
+    config = Config.model_validate(
+        {
+            "host_id": "h1",
+            "state_dir": str(agent.config.state_dir),
+            "libvirt": {"uri": "test:///default", "qemu_user": pwd.getpwuid(os.getuid()).pw_name},
+            "reconciler": {"max_attempts": 2, "backoff_initial_s": 0.01, "backoff_max_s": 0.05},
+        }
+    )
+    virt = Libvirt(config.libvirt.uri, workers=2, on_lifecycle=print, on_reconnect=print)
+    virt._conn = libvirt.open(config.libvirt.uri)  # connect() minus the keepalive
+    virt.connected.set()
+    provisioner = Provisioner(
+        config,
+        agent.images.catalog,
+        virt,
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        "test",
+        None,  # type: ignore[arg-type]
+        make_backend(config),
+        None,  # type: ignore[arg-type]
+        image_waiting=agent.images.waiting,
+    )
+    mocker.patch.object(provisioner, "ensure_networks", mocker.AsyncMock(return_value=None))
+    reconciler = Reconciler(agent.store, provisioner, config.reconciler, agent.metrics, "h1", 1.0)
+    key = NodeKey(cluster=f"img{secrets.token_hex(4)}", name="w1")
+    source = publish(agent, tmp_path)
+    agent.files.held["disk.qcow2"] = gate = asyncio.Event()
+    await put_image(agent, "pulled", source, 201)
+    running = asyncio.create_task(reconciler.run())
+    try:
+        path = f"/v1/clusters/{key.cluster}/nodes/{key.name}"
+        master = {**SPEC, "role": "master"}  # a worker would need its cluster's masters
+        response = await agent.client.put(path, json=master, headers=AUTH)
+        assert response.status == 201
+        reconciler.enqueue(key)
+
+        def waiting() -> Any:
+            record = agent.store.get(key)
+            return record and re.fullmatch(
+                r"waiting for image 'pulled': \d+ % downloaded", record.message
+            )
+
+        await until("the node to wait", lambda: asyncio.sleep(0, waiting()))
+        assert agent.store.get(key).phase is Phase.PENDING  # type: ignore[union-attr]
+        gate.set()
+
+        def phase() -> Any:
+            record = agent.store.get(key)
+            assert record is not None and record.phase is not Phase.FAILED, record
+            return record.phase is Phase.RUNNING
+
+        await until("the node to run", lambda: asyncio.sleep(0, phase()))
+        assert agent.metrics.registry.get_sample_value("hostagent_reconcile_errors_total") == 0
+        image = agent.images.catalog.get("pulled")
+        assert image is not None
+        overlay = config.nodes_dir / key.cluster / key.name / "disk.qcow2"
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "--output=json", "-U", str(overlay)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
+        assert info["backing-filename"] == str(image.disk)
+        assert await virt.is_active(key.domain)
+        refused = await agent.client.delete("/v1/images/pulled", headers=AUTH)
+        assert refused.status == 409
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        conn = libvirt.open(config.libvirt.uri)
+        with contextlib.suppress(libvirt.libvirtError):
+            domain = conn.lookupByName(key.domain)
+            domain.destroy()
+            domain.undefine()
+        conn.close()
+        await virt.close()
