@@ -91,7 +91,7 @@ errors = error_middleware(STATUS)
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The API token (the CLI, a controller), or on the cluster endpoints the zone's
+    """The API token (the CLI, a controller), or on the cluster and image endpoints the zone's
     client certificate: the server asks for one with mutual TLS, and ssl verified it
     against the zone's CA; a certificate naming anyone else is refused."""
     path = request.path
