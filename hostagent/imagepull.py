@@ -36,7 +36,6 @@ from hostagent.store import ImageRecord, Store
 from hostagent.virt import disk
 
 log = logging.getLogger(__name__)
-CHUNK = 1 << 20
 # The names a qcow2 source's parts get in the image folder (as `hostagent image build`).
 FILE_NAMES = {"kernel": "vmlinuz", "initrd": "initrd.img", "disk": "disk.qcow2"}
 
@@ -283,7 +282,8 @@ async def _stream(
         length = response.headers.get("Content-Length")
         known = length is not None and length.isdigit()
         progress.sizes[part] = partial.written + int(length) if known and length else None
-        async for chunk in response.aiter_bytes(CHUNK):
+        # As received: a chunk held back to fill a bigger one would be lost to a resume.
+        async for chunk in response.aiter_bytes():
             await asyncio.to_thread(partial.append, chunk)
             progress.done[part] = partial.written
 

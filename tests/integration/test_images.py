@@ -17,6 +17,7 @@ import secrets
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,15 +30,18 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pytest_mock import MockerFixture
 
+from common import http
 from hostagent.api import api_app
 from hostagent.capacity import Resources
 from hostagent.certificates import make_backend
 from hostagent.config import Config
+from hostagent.daemon import Agent as DaemonAgent
 from hostagent.errors import ImageNotReady
 from hostagent.imagecache import ImageCollector
 from hostagent.imagepull import ImagePuller
 from hostagent.images import ImageCatalog, ImageLayout
 from hostagent.imageservice import ImageService
+from hostagent.imagesource import ImagePhase
 from hostagent.metrics import Metrics
 from hostagent.model import NodeKey, NodeSpec, Phase
 from hostagent.networks import StoredPeers
@@ -46,7 +50,8 @@ from hostagent.provisioner import Provisioner
 from hostagent.reconciler import Reconciler
 from hostagent.store import Store
 from hostagent.virt.libvirt import Libvirt
-from tests.conftest import require
+from tests.conftest import require, require_libvirt
+from tests.fakezone import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -76,6 +81,9 @@ class Files:
     content: dict[str, bytes] = field(default_factory=dict)
     held: dict[str, asyncio.Event] = field(default_factory=dict)
     gets: list[str] = field(default_factory=list)
+    handlers: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = field(
+        default_factory=dict
+    )
 
 
 FILES = web.AppKey("files", Files)
@@ -85,6 +93,8 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
     files = request.app[FILES]
     path = request.match_info["path"]
     files.gets.append(path)
+    if path in files.handlers:
+        return await files.handlers[path](request)
     if path not in files.content:
         raise web.HTTPNotFound()
     data = files.content[path]
@@ -471,3 +481,104 @@ async def test_a_node_waits_for_its_image_then_boots_from_it(
             domain.undefine()
         conn.close()
         await virt.close()
+
+
+async def test_a_download_cut_off_resumes_where_it_stopped(agent: Agent, tmp_path: Path) -> None:
+    """The server drops the connection half-way through the disk once; the next GET asks
+    for the rest (Range) and the whole still hashes to the digest."""
+    source = publish(agent, tmp_path)
+    data = agent.files.content.pop("disk.qcow2")
+    ranges: list[str | None] = []
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        ranges.append(request.headers.get("Range"))
+        if len(ranges) == 1:
+            response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+            await response.prepare(request)
+            await response.write(data[: len(data) // 2])
+            assert request.transport is not None
+            request.transport.close()  # cut off
+            return response
+        start = int(request.headers["Range"].removeprefix("bytes=").rstrip("-"))
+        return web.Response(
+            status=206,
+            body=data[start:],
+            headers={"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"},
+        )
+
+    agent.files.handlers["disk.qcow2"] = flaky
+    await put_image(agent, "pulled", source, 201)
+    ready = await until("Ready", lambda: phase_of(agent, "pulled", "Ready"))
+    assert ranges == [None, f"bytes={len(data) // 2}-"]
+    image = agent.images.catalog.get("pulled")
+    assert image is not None and image.disk.read_bytes() == data
+    assert ready["status"]["bytes_done"] == ready["status"]["bytes_total"]
+
+
+async def test_a_restarted_agent_pulls_again_what_was_under_way(
+    agent: Agent, tmp_path: Path
+) -> None:
+    source = publish(agent, tmp_path)
+    agent.files.held["disk.qcow2"] = gate = asyncio.Event()
+    await put_image(agent, "pulled", source, 201)
+    await until("the disk to start", lambda: asyncio.sleep(0, "disk.qcow2" in agent.files.gets))
+    await agent.puller.close()  # the agent stops: the record stays Downloading
+    leftover = agent.layout.partial / "pulled-killed"
+    leftover.mkdir()
+    (leftover / "disk").write_bytes(b"half")
+    gate.set()
+    assert agent.store.image("pulled").phase is ImagePhase.DOWNLOADING  # type: ignore[union-attr]
+    await agent.puller.start()
+    await until("Ready", lambda: phase_of(agent, "pulled", "Ready"))
+    assert not leftover.exists()
+
+
+async def test_the_agent_pulls_through_its_api_and_collects_what_nothing_uses(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """The whole agent (hostagent serve's Agent, real libvirtd) with a short unused_ttl_s:
+    the image comes through its API, shows in /metrics, and its collection loop removes it
+    once it has been unused for its time."""
+    require_libvirt()
+    source = publish(agent, tmp_path)
+    state = Path(tempfile.mkdtemp(prefix="hostagent-images-", dir="/var/tmp"))
+    state.chmod(0o711)
+    config = Config.model_validate(
+        {
+            "host_id": "images16-agent",
+            "state_dir": str(state),
+            "api": {"listen": f"127.0.0.1:{free_port()}"},
+            "libvirt": {"domain_type": "qemu"},
+            "images": {"unused_ttl_s": 2, "gc_interval_s": 0.2},
+        }
+    )
+    daemon = DaemonAgent(config)
+    try:
+        await daemon.start()
+        async with http.async_client(f"http://{config.api.listen}", token=daemon.token) as client:
+            created = await client.put("/v1/images/pulled", json=source)
+            assert created.status_code == 201, created.text
+
+            async def ready() -> Any:
+                image = (await client.get("/v1/images/pulled")).json()
+                return image if image["status"]["phase"] == "Ready" else None
+
+            image = await until("Ready", ready)
+            folder = Path(config.images) / ".pulled" / "sha256" / image["digest"][7:]
+            assert folder.is_dir()
+            metrics = (await client.get("/metrics")).text
+            assert 'hostagent_images{phase="Ready"} 1.0' in metrics
+
+            async def collected() -> bool:
+                return (await client.get("/v1/images/pulled")).status_code == 404
+
+            started = time.monotonic()
+            await until("collected", collected)
+            assert time.monotonic() - started > 1.0  # not before its time
+            assert not folder.exists()
+            metrics = (await client.get("/metrics")).text
+            assert "hostagent_image_bytes 0.0" in metrics
+            assert "hostagent_image_removed_bytes_total 0.0" not in metrics
+    finally:
+        await daemon.stop()
+        shutil.rmtree(state)
