@@ -164,7 +164,10 @@ class ImagePuller:
         return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.layout.partial))
 
     async def _fetch_all(self, record: ImageRecord, work: Path, progress: Progress) -> None:
-        tls = http.tls_context(self.config.ca_file)
+        try:
+            tls = http.tls_context(self.config.ca_file)
+        except OSError as exc:  # ssl.SSLError included
+            raise PullFailed(f"[images] ca_file {self.config.ca_file}: {exc}") from exc
         client = http.async_client(tls=tls, timeout_s=self.config.download_timeout_s)
         try:
             async with client, asyncio.TaskGroup() as group:
@@ -272,7 +275,7 @@ async def _stream(
 ) -> None:
     """One GET of the part, resumed from what it holds when the server can (206)."""
     headers = {"Range": f"bytes={partial.written}-"} if partial.written else {}
-    async with client.stream("GET", source.url, headers=headers) as response:
+    async with client.stream("GET", source.url, headers=headers, follow_redirects=True) as response:
         status = response.status_code
         resumed = status == 206 and _range_start(response) == partial.written > 0
         if status != 200 and not resumed:

@@ -582,3 +582,16 @@ async def test_the_agent_pulls_through_its_api_and_collects_what_nothing_uses(
     finally:
         await daemon.stop()
         shutil.rmtree(state)
+
+
+async def test_a_redirect_is_followed(agent: Agent, tmp_path: Path) -> None:
+    source = publish(agent, tmp_path)
+
+    async def moved(_request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound("/disk.qcow2")
+
+    agent.files.handlers["old-disk.qcow2"] = moved
+    source["url"] = f"{agent.base}/old-disk.qcow2"
+    await put_image(agent, "pulled", source, 201)
+    await until("Ready", lambda: phase_of(agent, "pulled", "Ready"))
+    assert agent.files.gets.count("disk.qcow2") == 1
