@@ -7,13 +7,10 @@ for an image that is being deleted (nodes.py checks the image in its own transac
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 
-from pydantic import ValidationError
-
 from common.names import check_name
-from hostagent.errors import Conflict, Invalid, MalformedRequest, NotFound, validation_problems
+from hostagent.errors import Conflict, Invalid, NotFound, parse_body
 from hostagent.imagepull import ImagePuller
 from hostagent.images import IMAGE_JSON, ImageCatalog
 from hostagent.imagesource import (
@@ -35,16 +32,7 @@ def parse_name(name: str) -> str:
 
 
 def parse_source(body: bytes) -> ImageSource:
-    try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise MalformedRequest(f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise MalformedRequest("the body must be a JSON object (an ImageSource)")
-    try:
-        return ImageSource.model_validate(data)
-    except ValidationError as exc:
-        raise Invalid(validation_problems(exc, plain=True)) from exc
+    return parse_body(body, ImageSource, "an ImageSource")
 
 
 def _nodes(users: list[NodeKey]) -> str:

@@ -26,6 +26,7 @@ from hostagent.errors import (
     MalformedRequest,
     NotFound,
     Unauthorized,
+    parse_body,
     validation_problems,
 )
 from hostagent.images import ImageCatalog
@@ -45,16 +46,7 @@ def parse_key(cluster: str, name: str) -> NodeKey:
 
 
 def parse_spec(body: bytes) -> NodeSpec:
-    try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise MalformedRequest(f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise MalformedRequest("the body must be a JSON object (a NodeSpec)")
-    try:
-        return NodeSpec.model_validate(data)
-    except ValidationError as exc:
-        raise Invalid(validation_problems(exc, plain=True)) from exc
+    return parse_body(body, NodeSpec, "a NodeSpec")
 
 
 def to_node(record: NodeRecord, nodes_dir: Path | None, health: NodeHealth) -> Node:
