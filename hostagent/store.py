@@ -227,9 +227,9 @@ class Store:
         def work(db: Connection) -> bool:
             stamp = now()
             cursor = db.execute(
-                "UPDATE images SET phase = ?, message = ?, bytes_total = ?, updated_at = ?, "
-                "unused_since = COALESCE(unused_since, ?) WHERE name = ? AND digest = ?",
-                (phase, message, bytes_total, stamp, stamp, name, digest),
+                "UPDATE images SET phase = ?, message = ?, bytes_total = ?, updated_at = ? "
+                "WHERE name = ? AND digest = ?",
+                (phase, message, bytes_total, stamp, name, digest),
             )
             return cursor.rowcount > 0
 
