@@ -63,12 +63,13 @@ def render(troubled: bool) -> str:
         peers=lambda: {"10.0.0.2": not troubled},
     )
     agent.reconcile_seconds.observe(0.2)
-    agent.libvirt_call_seconds.labels(call="define").observe(0.01)
+    agent.libvirt_call_seconds.labels(call="define").observe(10 if troubled else 0.01)
     agent.phone_homes.labels(result="ok").inc()
     agent.image_pulled(True)
     agent.image_removed(10)
     if troubled:
         agent.loop_error("health")
+        agent.reconcile_errors.inc()
     zone_metrics = ZoneMetrics(
         lambda: {"Ready": 2, "NotReady": 1 if troubled else 0},
         lambda: {"Ready": 1},
