@@ -46,6 +46,8 @@ PURE = (
     "hostagent.zone.rollout",
     "hostagent.zone.remediation",
     "hostagent.nodehealth",
+    "hostagent.imagesource",
+    "hostagent.console",
 )
 
 Graph = dict[str, set[str]]
