@@ -118,12 +118,22 @@ def write_files(tree: Path, files: Mapping[str, str]) -> None:
         path.chmod(0o644)
 
 
-def set_units(tree: Path, enabled: Mapping[str, Iterable[str]], masked: Iterable[str]) -> None:
-    """Enable units by symlinks ("wants dir" -> units) and mask units (-> /dev/null)."""
+def set_units(
+    tree: Path,
+    enabled: Mapping[str, Iterable[str]],
+    masked: Iterable[str],
+    disabled: Iterable[str] = (),
+) -> None:
+    """Enable units by symlinks ("wants dir" -> units), disable units (their packages'
+    "wants" symlinks removed: installed, started only when something enables them) and
+    mask units (-> /dev/null)."""
     units = tree / "etc/systemd/system"
     for wants, names in enabled.items():
         for name in names:
             symlink(units / wants / name, f"/lib/systemd/system/{name}")
+    for name in disabled:
+        for stale in units.glob(f"*.wants/{name}"):
+            stale.unlink()
     for name in masked:
         for stale in units.glob(f"*.wants/{name}"):
             stale.unlink()
