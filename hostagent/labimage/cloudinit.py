@@ -48,7 +48,7 @@ from hostagent.labimage.skeleton import (
     write_image_json,
 )
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 IMAGE_NAME = "lab-cloudinit"
 SUITE = "bookworm"
 # Root is the whole disk (no partition table): cloud-init's resizefs grows it in place
@@ -151,7 +151,8 @@ MASKED: tuple[str, ...] = (
 
 # Units their packages enable that must not start on every boot: a master's cloud-config
 # writes its own etcd.service and keepalived.service (same names, so they replace
-# Debian's) and enables them; a worker runs neither.
+# Debian's) and enables them; a worker runs neither. Disabling also drops etcd's alias
+# etcd2.service, which would name Debian's unit beside the master's.
 DISABLED: tuple[str, ...] = ("etcd.service", "keepalived.service")
 
 # Host tools the build runs: (name, Debian package).

@@ -131,13 +131,24 @@ def set_units(
     for wants, names in enabled.items():
         for name in names:
             symlink(units / wants / name, f"/lib/systemd/system/{name}")
-    for name in disabled:
-        for stale in units.glob(f"*.wants/{name}"):
-            stale.unlink()
+    for name in (*disabled, *masked):
+        disable(units, name)
     for name in masked:
-        for stale in units.glob(f"*.wants/{name}"):
-            stale.unlink()
         symlink(units / name, "/dev/null")
+
+
+def disable(units: Path, name: str) -> None:
+    """What `systemctl disable` removes: the unit's links in the "wants" and "requires"
+    folders and its aliases (links in ``units`` pointing at it). The links point into
+    the tree's /lib, absolute: on the build host they may dangle, so they are found by
+    listing, never by a lookup that follows them."""
+    folders = [units] + [
+        d for d in units.iterdir() if d.is_dir() and d.name.endswith((".wants", ".requires"))
+    ]
+    for folder in folders:
+        for link in folder.iterdir():
+            if link.is_symlink() and name in (link.name, Path(os.readlink(link)).name):
+                link.unlink()
 
 
 def remove_globs(tree: Path, patterns: Iterable[str]) -> None:
