@@ -50,7 +50,10 @@ def masters(nodes: Iterable[NodeRecord]) -> list[MasterRef]:
     return [MasterRef(name=n.name, address=n.address) for n in chosen]
 
 
-def api_endpoint(nodes: Iterable[NodeRecord]) -> str | None:
+def api_endpoint(nodes: Iterable[NodeRecord], vip: str | None = None) -> str | None:
+    """The cluster's VIP, port 6443; a cluster made before VIPs keeps its first master's."""
+    if vip is not None:
+        return f"{vip}:{API_PORT}"
     first = masters(nodes)
     return f"{first[0].address}:{API_PORT}" if first else None
 
@@ -81,9 +84,11 @@ def node_spec(
         ssh_authorized_keys=list(spec.ssh_authorized_keys),
         cluster=NodeClusterSpec(
             masters=masters(nodes),
-            api_endpoint=api_endpoint(nodes),
+            api_endpoint=api_endpoint(nodes, cluster.vip),
             pod_cidr=cluster.pod_cidr,
             service_cidr=cluster.service_cidr,
+            etcd_mode=spec.etcd_mode,
+            vip=cluster.vip,
         ),
     )
 

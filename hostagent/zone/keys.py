@@ -8,7 +8,7 @@ One key per record, under a configurable prefix P (default ``/hostagent/zone/``)
     P hosts/<host>/alive               the id of the host's lease, bound to it: the host is
                                        Ready while the key exists
     P hosts/<host>/placed              bumped whenever a node is placed on the host
-    P clusters/<cluster>               spec, allocations, created_at, deleting
+    P clusters/<cluster>               spec, allocations, created_at, deleting, vip
     P nodes/<cluster>/<node>           role, host, address, created_at, deleting
     P gateways/<cluster>/<host>        the host's address on the cluster network
     P deliveries/<host>/<kind>/<key>   the digest the host's agent acknowledged
@@ -149,6 +149,8 @@ def cluster_value(cluster: ClusterRecord) -> bytes:
         "created_at": cluster.created_at,
         "deleting": cluster.deleting,
     }
+    if cluster.vip is not None:  # a cluster made before VIPs has no key (reads as None)
+        data["vip"] = cluster.vip
     return json.dumps(data, separators=(",", ":")).encode()
 
 
@@ -163,6 +165,7 @@ def cluster_record(name: str, value: bytes) -> ClusterRecord:
         service_cidr=data["service_cidr"],
         created_at=data["created_at"],
         deleting=data["deleting"],
+        vip=data.get("vip"),
     )
 
 

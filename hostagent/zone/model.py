@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from common.names import check_name
 from hostagent.config import check_token_url
-from hostagent.model import check_kubernetes_version, check_ssh_keys
+from hostagent.model import EtcdMode, check_kubernetes_version, check_ssh_keys
 
 
 class _Strict(BaseModel):
@@ -45,6 +45,11 @@ class ClusterSpec(_Strict):
     workers: PoolSpec = PoolSpec(count=0)
     ssh_authorized_keys: list[Annotated[str, Field(max_length=16_384)]] = Field(
         default_factory=list, max_length=64
+    )
+    etcd_mode: EtcdMode = Field(
+        default=EtcdMode.STATIC_POD,
+        description="how masters run etcd: static-pod, or systemd (the image's etcd as a "
+        "unit, for images without a container runtime)",
     )
 
     @field_validator("kubernetes_version")

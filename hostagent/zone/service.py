@@ -255,13 +255,14 @@ class ZoneService:
         def taken(attribute: str) -> list[ipaddress.IPv4Network]:
             return [ipaddress.IPv4Network(getattr(c, attribute)) for c in clusters]
 
+        node_subnet = alloc.next_subnet(
+            ipaddress.IPv4Network(net.node_pool), 24, taken("node_subnet"), "node_pool"
+        )
         return ClusterRecord(
             name=name,
             spec=spec,
             vni=alloc.next_vni(vnis, net.vni_min, net.vni_max),
-            node_subnet=alloc.next_subnet(
-                ipaddress.IPv4Network(net.node_pool), 24, taken("node_subnet"), "node_pool"
-            ),
+            node_subnet=node_subnet,
             pod_cidr=alloc.next_subnet(
                 ipaddress.IPv4Network(net.pod_pool), 20, taken("pod_cidr"), "pod_pool"
             ),
@@ -269,6 +270,7 @@ class ZoneService:
                 ipaddress.IPv4Network(net.service_pool), 24, taken("service_cidr"), "service_pool"
             ),
             created_at=stamp(),
+            vip=alloc.vip_address(node_subnet),
         )
 
     def _place(

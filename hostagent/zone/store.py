@@ -47,6 +47,7 @@ class ClusterRecord:
     service_cidr: str
     created_at: str
     deleting: bool = False
+    vip: str | None = None  # the masters' VRRP address; None for clusters made before it
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,8 @@ CREATE TABLE IF NOT EXISTS clusters (
     pod_cidr     TEXT NOT NULL UNIQUE,
     service_cidr TEXT NOT NULL UNIQUE,
     created_at   TEXT NOT NULL,
-    deleting     INTEGER NOT NULL DEFAULT 0
+    deleting     INTEGER NOT NULL DEFAULT 0,
+    vip          TEXT
 );
 CREATE TABLE IF NOT EXISTS nodes (
     cluster    TEXT NOT NULL REFERENCES clusters (name),
@@ -180,6 +182,8 @@ class SqliteZoneStore:
 
     def __init__(self, path: Path) -> None:
         self.db = Database(path, SCHEMA)
+        # A zone.db made before clusters had a VIP: its clusters keep none (NULL).
+        self.db.add_column("clusters", "vip", "TEXT")
         # Each host's report as last validated, with the JSON it came from: a report is
         # validated again only when it changed, not on every read of every host.
         self._reports: dict[str, tuple[str, HostReport]] = {}
@@ -274,7 +278,7 @@ class SqliteZoneStore:
         def work(db: Connection) -> None:
             db.execute(
                 "INSERT INTO clusters (name, spec, vni, node_subnet, pod_cidr, service_cidr, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "created_at, vip) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     cluster.name,
                     cluster.spec.model_dump_json(),
@@ -283,6 +287,7 @@ class SqliteZoneStore:
                     cluster.pod_cidr,
                     cluster.service_cidr,
                     cluster.created_at,
+                    cluster.vip,
                 ),
             )
             _insert(db, nodes, gateways)
@@ -478,6 +483,7 @@ def _cluster(row: Row) -> ClusterRecord:
         service_cidr=row["service_cidr"],
         created_at=row["created_at"],
         deleting=bool(row["deleting"]),
+        vip=row["vip"],
     )
 
 

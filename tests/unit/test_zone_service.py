@@ -102,7 +102,8 @@ async def test_create_allocates_places_and_makes_the_cas(service: ZoneService) -
     assert sorted(nodes) == ["m1", "m2", "m3", "w1", "w2"]
     assert len({nodes[m]["host"] for m in ("m1", "m2", "m3")}) == 3
     assert nodes["m1"]["address"] == "10.128.0.10"
-    assert status["api_endpoint"] == "10.128.0.10:6443"
+    assert status["api_endpoint"] == "10.128.0.5:6443"  # the VIP (alloc.VIP_OFFSET)
+    assert status["vip"] == "10.128.0.5"
     assert status["phase"] == "Provisioning"
     assert {n["phase"] for n in nodes.values()} == {"Pending"}
     assert set(service.pki.ca_certificates("demo")) == {"kubernetes", "etcd", "front-proxy"}
