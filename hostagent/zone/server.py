@@ -29,6 +29,7 @@ from hostagent.zone.controlplane import ControlPlane
 from hostagent.zone.driver import Deliverer
 from hostagent.zone.election import Election
 from hostagent.zone.etcdstore import EtcdZoneStore
+from hostagent.zone.roller import Roller
 from hostagent.zone.service import ZoneService
 from hostagent.zone.stores import make_store
 from pki.backend import Backend
@@ -64,6 +65,7 @@ class Zone:
             self.service.hosts_at if config.agents.verify_host_names else None,
         )
         self.deliverer: Deliverer | None = None  # while this replica leads
+        self.roller: Roller | None = None  # likewise
         self.passes = 0  # of the Deliverers this replica ran before the current one
         self.metrics = ZoneMetrics(
             self._hosts_by_state,
@@ -100,8 +102,13 @@ class Zone:
         await self.deliverer.start()
         if isinstance(self.store, EtcdZoneStore):  # changes other replicas made wake hosts
             self.store.mirror.on_hosts = self.deliverer.kick
+        self.roller = Roller(self.service, self.config.rollout, self.config.remediation)
+        await self.roller.start()
 
     async def _follow(self) -> None:
+        roller, self.roller = self.roller, None
+        if roller is not None:
+            await roller.close()
         deliverer, self.deliverer = self.deliverer, None
         self.service.on_change = lambda hosts: None
         if isinstance(self.store, EtcdZoneStore):
@@ -146,7 +153,7 @@ class Zone:
 
     def _clusters_by_phase(self) -> dict[str, int]:
         phases = [cluster["status"]["phase"] for cluster in self.service.clusters()]
-        return _count(phases, ("Provisioning", "Ready", "Degraded", "Deleting"))
+        return _count(phases, ("Provisioning", "Ready", "Upgrading", "Degraded", "Deleting"))
 
     async def start(self) -> None:
         await self.store.start()
