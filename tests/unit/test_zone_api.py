@@ -224,7 +224,9 @@ async def test_cluster_lifecycle_codes(client: TestClient[Any, Any]) -> None:
     down = {**CLUSTER, "kubernetes_version": "1.30.4"}
     error = await error_of(await client.put("/v1/clusters/demo", json=down, headers=ADMIN), 422)
     assert "cannot go down" in error["message"]
-    rolled = await client.put("/v1/clusters/demo", json={**CLUSTER, "image": "other"}, headers=ADMIN)
+    rolled = await client.put(
+        "/v1/clusters/demo", json={**CLUSTER, "image": "other"}, headers=ADMIN
+    )
     assert (await rolled.json())["status"]["phase"] == "Upgrading"
     gone = await client.delete("/v1/clusters/demo", headers=ADMIN)
     assert gone.status == 202
