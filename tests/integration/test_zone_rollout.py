@@ -14,11 +14,13 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from hostagent.config import ApiConfig
@@ -27,6 +29,7 @@ from hostagent.zone.auth import host_token
 from hostagent.zone.config import (
     AgentsConfig,
     HostsConfig,
+    RemediationConfig,
     ReplicaConfig,
     RolloutConfig,
     StoreConfig,
@@ -65,6 +68,7 @@ class Lab:
     urls: dict[str, str] = field(default_factory=dict)  # agent URLs
     zones: list[Zone] = field(default_factory=list)
     not_ready: set[str] = field(default_factory=set)  # "cluster/node" reported Running
+    unhealthy: dict[str, str] = field(default_factory=dict)  # "cluster/node" -> since
 
     @property
     def token(self) -> str:
@@ -80,6 +84,7 @@ class Lab:
                 store=StoreConfig(backend="etcd", endpoints=(self.endpoint,), prefix=self.prefix),
                 replica=ReplicaConfig(id=replica, leader_lease_ttl_s=2),
                 rollout=RolloutConfig(interval_s=0.2),
+                remediation=RemediationConfig(unhealthy_for_s=1.0),
             )
         )
         await zone.start()
@@ -99,6 +104,9 @@ class Lab:
                     "name": key.partition("/")[2],
                     "phase": "Running" if key in self.not_ready else "Ready",
                     "spec_hash": NodeSpec.model_validate(spec).spec_hash(),
+                    "health": {"healthy": False, "reason": "crash-loop", "since": since}
+                    if (since := self.unhealthy.get(key))
+                    else {"healthy": True},
                 }
                 for key, spec in agent.nodes.items()
                 if key not in agent.deleting
@@ -242,3 +250,36 @@ async def test_a_master_never_ready_stops_the_rollout_and_the_cli_says_why(lab: 
     assert command.returncode != 0, text
     assert "rollout stopped: master m1 is not Ready" in text
     assert lab.versions()["m2"] == "1.30.5"  # nothing further touched
+
+
+async def test_a_crash_looping_worker_is_drained_then_replaced_by_the_leader(lab: Lab) -> None:
+    seen: list[tuple[bool, bool]] = []  # at each hook call: w1 held by its agent, deleting
+
+    async def drain(request: web.Request) -> web.Response:
+        body = await request.json()
+        held = [a for a in lab.agents.values() if "demo/w1" in a.nodes]
+        seen.append((bool(held), any("demo/w1" in a.deleting for a in held)))
+        assert body["node"] == "w1" and body["reason"].startswith("remediation")
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/drain", drain)
+    hook = TestServer(app, host="127.0.0.1")
+    await hook.start_server()
+    try:
+        await create(lab, cluster("1.31.2", drain_hook={"url": str(hook.make_url("/drain"))}))
+        lab.unhealthy["demo/w1"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+        async def replaced() -> bool:
+            names = set(lab.versions())
+            return "w1" not in names and "w3" in names
+
+        await until(replaced, 60)
+    finally:
+        await hook.close()
+    assert seen == [(True, False)]  # called once, before the agent was told to delete
+    leader = next(z for z in lab.zones if z.deliverer is not None)
+    events = leader.service.cluster("demo")["status"]["events"]
+    assert [e["kind"] for e in events] == ["remediation", "drain"]
+    assert events[0]["message"].startswith("replacing worker w1 by w3: crash-loop")
+    assert events[1]["message"].startswith("drain hook answered 200 in")
