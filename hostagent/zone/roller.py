@@ -78,6 +78,7 @@ class Roller:
                 clusters = self.service.store.clusters()
             except StoreUnavailable:
                 continue
+            self._tasks = {c: t for c, t in self._tasks.items() if not t.done()}
             for record in clusters:
                 running = self._tasks.get(record.name)
                 if record.deleting or (running is not None and not running.done()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
@@ -25,7 +26,7 @@ from hostagent.zone.config import RemediationConfig, RolloutConfig, ZoneServerCo
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.roller import Roller
 from hostagent.zone.service import ZoneService
-from hostagent.zone.store import MAX_EVENTS, ClusterEvent, ZoneStore
+from hostagent.zone.store import MAX_EVENTS, ClusterEvent, SqliteZoneStore, ZoneStore
 from pki.local import LocalBackend
 from tests.conftest import StoreFactory
 
@@ -383,3 +384,22 @@ async def test_events_are_bounded_and_survive_a_reopened_store(
     await zone.service.delete_cluster("demo")
     await zone.gone()
     assert zone.service.store.events("demo") == []
+
+
+async def test_a_database_from_before_rollouts_gets_its_node_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # the nodes table as it was, with one node
+        db.execute(
+            "CREATE TABLE nodes (cluster TEXT NOT NULL, name TEXT NOT NULL, role TEXT NOT NULL, "
+            "host TEXT NOT NULL, address TEXT NOT NULL, created_at TEXT NOT NULL, "
+            "deleting INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (cluster, name))"
+        )
+        db.execute("INSERT INTO nodes VALUES ('demo', 'm1', 'master', 'h1', '10.128.0.10', 'c', 0)")
+    db.close()
+    store = SqliteZoneStore(path)
+    await store.start()
+    try:
+        (node,) = store.nodes("demo")
+        assert node.shape is None and node.generation == 0  # the cluster's spec, as before
+    finally:
+        await store.close()
