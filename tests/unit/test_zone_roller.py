@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestServer
 from hostagent.errors import Invalid
 from hostagent.model import Role
 from hostagent.zone.config import RemediationConfig, RolloutConfig, ZoneServerConfig
+from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.roller import Roller
 from hostagent.zone.service import ZoneService
@@ -403,3 +404,46 @@ async def test_a_database_from_before_rollouts_gets_its_node_columns(tmp_path: P
         assert node.shape is None and node.generation == 0  # the cluster's spec, as before
     finally:
         await store.close()
+
+
+async def test_a_drain_hook_that_fails_first_is_asked_again(zone: Zone, hook: Hook) -> None:
+    hook.status = 500
+    await created(zone, spec(workers=1, drain_hook={"url": hook.url, "timeout_s": 10}))
+    zone.unhealthy["w1"] = zone.clock.now
+    zone.clock.now += 61
+    await zone.reports()
+
+    async def recover() -> None:
+        while not hook.calls:
+            await asyncio.sleep(0.01)
+        hook.status = 200
+
+    recovering = asyncio.create_task(recover())
+    await zone.roller.step("demo")
+    await recovering
+    assert len(hook.calls) >= 2
+    (drained,) = [
+        e for e in zone.service.cluster("demo")["status"]["events"] if e["kind"] == "drain"
+    ]
+    assert drained["message"].startswith("drain hook answered 200")
+
+
+async def test_a_worker_whose_host_stopped_reporting_is_replaced_elsewhere(zone: Zone) -> None:
+    await created(zone, spec(workers=1))
+    lost = zone.nodes()["w1"]["host"]
+    store = zone.service.store
+    if isinstance(store, EtcdZoneStore):  # its lease ends, as if it expired
+        await store.etcd.revoke(store.mirror.alive[lost])
+        await store.mirror.until(lambda: lost not in store.mirror.alive, 10.0)
+    others = [i for i in (1, 2, 3, 4) if f"h{i}" != lost]
+    zone.clock.now += 30  # past heartbeat_timeout_s (SQLite)
+    await zone.reports(others)
+    await zone.roller.step("demo")
+    assert "w1" in zone.nodes() and "w2" not in zone.nodes()  # not silent long enough
+    zone.clock.now += 61
+    await zone.reports(others)
+    await zone.roller.step("demo")
+    nodes = zone.nodes()
+    assert nodes["w1"]["phase"] == "Deleting" and nodes["w2"]["host"] != lost
+    (event,) = zone.service.cluster("demo")["status"]["events"]
+    assert f"host {lost} is not reporting" in event["message"]
