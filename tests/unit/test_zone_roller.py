@@ -54,7 +54,8 @@ class Zone:
         )
         self.clock = clock
         self.service = ZoneService(store, self.config, LocalBackend(tmp_path / "pki"), clock=clock)
-        self.roller = Roller(self.service, RolloutConfig(), self.config.remediation)
+        # The tests step the Roller themselves: its own loop runs only when kicked.
+        self.roller = Roller(self.service, RolloutConfig(interval_s=3600), self.config.remediation)
         self.not_ready: set[str] = set()
         self.unhealthy: dict[str, float] = {}  # node -> since
 
@@ -136,6 +137,7 @@ async def zone(tmp_path: Path, zone_stores: StoreFactory) -> AsyncIterator[Zone]
     zone = Zone(tmp_path, await zone_stores(), Clock())
     await zone.reports()
     await zone.roller.start()
+    zone.service.on_rollout = lambda cluster: None
     yield zone
     await zone.roller.close()
 
@@ -185,7 +187,8 @@ async def test_a_node_not_ready_in_time_stops_the_rollout_and_nothing_further_is
     rollout = {"ready_timeout_s": 30}
     await created(zone, spec(rollout=rollout))
     await zone.service.put_cluster("demo", spec("1.31.2", rollout=rollout))
-    zone.not_ready.add("m1")
+    await zone.roller.step("demo")  # m1 re-created at 1.31.2 ...
+    zone.not_ready.add("m1")  # ... and never Ready again
     for _ in range(3):
         await zone.reports()
         await zone.roller.step("demo")
@@ -230,6 +233,7 @@ async def test_a_new_leader_carries_the_rollout_on_from_the_store(
     assert 0 < len(done) < 6
     successor = Zone(tmp_path, await zone_stores(), zone.clock)  # nothing kept in memory
     await successor.roller.start()
+    successor.service.on_rollout = lambda cluster: None
     try:
         await successor.settle()
         assert {n["kubernetes_version"] for n in successor.nodes().values()} == {"1.31.2"}
