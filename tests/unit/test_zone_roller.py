@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,16 +21,18 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from hostagent.errors import Invalid
+from hostagent.errors import Invalid, NotLeader
 from hostagent.model import Role
 from hostagent.zone.config import RemediationConfig, RolloutConfig, ZoneServerConfig
+from hostagent.zone.etcd import Delete
 from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.roller import Roller
 from hostagent.zone.service import ZoneService
 from hostagent.zone.store import MAX_EVENTS, ClusterEvent, SqliteZoneStore, ZoneStore
 from pki.local import LocalBackend
-from tests.conftest import StoreFactory
+from tests.conftest import StoreFactory, etcd_client
+from tests.etcd import Member
 
 
 class Clock:
@@ -451,3 +454,23 @@ async def test_a_worker_whose_host_stopped_reporting_is_replaced_elsewhere(zone:
     assert nodes["w1"]["phase"] == "Deleting" and nodes["w2"]["host"] != lost
     (event,) = zone.service.cluster("demo")["status"]["events"]
     assert f"host {lost} is not reporting" in event["message"]
+
+
+async def test_a_replica_that_does_not_lead_cannot_write_events_or_re_create_nodes(
+    etcd_member: Member,
+) -> None:
+    prefix = f"/test/{uuid.uuid4().hex}/"
+    store = EtcdZoneStore(etcd_client(etcd_member.endpoint), prefix)
+    await store.start()
+    try:
+        store.fence = 12345  # a term whose leader key is gone
+        event = ClusterEvent(1.0, "remediation", "w1", Role.WORKER, "replacing w1")
+        with pytest.raises(NotLeader):
+            await store.add_event("demo", event)
+        assert store.events("demo") == []
+        store.fence = None  # no term (as set_delivery): written unfenced
+        await store.add_event("demo", event)
+        assert store.events("demo") == [event]
+    finally:
+        await store.etcd.txn([], [Delete(prefix, prefix=True)])
+        await store.close()
