@@ -123,7 +123,7 @@ class Roller:
         )
         by_name = {o.node.name: o for o in observed}
         for node in decision.replace:
-            await self._remediate(record, nodes, by_name[node])
+            await self._remediate(record, by_name[node])
 
     async def _stopped(self, record: ClusterRecord, plan: Plan) -> None:
         """Say once (an event) why the rollout stopped."""
@@ -158,9 +158,7 @@ class Roller:
             log.info("cluster %s: removing workers %s", name, ", ".join(n.name for n in removed))
             await service.remove_nodes(name, [w.name for w in removed])
 
-    async def _remediate(
-        self, record: ClusterRecord, nodes: Sequence[NodeRecord], found: observe.Observed
-    ) -> None:
+    async def _remediate(self, record: ClusterRecord, found: observe.Observed) -> None:
         node, name = found.node, record.name
         if node.role is Role.MASTER and found.reason.startswith("host "):
             return  # a master is re-created in place only, which needs its host
@@ -169,7 +167,7 @@ class Roller:
         if node.role is Role.MASTER:
             message = f"re-creating master {node.name} in place: {why}"
         else:
-            new = _next_worker(nodes)
+            new = _next_worker(self.service.store.nodes(name))  # after any made just now
             message = f"replacing worker {node.name} by {new}: {why}"
         # Recorded before it is done: the window counts it even if this leader dies now.
         await self._event(name, observe.REMEDIATION, node.name, node.role, message)

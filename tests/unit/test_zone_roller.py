@@ -27,6 +27,7 @@ from hostagent.zone.config import RemediationConfig, RolloutConfig, ZoneServerCo
 from hostagent.zone.etcd import Delete
 from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.model import ClusterSpec, HostReport
+from hostagent.zone.remediation import Limits
 from hostagent.zone.roller import Roller
 from hostagent.zone.service import ZoneService
 from hostagent.zone.store import MAX_EVENTS, ClusterEvent, SqliteZoneStore, ZoneStore
@@ -474,3 +475,24 @@ async def test_a_replica_that_does_not_lead_cannot_write_events_or_re_create_nod
     finally:
         await store.etcd.txn([], [Delete(prefix, prefix=True)])
         await store.close()
+
+
+async def test_two_workers_replaced_in_one_window_get_two_new_names(
+    tmp_path: Path, zone_stores: StoreFactory
+) -> None:
+    zone = Zone(tmp_path, await zone_stores(), Clock())
+    zone.roller.limits = Limits(unhealthy_for_s=60, window_s=600, max_fraction=1.0)
+    await zone.reports()
+    await zone.roller.start()
+    zone.service.on_rollout = lambda cluster: None
+    try:
+        await created(zone, spec(workers=2))
+        zone.unhealthy.update({"w1": zone.clock.now, "w2": zone.clock.now})
+        zone.clock.now += 61
+        await zone.reports()
+        await zone.roller.step("demo")
+        nodes = zone.nodes()
+        assert nodes["w1"]["phase"] == nodes["w2"]["phase"] == "Deleting"
+        assert {"w3", "w4"} <= set(nodes)
+    finally:
+        await zone.roller.close()
