@@ -62,6 +62,7 @@ class Zone:
         self.roller = Roller(self.service, RolloutConfig(interval_s=3600), self.config.remediation)
         self.not_ready: set[str] = set()
         self.unhealthy: dict[str, float] = {}  # node -> since
+        self.held: dict[str, str] = {}  # node -> the spec hash its agent still reports
 
     async def reports(self, hosts: Iterable[int] = (1, 2, 3, 4)) -> None:
         """Every host reports its nodes as an agent that applied what the zone sends."""
@@ -80,7 +81,7 @@ class Zone:
                         "cluster": cluster,
                         "name": name,
                         "phase": phase,
-                        "spec_hash": spec.spec_hash(),
+                        "spec_hash": self.held.get(name, spec.spec_hash()),
                         "health": health,
                     }
                 )
@@ -496,3 +497,20 @@ async def test_two_workers_replaced_in_one_window_get_two_new_names(
         assert {"w3", "w4"} <= set(nodes)
     finally:
         await zone.roller.close()
+
+
+async def test_a_master_is_ready_again_only_at_the_spec_it_was_sent(zone: Zone) -> None:
+    await created(zone, spec(workers=0))
+    old = zone.service.work(zone.nodes()["m1"]["host"]).nodes["demo/m1"].spec_hash()
+    await zone.service.put_cluster("demo", spec("1.31.2", workers=0))
+    zone.held["m1"] = old  # its agent has not re-created it yet: Ready, at the old spec
+    for _ in range(3):
+        await zone.reports()
+        await zone.roller.step("demo")
+    versions = {n: v["kubernetes_version"] for n, v in zone.nodes().items()}
+    assert versions == {"m1": "1.31.2", "m2": "1.30.5", "m3": "1.30.5"}
+    message = zone.service.cluster("demo")["status"]["message"]
+    assert message == "0/3 nodes at 1.31.2; waiting for master m1 to become Ready"
+    del zone.held["m1"]
+    await zone.settle()
+    assert {v["kubernetes_version"] for v in zone.nodes().values()} == {"1.31.2"}
