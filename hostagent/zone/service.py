@@ -343,7 +343,8 @@ class ZoneService:
         self._check_rollout(current, spec, live)
         changed = replace(current, spec=spec)
         if observe.rolling(changed, live):
-            await self._start_rollout(current, spec, live)
+            if spec != current.spec:  # the same PUT again changes nothing
+                await self._start_rollout(current, spec, live)
             return
         workers = sorted(
             (n for n in live if n.role is Role.WORKER), key=lambda n: alloc.node_index(n.name)
