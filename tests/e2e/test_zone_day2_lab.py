@@ -2,7 +2,8 @@
 a worker whose VM is destroyed until it crash-loops, and a worker whose guest stops
 reporting (its VM paused), are both replaced by new workers within the configured time,
 and the cluster's drain hook (a webhook server on the lab's bridge address) is called
-before each removal, the events saying so. Its own lab root, bridge, subnet and veth
+before each removal, the events saying so; a hook that does not answer in time is given
+up after its timeout. Its own lab root, bridge, subnet and veth
 prefix; run it under `flock /tmp/lab.lock` (one lab on a machine at a time)."""
 
 from __future__ import annotations
@@ -47,19 +48,27 @@ unhealthy_for_s = {UNHEALTHY_FOR_S}
 window_s = 5.0
 """
 POOL = {"vcpus": 1, "memory_mib": 256, "disk_gib": 1}
+HOOK_TIMEOUT_S = 3.0
+SLOW_S = 30.0
 
 
 class Hook:
-    """The drain hook: records each call (with the time) and answers 200."""
+    """The drain hook: records each call (with the time) and answers 200, for the nodes
+    in `slow` only after SLOW_S (past the hook's timeout)."""
 
     def __init__(self, address: str) -> None:
         self.calls: list[tuple[float, dict[str, Any]]] = []
-        calls = self.calls
+        self.slow: set[str] = set()
+        self.released = threading.Event()  # ends every slow answer at once (teardown)
+        calls, slow, released = self.calls, self.slow, self.released
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
-                calls.append((time.monotonic(), json.loads(self.rfile.read(length))))
+                body = json.loads(self.rfile.read(length))
+                calls.append((time.monotonic(), body))
+                if body["node"] in slow:
+                    released.wait(SLOW_S)
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -73,6 +82,7 @@ class Hook:
         self.thread.start()
 
     def close(self) -> None:
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -130,7 +140,7 @@ def test_crash_looping_and_silent_workers_are_drained_and_replaced(lab: Day2Lab)
         "image": "lab",
         "masters": {"count": 1, **POOL},
         "workers": {"count": 2, **POOL},
-        "drain_hook": {"url": lab.hook.url},
+        "drain_hook": {"url": lab.hook.url, "timeout_s": HOOK_TIMEOUT_S},
     }
     lab.zone.put_cluster("day2", spec)
     poll(lambda: lab.zone.cluster("day2")["status"]["phase"] == "Ready", 600, "day2 Ready", 1.0)
@@ -149,7 +159,9 @@ def test_crash_looping_and_silent_workers_are_drained_and_replaced(lab: Day2Lab)
     poll(crash_looped, 300, "w1 replaced by a Ready w3", 1.0)
     crash_s = time.monotonic() - start
 
-    # w2: its guest silenced (the VM paused: its domain still runs, nothing reports).
+    # w2: its guest silenced (the VM paused: its domain still runs, nothing reports); its
+    # drain hook does not answer in time, and the zone goes on after HOOK_TIMEOUT_S.
+    lab.hook.slow.add("w2")
     host = lab.nodes()["w2"]["host"]
     lab.virsh(host, "suspend", "day2-w2")
     start = time.monotonic()
@@ -161,12 +173,13 @@ def test_crash_looping_and_silent_workers_are_drained_and_replaced(lab: Day2Lab)
     assert silent_s < REPORT_TIMEOUT_S + UNHEALTHY_FOR_S + 90
 
     called = [body for _, body in lab.hook.calls]
-    assert [b["node"] for b in called] == ["w1", "w2"]
+    assert [b["node"] for b in called][:2] == ["w1", "w2"]
     assert all(b["cluster"] == "day2" and b["role"] == "worker" for b in called)
     events = lab.zone.cluster("day2")["status"]["events"][::-1]  # oldest first
     kinds = [(e["kind"], e["node"]) for e in events]
     assert kinds == [("drain", "w1"), ("remediation", "w1"), ("drain", "w2"), ("remediation", "w2")]
-    assert all(e["message"].startswith("drain hook answered 200") for e in events[::2])
+    assert events[0]["message"].startswith("drain hook answered 200")
+    assert events[2]["message"].startswith(f"drain hook timed out after {HOOK_TIMEOUT_S:.0f} s")
     assert "crash-loop" in events[1]["message"] or "failed" in events[1]["message"]
     assert "guest-not-reporting" in events[3]["message"]
     lab.zone.delete_cluster("day2")
