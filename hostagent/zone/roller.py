@@ -163,12 +163,13 @@ class Roller:
         if node.role is Role.MASTER and found.reason.startswith("host "):
             return  # a master is re-created in place only, which needs its host
         why = found.reason or "unhealthy"
-        await self._drain(record, node, f"remediation: {why}")
         if node.role is Role.MASTER:
             message = f"re-creating master {node.name} in place: {why}"
         else:
             new = _next_worker(self.service.store.nodes(name))  # after any made just now
+            self.service.check_room(name, new, node.name)  # else no drain, no budget spent
             message = f"replacing worker {node.name} by {new}: {why}"
+        await self._drain(record, node, f"remediation: {why}")
         # Recorded before it is done: the window counts it even if this leader dies now.
         await self._event(name, observe.REMEDIATION, node.name, node.role, message)
         log.warning("cluster %s: %s", name, message)

@@ -436,6 +436,16 @@ class ZoneService:
     async def remove_nodes(self, cluster: str, names: list[str]) -> None:
         await self.replace_workers(cluster, [], names)
 
+    def check_room(self, cluster: str, name: str, instead_of: str) -> None:
+        """OutOfCapacity (nothing written) when worker `name` cannot be placed in place of
+        `instead_of`: checked before a replacement calls the drain hook or spends budget."""
+        record = self.store.cluster(cluster)
+        if record is None:
+            raise NotFound(f"cluster {cluster} does not exist")
+        live = [n for n in self.store.nodes(cluster) if not n.deleting]
+        placed = {n.name: (n.role, n.host) for n in live if n.name != instead_of}
+        self._place(cluster, [_request(name, Role.WORKER, record.spec)], placed)
+
     async def replace_workers(self, cluster: str, add: list[str], remove: list[str]) -> None:
         """In one write: new workers placed, and the workers `remove` marked for removal."""
         async with self._lock:

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from hostagent.errors import Invalid, NotLeader
+from hostagent.errors import Invalid, NotLeader, OutOfCapacity
 from hostagent.model import Role
 from hostagent.zone.config import RemediationConfig, RolloutConfig, ZoneServerConfig
 from hostagent.zone.etcd import Delete
@@ -63,6 +63,7 @@ class Zone:
         self.not_ready: set[str] = set()
         self.unhealthy: dict[str, float] = {}  # node -> since
         self.held: dict[str, str] = {}  # node -> the spec hash its agent still reports
+        self.full = False  # every host reports all its memory allocated
 
     async def reports(self, hosts: Iterable[int] = (1, 2, 3, 4)) -> None:
         """Every host reports its nodes as an agent that applied what the zone sends."""
@@ -85,7 +86,7 @@ class Zone:
                         "health": health,
                     }
                 )
-            await self.service.report(host, report(i, nodes))
+            await self.service.report(host, report(i, nodes, full=self.full))
 
     async def settle(self, name: str = "demo", steps: int = 40) -> list[dict[str, Any]]:
         """Report and step until the rollout is done; the cluster's views on the way."""
@@ -111,7 +112,7 @@ class Zone:
         return {n["name"]: n for n in self.service.cluster(name)["status"]["nodes"]}
 
 
-def report(i: int, nodes: list[dict[str, Any]]) -> HostReport:
+def report(i: int, nodes: list[dict[str, Any]], *, full: bool = False) -> HostReport:
     return HostReport.model_validate(
         {
             "api_url": f"https://10.250.0.{10 + i}:8470",
@@ -119,7 +120,7 @@ def report(i: int, nodes: list[dict[str, Any]]) -> HostReport:
             "underlay_address": f"10.250.0.{10 + i}",
             "failure_domain": f"fd-{i}",
             "allocatable": {"vcpus": 64, "memory_mib": 65536, "disk_gib": 500},
-            "allocated": {"vcpus": 0, "memory_mib": 0, "disk_gib": 0},
+            "allocated": {"vcpus": 0, "memory_mib": 65536 if full else 0, "disk_gib": 0},
             "nodes": nodes,
         }
     )
@@ -514,3 +515,20 @@ async def test_a_master_is_ready_again_only_at_the_spec_it_was_sent(zone: Zone) 
     del zone.held["m1"]
     await zone.settle()
     assert {v["kubernetes_version"] for v in zone.nodes().values()} == {"1.31.2"}
+
+
+async def test_no_room_for_a_replacement_spends_neither_the_hook_nor_the_budget(
+    zone: Zone, hook: Hook
+) -> None:
+    await created(zone, spec(workers=1, drain_hook={"url": hook.url}))
+    zone.unhealthy["w1"] = zone.clock.now
+    zone.clock.now += 61
+    zone.full = True
+    await zone.reports()
+    with pytest.raises(OutOfCapacity):
+        await zone.roller.step("demo")
+    assert hook.calls == [] and zone.service.cluster("demo")["status"]["events"] == []
+    zone.full = False  # room again: replaced at once, the window untouched
+    await zone.reports()
+    await zone.roller.step("demo")
+    assert zone.nodes()["w1"]["phase"] == "Deleting" and "w2" in zone.nodes()
