@@ -96,14 +96,20 @@ class Zone:
             )
 
     async def _lead(self) -> None:
-        """Run the deliveries: this replica is the leader (or the only zone)."""
+        """Run the deliveries and the rollouts: this replica is the leader (or the only
+        zone)."""
         await self.service.finish_deletions()
-        self.deliverer = Deliverer(self.service, self.config.agents, self.agents_tls)
-        await self.deliverer.start()
-        if isinstance(self.store, EtcdZoneStore):  # changes other replicas made wake hosts
-            self.store.mirror.on_hosts = self.deliverer.kick
-        self.roller = Roller(self.service, self.config.rollout, self.config.remediation)
-        await self.roller.start()
+        deliverer = self.deliverer = Deliverer(self.service, self.config.agents, self.agents_tls)
+        await deliverer.start()
+        roller = self.roller = Roller(self.service, self.config.rollout, self.config.remediation)
+        await roller.start()
+        if isinstance(self.store, EtcdZoneStore):
+            # Changes other replicas made (a rollout PUT among them) wake hosts and rollouts.
+            def changed(hosts: set[str]) -> None:
+                deliverer.kick(hosts)
+                roller.kick("")
+
+            self.store.mirror.on_hosts = changed
 
     async def _follow(self) -> None:
         roller, self.roller = self.roller, None
