@@ -151,6 +151,7 @@ class RolloutConfig(_Section):
     """`[rollout]`: how often the leader looks at every cluster's rollout and health."""
 
     interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    drain_hook_ca_file: Path | None = None  # trust for https drain hooks; unset: system CAs
 
 
 class RemediationConfig(_Section):

@@ -15,11 +15,12 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 from collections.abc import Sequence
 
 from common import http
 from common.errors import HostAgentError
-from hostagent.errors import StoreUnavailable
+from hostagent.errors import ConfigError, StoreUnavailable
 from hostagent.model import Role
 from hostagent.zone import drain, observe
 from hostagent.zone.config import RemediationConfig, RolloutConfig
@@ -35,9 +36,15 @@ ROLLOUT, DRAIN = "rollout", "drain"
 
 class Roller:
     def __init__(
-        self, service: ZoneService, rollout: RolloutConfig, remediation: RemediationConfig
+        self,
+        service: ZoneService,
+        rollout: RolloutConfig,
+        remediation: RemediationConfig,
+        tls: ssl.SSLContext,
     ) -> None:
+        """tls: trust for https drain hooks (drain_tls)."""
         self.service = service
+        self._tls = tls
         self.config = rollout
         self.remediation = remediation
         self.limits = Limits(
@@ -49,7 +56,7 @@ class Roller:
         self._http: http.AsyncClient | None = None
 
     async def start(self) -> None:
-        self._http = http.async_client()
+        self._http = http.async_client(tls=self._tls)
         self.service.on_rollout = self.kick
         self._loop = asyncio.create_task(self._run(), name="roller")
 
@@ -189,6 +196,16 @@ class Roller:
     async def _event(self, cluster: str, kind: str, node: str, role: Role, message: str) -> None:
         event = ClusterEvent(self.service.clock(), kind, node, role, message)
         await self.service.store.add_event(cluster, event)
+
+
+def drain_tls(config: RolloutConfig) -> ssl.SSLContext:
+    """Trust for the drain hooks: `[rollout] drain_hook_ca_file`, else the system's CAs."""
+    try:
+        return http.tls_context(config.drain_hook_ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"rollout.drain_hook_ca_file: cannot load {config.drain_hook_ca_file}: {exc}"
+        ) from exc
 
 
 def _next_worker(nodes: Sequence[NodeRecord]) -> str:

@@ -29,7 +29,7 @@ from hostagent.zone.controlplane import ControlPlane
 from hostagent.zone.driver import Deliverer
 from hostagent.zone.election import Election
 from hostagent.zone.etcdstore import EtcdZoneStore
-from hostagent.zone.roller import Roller
+from hostagent.zone.roller import Roller, drain_tls
 from hostagent.zone.service import ZoneService
 from hostagent.zone.stores import make_store
 from pki.backend import Backend
@@ -66,6 +66,7 @@ class Zone:
         )
         self.deliverer: Deliverer | None = None  # while this replica leads
         self.roller: Roller | None = None  # likewise
+        self.drain_tls = drain_tls(config.rollout)
         self.passes = 0  # of the Deliverers this replica ran before the current one
         self.metrics = ZoneMetrics(
             self._hosts_by_state,
@@ -101,7 +102,10 @@ class Zone:
         await self.service.finish_deletions()
         deliverer = self.deliverer = Deliverer(self.service, self.config.agents, self.agents_tls)
         await deliverer.start()
-        roller = self.roller = Roller(self.service, self.config.rollout, self.config.remediation)
+        config = self.config
+        roller = self.roller = Roller(
+            self.service, config.rollout, config.remediation, self.drain_tls
+        )
         await roller.start()
         if isinstance(self.store, EtcdZoneStore):
             # Changes other replicas made (a rollout PUT among them) wake hosts and rollouts.

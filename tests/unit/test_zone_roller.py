@@ -21,14 +21,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from hostagent.errors import Invalid, NotLeader, OutOfCapacity
+from hostagent.errors import ConfigError, Invalid, NotLeader, OutOfCapacity
 from hostagent.model import Role
 from hostagent.zone.config import RemediationConfig, RolloutConfig, ZoneServerConfig
 from hostagent.zone.etcd import Delete
 from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.remediation import Limits
-from hostagent.zone.roller import Roller
+from hostagent.zone.roller import Roller, drain_tls
 from hostagent.zone.service import ZoneService
 from hostagent.zone.store import MAX_EVENTS, ClusterEvent, SqliteZoneStore, ZoneStore
 from pki.local import LocalBackend
@@ -59,7 +59,8 @@ class Zone:
         self.clock = clock
         self.service = ZoneService(store, self.config, LocalBackend(tmp_path / "pki"), clock=clock)
         # The tests step the Roller themselves: its own loop runs only when kicked.
-        self.roller = Roller(self.service, RolloutConfig(interval_s=3600), self.config.remediation)
+        rollout = RolloutConfig(interval_s=3600)
+        self.roller = Roller(self.service, rollout, self.config.remediation, drain_tls(rollout))
         self.not_ready: set[str] = set()
         self.unhealthy: dict[str, float] = {}  # node -> since
         self.held: dict[str, str] = {}  # node -> the spec hash its agent still reports
@@ -532,3 +533,9 @@ async def test_no_room_for_a_replacement_spends_neither_the_hook_nor_the_budget(
     await zone.reports()
     await zone.roller.step("demo")
     assert zone.nodes()["w1"]["phase"] == "Deleting" and "w2" in zone.nodes()
+
+
+def test_a_drain_hook_ca_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing.pem"
+    with pytest.raises(ConfigError, match=r"rollout\.drain_hook_ca_file: cannot load"):
+        drain_tls(RolloutConfig(drain_hook_ca_file=missing))
