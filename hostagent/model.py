@@ -197,6 +197,11 @@ class NodeSpec(_Strict):
         "re-created (default 5)",
     )
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    generation: Annotated[int, Field(strict=True, ge=0)] = Field(
+        default=0,
+        description="bumped by the zone to have the agent re-create the VM in place with "
+        "the same spec (remediation; the etcd disk is kept); 0 is not hashed",
+    )
 
     @field_validator("image")
     @classmethod

@@ -45,6 +45,7 @@ PURE = (
     "hostagent.zone.auth",
     "hostagent.zone.rollout",
     "hostagent.zone.remediation",
+    "hostagent.zone.observe",
     "hostagent.nodehealth",
     "hostagent.imagesource",
     "hostagent.console",
