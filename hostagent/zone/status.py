@@ -116,7 +116,7 @@ def event_view(event: ClusterEvent) -> dict[str, Any]:
         "at": datetime.fromtimestamp(event.at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "kind": event.kind,
         "node": event.node,
-        "role": event.role.value,
+        "role": event.role and event.role.value,
         "message": event.message,
     }
 
