@@ -153,6 +153,7 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("name", choices=["lab", "lab-cloudinit"])
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
     build.set_defaults(func=cmd_image_build)
+    zone_cli.add_image_commands(image)
 
     def with_output(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")

@@ -257,6 +257,7 @@ class Agent:
             domain_type=self.domain_type,
             records=self.store.all(),
             health=self.health.get,
+            images=self.image_service.all(),
         )
 
     def _trust_zone_ca(self, ca_file: Path) -> None:
