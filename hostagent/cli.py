@@ -91,7 +91,7 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> None:
 
 def cmd_get(args: argparse.Namespace, config: Config) -> None:
     node = client_for(args, config).get_node(args.cluster, args.node)
-    tables.emit(node, args.output, lambda: tables.nodes([node]))
+    tables.emit(node, args.output, lambda: tables.nodes([node]) + tables.node_events(node))
 
 
 def cmd_list(args: argparse.Namespace, config: Config) -> None:
