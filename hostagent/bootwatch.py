@@ -71,6 +71,7 @@ class BootWatch:
             message = boot_failure(self.timeout_s, console.last_lines(data), path)
             if await self.store.set_phase(record.key, Phase.FAILED, message):
                 log.error("%s: %s", record.key, message)
+                await self.store.add_event(record.key, "failed", message)
                 failed.append(record.key)
         return failed
 
