@@ -537,6 +537,7 @@ class ZoneService:
             self.refused,
             rollout=rollout,
             events=self.store.events(record.name),
+            catalogue={i.name: i for i in self.store.images()},
         )
 
     async def delete_cluster(self, name: str) -> dict[str, Any]:

@@ -144,3 +144,24 @@ async def test_a_cluster_keeps_its_created_scaled_and_deleted_events(service: Zo
     assert events[2]["message"].startswith("vni 4096, 10.128.0.0/24: m1@")
     text = describe(service.cluster("demo"), lambda _at: "1m")
     assert "deleted" in text and "scaled" in text and "created" in text
+
+
+async def test_a_node_not_sent_yet_shows_its_image_on_its_host(service: ZoneService) -> None:
+    """What any replica shows, from the hosts' reports (the leader's Deliverer holds the
+    node back meanwhile)."""
+    await Catalogue(service).put("debian", SOURCE)
+    await service.report("h1", report(1, images=[copy("Downloading")]))
+    one = spec(masters=1, workers=0).model_copy(update={"image": "debian"})
+    view, _ = await service.put_cluster("demo", one)
+    (node,) = view["status"]["nodes"]
+    assert (node["phase"], node["message"]) == (
+        "Pending",
+        "waiting for image debian to download on host h1",
+    )
+    failure = "disk: sha256 mismatch: expected aaaa, got bbbb"
+    await service.report("h1", report(1, images=[copy("Failed", message=failure)]))
+    status = service.cluster("demo")["status"]
+    (node,) = status["nodes"]
+    assert node["phase"] == "Failed"
+    assert node["message"] == f"host h1 could not pull image debian: {failure}"
+    assert status["phase"] == "Degraded" and failure in status["message"]
