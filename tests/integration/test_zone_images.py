@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import shutil
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,6 +51,7 @@ from tests.integration.test_images import FILES, Files, qcow2, serve_file, sha25
 pytestmark = pytest.mark.integration
 
 TIMEOUT_S = 60.0
+ROOT = Path(__file__).resolve().parents[2]
 AGENT_TOKEN = "agent-token-of-the-zone-images-test"
 POOL = {"vcpus": 1, "memory_mib": 256, "disk_gib": 2}
 
@@ -99,6 +103,28 @@ class Lab:
             if response.content_type == "application/json":
                 return response.status, await response.json()
             return response.status, await response.text()
+
+    async def cli(self, *args: str) -> tuple[int, str]:
+        """`hostagent ARGS --zone URL --zone-token T`: its exit code and output."""
+        token = self.auth["Authorization"].removeprefix("Bearer ")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "hostagent",
+            *args,
+            "--zone",
+            self.zone.api_url,
+            "--zone-token",
+            token,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        async with asyncio.timeout(TIMEOUT_S):
+            output, _ = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, output.decode()
 
     async def heartbeats(self) -> None:
         secret = (self.tmp_path / "zone" / "host-secret").read_text().strip()
@@ -322,3 +348,43 @@ async def test_the_console_is_relayed_within_the_agents_bounds(lab: Lab) -> None
     assert status == 404 and "has no node m9" in body["error"]["message"]
     status, body = await lab.call("GET", "/v1/clusters/nope/nodes/m1/console")
     assert status == 404
+
+
+async def test_the_cli_pushes_lists_and_removes_images_and_reads_a_console(lab: Lab) -> None:
+    source = lab.publish("cli-")
+    kernel, initrd = source["kernel"], source["initrd"]
+    code, out = await lab.cli(
+        "image", "push", "cli-image", "--url", source["url"], "--sha256", source["sha256"],
+        "--kernel-url", kernel["url"], "--kernel-sha256", kernel["sha256"],
+        "--initrd-url", initrd["url"], "--initrd-sha256", initrd["sha256"],
+        "--cmdline", source["cmdline"],
+    )  # fmt: skip
+    assert code == 0 and out.startswith("image cli-image: sha256:"), out
+    code, out = await lab.cli("image", "push", "bad", "--url", source["url"], "--sha256", "x")
+    assert code != 0 and "sha256" in out, out  # the zone's 422, said
+    status, view = await lab.call("PUT", "/v1/clusters/cli", cluster("cli-image"))
+    assert status == 201, view
+    code, out = await lab.cli("image", "list", "-o", "json")
+    assert code == 0, out
+    (listed,) = json.loads(out)["items"]
+    assert listed["name"] == "cli-image" and listed["used_by"] == ["cli"]
+    host = lab.hosts[next(n["host"] for n in view["status"]["nodes"] if n["name"] == "w1")]
+    key = NodeKey(cluster="cli", name="w1")
+
+    async def arrived() -> bool:
+        return host.store.get(key) is not None
+
+    await until("the node on its host", arrived)
+    log = console.log_path(host.config.nodes_dir, key)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"booting\nlogin: \n")
+    code, out = await lab.cli("cluster", "console", "cli", "w1", "--tail-bytes", "8")
+    assert (code, out) == (0, "login: \n")
+    code, out = await lab.cli("image", "rm", "cli-image")
+    assert code != 0 and "named by cluster cli" in out, out
+    status, _ = await lab.call("PUT", "/v1/images/spare", source)  # named by no cluster
+    assert status == 201
+    code, out = await lab.cli("image", "rm", "spare")
+    assert code == 0 and "removed from the zone's catalogue" in out, out
+    code, out = await lab.cli("image", "list")
+    assert code == 0 and "cli-image" in out and "spare" not in out, out
