@@ -69,9 +69,8 @@ class BootWatch:
             path = console.log_path(self.nodes_dir, record.key)
             data = await asyncio.to_thread(console.tail, path, CONSOLE_BYTES)
             message = boot_failure(self.timeout_s, console.last_lines(data), path)
-            if await self.store.set_phase(record.key, Phase.FAILED, message):
+            if await self.store.set_phase(record.key, Phase.FAILED, message, event="failed"):
                 log.error("%s: %s", record.key, message)
-                await self.store.add_event(record.key, "failed", message)
                 failed.append(record.key)
         return failed
 

@@ -235,8 +235,7 @@ class Reconciler:
             + ("DELETE the node again" if record.deleting else "PUT the node again or DELETE it")
         )
         log.error("%s: %s", key, message)
-        await self.store.set_phase(key, Phase.FAILED, message)
-        await self.store.add_event(key, "failed", message)
+        await self.store.set_phase(key, Phase.FAILED, message, event="failed")
 
     async def reconcile(self, key: NodeKey) -> None:
         record = self.store.get(key)

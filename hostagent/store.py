@@ -154,12 +154,26 @@ class Store:
         await self._db.write(work)
 
     async def set_phase(
-        self, key: NodeKey, phase: Phase, message: str = "", *, domain_id: int | None = None
+        self,
+        key: NodeKey,
+        phase: Phase,
+        message: str = "",
+        *,
+        domain_id: int | None = None,
+        event: str | None = None,
     ) -> bool:
         """Record a phase; returns False (and writes nothing) when nothing changed. A node
         being deleted reads Deleting until it is gone or its deletion Failed: a pass that
-        began before the DELETE (and says Running at its end) does not hide it."""
-        return await self._db.write(lambda db: _set_phase(db, key, phase, message, domain_id))
+        began before the DELETE (and says Running at its end) does not hide it. event: a
+        node event of this kind with the message, in the same write (when it changed)."""
+
+        def work(db: Connection) -> bool:
+            changed = _set_phase(db, key, phase, message, domain_id)
+            if changed and event is not None:
+                _event(db, key, event, message, now())
+            return changed
+
+        return await self._db.write(work)
 
     async def set_ready(self, key: NodeKey, guest: dict[str, Any]) -> None:
         def work(db: Connection) -> None:
