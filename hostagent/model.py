@@ -322,7 +322,8 @@ class NodeEventBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: str = Field(
-        description="created, spec-changed, started, restarted, phoned-home, failed, deleting"
+        description="created, spec-changed, started, restarted, phoned-home, "
+        "certificate-renewed, failed, deleting"
     )
     message: str
     at: str

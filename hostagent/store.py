@@ -101,7 +101,7 @@ MAX_NODE_EVENTS = 50  # a node keeps its last this many events
 @dataclass(frozen=True)
 class NodeEvent:
     """Something that happened to a node: created, spec-changed, started, restarted (after
-    its VM stopped by itself), phoned-home, failed (why), deleting."""
+    its VM stopped by itself), phoned-home, certificate-renewed, failed (why), deleting."""
 
     kind: str
     message: str
