@@ -129,13 +129,16 @@ def test_leader_replica_and_etcd_leader_killed_mid_creation(lab: HaLab) -> None:
     placed = {n["name"]: (n["host"], n["address"]) for n in acknowledged["nodes"]}
     assert sorted(placed) == ["m1", "m2", "m3", "w1", "w2"]
 
-    def some_delivered() -> list[str]:
-        return [n for n, v in lab.nodes("demo").items() if v["phase"] != "Pending"]
+    def some_delivered() -> tuple[str, list[str]] | None:
+        status = lab.zone.cluster("demo")["status"]
+        delivered = [n["name"] for n in status["nodes"] if n["phase"] != "Pending"]
+        return (status["phase"], delivered) if delivered else None
 
-    delivered = poll(some_delivered, 120, "a node of demo acknowledged by its agent", 0.2)
+    phase, delivered = poll(some_delivered, 120, "a node of demo acknowledged", 0.1)
     pid = replica_pid(old)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
+    assert phase != "Ready"  # mid-creation
     print(f"SIGKILLed leader replica {old.id} with {len(delivered)} of 5 nodes acknowledged")
     survivors = [r for r in replicas if r != old]
     killed = time.monotonic()
