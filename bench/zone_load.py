@@ -9,13 +9,10 @@ another leader, and the heartbeats that failed over meanwhile (each simulated ho
 three replicas as its URL list, a different one first: common.failover). Halfway through
 the measurement a cluster of 100 nodes (3 masters, 97 workers) is created: the time until
 the zone answers (placed, allocations acknowledged) and until every node was delivered to
-the stand-in agent all simulated hosts point at (tests/unit/test_zone_driver.StandInAgent:
-acknowledges every PUT). At the end, with the hosts still beating, the (leading) zone is
-sent SIGTERM: the time it took to exit.
-
-The load generator runs on the same 2 cores as the zones and etcd: its own CPU is given.
-Run:  .venv/bin/python -m bench.zone_load [--hosts 1000] [--seconds 45] [--interval 5]
-      [--backends sqlite,etcd]
+the stand-in agent all simulated hosts point at (Agents: it acknowledges every PUT, and
+each simulated host reports the nodes it holds, as an agent does, so nothing is sent
+twice). At the end, with the hosts still beating, the (leading) zone is sent SIGTERM: the
+time it took to exit.
 """
 
 from __future__ import annotations
@@ -37,19 +34,18 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from aiohttp.test_utils import TestServer
+from aiohttp import web
 
 from common import http
 from common.failover import FAILOVER_STATUS, Urls, first_serving
 from common.files import ensure_secret
+from hostagent.model import NodeSpec
 from hostagent.zone.auth import host_token
 from tests import etcd
 from tests.fakezone import free_port
-from tests.unit.test_zone_driver import StandInAgent
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = 20  # simulated hosts per HTTP connection pool
-AGENT_TOKEN = "bench-agent"  # every simulated host's agent is the one stand-in
 BIG: dict[str, Any] = {
     "kubernetes_version": "1.31.2",
     "masters": {"count": 3, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
@@ -60,12 +56,57 @@ BIG: dict[str, Any] = {
 def report(i: int, agent_url: str) -> dict[str, Any]:
     return {
         "api_url": agent_url,
-        "api_token": AGENT_TOKEN,
+        "api_token": f"token-{i}",
         "underlay_address": f"10.{i // 250}.{i % 250}.1",
         "failure_domain": f"rack-{i % 20}",
         "allocatable": {"vcpus": 32, "memory_mib": 131072, "disk_gib": 2000},
         "allocated": {"vcpus": 0, "memory_mib": 0, "disk_gib": 0},
     }
+
+
+class Agents:
+    """One stand-in for every simulated host's agent (each host's API token names it):
+    node and peer PUTs are acknowledged and the nodes remembered per host, with the
+    spec_hash the host reports for them."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, dict[str, str]] = {}  # host -> node key -> spec_hash
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def nodes(self) -> set[str]:
+        return {key for held in self.held.values() for key in held}
+
+    def reported(self, host: str) -> list[dict[str, str]]:
+        return [
+            {"cluster": key.split("/")[0], "name": key.split("/")[1], "phase": "Running"}
+            | {"spec_hash": digest}
+            for key, digest in sorted(self.held.get(host, {}).items())
+        ]
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_put("/v1/clusters/{c}/nodes/{n}", self.put_node)
+        app.router.add_put("/v1/clusters/{c}/peers", self.put_peers)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        return f"http://127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def put_node(self, request: web.Request) -> web.Response:
+        host = request.headers["Authorization"].removeprefix("Bearer token-")
+        body = await request.json()
+        key = f"{request.match_info['c']}/{request.match_info['n']}"
+        self.held.setdefault(f"h{host}", {})[key] = NodeSpec.model_validate(body).spec_hash()
+        return web.json_response({"spec": body}, status=201)
+
+    async def put_peers(self, request: web.Request) -> web.Response:
+        return web.json_response(await request.json())
 
 
 @dataclass
@@ -125,6 +166,7 @@ async def host_loop(
     measure_from: float,
     stop: float,
     stats: Stats,
+    agents: Agents,
     agent_url: str,
 ) -> None:
     headers = {"Authorization": f"Bearer {host_token(secret, f'h{i}')}"}
@@ -132,6 +174,7 @@ async def host_loop(
     await asyncio.sleep(random.uniform(0, interval))
     while time.monotonic() < stop:
         started = time.monotonic()
+        body["nodes"] = agents.reported(f"h{i}")
         first = urls.current
 
         async def put(url: str) -> int:
@@ -191,10 +234,8 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
     zones: list[subprocess.Popen[bytes]] = []
     urls: list[str] = []
     result: dict[str, Any] = {"backend": backend, "hosts": hosts}
-    agent = StandInAgent(AGENT_TOKEN)
-    agent.server = TestServer(agent.app(), host="127.0.0.1")
-    await agent.server.start_server()
-    agent_url = str(agent.server.make_url("")).rstrip("/")
+    agent = Agents()
+    agent_url = await agent.start()
     try:
         if backend == "etcd":
             members = etcd.cluster(3)
@@ -239,6 +280,7 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
                     measure_from,
                     stop,
                     stats,
+                    agent,
                     agent_url,
                 )
                 for i in range(hosts)
@@ -293,6 +335,7 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
                     float("inf"),
                     time.monotonic() + 2 * interval,
                     Stats(),
+                    agent,
                     agent_url,
                 )
                 for i in range(hosts)
@@ -302,7 +345,7 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
             result["sigterm_exit_s"] = await term
         return result
     finally:
-        await agent.server.close()
+        await agent.close()
         for zone in zones:
             if zone.poll() is None:
                 zone.terminate()
@@ -321,7 +364,7 @@ async def big_cluster(
     client: http.AsyncClient,
     url: str,
     admin: str,
-    agent: StandInAgent,
+    agent: Agents,
     at: float,
     deadline: float,
 ) -> dict[str, Any]:
@@ -360,7 +403,7 @@ async def failover(
     urls: list[str],
     admin: str,
     secret: str,
-    agent: StandInAgent,
+    agent: Agents,
     agent_url: str,
 ) -> dict[str, Any]:
     """SIGKILL the leader replica: when a survivor acknowledges a write (a host's report),
