@@ -119,6 +119,17 @@ class MasterPeer:
     address: str  # IPv4 without prefix length
 
 
+@dataclass(frozen=True)
+class Vrrp:
+    """What a master's keepalived needs to hold the cluster's VIP with its peers."""
+
+    address: str  # the VIP with the node subnet's prefix length, e.g. 10.42.0.5/24
+    router_id: int  # virtual_router_id, 1..255: from the cluster's VNI
+    priority: int  # higher for earlier masters: the first master takes the VIP at start
+    source: str  # this master's address: unicast_src_ip
+    peers: tuple[str, ...]  # the other masters' addresses: unicast_peer
+
+
 # The guest's health report interval, seconds (hostagent-health.timer)
 MIN_HEALTH_INTERVAL_S = 5
 MAX_HEALTH_INTERVAL_S = 3600
@@ -150,6 +161,9 @@ class NodeContext:
     cluster_domain: str = "cluster.local"
     # Guest device of a master's etcd data disk (None: etcd's data stays on the root disk).
     etcd_disk: str | None = None
+    etcd_mode: str = "static-pod"  # "static-pod" | "systemd" (hostagent.model.EtcdMode)
+    vip: str = ""  # the cluster's virtual IP (IPv4, no prefix); "" for none
+    vni: int = 0  # the cluster network's VNI: the VRRP router id derives from it
     extensions: Extensions = field(default_factory=Extensions)
 
 
@@ -166,5 +180,7 @@ class Derived:
     cluster_dns: str  # tenth host of service_cidr: the DNS Service
     etcd_initial_cluster: str  # name=https://ip:2380,...
     etcd_servers: str  # https://ip:2379,... for the API server
+    etcd_client_urls: str  # where etcd listens for clients: loopback, node, VIP
+    vrrp: Vrrp | None  # a master of a cluster with a VIP: its keepalived's values
     service_account_issuer: str
     mounts: tuple[str, ...]  # mount points the guest reports on

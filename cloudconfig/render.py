@@ -27,6 +27,7 @@ from cloudconfig.context import (
     Derived,
     MasterPeer,
     NodeContext,
+    Vrrp,
 )
 from cloudconfig.userdata import ETCD_DATA_DIR
 from cloudconfig.versions import TEMPLATES, template_folder
@@ -34,10 +35,13 @@ from common import yamlio
 from pki import layout
 
 ROLES = ("master", "worker")
+ETCD_MODES = ("static-pod", "systemd")
 DEFAULT_ROUTE = "0.0.0.0/0"  # see render_network_config
 API_PORT = 6443
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
+# keepalived: the first master's priority; each later master's is one lower.
+VRRP_TOP_PRIORITY = 200
 # Skeleton templates of before user-data was data: an override of one of them would
 # be ignored, so a template_dir holding one is refused (docs/cloudconfig.md).
 RETIRED_TEMPLATES = (
@@ -62,6 +66,9 @@ _ENDPOINT = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?:([0-9]{1,5})")
 _DEVICE = re.compile(r"/dev/[A-Za-z0-9._:/-]{1,200}")
 # A string PyYAML would write double-quoted exactly as it is: printable ASCII, no " or \.
 _PLAIN_QUOTABLE = re.compile(r"[ !#-\[\]-~]*")
+# An argument systemd reads literally on an ExecStart line: no specifiers (%), no
+# variables ($), no quotes, backslashes or whitespace.
+_UNIT_ARG = re.compile(r"[A-Za-z0-9=:/.,_@+-]+")
 _IP = TypeVar("_IP")
 
 
@@ -70,6 +77,15 @@ def _undefined(value: object) -> NoReturn:
     # raise jinja2's UndefinedError, which names the missing variable.
     text = str(value)
     raise ValueError(f"{type(value).__name__} {text[:80]!r} cannot be written by this filter")
+
+
+def unit_arg(value: object) -> str:
+    """The `unit_arg` filter, for values on a systemd ExecStart line: the value as it
+    is, or ValueError when systemd would not read it literally."""
+    text = value if isinstance(value, str) else _undefined(value)
+    if not _UNIT_ARG.fullmatch(text):
+        raise ValueError(f"{text[:80]!r} cannot be written literally on an ExecStart line")
+    return text
 
 
 def _check_defined(value: object) -> None:
@@ -112,6 +128,7 @@ def _environment(template_dir: Path | None, minor: str) -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["yaml"] = to_yaml
+    env.filters["unit_arg"] = unit_arg
     return env
 
 
@@ -148,14 +165,20 @@ def derive(ctx: NodeContext) -> Derived:
         raise ValueError(f"service_cidr {ctx.service_cidr} must be a /28 or larger")
     _check_domain(ctx.cluster_domain)
     masters = _masters(ctx, node_ip)
-    endpoint = ctx.api_endpoint or f"{masters[0].address}:{API_PORT}"
+    vrrp = _vrrp(ctx, node_ip, masters)
+    endpoint = ctx.api_endpoint or f"{ctx.vip or masters[0].address}:{API_PORT}"
     if not _ENDPOINT.fullmatch(endpoint) or not 0 < int(endpoint.rsplit(":", 1)[1]) < 65536:
         raise ValueError(f"api_endpoint {endpoint[:80]!r} must be HOST:PORT")
     if ctx.etcd_disk is not None and (
         ctx.role != "master" or not _DEVICE.fullmatch(ctx.etcd_disk) or ".." in ctx.etcd_disk
     ):
         raise ValueError(f"etcd_disk {ctx.etcd_disk[:80]!r} must be a /dev path, masters only")
+    if ctx.etcd_mode not in ETCD_MODES:
+        raise ValueError(f"etcd_mode {ctx.etcd_mode[:40]!r} must be one of {', '.join(ETCD_MODES)}")
     mounts = [layout.GUEST_MOUNT] + ([ETCD_DATA_DIR] if ctx.etcd_disk else [])
+    # etcd listens on the VIP too (the master that holds it answers; net.ipv4.
+    # ip_nonlocal_bind lets the others bind it before they do).
+    client_hosts = ["127.0.0.1", node_ip] + ([ctx.vip] if ctx.vip else [])
     return Derived(
         node_ip=node_ip,
         masters=masters,
@@ -168,6 +191,8 @@ def derive(ctx: NodeContext) -> Derived:
             f"{m.name}=https://{m.address}:{ETCD_PEER_PORT}" for m in masters
         ),
         etcd_servers=",".join(f"https://{m.address}:{ETCD_CLIENT_PORT}" for m in masters),
+        etcd_client_urls=",".join(f"https://{h}:{ETCD_CLIENT_PORT}" for h in client_hosts),
+        vrrp=vrrp,
         service_account_issuer=f"https://kubernetes.default.svc.{ctx.cluster_domain}",
         mounts=tuple(mounts),
     )
@@ -206,6 +231,35 @@ def _masters(ctx: NodeContext, node_ip: str) -> tuple[MasterPeer, ...]:
             "cluster must include it"
         )
     return masters
+
+
+def _vrrp(ctx: NodeContext, node_ip: str, masters: tuple[MasterPeer, ...]) -> Vrrp | None:
+    """A master's keepalived values when the cluster has a VIP; the VIP checked: an
+    IPv4 address of the node's subnet that no master and not the gateway holds."""
+    if not ctx.vip:
+        return None
+    vip = _ipv4("vip", ctx.vip, ipaddress.IPv4Address)
+    subnet = ipaddress.IPv4Interface(ctx.address).network
+    taken = {m.address for m in masters} | {node_ip, ctx.gateway}
+    if (
+        vip not in subnet
+        or ctx.vip in taken
+        or vip in (subnet.network_address, subnet.broadcast_address)
+    ):
+        raise ValueError(
+            f"vip {ctx.vip} must be a free address of the node subnet {subnet} (not a "
+            "master's, the gateway's, the network's or the broadcast address)"
+        )
+    if ctx.role != "master":
+        return None
+    index = masters.index(MasterPeer(ctx.hostname, node_ip))
+    return Vrrp(
+        address=f"{ctx.vip}/{subnet.prefixlen}",
+        router_id=ctx.vni % 255 + 1,
+        priority=VRRP_TOP_PRIORITY - index,
+        source=node_ip,
+        peers=tuple(m.address for m in masters if m.address != node_ip),
+    )
 
 
 def check_context(ctx: NodeContext) -> str:

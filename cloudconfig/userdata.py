@@ -43,6 +43,9 @@ exec curl -fsS --retry 30 --retry-delay 2 --retry-all-errors -X POST \\
 # reach sh as arguments, never as code.
 MOUNT_PKI_SCRIPT = 'mountpoint -q "$1" || { mkdir -p "$1" && mount -t 9p -o "$3" "$2" "$1"; }'
 SYSTEMD_DIR = "/etc/systemd/system"
+KEEPALIVED_CONF = "/etc/keepalived/keepalived.conf"
+# A master binds etcd's client port on the VIP before it holds it (render.derive).
+NONLOCAL_BIND_SYSCTL = "net.ipv4.ip_nonlocal_bind = 1\n"
 
 Body = Callable[..., str]  # body(template name, **extra values) -> the file's text
 
@@ -162,12 +165,22 @@ def _master_files(
     body: Body,
     calico_release: calico.Release | None,
 ) -> None:
-    """A control-plane node: etcd, kube-apiserver, kube-controller-manager and
-    kube-scheduler as static pods, their kubeconfigs, and the cluster add-ons (Calico
-    from addons/calico.py, CoreDNS) with the unit that applies them."""
-    for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"):
+    """A control-plane node: etcd (a static pod, or a unit with etcd_mode "systemd"),
+    kube-apiserver, kube-controller-manager and kube-scheduler as static pods, their
+    kubeconfigs, keepalived for the cluster's VIP if it has one, and the cluster add-ons
+    (Calico from addons/calico.py, CoreDNS) with the unit that applies them."""
+    pods: tuple[str, ...] = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+    if ctx.etcd_mode == "systemd":
+        files.unit("etcd.service", body("units/etcd.service.j2"))
+    else:
+        pods = ("etcd", *pods)
+    for name in pods:
         manifest = body(f"manifests/{name}.yaml.j2")
         files.file(f"/etc/kubernetes/manifests/{name}.yaml", manifest, "0600")
+    if derived.vrrp is not None:
+        files.file("/etc/sysctl.d/90-hostagent-vip.conf", NONLOCAL_BIND_SYSCTL)
+        files.file(KEEPALIVED_CONF, body("config/keepalived.conf.j2"), "0600")
+        files.unit("keepalived.service", body("units/keepalived.service.j2"))
     kubeconfigs = (  # the admin through api_endpoint, the others to this master's own
         ("admin.conf", "kubernetes-admin", derived.api_server, layout.ADMIN),
         (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -13,7 +14,7 @@ from pydantic import BaseModel
 from common.errors import HostAgentError
 from common.files import same_secret
 from common.names import check_name
-from hostagent import __version__
+from hostagent import __version__, console
 from hostagent.errors import (
     Conflict,
     Forbidden,
@@ -24,6 +25,8 @@ from hostagent.errors import (
     Unauthorized,
     Unavailable,
 )
+from hostagent.imageservice import ImageService, parse_name, parse_source
+from hostagent.imagesource import ImageList
 from hostagent.model import NodeKey
 from hostagent.networks import PeerList, StoredPeers, parse_peers
 from hostagent.nodes import NodeService, parse_key, parse_spec
@@ -50,7 +53,7 @@ TOKEN = web.AppKey("token", str)
 HOST_INFO: web.AppKey[Callable[[], Awaitable[dict[str, Any]]]] = web.AppKey("host_info")
 HEALTHY: web.AppKey[Callable[[], Awaitable[bool]]] = web.AppKey("healthy")
 METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics")
-IMAGES: web.AppKey[Callable[[], list[str]]] = web.AppKey("images")
+IMAGES = web.AppKey("images", ImageService)
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
@@ -88,7 +91,7 @@ errors = error_middleware(STATUS)
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The API token (the CLI, a controller), or on the cluster endpoints the zone's
+    """The API token (the CLI, a controller), or on the cluster and image endpoints the zone's
     client certificate: the server asks for one with mutual TLS, and ssl verified it
     against the zone's CA; a certificate naming anyone else is refused."""
     path = request.path
@@ -102,8 +105,10 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             if identity is None or identity.kind != "zone":
                 who = f"host {identity.name}" if identity else "no part of hostagent"
                 raise Forbidden(f"a client certificate naming {who} may not call this agent")
-            if not path.startswith("/v1/clusters/"):
-                raise Forbidden("the zone's certificate is for the cluster endpoints only")
+            if not path.startswith(("/v1/clusters/", "/v1/images")):
+                raise Forbidden(
+                    "the zone's certificate is for the cluster and image endpoints only"
+                )
             return await handler(request)
         raise Unauthorized(
             "missing or wrong bearer token (see <state_dir>/api-token), and no client "
@@ -143,8 +148,46 @@ async def host(request: web.Request) -> web.Response:
     return web.json_response(await request.app[HOST_INFO]())
 
 
-async def images(request: web.Request) -> web.Response:
-    return web.json_response({"items": [{"name": n} for n in request.app[IMAGES]()]})
+async def list_images(request: web.Request) -> web.Response:
+    return _json(ImageList(items=request.app[IMAGES].all()))
+
+
+def _image(request: web.Request) -> str:
+    return parse_name(request.match_info["image"])
+
+
+async def put_image(request: web.Request) -> web.Response:
+    name = _image(request)
+    source = parse_source(await request.read())
+    image, created = await request.app[IMAGES].put(name, source)
+    return _json(image, 201 if created else 200)
+
+
+async def get_image(request: web.Request) -> web.Response:
+    return _json(request.app[IMAGES].get(_image(request)))
+
+
+async def delete_image(request: web.Request) -> web.Response:
+    await request.app[IMAGES].delete(_image(request))
+    return web.Response(status=204)
+
+
+def _tail_bytes(request: web.Request) -> int:
+    given = request.query.get("tail_bytes", str(console.DEFAULT_TAIL_BYTES))
+    if not given.isdigit() or not 1 <= int(given) <= console.MAX_TAIL_BYTES:
+        raise MalformedRequest(
+            f"tail_bytes {given[:20]!r} must be a whole number from 1 to "
+            f"{console.MAX_TAIL_BYTES} (default {console.DEFAULT_TAIL_BYTES})"
+        )
+    return int(given)
+
+
+async def node_console(request: web.Request) -> web.Response:
+    key, limit = _key(request), _tail_bytes(request)
+    data = await asyncio.to_thread(request.app[SERVICE].console, key, limit)
+    return web.Response(
+        text=data.decode("utf-8", errors="replace"), content_type="text/plain", charset="utf-8"
+    )
 
 
 async def put_node(request: web.Request) -> web.Response:
@@ -243,7 +286,7 @@ def api_app(
     host_info: Callable[[], Awaitable[dict[str, Any]]],
     healthy: Callable[[], Awaitable[bool]],
     metrics_text: Callable[[], bytes],
-    image_names: Callable[[], list[str]],
+    images: ImageService,
 ) -> web.Application:
     app = web.Application(middlewares=[errors, auth])
     app[SERVICE] = service
@@ -252,18 +295,23 @@ def api_app(
     app[HOST_INFO] = host_info
     app[HEALTHY] = healthy
     app[METRICS] = metrics_text
-    app[IMAGES] = image_names
+    app[IMAGES] = images
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_get("/v1/host", host)
-    app.router.add_get("/v1/images", images)
+    app.router.add_get("/v1/images", list_images)
+    image = "/v1/images/{image}"
+    app.router.add_put(image, put_image)
+    app.router.add_get(image, get_image)
+    app.router.add_delete(image, delete_image)
     app.router.add_get("/v1/nodes", list_nodes)
     node = "/v1/clusters/{cluster}/nodes/{node}"
     app.router.add_put(node, put_node)
     app.router.add_get(node, get_node)
     app.router.add_delete(node, delete_node)
     app.router.add_get(node + "/events", node_events)
+    app.router.add_get(node + "/console", node_console)
     cluster_peers = "/v1/clusters/{cluster}/peers"
     app.router.add_put(cluster_peers, put_peers)
     app.router.add_get(cluster_peers, get_peers)

@@ -103,6 +103,7 @@ def identity(record: NodeRecord) -> NodeIdentity:
             service_cidr=spec.cluster.service_cidr,
             cluster_domain=spec.cluster.cluster_domain,
             api_endpoint=spec.cluster.api_endpoint,
+            vip=spec.cluster.vip,
         )
     except ValueError as exc:
         raise ProvisioningError(f"certificates of {record.key}: {exc}") from exc

@@ -103,6 +103,7 @@ class HealthConfig(_Section):
     report_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     crash_loop_starts: Annotated[int, Field(ge=2)] = 3
     check_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    boot_timeout_s: Annotated[float, Field(gt=0)] = 900.0
 
     @model_validator(mode="after")
     def _timeout(self) -> HealthConfig:
@@ -112,6 +113,16 @@ class HealthConfig(_Section):
                 f"health.report_interval_s {self.report_interval_s}: guests report that often"
             )
         return self
+
+
+class ImagesConfig(_Section):
+    """`[images]`: images pulled with `PUT /v1/images/{name}` (docs/configuration.md)."""
+
+    unused_ttl_s: Annotated[float, Field(gt=0)] = 86400.0
+    gc_interval_s: Annotated[float, Field(gt=0)] = 600.0
+    download_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    download_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    ca_file: Path | None = None
 
 
 class ExtraFileConfig(_Section):
@@ -328,6 +339,8 @@ class Config(_Section):
     capacity: CapacityConfig = CapacityConfig()
     reconciler: ReconcilerConfig = ReconcilerConfig()
     health: HealthConfig = HealthConfig()
+    # [images] in the file; `images` is the image directory (a property) in the code
+    image_cache: ImagesConfig = Field(default=ImagesConfig(), alias="images")
     cloudconfig: CloudConfigConfig = CloudConfigConfig()
     pki: PkiConfig = PkiConfig()
     network: NetworkConfig = NetworkConfig()

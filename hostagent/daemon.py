@@ -23,10 +23,14 @@ from common.files import ensure_secret
 from hostagent import __version__, capacity, certificates
 from hostagent.access import KvmDevice, check_qemu_can_reach, kvm_device
 from hostagent.api import api_app, phone_home_app
+from hostagent.bootwatch import BootWatch
 from hostagent.config import Config, read_secret
 from hostagent.errors import LibvirtUnavailable
 from hostagent.hostview import HostFacts, host_view, network_view
-from hostagent.images import ImageCatalog
+from hostagent.imagecache import ImageCollector
+from hostagent.imagepull import ImagePuller
+from hostagent.images import ImageCatalog, ImageLayout
+from hostagent.imageservice import ImageService
 from hostagent.kvmprobe import resolve_domain_type
 from hostagent.loops import HealthMonitor, NetworkRewirer, PeerMonitor
 from hostagent.metrics import Metrics
@@ -92,7 +96,15 @@ class Agent:
         )
         self.token = ensure_secret(config.token_file, lambda: secrets.token_hex(32))
         self.store = Store(config.database)
-        self.images = ImageCatalog(config.images)
+        self.image_puller = ImagePuller(
+            self.store,
+            ImageLayout(config.images),
+            config.image_cache,
+            qemu_img_timeout_s=config.libvirt.qemu_img_timeout_s,
+            counted=lambda ok: self.metrics.image_pulled(ok),
+        )
+        self.images = ImageCatalog(config.images, self.image_puller)
+        self.image_service = ImageService(self.store, self.images, self.image_puller)
         self.physical = physical_resources(config.state_dir)
         configured = config.libvirt.domain_type
         self.domain_type: str | None = None if configured == "auto" else configured
@@ -126,6 +138,16 @@ class Agent:
             self.zone.status if self.zone else None,
             kvm_unusable=lambda: self.kvm_device().problem is not None,
             unhealthy=self.health.unhealthy,
+            images=lambda: dict(Counter(image.phase.value for image in self.store.images())),
+            image_bytes=self.image_puller.held_bytes,
+            peers=lambda: {a: h.reachable for a, h in self.peers.health.items()},
+        )
+        self.image_collector = ImageCollector(
+            self.store,
+            self.image_puller,
+            config.image_cache,
+            self.metrics.image_removed,
+            lambda: self.metrics.loop_error("images"),
         )
         self.service = NodeService(
             config, self.store, self.images, self.physical, self._enqueue, self.health
@@ -159,6 +181,7 @@ class Agent:
             self.pki,
             self.peer_source,
             hook,
+            image_waiting=self.image_service.waiting,
         )
         self.reconciler = Reconciler(
             self.store,
@@ -174,6 +197,13 @@ class Agent:
             lambda: self.virt.owned_domains(config.host_id),
             self.reconciler.starts,
             config.health,
+            lambda: self.metrics.loop_error("health"),
+        )
+        self.boot_watch = BootWatch(
+            self.store,
+            config.nodes_dir,
+            config.health.boot_timeout_s,
+            config.health.check_interval_s,
             lambda: self.metrics.loop_error("health"),
         )
         self.runner = web.AppRunner(self._api_app(), access_log=None)
@@ -211,7 +241,7 @@ class Agent:
             host_info=self.host_info,
             healthy=self.virt.alive,
             metrics_text=self.metrics.render,
-            image_names=self.images.names,
+            images=self.image_service,
         )
 
     # --- what the parts tell each other ------------------------------------------------
@@ -323,6 +353,7 @@ class Agent:
         if self.virt.connected.is_set():
             await self._resolve_domain_type()
         await self.sites.runner.setup()
+        await self.image_puller.start()
         await self.provisioner.ensure_networks(self.store.all())
         await self._serve_api()
         self._tasks = [
@@ -332,6 +363,8 @@ class Agent:
             asyncio.create_task(self.peers.run()),
             asyncio.create_task(self.rewirer.run()),
             asyncio.create_task(self.health_monitor.run()),
+            asyncio.create_task(self.image_collector.run()),
+            asyncio.create_task(self.boot_watch.run()),
         ]
         if self.identity is not None:
             self._tasks.append(asyncio.create_task(self.identity.run()))
@@ -373,6 +406,7 @@ class Agent:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.image_puller.close()
         await self.runner.cleanup()
         await self.sites.runner.cleanup()
         await self.virt.close()

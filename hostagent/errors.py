@@ -1,9 +1,14 @@
 """The agent's errors, below the root the PKI shares (common.errors); api.py maps each class
 to its HTTP status in one place."""
 
-from pydantic import ValidationError
+import json
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from common.errors import HostAgentError, ProvisioningError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class MalformedRequest(HostAgentError):
@@ -81,3 +86,22 @@ def validation_problems(exc: ValidationError, *, plain: bool = False) -> str:
         message = error["msg"].removeprefix("Value error, ") if plain else error["msg"]
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
+
+
+def parse_body(body: bytes, model: type[M], what: str) -> M:
+    """A request body that must be a JSON object of the model: MalformedRequest when it is
+    no JSON object (``what`` names the expected one), Invalid when a value is wrong."""
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise MalformedRequest(f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MalformedRequest(f"the body must be a JSON object ({what})")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise Invalid(validation_problems(exc, plain=True)) from exc
+
+
+class ImageNotReady(ProvisioningError):
+    """The node's image is still being pulled: the node waits (Pending), it does not fail."""

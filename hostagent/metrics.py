@@ -15,7 +15,7 @@ from pki.renewal import NodeRenewalStatus
 RenewalStatus = Callable[[], dict[tuple[str, str], NodeRenewalStatus]]
 Expiries = Callable[[], dict[tuple[str, str], datetime]]
 # The agent's background loops that count the errors they survive.
-LOOPS = ("health", "peers", "reconciler", "rewirer")
+LOOPS = ("health", "images", "peers", "reconciler", "rewirer")
 # (cluster, node) -> why the node is unhealthy (nodehealth.Reason), for unhealthy nodes only
 Unhealthy = Callable[[], dict[tuple[str, str], str]]
 
@@ -30,6 +30,9 @@ class Metrics:
         zone: Callable[[], ZoneStatus] | None = None,
         kvm_unusable: Callable[[], bool] = lambda: False,
         unhealthy: Unhealthy = dict,
+        images: Callable[[], dict[str, int]] = dict,
+        image_bytes: Callable[[], int] = lambda: 0,
+        peers: Callable[[], dict[str, bool]] = dict,
     ) -> None:
         self.registry = CollectorRegistry()
         self.nodes = Gauge(
@@ -91,6 +94,36 @@ class Metrics:
             ["cluster", "node", "reason"],
             registry=self.registry,
         )
+        self.images = Gauge(
+            "hostagent_images",
+            "Pulled images on this host by phase (Downloading, Ready, Failed)",
+            ["phase"],
+            registry=self.registry,
+        )
+        self.image_bytes = Gauge(
+            "hostagent_image_bytes",
+            "Bytes the pulled images hold on disk (each digest once)",
+            registry=self.registry,
+        )
+        self.image_removed_bytes = Counter(
+            "hostagent_image_removed_bytes",
+            "Bytes of pulled images removed (deleted, or collected unused)",
+            registry=self.registry,
+        )
+        self.image_pulls = Counter(
+            "hostagent_image_pulls",
+            "Image pulls that ended, by result (ready, failed)",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in ("ready", "failed"):
+            self.image_pulls.labels(result=result)
+        self.peer_reachable = Gauge(
+            "hostagent_peer_reachable",
+            "1 when the peer host answered the last underlay check, else 0",
+            ["address"],
+            registry=self.registry,
+        )
         # Standalone agents export no zone series.
         self.zone = ZoneGauges(self.registry) if zone is not None else None
         self._zone = zone
@@ -100,6 +133,15 @@ class Metrics:
         self._expiries = expiries
         self._kvm_unusable = kvm_unusable
         self._unhealthy = unhealthy
+        self._images = images
+        self._image_bytes = image_bytes
+        self._peers = peers
+
+    def image_pulled(self, ok: bool) -> None:
+        self.image_pulls.labels(result="ready" if ok else "failed").inc()
+
+    def image_removed(self, freed: int) -> None:
+        self.image_removed_bytes.inc(freed)
 
     def loop_error(self, loop: str) -> None:
         """One unexpected error the background loop named survived (one of LOOPS)."""
@@ -117,6 +159,13 @@ class Metrics:
             self.cert_expiry.labels(cluster=cluster, node=node).set(when.timestamp())
         for (cluster, node), status in self._renewals().items():
             self.cert_failures.labels(cluster=cluster, node=node).set(status.failures)
+        pulled = self._images()
+        for image_phase in ("Downloading", "Ready", "Failed"):
+            self.images.labels(phase=image_phase).set(pulled.get(image_phase, 0))
+        self.image_bytes.set(self._image_bytes())
+        self.peer_reachable.clear()
+        for address, reachable in self._peers().items():
+            self.peer_reachable.labels(address=address).set(1 if reachable else 0)
         self.node_unhealthy.clear()
         for (cluster, node), reason in self._unhealthy().items():
             self.node_unhealthy.labels(cluster=cluster, node=node, reason=reason).set(1)

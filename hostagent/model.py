@@ -50,6 +50,15 @@ class Role(enum.StrEnum):
     WORKER = "worker"
 
 
+class EtcdMode(enum.StrEnum):
+    """How a master runs etcd (docs/cloudconfig.md): a static pod beside the other control
+    plane pods, or a systemd unit of the image's etcd binary (images without a container
+    runtime); the flags are the same."""
+
+    STATIC_POD = "static-pod"
+    SYSTEMD = "systemd"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -131,6 +140,24 @@ class ClusterSpec(_Strict):
     pod_cidr: str = "192.168.0.0/16"
     service_cidr: str = "10.96.0.0/12"
     cluster_domain: str = "cluster.local"
+    etcd_mode: EtcdMode = Field(
+        default=EtcdMode.STATIC_POD,
+        description="masters: etcd as a static pod, or as a systemd unit of the image's "
+        "etcd (same certificates and flags)",
+    )
+    vip: str | None = Field(
+        default=None,
+        description="the cluster's virtual IP in the node subnet (IPv4, no prefix length): "
+        "the masters hold it with VRRP (keepalived); in the API server's and etcd's "
+        "certificates; default api_endpoint VIP:6443",
+    )
+
+    @field_validator("vip")
+    @classmethod
+    def _vip(cls, value: str | None) -> str | None:
+        if value is not None and ipaddress.ip_address(value).version != 4:
+            raise ValueError("vip must be an IPv4 address")
+        return value
 
     @field_validator("pod_cidr", "service_cidr")
     @classmethod
@@ -170,6 +197,11 @@ class NodeSpec(_Strict):
         "re-created (default 5)",
     )
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    generation: Annotated[int, Field(strict=True, ge=0)] = Field(
+        default=0,
+        description="bumped by the zone to have the agent re-create the VM in place with "
+        "the same spec (remediation; the etcd disk is kept); 0 is not hashed",
+    )
 
     @field_validator("image")
     @classmethod
@@ -190,6 +222,27 @@ class NodeSpec(_Strict):
     def _etcd_disk(self) -> NodeSpec:
         if self.role is Role.WORKER and self.etcd_disk_gib is not None:
             raise ValueError("etcd_disk_gib is for masters only")
+        return self
+
+    @model_validator(mode="after")
+    def _vip_in_subnet(self) -> NodeSpec:
+        vip = self.cluster.vip
+        if vip is None:
+            return self
+        iface = self.network.interface
+        address = ipaddress.ip_address(vip)
+        if address not in iface.network:
+            raise ValueError(f"cluster.vip {vip} is not inside the node subnet {iface.network}")
+        taken = {iface.ip, ipaddress.ip_address(self.network.gateway)}
+        taken |= {ipaddress.ip_address(m.address) for m in self.cluster.masters}
+        if address in taken or address in (
+            iface.network.network_address,
+            iface.network.broadcast_address,
+        ):
+            raise ValueError(
+                f"cluster.vip {vip} must be a free address of the node subnet, not a node's, "
+                "the gateway's, the network's or the broadcast address"
+            )
         return self
 
     @property

@@ -75,6 +75,9 @@ def node_context(
         service_cidr=cluster.service_cidr,
         cluster_domain=cluster.cluster_domain,
         etcd_disk=ETCD_GUEST_DEVICE if spec.etcd_disk_size else None,
+        etcd_mode=cluster.etcd_mode.value,
+        vip=cluster.vip or "",
+        vni=spec.network.vni,
         extensions=role_extensions(config.cloudconfig.extensions(spec.role.value)),
     )
     try:

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from cloudconfig.versions import UnsupportedVersion, template_folder
 from common.files import same_secret
-from hostagent import capacity
+from hostagent import capacity, console
 from hostagent.config import Config
 from hostagent.errors import (
     Conflict,
@@ -26,9 +26,11 @@ from hostagent.errors import (
     MalformedRequest,
     NotFound,
     Unauthorized,
+    parse_body,
     validation_problems,
 )
 from hostagent.images import ImageCatalog
+from hostagent.imagesource import ImagePhase
 from hostagent.model import Node, NodeHealth, NodeKey, NodeSpec, NodeStatus, Phase
 from hostagent.nodehealth import HealthBook
 from hostagent.store import NodeRecord, Store
@@ -44,16 +46,7 @@ def parse_key(cluster: str, name: str) -> NodeKey:
 
 
 def parse_spec(body: bytes) -> NodeSpec:
-    try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise MalformedRequest(f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise MalformedRequest("the body must be a JSON object (a NodeSpec)")
-    try:
-        return NodeSpec.model_validate(data)
-    except ValidationError as exc:
-        raise Invalid(validation_problems(exc, plain=True)) from exc
+    return parse_body(body, NodeSpec, "a NodeSpec")
 
 
 def to_node(record: NodeRecord, nodes_dir: Path | None, health: NodeHealth) -> Node:
@@ -152,6 +145,11 @@ class NodeService:
             raise MalformedRequest("the guest's report must be a JSON object")
         return report
 
+    def console(self, key: NodeKey, tail_bytes: int) -> bytes:
+        """The last tail_bytes of the node's serial console (b"" before it first started)."""
+        self._existing(key)
+        return console.tail(console.log_path(self.config.nodes_dir, key), tail_bytes)
+
     def allocated(self) -> capacity.Resources:
         return capacity.allocated((r.spec for r in self.store.all()), self.config.capacity)
 
@@ -176,11 +174,21 @@ class NodeService:
             template_folder(spec.kubernetes_version)
         except UnsupportedVersion as exc:
             raise Invalid(str(exc)) from exc
-        if self.images.get(spec.image) is None:
-            known = ", ".join(self.images.names()) or "none"
-            raise Invalid(f"image {spec.image!r} is not on this host (known: {known})")
+        self._check_image(spec.image)
         _check_network(key, spec, others)
         capacity.check_fits(spec, (r.spec for r in others), self.physical, self.config.capacity)
+
+    def _check_image(self, name: str) -> None:
+        """Ready, or being pulled (the node waits for it); else 422."""
+        if self.images.get(name) is not None:
+            return
+        pulled = self.store.image(name)
+        if pulled is not None and pulled.phase is ImagePhase.DOWNLOADING:
+            return
+        if pulled is not None and pulled.phase is ImagePhase.FAILED:
+            raise Invalid(f"image {name!r} could not be pulled: {pulled.message}")
+        known = ", ".join(self.images.names()) or "none"
+        raise Invalid(f"image {name!r} is not on this host (known: {known})")
 
 
 def _check_update(key: NodeKey, spec: NodeSpec, current: NodeRecord) -> None:

@@ -7,6 +7,8 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from common.names import DNS1123_LABEL
+from hostagent import console
+from hostagent.imagesource import ImageInfo, ImageList, ImageSource
 from hostagent.model import ErrorResponse, Health, Node, NodeHealth, NodeList, NodeSpec
 from hostagent.networks import PeerList
 
@@ -30,7 +32,7 @@ ERRORS = {
         (400, "malformed request"),
         (401, "no or wrong token, and no client certificate of the zone"),
         (403, "a client certificate that may not make this call (mutual TLS)"),
-        (404, "no such node or peer list"),
+        (404, "no such node, peer list or image"),
         (409, "conflicts with existing state"),
         (422, "well-formed but invalid"),
         (507, "host out of capacity"),
@@ -72,6 +74,20 @@ NODE_SPEC_EXAMPLE: dict[str, Any] = {
     "network": {"vni": 4242, "address": "10.42.0.11/24", "gateway": "10.42.0.1", "mtu": 1450},
     "ssh_authorized_keys": [],
 }
+IMAGE_SOURCE_EXAMPLE: dict[str, Any] = {
+    "url": "https://images.example.com/debian-12/disk.qcow2",
+    "sha256": "5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef",
+    "format": "qcow2",
+    "kernel": {
+        "url": "https://images.example.com/debian-12/vmlinuz",
+        "sha256": "0263829989b6fd954f72baaf2fc64bc2e2f01d692d4de72986ea808f6e99813f",
+    },
+    "initrd": {
+        "url": "https://images.example.com/debian-12/initrd.img",
+        "sha256": "a4e624d686e03ed2767c0abd85c14426b0b1157d2ce81d27bb4fe4f6f01d688a",
+    },
+    "cmdline": "console=ttyS0 root=/dev/vda",
+}
 PEER_LIST_EXAMPLE = {"peers": [{"address": "10.250.0.12", "macs": ["52:54:00:aa:bb:cc"]}]}
 NAME_PARAMS = name_parameters(**EXAMPLE_NAMES)
 PEERS_PATH = {
@@ -92,6 +108,56 @@ PEERS_PATH = {
     "delete": {
         "summary": "Forget the cluster's peer list (also when there is none)",
         "responses": {"204": {"description": "forgotten"}, **WRITE_ERRORS},
+    },
+}
+
+
+IMAGE_PATH = {
+    "parameters": name_parameters(image="debian-12"),
+    "put": {
+        "summary": "Pull the image from its source (in the background: GET it for the "
+        "progress); the same source again changes nothing",
+        "requestBody": json_body("ImageSource", IMAGE_SOURCE_EXAMPLE),
+        "responses": {
+            "200": _response("existed", "ImageInfo"),
+            "201": _response("accepted, downloading", "ImageInfo"),
+            **WRITE_ERRORS,
+            **TOO_LARGE,
+        },
+    },
+    "get": {
+        "summary": "The image, and how its pull goes",
+        "responses": {"200": _response("the image", "ImageInfo"), **ERRORS},
+    },
+    "delete": {
+        "summary": "Remove a pulled image no node names (409 naming the nodes otherwise)",
+        "responses": {"204": {"description": "removed"}, **WRITE_ERRORS},
+    },
+}
+CONSOLE_PATH = {
+    "parameters": NAME_PARAMS,
+    "get": {
+        "summary": "The end of the node's serial console log (rotated by size)",
+        "parameters": [
+            {
+                "name": "tail_bytes",
+                "in": "query",
+                "required": False,
+                "schema": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": console.MAX_TAIL_BYTES,
+                    "default": console.DEFAULT_TAIL_BYTES,
+                },
+            }
+        ],
+        "responses": {
+            "200": {
+                "description": "the log's last tail_bytes bytes (UTF-8, invalid bytes replaced)",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            **ERRORS,
+        },
     },
 }
 
@@ -153,7 +219,14 @@ def _paths() -> dict[str, Any]:
         "/v1/host": {
             "get": {"summary": "Host capacity and allocation", "responses": {**plain, **ERRORS}}
         },
-        "/v1/images": {"get": {"summary": "Bootable images", "responses": {**plain, **ERRORS}}},
+        "/v1/images": {
+            "get": {
+                "summary": "The images on this host: folders and pulled ones, any phase",
+                "responses": {"200": _response("images", "ImageList"), **ERRORS},
+            }
+        },
+        "/v1/images/{image}": IMAGE_PATH,
+        "/v1/clusters/{cluster}/nodes/{node}/console": CONSOLE_PATH,
         "/v1/nodes": {
             "get": {
                 "summary": "All nodes",
@@ -202,7 +275,18 @@ def openapi_document(version: str) -> dict[str, Any]:
     _, schemas = models_json_schema(
         [
             (m, "serialization")
-            for m in (NodeSpec, Node, NodeList, NodeHealth, ErrorResponse, Health, PeerList)
+            for m in (
+                NodeSpec,
+                Node,
+                NodeList,
+                NodeHealth,
+                ErrorResponse,
+                Health,
+                PeerList,
+                ImageSource,
+                ImageInfo,
+                ImageList,
+            )
         ],
         ref_template=REF,
     )

@@ -18,9 +18,9 @@ from pathlib import Path
 from cloudconfig.configdrive import build_config_drive, config_drive_files
 from cloudconfig.context import NodeContext
 from common.errors import ProvisioningError
-from hostagent import certificates, networks
+from hostagent import certificates, console, networks
 from hostagent.config import Config
-from hostagent.errors import LibvirtUnavailable
+from hostagent.errors import ImageNotReady, LibvirtUnavailable
 from hostagent.images import Image, ImageCatalog
 from hostagent.model import NodeKey, NodeSpec
 from hostagent.networks import PeerSource
@@ -79,7 +79,7 @@ class NodeFiles:
         self.etcd_disk = self.root / "etcd.qcow2"
         self.config_drive = self.root / "cidata.iso"
         self.pki = layout.host_dir(self.root)
-        self.console_log = self.root / "console.log"
+        self.console_log = self.root / console.CONSOLE_LOG
 
 
 class Provisioner:
@@ -95,6 +95,8 @@ class Provisioner:
         pki: Backend,
         peers: PeerSource,
         hook: Hook | None = None,
+        *,
+        image_waiting: Callable[[str], str | None] = lambda _name: None,
     ) -> None:
         self.config = config
         self.images = images
@@ -106,6 +108,7 @@ class Provisioner:
         self.pki = pki
         self.peers = peers
         self.hook = hook or Hook()  # test-only fault injection; inert unless a test asks
+        self.image_waiting = image_waiting  # why a node waits for its image, or None
         self.underlay = networks.underlay(config.network)
         self._network_lock = asyncio.Lock()
 
@@ -114,6 +117,8 @@ class Provisioner:
 
     def image(self, spec: NodeSpec) -> Image:
         image = self.images.get(spec.image)
+        if image is None and (waiting := self.image_waiting(spec.image)) is not None:
+            raise ImageNotReady(waiting)
         if image is None:
             raise ProvisioningError(
                 f"image {spec.image!r} is not on this host (known: {self.images.names()}); "

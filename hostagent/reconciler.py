@@ -14,7 +14,7 @@ import time
 from common.backoff import Backoff
 from common.errors import ProvisioningError
 from hostagent.config import ReconcilerConfig
-from hostagent.errors import LibvirtUnavailable, StoreFull
+from hostagent.errors import ImageNotReady, LibvirtUnavailable, StoreFull
 from hostagent.metrics import Metrics
 from hostagent.model import NodeKey, Phase
 from hostagent.nodeplan import Step, plan_node
@@ -25,6 +25,8 @@ from hostagent.virt.domain import DomainInfo
 from pki.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
+# How often a node waiting for its image looks again (and updates its message).
+IMAGE_WAIT_S = 2.0
 
 
 class StartHistory:
@@ -190,6 +192,11 @@ class Reconciler:
                 await self.reconcile(key)
                 self.metrics.reconcile_seconds.observe(time.monotonic() - started)
                 return
+            except ImageNotReady as exc:
+                # Not a failure: the node waits for as long as the pull goes on.
+                await self._note(key, Phase.PENDING, str(exc))
+                retry.reset()
+                delay = IMAGE_WAIT_S
             except LibvirtUnavailable as exc:
                 self.metrics.reconcile_errors.inc()
                 await self._note(key, None, f"waiting for libvirt: {exc}")
@@ -236,6 +243,8 @@ class Reconciler:
             return
         domain = await self.provisioner.virt.domain(key.domain, self.host_id)
         steps = plan_node(record, domain)
+        if record is not None and not record.deleting and Step.PREPARE in steps:
+            self.provisioner.image(record.spec)  # waits here, before touching anything
         if steps:
             log.info("%s: %s", key, ", ".join(step.value for step in steps))
         for step in steps:

@@ -49,6 +49,15 @@ class Database:
         self.reader = _connect(path)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{path.stem}")
 
+    def add_column(self, table: str, column: str, declaration: str) -> None:
+        """Add a column that a newer schema has to a table made by an older one; nothing
+        when it is there. For the opening store, before any write (runs in the caller's
+        thread)."""
+        names = {row["name"] for row in self._writer.execute(f"PRAGMA table_info({table})")}
+        if column not in names:
+            with transaction(self._writer) as db:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` in one transaction in the writer thread; rolled back if it raises.
         Once started it commits even if the awaiting caller is cancelled."""

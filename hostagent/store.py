@@ -1,4 +1,5 @@
-"""Desired and observed node state in SQLite; nothing else in the agent touches SQL.
+"""Desired and observed node state, and the pulled images, in SQLite; nothing else in the
+agent touches SQL.
 
 Every accepted change is one transaction, committed before the reconciler acts on it.
 The database is opened as hostagent/sqlite.py does for the zone too (WAL,
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from hostagent.imagesource import ImagePhase, ImageSource
 from hostagent.model import NodeKey, NodeSpec, Phase
 from hostagent.sqlite import Connection, Database, Row
 from network.model import Peer
@@ -46,6 +48,16 @@ CREATE TABLE IF NOT EXISTS peers (
     cluster    TEXT PRIMARY KEY,
     peers      TEXT NOT NULL,
     updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    name         TEXT PRIMARY KEY,
+    source       TEXT NOT NULL,
+    digest       TEXT NOT NULL,
+    phase        TEXT NOT NULL,
+    message      TEXT NOT NULL DEFAULT '',
+    bytes_total  INTEGER,
+    updated_at   TEXT NOT NULL,
+    unused_since TEXT
 );
 """
 
@@ -191,6 +203,78 @@ class Store:
             lambda db: db.execute("DELETE FROM peers WHERE cluster = ?", (cluster,)).rowcount > 0
         )
 
+    # --- pulled images: name -> source and digest, and how the pull goes ---------------
+
+    def image(self, name: str) -> ImageRecord | None:
+        return _image(self._db.reader, name)
+
+    def images(self) -> list[ImageRecord]:
+        rows = self._db.reader.execute("SELECT * FROM images ORDER BY name").fetchall()
+        return [_image_record(row) for row in rows]
+
+    async def put_image(self, name: str, source: ImageSource, check: ImageCheck) -> ImagePut:
+        """Record the image's source after ``check(current, users)`` passed (raises to
+        refuse), in one transaction with the nodes it reads: a new digest (or a Failed
+        pull) starts Downloading, the same digest from another URL changes no content."""
+        return await self._db.write(lambda db: _put_image(db, name, source, check))
+
+    async def set_image_phase(
+        self, name: str, digest: str, phase: ImagePhase, message: str, bytes_total: int | None
+    ) -> bool:
+        """Record how the pull of ``digest`` ended; False (nothing written) when the image
+        was deleted or replaced meanwhile."""
+
+        def work(db: Connection) -> bool:
+            stamp = now()
+            cursor = db.execute(
+                "UPDATE images SET phase = ?, message = ?, bytes_total = ?, updated_at = ? "
+                "WHERE name = ? AND digest = ?",
+                (phase, message, bytes_total, stamp, name, digest),
+            )
+            return cursor.rowcount > 0
+
+        return bool(await self._db.write(work))
+
+    async def delete_image(self, name: str, check: ImageCheck) -> ImageRecord:
+        """Forget the image after ``check(current, users)`` passed; the removed record."""
+
+        def work(db: Connection) -> ImageRecord:
+            current = _image(db, name)
+            check(current, _users(db, name))
+            assert current is not None  # check refuses an unknown image
+            db.execute("DELETE FROM images WHERE name = ?", (name,))
+            return current
+
+        return await self._db.write(work)
+
+    async def collect_images(self, unused_before: str) -> list[ImageRecord]:
+        """Note which images nodes name (unused_since: cleared while one does, set when
+        none does any more) and forget the Ready ones unused since before
+        ``unused_before``; the forgotten records."""
+        return await self._db.write(lambda db: _collect_images(db, unused_before))
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    name: str
+    source: ImageSource
+    digest: str
+    phase: ImagePhase
+    message: str
+    bytes_total: int | None
+    updated_at: str
+    unused_since: str | None
+
+
+@dataclass(frozen=True)
+class ImagePut:
+    record: ImageRecord
+    change: str | None  # "accepted", "replaced", "retry requested", "source moved"; None
+
+
+# (the image as stored or None, the nodes naming it): raises to refuse the change
+ImageCheck = Callable[[ImageRecord | None, list[NodeKey]], None]
+
 
 @dataclass(frozen=True)
 class Put:
@@ -271,6 +355,80 @@ def _set_phase(
     if (current.phase, current.message) != (phase, message):
         _log(db, key, phase, message, stamp)
     return True
+
+
+def _image(db: Connection, name: str) -> ImageRecord | None:
+    row = db.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()
+    return _image_record(row) if row else None
+
+
+def _users(db: Connection, image: str) -> list[NodeKey]:
+    return [record.key for record in _all(db) if record.spec.image == image]
+
+
+def _put_image(db: Connection, name: str, source: ImageSource, check: ImageCheck) -> ImagePut:
+    current = _image(db, name)
+    check(current, _users(db, name))
+    stamp, digest = now(), source.digest()
+    if current is None:
+        change: str | None = "accepted"
+        db.execute(
+            "INSERT INTO images (name, source, digest, phase, updated_at) VALUES (?, ?, ?, ?, ?)",
+            (name, source.model_dump_json(), digest, ImagePhase.DOWNLOADING, stamp),
+        )
+    elif current.digest != digest or current.phase is ImagePhase.FAILED:
+        change = "replaced" if current.digest != digest else "retry requested"
+        db.execute(
+            "UPDATE images SET source = ?, digest = ?, phase = ?, message = '', "
+            "bytes_total = NULL, updated_at = ?, unused_since = NULL WHERE name = ?",
+            (source.model_dump_json(), digest, ImagePhase.DOWNLOADING, stamp, name),
+        )
+    elif current.source != source:
+        change = "source moved"
+        db.execute(
+            "UPDATE images SET source = ?, updated_at = ? WHERE name = ?",
+            (source.model_dump_json(), stamp, name),
+        )
+    else:
+        change = None
+    record = _image(db, name)
+    assert record is not None
+    return ImagePut(record, change)
+
+
+def _collect_images(db: Connection, unused_before: str) -> list[ImageRecord]:
+    used = {record.spec.image for record in _all(db)}
+    stamp = now()
+    db.execute(
+        f"UPDATE images SET unused_since = NULL WHERE name IN ({', '.join('?' * len(used))})",
+        tuple(used),
+    )
+    db.execute(
+        "UPDATE images SET unused_since = ? WHERE unused_since IS NULL AND phase = ? AND name "
+        f"NOT IN ({', '.join('?' * len(used))})",
+        (stamp, ImagePhase.READY, *used),
+    )
+    rows = db.execute(
+        "SELECT * FROM images WHERE phase = ? AND unused_since < ?",
+        (ImagePhase.READY, unused_before),
+    ).fetchall()
+    expired = [_image_record(row) for row in rows if row["name"] not in used]
+    for record in expired:
+        db.execute("DELETE FROM images WHERE name = ?", (record.name,))
+    return expired
+
+
+def _image_record(row: Row) -> ImageRecord:
+    return ImageRecord(
+        name=row["name"],
+        source=ImageSource.model_validate_json(row["source"]),
+        digest=row["digest"],
+        phase=ImagePhase(row["phase"]),
+        message=row["message"],
+        bytes_total=row["bytes_total"],
+        updated_at=row["updated_at"],
+        unused_since=row["unused_since"],
+    )
 
 
 def _peers(text: str) -> list[Peer]:

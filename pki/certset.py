@@ -71,8 +71,8 @@ class Sans(enum.Enum):
     """Which subject alternative names a certificate carries."""
 
     NONE = "none"
-    APISERVER = "apiserver"  # kubernetes.* names, service IP, node, API endpoint
-    ETCD = "etcd"  # node name and IP, localhost, 127.0.0.1
+    APISERVER = "apiserver"  # kubernetes.* names, service IP, node, API endpoint, VIP
+    ETCD = "etcd"  # node name and IP, localhost, 127.0.0.1, VIP
     NODE = "node"  # node name and IP
 
 
@@ -129,6 +129,7 @@ class NodeIdentity:
     service_cidr: str = "10.96.0.0/12"
     cluster_domain: str = "cluster.local"
     api_endpoint: str | None = None  # host:port when the cluster has one beyond its masters
+    vip: str | None = None  # the cluster's virtual IP, held by one master at a time
 
     def __post_init__(self) -> None:
         check_name("cluster", self.cluster)
@@ -140,6 +141,8 @@ class NodeIdentity:
         check_dns_name("cluster_domain", self.cluster_domain)
         if self.api_endpoint is not None and ":" not in self.api_endpoint:
             raise ValueError(f"api_endpoint {self.api_endpoint[:80]!r} must be HOST:PORT")
+        if self.vip is not None:
+            ipaddress.IPv4Address(self.vip)
 
     @property
     def service_ip(self) -> str:
@@ -223,6 +226,9 @@ def sans_for(kind: Sans, node: NodeIdentity) -> tuple[tuple[str, ...], tuple[str
     if kind is Sans.ETCD:
         dns.append("localhost")
         ips.append("127.0.0.1")
+    if kind in (Sans.APISERVER, Sans.ETCD) and node.vip:
+        # Whichever master holds the VIP answers on it: every master's certificate has it.
+        ips.append(node.vip)
     if kind is Sans.APISERVER and node.api_endpoint:
         # Only an explicit endpoint: the default (first master:6443) is that master's
         # own address, already in its certificate, and no other master's.

@@ -107,7 +107,7 @@ else
 
 # host_id = "<hostname>"           # this host's id; recorded in every domain's metadata
 # state_dir = "/var/lib/hostagent" # SQLite state, api-token, node files, probe cache
-# image_dir = "<state_dir>/images" # one folder per base image
+# image_dir = "<state_dir>/images" # one folder per base image; pulled ones in .pulled/
 
 [api]
 # listen = "127.0.0.1:8470"        # a non-loopback address requires tls_cert and tls_key
@@ -148,6 +148,15 @@ else
 # report_timeout_s = 120.0         # a Ready guest silent this long is unhealthy
 # crash_loop_starts = 3            # started this often within crash_loop_window_s: crash-looping
 # check_interval_s = 10.0          # the agent judges every node this often
+# boot_timeout_s = 900.0           # Running this long without phoning home: Failed, with
+#                                  # the console's last lines in the message
+
+[images]                           # images pulled with PUT /v1/images/{name}
+# unused_ttl_s = 86400.0           # a pulled image no node has named this long is removed
+# gc_interval_s = 600.0            # how often the agent looks for such images
+# download_timeout_s = 60.0        # connect, and each read of a download
+# download_attempts = 5            # tries per file after connection errors; then Failed
+# ca_file = ""                     # PEM CAs for https sources (unset: the system's CAs)
 
 [cloudconfig]
 # template_dir = ""                # files here override the shipped templates, file by file

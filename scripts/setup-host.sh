@@ -8,7 +8,7 @@ PACKAGES=(
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
   pkg-config gcc python3-venv python3-dev cloud-init busybox-static cpio
   libxml2-utils iproute2 nftables ca-certificates debootstrap e2fsprogs systemd
-  vagrant vagrant-libvirt fdisk mount etcd-server etcd-client
+  vagrant vagrant-libvirt fdisk mount etcd-server etcd-client prometheus
 )
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -28,11 +28,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [ -d /run/systemd/system ] && printf '%s\n' "${missing[@]}" | grep -qx etcd-server; then
     systemctl mask etcd.service >/dev/null
   fi
+  # prometheus is here for promtool (the alert rules' checks and tests), not its server.
+  if [ -d /run/systemd/system ] && printf '%s\n' "${missing[@]}" | grep -qx prometheus; then
+    systemctl mask prometheus.service >/dev/null
+  fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   if [ ! -d /run/systemd/system ] && printf '%s\n' "${missing[@]}" | grep -qx etcd-server; then
     /etc/init.d/etcd stop >/dev/null 2>&1 || true
     update-rc.d etcd disable >/dev/null 2>&1 || true
+  fi
+  if [ ! -d /run/systemd/system ] && printf '%s\n' "${missing[@]}" | grep -qx prometheus; then
+    /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+    update-rc.d prometheus disable >/dev/null 2>&1 || true
   fi
 fi
 # The lab image is built from Debian's packages with apt-get download: it needs package lists.

@@ -56,6 +56,7 @@ class LabSettings:
     failure_domains: int | None = None
     context_file: Path = LAB_CONTEXT
     agent_extra_toml: str = ""  # appended to every agent's configuration (tests, experiments)
+    zone_extra_toml: str = ""  # appended to the zone's configuration (tests, experiments)
     image_dir: Path | None = None  # where the lab image is built and read; default <root>/images
     zone_replicas: int = 1  # more: that many replicas on a 3-member etcd cluster
 
@@ -108,7 +109,7 @@ heartbeat_timeout_s = {settings.heartbeat_s * 4}
 ca_file = "{settings.root / "ca" / "ca.crt"}"
 retry_initial_s = 0.5
 retry_max_s = 5.0
-"""
+{settings.zone_extra_toml}"""
         + _replica_toml(zone, replica)
     )
     return replica.config

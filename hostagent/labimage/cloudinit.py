@@ -9,7 +9,9 @@ of node overlays) and, written last and atomically, ``image.json``.
 
 The tree is tuned to boot fast under TCG: the network is rendered for systemd-networkd
 (static addresses are up as soon as the link is, no DHCP, no ifupdown scripts), and
-timers and services useless in a disposable lab VM are masked.
+timers and services useless in a disposable lab VM are masked. Debian's etcd-server and
+keepalived are installed but disabled: a master's cloud-config runs them (etcd_mode
+"systemd", the cluster's VIP).
 
 As for "lab" (skeleton.py): the build runs in a temp folder next to the target and is
 renamed into place, under a lock, and is skipped when image.json carries the same recipe
@@ -46,7 +48,7 @@ from hostagent.labimage.skeleton import (
     write_image_json,
 )
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 3
 IMAGE_NAME = "lab-cloudinit"
 SUITE = "bookworm"
 # Root is the whole disk (no partition table): cloud-init's resizefs grows it in place
@@ -67,6 +69,10 @@ PACKAGES: tuple[str, ...] = (
     "e2fsprogs",  # resize2fs for cloud-init's resizefs
     "curl",  # phone-home from runcmd
     "ca-certificates",
+    # A master's control plane without a container runtime (docs/cloudconfig.md, "etcd
+    # as a systemd unit"): Debian's etcd (3.4) and keepalived for the cluster's VIP.
+    "etcd-server",
+    "keepalived",
 )
 
 _CLOUD_CFG = """\
@@ -143,6 +149,12 @@ MASKED: tuple[str, ...] = (
     "proc-sys-fs-binfmt_misc.automount",
 )
 
+# Units their packages enable that must not start on every boot: a master's cloud-config
+# writes its own etcd.service and keepalived.service (same names, so they replace
+# Debian's) and enables them; a worker runs neither. Disabling also drops etcd's alias
+# etcd2.service, which would name Debian's unit beside the master's.
+DISABLED: tuple[str, ...] = ("etcd.service", "keepalived.service")
+
 # Host tools the build runs: (name, Debian package).
 TOOLS: tuple[tuple[str, str], ...] = (
     ("debootstrap", "debootstrap"),
@@ -181,6 +193,7 @@ def recipe_hash() -> str:
         "files": FILES,
         "enabled": {wants: list(units) for wants, units in ENABLED.items()},
         "masked": list(MASKED),
+        "disabled": list(DISABLED),
         "removed": list(REMOVED_GLOBS),
         "cmdline": CMDLINE,
         "headroom": HEADROOM,
@@ -217,7 +230,7 @@ def _build(
 def configure_tree(tree: Path) -> None:
     """Write the recipe's files, enable and mask its units, drop caches (no chroot)."""
     write_files(tree, FILES)
-    set_units(tree, ENABLED, MASKED)
+    set_units(tree, ENABLED, MASKED, DISABLED)
     (tree / "var/lib/dbus/machine-id").unlink(missing_ok=True)
     remove_globs(tree, REMOVED_GLOBS)
 

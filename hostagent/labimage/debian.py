@@ -118,16 +118,37 @@ def write_files(tree: Path, files: Mapping[str, str]) -> None:
         path.chmod(0o644)
 
 
-def set_units(tree: Path, enabled: Mapping[str, Iterable[str]], masked: Iterable[str]) -> None:
-    """Enable units by symlinks ("wants dir" -> units) and mask units (-> /dev/null)."""
+def set_units(
+    tree: Path,
+    enabled: Mapping[str, Iterable[str]],
+    masked: Iterable[str],
+    disabled: Iterable[str] = (),
+) -> None:
+    """Enable units by symlinks ("wants dir" -> units), disable units (their packages'
+    "wants" symlinks removed: installed, started only when something enables them) and
+    mask units (-> /dev/null)."""
     units = tree / "etc/systemd/system"
     for wants, names in enabled.items():
         for name in names:
             symlink(units / wants / name, f"/lib/systemd/system/{name}")
+    for name in (*disabled, *masked):
+        disable(units, name)
     for name in masked:
-        for stale in units.glob(f"*.wants/{name}"):
-            stale.unlink()
         symlink(units / name, "/dev/null")
+
+
+def disable(units: Path, name: str) -> None:
+    """What `systemctl disable` removes: the unit's links in the "wants" and "requires"
+    folders and its aliases (links in ``units`` pointing at it). The links point into
+    the tree's /lib, absolute: on the build host they may dangle, so they are found by
+    listing, never by a lookup that follows them."""
+    folders = [units] + [
+        d for d in units.iterdir() if d.is_dir() and d.name.endswith((".wants", ".requires"))
+    ]
+    for folder in folders:
+        for link in folder.iterdir():
+            if link.is_symlink() and name in (link.name, Path(os.readlink(link)).name):
+                link.unlink()
 
 
 def remove_globs(tree: Path, patterns: Iterable[str]) -> None:

@@ -209,12 +209,15 @@ class Libvirt:
         return await self._wrap("start", start, f"start domain {name}")
 
     async def shutdown(self, name: str, timeout_s: float) -> None:
-        """ACPI power-off, then destroy when the guest has not stopped within timeout_s."""
+        """ACPI power-off, then destroy when the guest has not stopped within timeout_s; a
+        paused domain (its guest cannot see ACPI: hung, or suspended) is destroyed at once."""
         conn = self._need()
 
         def request() -> None:
             dom = conn.lookupByName(name)
-            if dom.isActive():
+            if dom.isActive() and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.destroy()
+            elif dom.isActive():
                 dom.shutdown()
 
         await self._wrap("shutdown", request, f"shut down domain {name}")

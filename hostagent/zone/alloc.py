@@ -11,6 +11,7 @@ from hostagent.errors import OutOfCapacity
 from hostagent.model import Role
 
 FIRST_NODE_OFFSET = 10  # node addresses count up from .10 of the node subnet
+VIP_OFFSET = 5  # the cluster's VIP: below the nodes, far from the gateways (from .254 down)
 NODE_SUBNET_PREFIX = 24
 MAX_INDEX = 10_000  # node names run m1.., w1.. up to this
 
@@ -54,6 +55,12 @@ def node_address(subnet: str, taken: Collection[str]) -> str:
         if address not in taken:
             return address
     raise OutOfCapacity(f"node subnet {subnet} has no free address left")
+
+
+def vip_address(subnet: str) -> str:
+    """The cluster's virtual IP: the fixed .5 of its node subnet, which no node (from .10
+    up) and no gateway (from .254 down to .11) is ever given."""
+    return str(IPv4Network(subnet).network_address + VIP_OFFSET)
 
 
 def gateway_address(subnet: str, taken: Collection[str], nodes: Collection[str]) -> str:

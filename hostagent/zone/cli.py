@@ -1,5 +1,5 @@
 """The zone's verbs of the `hostagent` command: `zone serve|host-token|hosts` and
-`cluster create|scale|get|list|describe|delete`."""
+`cluster create|scale|upgrade|get|list|describe|delete`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 from hostagent import tables
 from hostagent.config import Config
 from hostagent.errors import StoreUnavailable
-from hostagent.zone.client import ZoneClient, resolve_context
+from hostagent.zone.client import RolloutStopped, ZoneClient, resolve_context
 from hostagent.zone.config import load_zone_config
 from hostagent.zone.describe import describe
 from hostagent.zone.tokens import next_host_token
@@ -98,6 +98,24 @@ def cmd_cluster_scale(args: argparse.Namespace, _: Config) -> None:
     print(f"cluster {args.name}: {len(view['status']['nodes'])} nodes")
     if args.wait:
         client.wait(args.name, "Ready", timeout_s=args.timeout, progress=print)
+
+
+def cmd_cluster_upgrade(args: argparse.Namespace, _: Config) -> None:
+    """PUT the cluster's spec with a new version (and image); with --wait, show the
+    rollout's progress until it is done, exiting non-zero with the reason if it stops."""
+    client = _client(args)
+    spec = client.cluster(args.name)["spec"]
+    spec["kubernetes_version"] = args.kubernetes_version
+    if args.image is not None:
+        spec["image"] = args.image
+    view = client.put_cluster(args.name, spec)
+    print(f"cluster {args.name}: {view['status']['phase']}: {view['status']['message']}")
+    if args.wait:
+        try:
+            client.wait_rollout(args.name, timeout_s=args.timeout, progress=print)
+        except (RolloutStopped, TimeoutError) as exc:
+            raise SystemExit(f"hostagent: {exc}") from exc
+        print(f"cluster {args.name}: every node runs {args.kubernetes_version}")
 
 
 def cmd_cluster_get(args: argparse.Namespace, _: Config) -> None:
@@ -203,6 +221,11 @@ def add_commands(sub: Any) -> None:
     create.add_argument("--ssh-key", action="append", help="a public key file (repeatable)")
     scale = verb("scale", "change the worker count", cmd_cluster_scale, wait=True)
     scale.add_argument("--workers", type=int, required=True)
+    upgrade = verb(
+        "upgrade", "roll the cluster to another Kubernetes version", cmd_cluster_upgrade, wait=True
+    )
+    upgrade.add_argument("--kubernetes-version", required=True)
+    upgrade.add_argument("--image", help="also roll to this image")
     verb("get", "the cluster as JSON", cmd_cluster_get)
     verb("describe", "the cluster as a tree", cmd_cluster_describe)
     verb("delete", "delete the cluster from every host", cmd_cluster_delete, wait=True)

@@ -151,6 +151,37 @@ class ZoneClient:
                 raise TimeoutError(f"cluster {name} not {until} after {timeout_s:.0f}s: {line}")
             time.sleep(1.0)
 
+    def wait_rollout(
+        self,
+        name: str,
+        *,
+        timeout_s: float = 3600.0,
+        progress: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll the cluster until its rollout is done and it is Ready (the last view);
+        RolloutStopped with the reason when the rollout stopped."""
+        started = time.monotonic()
+        last = ""
+        while True:
+            view = self.cluster(name)
+            status = view["status"]
+            rollout = status.get("rollout")
+            line = f"{status['phase']}: {status['message'] or 'done'}"
+            if progress and line != last:
+                progress(f"[{time.monotonic() - started:6.1f}s] {name}: {line}")
+            last = line
+            if rollout is not None and rollout["state"] == "Stopped":
+                raise RolloutStopped(f"cluster {name}: rollout stopped: {rollout['message']}")
+            if rollout is None and status["phase"] == "Ready":
+                return view
+            if time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"cluster {name}: rollout not done after {timeout_s:.0f}s")
+            time.sleep(1.0)
+
+
+class RolloutStopped(Exception):
+    """A rollout stopped (a node not Ready in time); nothing further is touched."""
+
 
 def _progress_line(view: dict[str, Any]) -> str:
     status = view["status"]

@@ -147,6 +147,22 @@ class ReplicaConfig(_Section):
     leader_lease_ttl_s: Annotated[int, Field(ge=2, le=60)] = 5
 
 
+class RolloutConfig(_Section):
+    """`[rollout]`: how often the leader looks at every cluster's rollout and health."""
+
+    interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    drain_hook_ca_file: Path | None = None  # trust for https drain hooks; unset: system CAs
+
+
+class RemediationConfig(_Section):
+    """`[remediation]`: which unhealthy nodes the leader replaces (zone/remediation.py)."""
+
+    enabled: bool = True
+    unhealthy_for_s: Annotated[float, Field(ge=0)] = 180.0
+    window_s: Annotated[float, Field(ge=0)] = 600.0
+    max_fraction: Annotated[float, Field(gt=0, le=1)] = 0.10
+
+
 class ZoneServerConfig(_Section):
     state_dir: Path = Path("/var/lib/hostagent-zone")
     api: ApiConfig = ApiConfig(listen=DEFAULT_ZONE_LISTEN)
@@ -157,6 +173,8 @@ class ZoneServerConfig(_Section):
     store: StoreConfig = StoreConfig()
     control_ca: ControlCaConfig = ControlCaConfig()
     replica: ReplicaConfig = ReplicaConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    remediation: RemediationConfig = RemediationConfig()
 
 
 def _loopback(host: str) -> bool:

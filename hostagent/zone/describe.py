@@ -1,5 +1,6 @@
 """`hostagent cluster describe`: a cluster as a tree (cluster -> nodes -> host, phase, age),
-in the manner of `clusterctl describe`. Pure: text from the zone's answer."""
+in the manner of `clusterctl describe`, then its rollout (while one is on) and its latest
+events. Pure: text from the zone's answer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 COLUMNS = ("NAME", "HOST", "PHASE", "AGE", "ADDRESS", "MESSAGE")
+EVENTS_SHOWN = 10
 
 
 def describe(cluster: dict[str, Any], age: Callable[[str], str]) -> str:
@@ -48,4 +50,16 @@ def describe(cluster: dict[str, Any], age: Callable[[str], str]) -> str:
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         lines.append("  ".join([*cells, row[-1][:80]]).rstrip())
+    rollout = status.get("rollout")
+    if rollout is not None:
+        lines += ["", f"Rollout: {rollout['state']}, {rollout['progress']}"]
+        if rollout["message"]:
+            lines.append(f"  {rollout['message']}")
+    events = status.get("events") or []
+    if events:
+        lines += ["", "Events (newest first):"]
+        lines += [
+            f"  {age(e['at'])} ago  {e['kind']:<11}  {e['node']:<6}  {e['message']}"
+            for e in events[:EVENTS_SHOWN]
+        ]
     return "\n".join(lines)

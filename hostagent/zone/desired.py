@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from hostagent.model import ClusterSpec as NodeClusterSpec
 from hostagent.model import MasterRef, NetworkSpec, NodeSpec, Role
 from hostagent.zone.alloc import node_index, with_prefix
+from hostagent.zone.rollout import Shape, shape_of
 from hostagent.zone.store import ClusterRecord, Gateway, HostRecord, NodeRecord
 from network.names import mac_address
 
@@ -50,9 +51,21 @@ def masters(nodes: Iterable[NodeRecord]) -> list[MasterRef]:
     return [MasterRef(name=n.name, address=n.address) for n in chosen]
 
 
-def api_endpoint(nodes: Iterable[NodeRecord]) -> str | None:
+def api_endpoint(nodes: Iterable[NodeRecord], vip: str | None = None) -> str | None:
+    """The cluster's VIP, port 6443; a cluster made before VIPs keeps its first master's."""
+    if vip is not None:
+        return f"{vip}:{API_PORT}"
     first = masters(nodes)
     return f"{first[0].address}:{API_PORT}" if first else None
+
+
+def node_shape(cluster: ClusterRecord, node: NodeRecord) -> Shape:
+    """What the node runs (was last sent): its own shape, or for a record from before
+    rollouts its cluster's spec."""
+    if node.shape is not None:
+        return node.shape
+    spec = cluster.spec
+    return shape_of(spec, spec.masters if node.role is Role.MASTER else spec.workers)
 
 
 def node_spec(
@@ -63,15 +76,16 @@ def node_spec(
     mtu: int,
 ) -> NodeSpec:
     spec = cluster.spec
-    pool = spec.masters if node.role is Role.MASTER else spec.workers
+    shape = node_shape(cluster, node)
     nodes = list(all_nodes)
     return NodeSpec(
         role=node.role,
-        vcpus=pool.vcpus,
-        memory_mib=pool.memory_mib,
-        disk_gib=pool.disk_gib,
-        image=spec.image,
-        kubernetes_version=spec.kubernetes_version,
+        vcpus=shape.vcpus,
+        memory_mib=shape.memory_mib,
+        disk_gib=shape.disk_gib,
+        image=shape.image,
+        kubernetes_version=shape.kubernetes_version,
+        generation=node.generation,
         network=NetworkSpec(
             vni=cluster.vni,
             address=with_prefix(node.address, cluster.node_subnet),
@@ -81,9 +95,11 @@ def node_spec(
         ssh_authorized_keys=list(spec.ssh_authorized_keys),
         cluster=NodeClusterSpec(
             masters=masters(nodes),
-            api_endpoint=api_endpoint(nodes),
+            api_endpoint=api_endpoint(nodes, cluster.vip),
             pod_cidr=cluster.pod_cidr,
             service_cidr=cluster.service_cidr,
+            etcd_mode=spec.etcd_mode,
+            vip=cluster.vip,
         ),
     )
 

@@ -121,7 +121,9 @@ class Deliverer:
             digest = spec.spec_hash()
             if acked.get(("node", key)) == digest:
                 continue
-            payload = spec.model_dump(mode="json")
+            # Fields at their defaults are left out, as from the spec's hash: an agent that
+            # predates a field (the zone's generation) takes the specs that do not use it.
+            payload = spec.model_dump(mode="json", exclude_defaults=True)
             status, body = await self._call("PUT", url, token, _node_path(key), payload)
             if status in (200, 201):
                 await store.set_delivery(host, "node", key, digest)

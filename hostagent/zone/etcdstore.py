@@ -43,6 +43,7 @@ from hostagent.zone.keys import (
     Layout,
     certificate_value,
     cluster_value,
+    events_value,
     gateway_value,
     host_value,
     node_value,
@@ -51,6 +52,7 @@ from hostagent.zone.liveness import report_due
 from hostagent.zone.mirror import Mirror
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.store import (
+    ClusterEvent,
     ClusterRecord,
     Gateway,
     HostCertificate,
@@ -381,12 +383,44 @@ class EtcdZoneStore:
             ops: list[Op] = [
                 Delete(layout.nodes_of(name), prefix=True),
                 Delete(layout.gateways_of(name), prefix=True),
+                Delete(layout.events(name)),
                 Delete(layout.cluster(name)),
                 *(Delete(key) for key in layout.allocations(current)),
             ]
             return _Plan([_same(mirror, layout.cluster(name))], ops, None)
 
         await self._write(plan, fenced=True)  # the leader's, once no host holds a node
+
+    async def replace_node(self, node: NodeRecord) -> None:
+        """Write a node's record anew (a re-creation in place); Stale when the node is gone
+        or being deleted. Leader-only (fenced)."""
+        layout = self.layout
+
+        def plan(mirror: Mirror) -> _Plan[None]:
+            current = mirror.nodes.get(node.cluster, {}).get(node.name)
+            if current is None or current.deleting:
+                raise Stale(f"node {node.cluster}/{node.name} is gone or being deleted")
+            key = layout.node(node.cluster, node.name)
+            written = replace(current, created_at=node.created_at, shape=node.shape)
+            written = replace(written, generation=node.generation)
+            return _Plan([_same(mirror, key)], [Put(key, node_value(written))], None)
+
+        await self._write(plan, fenced=True)
+
+    def events(self, cluster: str) -> list[ClusterEvent]:
+        return list(self._view().events.get(cluster, []))
+
+    async def add_event(self, cluster: str, event: ClusterEvent) -> None:
+        """Keep event as the cluster's latest (the oldest goes beyond MAX_EVENTS).
+        Leader-only (fenced)."""
+        key = self.layout.events(cluster)
+
+        def plan(mirror: Mirror) -> _Plan[None]:
+            kept = mirror.events.get(cluster, [])
+            value = events_value([*kept, event])
+            return _Plan([_same(mirror, key)], [Put(key, value)], None)
+
+        await self._write(plan, fenced=True)
 
     async def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None:
         """Record what an agent acknowledged; fenced (NotLeader when this replica no longer

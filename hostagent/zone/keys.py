@@ -8,8 +8,11 @@ One key per record, under a configurable prefix P (default ``/hostagent/zone/``)
     P hosts/<host>/alive               the id of the host's lease, bound to it: the host is
                                        Ready while the key exists
     P hosts/<host>/placed              bumped whenever a node is placed on the host
-    P clusters/<cluster>               spec, allocations, created_at, deleting
-    P nodes/<cluster>/<node>           role, host, address, created_at, deleting
+    P clusters/<cluster>               spec, allocations, created_at, deleting, vip
+    P nodes/<cluster>/<node>           role, host, address, created_at, deleting, shape
+                                       (what it runs), generation
+    P events/<cluster>                 the cluster's last events (remediations, drain
+                                       hooks, stopped rollouts), a JSON list
     P gateways/<cluster>/<host>        the host's address on the cluster network
     P deliveries/<host>/<kind>/<key>   the digest the host's agent acknowledged
     P alloc/<kind>/<value>             the cluster holding a VNI or range (kind: vni,
@@ -33,7 +36,17 @@ from typing import Any
 
 from hostagent.model import Role
 from hostagent.zone.model import STORED, ClusterSpec, HostReport
-from hostagent.zone.store import ClusterRecord, Gateway, HostCertificate, HostRecord, NodeRecord
+from hostagent.zone.store import (
+    ClusterEvent,
+    ClusterRecord,
+    Gateway,
+    HostCertificate,
+    HostRecord,
+    NodeRecord,
+    events_json,
+    shape_data,
+    shape_of_json,
+)
 
 DEFAULT_PREFIX = "/hostagent/zone/"
 ALLOCATIONS = ("vni", "node-subnet", "pod-cidr", "service-cidr")
@@ -63,6 +76,9 @@ class Layout:
 
     def nodes_of(self, cluster: str) -> str:
         return f"{self.prefix}nodes/{cluster}/"
+
+    def events(self, cluster: str) -> str:
+        return f"{self.prefix}events/{cluster}"
 
     def gateway(self, cluster: str, host: str) -> str:
         return f"{self.prefix}gateways/{cluster}/{host}"
@@ -94,9 +110,9 @@ class Layout:
 
     def parse(self, key: str) -> tuple[str, ...]:
         """A key as (kind, names...): ("hosts", host, "report"), ("clusters", name),
-        ("nodes", cluster, node), ("gateways", cluster, host), ("deliveries", host, kind,
-        key), ("alloc", kind, value), ("certificates", host), ("replicas", id), ("leader",);
-        () for a key of no known kind."""
+        ("nodes", cluster, node), ("events", cluster), ("gateways", cluster, host),
+        ("deliveries", host, kind, key), ("alloc", kind, value), ("certificates", host),
+        ("replicas", id), ("leader",); () for a key of no known kind."""
         rest = key.removeprefix(self.prefix)
         if rest == key:
             return ()
@@ -108,6 +124,7 @@ class Layout:
         counts = {
             "hosts": 2,
             "clusters": 1,
+            "events": 1,
             "nodes": 2,
             "gateways": 2,
             "certificates": 1,
@@ -149,6 +166,8 @@ def cluster_value(cluster: ClusterRecord) -> bytes:
         "created_at": cluster.created_at,
         "deleting": cluster.deleting,
     }
+    if cluster.vip is not None:  # a cluster made before VIPs has no key (reads as None)
+        data["vip"] = cluster.vip
     return json.dumps(data, separators=(",", ":")).encode()
 
 
@@ -163,6 +182,7 @@ def cluster_record(name: str, value: bytes) -> ClusterRecord:
         service_cidr=data["service_cidr"],
         created_at=data["created_at"],
         deleting=data["deleting"],
+        vip=data.get("vip"),
     )
 
 
@@ -173,6 +193,8 @@ def node_value(node: NodeRecord) -> bytes:
         "address": node.address,
         "created_at": node.created_at,
         "deleting": node.deleting,
+        "shape": None if node.shape is None else shape_data(node.shape),
+        "generation": node.generation,
     }
     return json.dumps(data, separators=(",", ":")).encode()
 
@@ -187,6 +209,8 @@ def node_record(cluster: str, name: str, value: bytes) -> NodeRecord:
         data["address"],
         data["created_at"],
         data["deleting"],
+        None if data.get("shape") is None else shape_of_json(data["shape"]),
+        data.get("generation", 0),
     )
 
 
@@ -206,3 +230,7 @@ def certificate_value(certificate: HostCertificate) -> bytes:
 def certificate_record(value: bytes) -> HostCertificate:
     data = json.loads(value)
     return HostCertificate(data["not_after"], data["generation"])
+
+
+def events_value(events: list[ClusterEvent]) -> bytes:
+    return events_json(events).encode()

@@ -24,7 +24,15 @@ from hostagent.zone.keys import (
     host_record,
     node_record,
 )
-from hostagent.zone.store import ClusterRecord, Gateway, HostCertificate, HostRecord, NodeRecord
+from hostagent.zone.store import (
+    ClusterEvent,
+    ClusterRecord,
+    Gateway,
+    HostCertificate,
+    HostRecord,
+    NodeRecord,
+    events_of,
+)
 
 
 @dataclass
@@ -46,6 +54,7 @@ class Mirror:
     gateways_on: dict[str, set[str]] = field(default_factory=dict)  # host -> clusters
     deliveries: dict[str, dict[tuple[str, str], str]] = field(default_factory=dict)
     certificates: dict[str, HostCertificate] = field(default_factory=dict)  # host ->
+    events: dict[str, list[ClusterEvent]] = field(default_factory=dict)  # cluster -> its last
     replicas: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> registration
     leader: tuple[str, int] | None = None  # the leading replica and its key's revision
     alive: dict[str, int] = field(default_factory=dict)  # host -> its live lease
@@ -58,7 +67,7 @@ class Mirror:
         """Start again from a full listing at revision."""
         indexes: list[dict[Any, Any]] = [self.mods, self.hosts, self.clusters, self.nodes]
         indexes += [self.nodes_on, self.gateways, self.gateways_on, self.deliveries]
-        for index in [*indexes, self.certificates, self.replicas, self.alive]:
+        for index in [*indexes, self.certificates, self.replicas, self.alive, self.events]:
             index.clear()
         self.leader = None
         for kv in kvs:
@@ -148,6 +157,8 @@ class Mirror:
                 self.deliveries.setdefault(host, {})[(kind, name)] = value.decode()
             case ("certificates", host):
                 self.certificates[host] = certificate_record(value)
+            case ("events", cluster):
+                self.events[cluster] = events_of(value)
             case ("replicas", replica):
                 self.replicas[replica] = json.loads(value)
             case ("leader",):  # written once per term: its mod revision is its create revision
@@ -171,6 +182,8 @@ class Mirror:
                 _discard(self.deliveries, host, (kind, name))
             case ("certificates", host):
                 self.certificates.pop(host, None)
+            case ("events", cluster):
+                self.events.pop(cluster, None)
             case ("replicas", replica):
                 self.replicas.pop(replica, None)
             case ("leader",):

@@ -6,11 +6,18 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from common.names import check_name
-from hostagent.config import check_token_url
-from hostagent.model import check_kubernetes_version, check_ssh_keys
+from hostagent.config import check_token_url, check_url
+from hostagent.model import EtcdMode, check_kubernetes_version, check_ssh_keys
 
 
 class _Strict(BaseModel):
@@ -38,6 +45,42 @@ class PoolSpec(_Strict):
     disk_gib: Annotated[int, Field(strict=True, ge=1, le=65_536)] = 20
 
 
+DEFAULT_WORKER_DRAIN_S = 300.0
+DEFAULT_MASTER_DRAIN_S = 120.0
+
+
+class DrainHook(_Strict):
+    """Called (POST) before the zone removes or replaces one of the cluster's nodes."""
+
+    url: Annotated[str, Field(max_length=2048)]
+    # unset: 300 s for a worker, 120 s for a master
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_url(value, "drain_hook.url")
+
+    def timeout_for(self, master: bool) -> float:
+        if self.timeout_s is not None:
+            return self.timeout_s
+        return DEFAULT_MASTER_DRAIN_S if master else DEFAULT_WORKER_DRAIN_S
+
+
+class RolloutSpec(_Strict):
+    """How a change of version, image or sizes rolls (docs/zone.md, "Rollouts")."""
+
+    max_surge: Annotated[int, Field(strict=True, ge=0, le=MAX_WORKERS)] = 1
+    max_unavailable: Annotated[int, Field(strict=True, ge=0, le=MAX_WORKERS)] = 0
+    ready_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 600.0
+
+    @model_validator(mode="after")
+    def _moves(self) -> RolloutSpec:
+        if self.max_surge == 0 and self.max_unavailable == 0:
+            raise ValueError("max_surge and max_unavailable cannot both be 0: no worker could move")
+        return self
+
+
 class ClusterSpec(_Strict):
     kubernetes_version: str
     image: str = "lab"
@@ -46,6 +89,13 @@ class ClusterSpec(_Strict):
     ssh_authorized_keys: list[Annotated[str, Field(max_length=16_384)]] = Field(
         default_factory=list, max_length=64
     )
+    etcd_mode: EtcdMode = Field(
+        default=EtcdMode.STATIC_POD,
+        description="how masters run etcd: static-pod, or systemd (the image's etcd as a "
+        "unit, for images without a container runtime)",
+    )
+    rollout: RolloutSpec = RolloutSpec()
+    drain_hook: DrainHook | None = None
 
     @field_validator("kubernetes_version")
     @classmethod
@@ -73,9 +123,13 @@ class ClusterSpec(_Strict):
         return check_ssh_keys(value)
 
     def fixed_part(self) -> dict[str, Any]:
-        """Everything but the worker count: what may not change once the cluster exists."""
-        data = self.model_dump(mode="json")
-        data["workers"].pop("count")
+        """What may not change once the cluster exists: all but the worker count, what a
+        rollout changes (version, image, node sizes), and how it rolls and drains."""
+        data = self.model_dump(mode="json", exclude={"rollout", "drain_hook"})
+        data.pop("kubernetes_version")
+        data.pop("image")
+        data["workers"] = {}
+        data["masters"] = {"count": self.masters.count}
         return data
 
 
@@ -160,6 +214,7 @@ class HostState(enum.StrEnum):
 class ClusterPhase(enum.StrEnum):
     PROVISIONING = "Provisioning"
     READY = "Ready"
+    UPGRADING = "Upgrading"
     DEGRADED = "Degraded"
     DELETING = "Deleting"
 

@@ -147,7 +147,8 @@ def _paths() -> dict[str, Any]:
         "/v1/clusters/{cluster}": {
             "parameters": _NAME,
             "put": op(
-                "Create (201) or scale (200) a cluster",
+                "Create (201), scale or roll (200) a cluster: a new kubernetes_version, image "
+                "or node size starts a rollout (docs/zone.md)",
                 "200",
                 "201",
                 requestBody=json_body("ClusterSpec", CLUSTER_SPEC_EXAMPLE),

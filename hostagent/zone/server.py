@@ -29,6 +29,7 @@ from hostagent.zone.controlplane import ControlPlane
 from hostagent.zone.driver import Deliverer
 from hostagent.zone.election import Election
 from hostagent.zone.etcdstore import EtcdZoneStore
+from hostagent.zone.roller import Roller, drain_tls
 from hostagent.zone.service import ZoneService
 from hostagent.zone.stores import make_store
 from pki.backend import Backend
@@ -64,6 +65,8 @@ class Zone:
             self.service.hosts_at if config.agents.verify_host_names else None,
         )
         self.deliverer: Deliverer | None = None  # while this replica leads
+        self.roller: Roller | None = None  # likewise
+        self.drain_tls = drain_tls(config.rollout)
         self.passes = 0  # of the Deliverers this replica ran before the current one
         self.metrics = ZoneMetrics(
             self._hosts_by_state,
@@ -94,14 +97,28 @@ class Zone:
             )
 
     async def _lead(self) -> None:
-        """Run the deliveries: this replica is the leader (or the only zone)."""
+        """Run the deliveries and the rollouts: this replica is the leader (or the only
+        zone)."""
         await self.service.finish_deletions()
-        self.deliverer = Deliverer(self.service, self.config.agents, self.agents_tls)
-        await self.deliverer.start()
-        if isinstance(self.store, EtcdZoneStore):  # changes other replicas made wake hosts
-            self.store.mirror.on_hosts = self.deliverer.kick
+        deliverer = self.deliverer = Deliverer(self.service, self.config.agents, self.agents_tls)
+        await deliverer.start()
+        config = self.config
+        roller = self.roller = Roller(
+            self.service, config.rollout, config.remediation, self.drain_tls
+        )
+        await roller.start()
+        if isinstance(self.store, EtcdZoneStore):
+            # Changes other replicas made (a rollout PUT among them) wake hosts and rollouts.
+            def changed(hosts: set[str]) -> None:
+                deliverer.kick(hosts)
+                roller.kick("")
+
+            self.store.mirror.on_hosts = changed
 
     async def _follow(self) -> None:
+        roller, self.roller = self.roller, None
+        if roller is not None:
+            await roller.close()
         deliverer, self.deliverer = self.deliverer, None
         self.service.on_change = lambda hosts: None
         if isinstance(self.store, EtcdZoneStore):
@@ -146,7 +163,7 @@ class Zone:
 
     def _clusters_by_phase(self) -> dict[str, int]:
         phases = [cluster["status"]["phase"] for cluster in self.service.clusters()]
-        return _count(phases, ("Provisioning", "Ready", "Degraded", "Deleting"))
+        return _count(phases, ("Provisioning", "Ready", "Upgrading", "Degraded", "Deleting"))
 
     async def start(self) -> None:
         await self.store.start()

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,11 +36,12 @@ from hostagent.errors import (
 )
 from hostagent.model import Role
 from hostagent.store import now as stamp
-from hostagent.zone import alloc
+from hostagent.zone import alloc, desired, observe
 from hostagent.zone.config import ZoneServerConfig
 from hostagent.zone.desired import HostWork, host_work
 from hostagent.zone.model import ClusterSpec, HostReport, HostState
 from hostagent.zone.placement import HostOffer, NodeRequest, PlacementError, place
+from hostagent.zone.rollout import Shape, shape_of, version_change_problem
 from hostagent.zone.status import cluster_view, host_state, host_view
 from hostagent.zone.store import (
     ClusterRecord,
@@ -83,6 +85,7 @@ class ZoneService:
         self.clock = clock
         self.refused: dict[str, str] = {}  # "cluster/node" -> why its host refused it
         self.on_change: Callable[[Iterable[str]], None] = lambda hosts: None
+        self.on_rollout: Callable[[str], None] = lambda cluster: None  # the Roller's kick
         self._lock = asyncio.Lock()  # one allocation at a time
 
     # --- hosts -----------------------------------------------------------------------
@@ -243,7 +246,7 @@ class ZoneService:
             for n in alloc.node_names(Role.WORKER, spec.workers.count)
         ]
         assignments = self._place(name, requests, {})
-        nodes, gateways = self._materialise(record, requests, assignments, [], [])
+        nodes, gateways = self._materialise(record, spec, requests, assignments, [], [])
         return record, nodes, gateways
 
     def _allocate(self, name: str, spec: ClusterSpec) -> ClusterRecord:
@@ -255,13 +258,14 @@ class ZoneService:
         def taken(attribute: str) -> list[ipaddress.IPv4Network]:
             return [ipaddress.IPv4Network(getattr(c, attribute)) for c in clusters]
 
+        node_subnet = alloc.next_subnet(
+            ipaddress.IPv4Network(net.node_pool), 24, taken("node_subnet"), "node_pool"
+        )
         return ClusterRecord(
             name=name,
             spec=spec,
             vni=alloc.next_vni(vnis, net.vni_min, net.vni_max),
-            node_subnet=alloc.next_subnet(
-                ipaddress.IPv4Network(net.node_pool), 24, taken("node_subnet"), "node_pool"
-            ),
+            node_subnet=node_subnet,
             pod_cidr=alloc.next_subnet(
                 ipaddress.IPv4Network(net.pod_pool), 20, taken("pod_cidr"), "pod_pool"
             ),
@@ -269,6 +273,7 @@ class ZoneService:
                 ipaddress.IPv4Network(net.service_pool), 24, taken("service_cidr"), "service_pool"
             ),
             created_at=stamp(),
+            vip=alloc.vip_address(node_subnet),
         )
 
     def _place(
@@ -291,12 +296,14 @@ class ZoneService:
     def _materialise(
         self,
         cluster: ClusterRecord,
+        spec: ClusterSpec,
         requests: list[NodeRequest],
         assignments: dict[str, str],
         existing: list[NodeRecord],
         gateways: list[Gateway],
     ) -> tuple[list[NodeRecord], list[Gateway]]:
-        """Node records with addresses, and a gateway for each host new to the cluster."""
+        """Node records with addresses, at spec's shape of their role, and a gateway for
+        each host new to the cluster."""
         addresses = {n.address for n in existing}
         gateway_of = {g.host: g.address for g in gateways}
         nodes: list[NodeRecord] = []
@@ -307,8 +314,12 @@ class ZoneService:
             address = alloc.node_address(cluster.node_subnet, addresses | set(gateway_of.values()))
             addresses.add(address)
             host = assignments[request.name]
+            pool = spec.masters if request.role is Role.MASTER else spec.workers
+            shape = shape_of(spec, pool)
             nodes.append(
-                NodeRecord(cluster.name, request.name, request.role, host, address, stamp())
+                NodeRecord(
+                    cluster.name, request.name, request.role, host, address, stamp(), shape=shape
+                )
             )
         new: list[Gateway] = []
         for host in sorted({n.host for n in nodes} - set(gateway_of)):
@@ -325,11 +336,18 @@ class ZoneService:
             raise Conflict(f"cluster {name} is being deleted; wait until it is gone")
         if spec.fixed_part() != current.spec.fixed_part():
             raise Conflict(
-                f"cluster {name} exists with another spec; only workers.count may change "
-                "(delete and re-create the cluster to change anything else)"
+                f"cluster {name} exists with another spec; only workers.count, "
+                "kubernetes_version, image, the node sizes, rollout and drain_hook may "
+                "change (delete and re-create the cluster to change anything else)"
             )
         nodes = self.store.nodes(name)
         live = [n for n in nodes if not n.deleting]
+        self._check_rollout(current, spec, live)
+        changed = replace(current, spec=spec)
+        if observe.rolling(changed, live):
+            if spec != current.spec:  # the same PUT again changes nothing
+                await self._start_rollout(current, spec, live)
+            return
         workers = sorted(
             (n for n in live if n.role is Role.WORKER), key=lambda n: alloc.node_index(n.name)
         )
@@ -347,7 +365,7 @@ class ZoneService:
             placed = {n.name: (n.role, n.host) for n in live}
             assignments = self._place(name, requests, placed)
             add, gateways = self._materialise(
-                current, requests, assignments, nodes, self.store.gateways(name)
+                current, spec, requests, assignments, nodes, self.store.gateways(name)
             )
         await self.store.scale(name, spec, add, gateways, remove)
         log.info(
@@ -359,6 +377,110 @@ class ZoneService:
             ", ".join(remove) or "none",
         )
         self.on_change({n.host for n in [*live, *add]})
+
+    def _check_rollout(
+        self, current: ClusterRecord, spec: ClusterSpec, live: list[NodeRecord]
+    ) -> None:
+        """422 for a change no rollout may make: a minor version skipped or going down, or
+        a master's disk shrinking (masters are re-created in place, and disks only grow)."""
+        running = [desired.node_shape(current, n).kubernetes_version for n in live]
+        problem = version_change_problem(
+            current.spec.kubernetes_version, spec.kubernetes_version, running
+        )
+        if problem:
+            raise Invalid(f"cluster {current.name}: {problem}")
+        disks = [desired.node_shape(current, n).disk_gib for n in live if n.role is Role.MASTER]
+        if spec.masters.disk_gib < max(disks, default=0):
+            raise Invalid(
+                f"cluster {current.name}: masters.disk_gib cannot shrink (from "
+                f"{max(disks)} to {spec.masters.disk_gib}): masters are re-created in place "
+                "and their disks only grow"
+            )
+
+    async def _start_rollout(
+        self, current: ClusterRecord, spec: ClusterSpec, live: list[NodeRecord]
+    ) -> None:
+        """Store the new spec; the leader's Roller does the rest. Nodes recorded before
+        rollouts (no shape of their own) are pinned to the old spec first."""
+        for node in live:
+            if node.shape is None:
+                pinned = replace(node, shape=desired.node_shape(current, node))
+                await self.store.replace_node(pinned)
+        await self.store.scale(current.name, spec, [], [], [])
+        log.info(
+            "cluster %s: rolling to kubernetes %s, image %s",
+            current.name,
+            spec.kubernetes_version,
+            spec.image,
+        )
+        self.on_change({n.host for n in live})
+        self.on_rollout(current.name)
+
+    # --- for the Roller (the leader's rollouts and remediations) ---------------------
+
+    def observed(self, record: ClusterRecord) -> list[observe.Observed]:
+        nodes = self.store.nodes(record.name)
+        hosts = {h: r for h in {n.host for n in nodes} if (r := self.store.host(h)) is not None}
+        return observe.observe(
+            record,
+            nodes,
+            self.store.gateways(record.name),
+            hosts,
+            self.clock(),
+            self.config.hosts.heartbeat_timeout_s,
+            self.config.network.mtu,
+        )
+
+    async def add_workers(self, cluster: str, names: list[str]) -> None:
+        """Place new workers at the cluster's spec (a rollout's surge, a replacement)."""
+        await self.replace_workers(cluster, names, [])
+
+    async def remove_nodes(self, cluster: str, names: list[str]) -> None:
+        await self.replace_workers(cluster, [], names)
+
+    def check_room(self, cluster: str, name: str, instead_of: str) -> None:
+        """OutOfCapacity (nothing written) when worker `name` cannot be placed in place of
+        `instead_of`: checked before a replacement calls the drain hook or spends budget."""
+        record = self.store.cluster(cluster)
+        if record is None:
+            raise NotFound(f"cluster {cluster} does not exist")
+        live = [n for n in self.store.nodes(cluster) if not n.deleting]
+        placed = {n.name: (n.role, n.host) for n in live if n.name != instead_of}
+        self._place(cluster, [_request(name, Role.WORKER, record.spec)], placed)
+
+    async def replace_workers(self, cluster: str, add: list[str], remove: list[str]) -> None:
+        """In one write: new workers placed, and the workers `remove` marked for removal."""
+        async with self._lock:
+            for _ in range(DECISION_ATTEMPTS):
+                record = self.store.cluster(cluster)
+                if record is None or record.deleting:
+                    return
+                nodes = self.store.nodes(cluster)
+                live = [n for n in nodes if not n.deleting]
+                requests = [_request(n, Role.WORKER, record.spec) for n in add]
+                placed = {n.name: (n.role, n.host) for n in live if n.name not in remove}
+                assignments = self._place(cluster, requests, placed) if requests else {}
+                new, gateways = self._materialise(
+                    record, record.spec, requests, assignments, nodes, self.store.gateways(cluster)
+                )
+                try:
+                    await self.store.scale(cluster, record.spec, new, gateways, remove)
+                except Stale as exc:
+                    log.info("cluster %s: %s while workers were placed; again", cluster, exc)
+                    continue
+                self.on_change({n.host for n in [*live, *new]})
+                return
+            raise Unavailable(f"cluster {cluster}: hosts kept changing while workers were placed")
+
+    async def recreate(self, cluster: str, node: NodeRecord, shape: Shape | None) -> None:
+        """Re-create a node in place: at shape (a rollout), or at its own shape with a new
+        generation (a remediation); its incarnation starts now."""
+        if shape is None:
+            renewed = replace(node, generation=node.generation + 1, created_at=stamp())
+        else:
+            renewed = replace(node, shape=shape, created_at=stamp())
+        await self.store.replace_node(renewed)
+        self.on_change({n.host for n in self.store.nodes(cluster)})
 
     def cluster(self, name: str) -> dict[str, Any]:
         record = self.store.cluster(_name("cluster", name))
@@ -375,7 +497,19 @@ class ZoneService:
         timeout = self.config.hosts.heartbeat_timeout_s
         nodes = self.store.nodes(record.name)
         hosts = {h: r for h in {n.host for n in nodes} if (r := self.store.host(h)) is not None}
-        return cluster_view(record, nodes, hosts, self.clock(), timeout, self.refused)
+        rollout = None
+        if not record.deleting and observe.rolling(record, nodes):
+            rollout = observe.rollout_plan(record, self.observed(record), self.clock())
+        return cluster_view(
+            record,
+            nodes,
+            hosts,
+            self.clock(),
+            timeout,
+            self.refused,
+            rollout=rollout,
+            events=self.store.events(record.name),
+        )
 
     async def delete_cluster(self, name: str) -> dict[str, Any]:
         record = self.store.cluster(_name("cluster", name))

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from hostagent.model import Phase
-from hostagent.zone.desired import api_endpoint
+from hostagent.zone.desired import api_endpoint, node_shape
 from hostagent.zone.model import UNKNOWN, ClusterPhase, HostState
-from hostagent.zone.store import ClusterRecord, HostCertificate, HostRecord, NodeRecord
+from hostagent.zone.rollout import Plan
+from hostagent.zone.store import (
+    ClusterEvent,
+    ClusterRecord,
+    HostCertificate,
+    HostRecord,
+    NodeRecord,
+)
 
 
 def host_state(record: HostRecord, now: float, timeout_s: float) -> HostState:
@@ -95,6 +103,24 @@ def cluster_phase(deleting: bool, nodes: Iterable[Mapping[str, Any]]) -> tuple[s
     return ClusterPhase.PROVISIONING.value, f"waiting for {', '.join(waiting)}" if waiting else ""
 
 
+def rollout_view(plan: Plan | None) -> dict[str, Any] | None:
+    """state: Rolling, Stopped (message: why; nothing further is touched) or Done."""
+    if plan is None:
+        return None
+    state = "Stopped" if plan.stopped else "Done" if plan.done else "Rolling"
+    return {"state": state, "progress": plan.progress, "message": plan.stopped or plan.waiting}
+
+
+def event_view(event: ClusterEvent) -> dict[str, Any]:
+    return {
+        "at": datetime.fromtimestamp(event.at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "kind": event.kind,
+        "node": event.node,
+        "role": event.role.value,
+        "message": event.message,
+    }
+
+
 def cluster_view(
     cluster: ClusterRecord,
     nodes: Iterable[NodeRecord],
@@ -102,10 +128,23 @@ def cluster_view(
     now: float,
     timeout_s: float,
     refused: Mapping[str, str],
+    *,
+    rollout: Plan | None = None,
+    events: Iterable[ClusterEvent] = (),
 ) -> dict[str, Any]:
+    """rollout: the plan of the cluster's rollout while one is on (phase Upgrading, its
+    progress and, stopped or waiting, why in the message)."""
     members = list(nodes)
-    views = [node_view(n, hosts, now, timeout_s, refused) for n in members]
+    views = []
+    for node in members:
+        view = node_view(node, hosts, now, timeout_s, refused)
+        shape = node_shape(cluster, node)
+        view["kubernetes_version"], view["image"] = shape.kubernetes_version, shape.image
+        views.append(view)
     phase, message = cluster_phase(cluster.deleting, views)
+    if rollout is not None and not cluster.deleting:
+        phase = ClusterPhase.UPGRADING.value
+        message = "; ".join(m for m in (rollout.progress, rollout.stopped or rollout.waiting) if m)
     return {
         "name": cluster.name,
         "spec": cluster.spec.model_dump(mode="json"),
@@ -116,8 +155,11 @@ def cluster_view(
             "node_subnet": cluster.node_subnet,
             "pod_cidr": cluster.pod_cidr,
             "service_cidr": cluster.service_cidr,
-            "api_endpoint": api_endpoint(members),
+            "api_endpoint": api_endpoint(members, cluster.vip),
+            "vip": cluster.vip,
             "created_at": cluster.created_at,
             "nodes": views,
+            "rollout": rollout_view(rollout),
+            "events": [event_view(e) for e in reversed(list(events))],
         },
     }

@@ -14,16 +14,20 @@ raises Stale when it no longer holds: the caller decides again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from hostagent.model import Role
 from hostagent.sqlite import Connection, Database, Row, read_only
 from hostagent.store import now
 from hostagent.zone.model import STORED, ClusterSpec, HostReport
+from hostagent.zone.rollout import Shape
+
+MAX_EVENTS = 50  # a cluster keeps its last this many events
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class ClusterRecord:
     service_cidr: str
     created_at: str
     deleting: bool = False
+    vip: str | None = None  # the masters' VRRP address; None for clusters made before it
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,23 @@ class NodeRecord:
     role: Role
     host: str
     address: str
-    created_at: str
+    created_at: str  # of its current incarnation: a re-creation in place sets it anew
     deleting: bool = False
+    # What it runs (was last sent); None: its cluster's spec (a record from before rollouts)
+    shape: Shape | None = None
+    generation: int = 0  # bumped to have its agent re-create it in place (remediation)
+
+
+@dataclass(frozen=True)
+class ClusterEvent:
+    """Something the zone did to a cluster's node (a remediation, a drain hook's answer, a
+    rollout that stopped); the cluster keeps its last MAX_EVENTS."""
+
+    at: float  # seconds since the epoch
+    kind: str  # "remediation", "drain" or "rollout"
+    node: str
+    role: Role
+    message: str
 
 
 @dataclass(frozen=True)
@@ -115,6 +135,9 @@ class ZoneStore(Protocol):
     async def mark_cluster_deleting(self, name: str) -> None: ...
     async def remove_node(self, cluster: str, name: str) -> None: ...
     async def remove_cluster(self, name: str) -> None: ...
+    async def replace_node(self, node: NodeRecord) -> None: ...
+    def events(self, cluster: str) -> list[ClusterEvent]: ...
+    async def add_event(self, cluster: str, event: ClusterEvent) -> None: ...
     def deliveries(self, host: str) -> dict[tuple[str, str], str]: ...
     async def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None: ...
     def token_generation(self, host: str) -> int: ...
@@ -139,7 +162,8 @@ CREATE TABLE IF NOT EXISTS clusters (
     pod_cidr     TEXT NOT NULL UNIQUE,
     service_cidr TEXT NOT NULL UNIQUE,
     created_at   TEXT NOT NULL,
-    deleting     INTEGER NOT NULL DEFAULT 0
+    deleting     INTEGER NOT NULL DEFAULT 0,
+    vip          TEXT
 );
 CREATE TABLE IF NOT EXISTS nodes (
     cluster    TEXT NOT NULL REFERENCES clusters (name),
@@ -149,6 +173,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     address    TEXT NOT NULL,
     created_at TEXT NOT NULL,
     deleting   INTEGER NOT NULL DEFAULT 0,
+    shape      TEXT,
+    generation INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (cluster, name),
     UNIQUE (cluster, address)
 );
@@ -167,6 +193,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     digest TEXT NOT NULL,
     PRIMARY KEY (host, kind, key)
 );
+CREATE TABLE IF NOT EXISTS events (
+    cluster TEXT PRIMARY KEY,
+    events  TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS host_certificates (
     host       TEXT PRIMARY KEY,
     generation INTEGER NOT NULL,
@@ -180,12 +210,22 @@ class SqliteZoneStore:
 
     def __init__(self, path: Path) -> None:
         self.db = Database(path, SCHEMA)
+        # A zone.db made before clusters had a VIP: its clusters keep none (NULL).
+        self.db.add_column("clusters", "vip", "TEXT")
         # Each host's report as last validated, with the JSON it came from: a report is
         # validated again only when it changed, not on every read of every host.
         self._reports: dict[str, tuple[str, HostReport]] = {}
 
     async def start(self) -> None:
-        """Nothing to do: the file is open from the start."""
+        """Add the node columns a database made before rollouts lacks."""
+
+        def work(db: Connection) -> None:
+            have = {row["name"] for row in db.execute("PRAGMA table_info(nodes)")}
+            for column in NODE_COLUMNS:
+                if column.split()[0] not in have:
+                    db.execute(f"ALTER TABLE nodes ADD COLUMN {column}")
+
+        await self.db.write(work)
 
     async def close(self) -> None:
         self.db.close()
@@ -274,7 +314,7 @@ class SqliteZoneStore:
         def work(db: Connection) -> None:
             db.execute(
                 "INSERT INTO clusters (name, spec, vni, node_subnet, pod_cidr, service_cidr, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "created_at, vip) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     cluster.name,
                     cluster.spec.model_dump_json(),
@@ -283,6 +323,7 @@ class SqliteZoneStore:
                     cluster.pod_cidr,
                     cluster.service_cidr,
                     cluster.created_at,
+                    cluster.vip,
                 ),
             )
             _insert(db, nodes, gateways)
@@ -332,7 +373,52 @@ class SqliteZoneStore:
         def work(db: Connection) -> None:
             db.execute("DELETE FROM nodes WHERE cluster = ?", (name,))
             db.execute("DELETE FROM gateways WHERE cluster = ?", (name,))
+            db.execute("DELETE FROM events WHERE cluster = ?", (name,))
             db.execute("DELETE FROM clusters WHERE name = ?", (name,))
+
+        await self.db.write(work)
+
+    async def replace_node(self, node: NodeRecord) -> None:
+        """Write a node's record anew (a re-creation in place); Stale when the node is gone
+        or being deleted."""
+
+        def work(db: Connection) -> None:
+            row = db.execute(
+                "SELECT deleting FROM nodes WHERE cluster = ? AND name = ?",
+                (node.cluster, node.name),
+            ).fetchone()
+            if row is None or row["deleting"]:
+                raise Stale(f"node {node.cluster}/{node.name} is gone or being deleted")
+            db.execute(
+                "UPDATE nodes SET created_at = ?, shape = ?, generation = ? "
+                "WHERE cluster = ? AND name = ?",
+                (
+                    node.created_at,
+                    _shape_json(node.shape),
+                    node.generation,
+                    node.cluster,
+                    node.name,
+                ),
+            )
+
+        await self.db.write(work)
+
+    def events(self, cluster: str) -> list[ClusterEvent]:
+        query = "SELECT events FROM events WHERE cluster = ?"
+        row = self.db.reader.execute(query, (cluster,)).fetchone()
+        return [] if row is None else events_of(row["events"])
+
+    async def add_event(self, cluster: str, event: ClusterEvent) -> None:
+        """Keep event as the cluster's latest (the oldest goes beyond MAX_EVENTS)."""
+
+        def work(db: Connection) -> None:
+            row = db.execute("SELECT events FROM events WHERE cluster = ?", (cluster,)).fetchone()
+            kept = [] if row is None else events_of(row["events"])
+            db.execute(
+                "INSERT INTO events (cluster, events) VALUES (?, ?) ON CONFLICT (cluster) "
+                "DO UPDATE SET events = excluded.events",
+                (cluster, events_json([*kept, event])),
+            )
 
         await self.db.write(work)
 
@@ -447,9 +533,21 @@ def _insert(db: Connection, nodes: list[NodeRecord], gateways: list[Gateway]) ->
     """Insert placed nodes and new gateways; Stale (rolled back) when a node's host is gone
     or has no gateway of the cluster (another write removed what the placement saw)."""
     db.executemany(
-        "INSERT INTO nodes (cluster, name, role, host, address, created_at) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        [(n.cluster, n.name, n.role.value, n.host, n.address, n.created_at) for n in nodes],
+        "INSERT INTO nodes (cluster, name, role, host, address, created_at, shape, generation) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                n.cluster,
+                n.name,
+                n.role.value,
+                n.host,
+                n.address,
+                n.created_at,
+                _shape_json(n.shape),
+                n.generation,
+            )
+            for n in nodes
+        ],
     )
     db.executemany(
         "INSERT OR IGNORE INTO gateways (cluster, host, address) VALUES (?, ?, ?)",
@@ -478,6 +576,7 @@ def _cluster(row: Row) -> ClusterRecord:
         service_cidr=row["service_cidr"],
         created_at=row["created_at"],
         deleting=bool(row["deleting"]),
+        vip=row["vip"],
     )
 
 
@@ -490,4 +589,31 @@ def _node(row: Row) -> NodeRecord:
         address=row["address"],
         created_at=row["created_at"],
         deleting=bool(row["deleting"]),
+        shape=None if row["shape"] is None else shape_of_json(json.loads(row["shape"])),
+        generation=row["generation"],
     )
+
+
+NODE_COLUMNS = ("shape TEXT", "generation INTEGER NOT NULL DEFAULT 0")
+
+
+def _shape_json(shape: Shape | None) -> str | None:
+    return None if shape is None else json.dumps(shape_data(shape), separators=(",", ":"))
+
+
+def shape_data(shape: Shape) -> dict[str, Any]:
+    return dataclasses.asdict(shape)
+
+
+def shape_of_json(data: dict[str, Any]) -> Shape:
+    return Shape(**data)
+
+
+def events_json(events: list[ClusterEvent]) -> str:
+    """The last MAX_EVENTS of events as the stores keep them."""
+    data = [{**dataclasses.asdict(e), "role": e.role.value} for e in events[-MAX_EVENTS:]]
+    return json.dumps(data, separators=(",", ":"))
+
+
+def events_of(text: str | bytes) -> list[ClusterEvent]:
+    return [ClusterEvent(**{**e, "role": Role(e["role"])}) for e in json.loads(text)]

@@ -36,8 +36,10 @@ from schemathesis.config import SchemathesisConfig
 from hostagent import __version__
 from hostagent.api import api_app
 from hostagent.capacity import Resources
-from hostagent.config import CapacityConfig, Config
-from hostagent.images import ImageCatalog
+from hostagent.config import CapacityConfig, Config, ImagesConfig
+from hostagent.imagepull import ImagePuller
+from hostagent.images import ImageCatalog, ImageLayout
+from hostagent.imageservice import ImageService
 from hostagent.metrics import Metrics, ZoneMetrics
 from hostagent.model import NodeKey
 from hostagent.networks import StoredPeers, parse_peers
@@ -195,7 +197,16 @@ def agent(tmp_path: Path) -> Iterator[Target]:
         capacity=CapacityConfig(vcpu_ratio=2.0),
     )
     store = Store(tmp_path / "state.db")
-    service = NodeService(config, store, ImageCatalog(config.image_dir), PHYSICAL, lambda _: None)
+    # One attempt per pull: the examples name images.example.com, which is not reached.
+    layout = ImageLayout(config.images)
+    puller = ImagePuller(
+        store,
+        layout,
+        ImagesConfig(download_attempts=1, download_timeout_s=2),
+        qemu_img_timeout_s=10,
+    )
+    catalog = ImageCatalog(config.images, puller)
+    service = NodeService(config, store, catalog, PHYSICAL, lambda _: None)
     peers = StoredPeers(store, lambda _: None)
     metrics = Metrics(lambda: {}, lambda: 0, lambda: {}, lambda: {})
 
@@ -218,7 +229,7 @@ def agent(tmp_path: Path) -> Iterator[Target]:
             host_info=host_info,
             healthy=healthy,
             metrics_text=metrics.render,
-            image_names=service.images.names,
+            images=ImageService(store, catalog, puller),
         )
 
     def credentials(case: Any, who: str) -> tuple[str | None, int | None]:

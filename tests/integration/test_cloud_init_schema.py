@@ -101,8 +101,15 @@ SSH_KEYS = dataclasses.replace(
     phone_home_token="0123456789abcdef" * 4,
     masters=(MasterPeer("w-0", "172.16.200.254"),),
 )
+# A lab master: etcd as a systemd unit, keepalived for the cluster's VIP.
+SYSTEMD_VIP = dataclasses.replace(
+    THREE_MASTERS, api_endpoint="", etcd_mode="systemd", vip="10.42.0.5", vni=4242
+)
+NOT_YAML = {"/etc/keepalived/keepalived.conf"}
+ETCD_MANIFEST = "/etc/kubernetes/manifests/etcd.yaml"
 SPECS = {
     "one-master": ONE_MASTER,
+    "systemd-vip": SYSTEMD_VIP,
     "three-masters": THREE_MASTERS,
     "extensions": WITH_EXTENSIONS,
     "ssh-keys": SSH_KEYS,
@@ -206,18 +213,22 @@ def kinds(content: str) -> set[tuple[str, str]]:
 @pytest.mark.parametrize("role", ["master", "worker"])
 @pytest.mark.parametrize("minor", MINORS)
 def test_embedded_kubernetes_files_parse(minor: str, role: str, spec: str) -> None:
-    data = yaml.safe_load(render_user_data(node(spec, role, minor)))
+    ctx = node(spec, role, minor)
+    data = yaml.safe_load(render_user_data(ctx))
     files = {f["path"]: f["content"] for f in data["write_files"]}
-    expected = KUBE_FILES | (MASTER_FILES if role == "master" else {})
+    # etcd_mode "systemd": a unit instead of etcd's manifest
+    pod = ctx.etcd_mode == "static-pod"
+    masters = {p: k for p, k in MASTER_FILES.items() if pod or p != ETCD_MANIFEST}
+    expected = KUBE_FILES | (masters if role == "master" else {})
     for path, wanted in expected.items():
         assert kinds(files[path]) == wanted, path
     if role == "master":
         assert kinds(files["/etc/kubernetes/addons/calico.yaml"]) == CALICO_KINDS
     else:
         assert not {*MASTER_FILES, "/etc/kubernetes/addons/calico.yaml"} & set(files)
-    # Any other YAML file a template adds must parse as well.
+    # Any other YAML file a template adds must parse as well (keepalived's is not YAML).
     for path, content in files.items():
-        if path.endswith((".yaml", ".conf")) and path not in expected:
+        if path.endswith((".yaml", ".conf")) and path not in {*expected, *NOT_YAML}:
             yaml.safe_load_all(content)
 
 

@@ -4,7 +4,8 @@ The boot test starts a transient TCG domain (direct kernel boot, a 4 GiB qcow2 o
 on the image's base disk, a NoCloud cidata ISO, a 9p share and a NIC on a bridge made
 for the test) with a small cloud-config of its own. Once cloud-init's final stage is
 done the guest POSTs a JSON report (hostname, addresses, a written file's mode, root
-file system size, `cloud-init status`) to a listener on the bridge.
+file system size, `cloud-init status`, the versions of etcd and keepalived and that
+neither starts by itself) to a listener on the bridge.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ print(json.dumps({{
     "uptime_s": uptime,
     "final_done_uptime_s": status["modules-final"]["finished"] - booted,
     "machine_id": open("/etc/machine-id").read().strip(),
+    "etcd": sh("etcd --version | head -n 1"),
+    "keepalived": sh("keepalived --version 2>&1 | head -n 1"),
+    "enabled": sh("systemctl is-enabled etcd.service keepalived.service"),
 }}))
 """
 
@@ -404,6 +408,11 @@ def check_report(report: dict[str, Any], guest: Guest, bridge: Bridge, base_byte
     assert "status: done" in report["status"], report["status"]
     assert report["pki"] == PKI_TEXT.strip(), "the 9p share did not mount"
     assert len(report["machine_id"]) == 32
+    # A master's control plane without a container runtime: installed, started only by
+    # the units a master's cloud-config writes (docs/cloudconfig.md).
+    assert report["etcd"].startswith("etcd Version: 3."), report["etcd"]
+    assert report["keepalived"].startswith("Keepalived v2."), report["keepalived"]
+    assert report["enabled"].split() == ["disabled", "disabled"], report["enabled"]
 
 
 def test_boots_applies_cloud_config_and_grows_root(

@@ -15,7 +15,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from hostagent.api import api_app, phone_home_app
 from hostagent.capacity import Resources
 from hostagent.config import CapacityConfig, Config
-from hostagent.images import ImageCatalog
+from hostagent.imagepull import ImagePuller
+from hostagent.images import ImageCatalog, ImageLayout
+from hostagent.imageservice import ImageService
 from hostagent.model import NodeKey
 from hostagent.networks import StoredPeers
 from hostagent.nodehealth import Reason, Verdict
@@ -79,7 +81,13 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
-def service(tmp_path: Path, store: Store) -> NodeService:
+def puller(tmp_path: Path, store: Store) -> ImagePuller:
+    config = Config(host_id="h1", state_dir=tmp_path, image_dir=tmp_path / "images")
+    return ImagePuller(store, ImageLayout(config.images), config.image_cache, qemu_img_timeout_s=10)
+
+
+@pytest.fixture
+def service(tmp_path: Path, store: Store, puller: ImagePuller) -> NodeService:
     lab = tmp_path / "images" / "lab"
     lab.mkdir(parents=True)
     (lab / "image.json").write_text(
@@ -103,7 +111,7 @@ def service(tmp_path: Path, store: Store) -> NodeService:
         image_dir=tmp_path / "images",
         capacity=CapacityConfig(vcpu_ratio=2.0),
     )
-    images = ImageCatalog(tmp_path / "images")
+    images = ImageCatalog(config.images, puller)
     return NodeService(config, store, images, PHYSICAL, lambda _key: None)
 
 
@@ -115,7 +123,11 @@ def rewired() -> list[str]:
 
 @pytest.fixture
 async def client(
-    service: NodeService, store: Store, health: type[Health], rewired: list[str]
+    service: NodeService,
+    store: Store,
+    puller: ImagePuller,
+    health: type[Health],
+    rewired: list[str],
 ) -> AsyncIterator[TestClient[Any, Any]]:
     async def host_info() -> dict[str, Any]:
         return HOST_INFO
@@ -130,7 +142,7 @@ async def client(
         host_info=host_info,
         healthy=healthy,
         metrics_text=lambda: METRICS,
-        image_names=lambda: ["lab"],
+        images=ImageService(store, service.images, puller),
     )
     async with TestClient(TestServer(app)) as client:
         yield client
@@ -219,7 +231,8 @@ async def test_host_and_images(client: TestClient[Any, Any]) -> None:
     assert await host.json() == HOST_INFO
     images = await client.get("/v1/images", headers=AUTH)
     assert images.status == 200
-    assert await images.json() == {"items": [{"name": "lab"}]}
+    (lab,) = (await images.json())["items"]
+    assert (lab["name"], lab["origin"], lab["status"]["phase"]) == ("lab", "folder", "Ready")
 
 
 # --- nodes ------------------------------------------------------------------------------------

@@ -43,3 +43,9 @@ def test_an_identity_the_pki_refuses_is_a_provisioning_error() -> None:
     spec = SPEC.model_copy(update={"cluster": cluster})
     with pytest.raises(ProvisioningError, match=r"certificates of c1/m1: .*HOST:PORT"):
         identity(record(spec))
+
+
+def test_the_clusters_vip_reaches_the_identity() -> None:
+    cluster = SPEC.cluster.model_copy(update={"vip": "10.42.0.5"})
+    assert identity(record(SPEC.model_copy(update={"cluster": cluster}))).vip == "10.42.0.5"
+    assert identity(record(SPEC)).vip is None

@@ -45,7 +45,10 @@ PURE = (
     "hostagent.zone.auth",
     "hostagent.zone.rollout",
     "hostagent.zone.remediation",
+    "hostagent.zone.observe",
     "hostagent.nodehealth",
+    "hostagent.imagesource",
+    "hostagent.console",
 )
 
 Graph = dict[str, set[str]]

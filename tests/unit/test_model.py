@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from common.names import check_name
-from hostagent.model import NetworkSpec, NodeKey, NodeSpec, Role
+from hostagent.model import EtcdMode, NetworkSpec, NodeKey, NodeSpec, Role
 
 NETWORK: dict[str, Any] = {
     "vni": 4242,
@@ -406,3 +406,35 @@ def test_spec_hash_changes_with_every_field(change: dict[str, Any]) -> None:
     base = NodeSpec.model_validate(SPEC)
     other = NodeSpec.model_validate(spec_data(**change))
     assert base.spec_hash() != other.spec_hash()
+
+
+# --- etcd mode and the cluster's VIP --------------------------------------------------------
+
+
+def test_cluster_etcd_mode_and_vip_default_to_static_pod_and_none() -> None:
+    spec = NodeSpec.model_validate(SPEC)
+    assert spec.cluster.etcd_mode is EtcdMode.STATIC_POD
+    assert spec.cluster.vip is None
+    chosen = NodeSpec.model_validate(
+        spec_data(cluster={"etcd_mode": "systemd", "vip": "10.42.0.5"})
+    )
+    assert chosen.cluster.etcd_mode is EtcdMode.SYSTEMD
+    assert chosen.cluster.vip == "10.42.0.5"
+    assert chosen.spec_hash() != spec.spec_hash()
+
+
+@pytest.mark.parametrize(
+    ("cluster", "match"),
+    [
+        ({"etcd_mode": "docker"}, "etcd_mode"),
+        ({"vip": "fd00::5"}, "IPv4"),
+        ({"vip": "10.42.0.5/24"}, "does not appear to be"),
+        ({"vip": "10.43.0.5"}, "not inside the node subnet"),
+        ({"vip": NETWORK["address"].split("/")[0]}, "free address"),
+        ({"vip": NETWORK["gateway"]}, "free address"),
+        ({"vip": "10.42.0.12", "masters": [{"name": "m2", "address": "10.42.0.12"}]}, "free"),
+    ],
+)
+def test_cluster_bad_vip_or_etcd_mode_is_refused(cluster: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        NodeSpec.model_validate(spec_data(cluster=cluster))

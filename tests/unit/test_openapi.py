@@ -50,7 +50,7 @@ def agent() -> web.Application:
         host_info=_host_info,
         healthy=_healthy,
         metrics_text=lambda: METRICS,
-        image_names=lambda: [],
+        images=nothing,
     )
 
 

@@ -3,6 +3,7 @@ correspondence with pki.layout."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -183,3 +184,26 @@ def test_node_identity_rejects_bad_input(kwargs: dict[str, str], message: str) -
     fields = {"cluster": "c1", "name": "w1", "role": "worker", "address": "10.42.0.21", **kwargs}
     with pytest.raises(ValueError, match=message):
         NodeIdentity(**fields)
+
+
+def test_the_vip_is_in_the_api_server_and_etcd_certificates_only() -> None:
+    node = NodeIdentity(
+        "c1", "m1", "master", "10.42.0.11", api_endpoint="10.42.0.5:6443", vip="10.42.0.5"
+    )
+    ips = {r.name: r.ip_sans for r in requests_for(node)}
+    assert ips["apiserver"] == ("10.96.0.1", "10.42.0.11", "10.42.0.5")
+    assert ips["etcd/server"] == ("10.42.0.11", "127.0.0.1", "10.42.0.5")
+    assert ips["etcd/peer"] == ("10.42.0.11", "127.0.0.1", "10.42.0.5")
+    with_vip = {name for name, sans in ips.items() if "10.42.0.5" in sans}
+    assert with_vip == {"apiserver", "etcd/server", "etcd/peer"}
+    before = {
+        r.name: r.fingerprint() for r in requests_for(replace(node, vip=None, api_endpoint=None))
+    }
+    after = {r.name: r.fingerprint() for r in requests_for(node)}
+    assert {name for name in after if after[name] != before[name]} == {
+        "apiserver",
+        "etcd/server",
+        "etcd/peer",
+    }
+    with pytest.raises(ValueError):
+        replace(node, vip="10.42.0.5/24")

@@ -363,3 +363,25 @@ async def test_a_full_disk_fails_the_node_with_a_clear_message(
     assert f"after {MAX_ATTEMPTS} attempts: writing {root}: [Errno 28] No space left" in message
     assert f"the filesystem holding {root} is full (see `df -h {root}`)" in message
     assert world.errors() == MAX_ATTEMPTS
+
+
+async def test_a_paused_vm_is_destroyed_when_its_node_is_deleted(
+    world: World, mocker: MockerFixture
+) -> None:
+    """A paused guest cannot see ACPI (QEMU's libvirt refuses the shutdown, "domain is not
+    running"; the test driver would take it): it is destroyed without asking, so a hung
+    node the zone replaces still goes."""
+    shutdown = mocker.spy(libvirt.virDomain, "shutdown")
+    await world.put()
+    await until(lambda: world.node().phase is Phase.RUNNING)
+    conn = libvirt.open("test:///default")
+    try:
+        conn.lookupByName(world.key.domain).suspend()
+        await world.store.mark_deleting(world.key)
+        world.reconciler.enqueue(world.key)
+        await until(lambda: world.store.get(world.key) is None)
+        assert world.errors() == 0 and shutdown.call_count == 0
+        with pytest.raises(libvirt.libvirtError):
+            conn.lookupByName(world.key.domain)
+    finally:
+        conn.close()

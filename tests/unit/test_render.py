@@ -381,7 +381,7 @@ def test_files_read_as_files_in_user_data() -> None:
     # Multi-line contents are block scalars: a person reading user-data sees the file.
     text = render_user_data(context())
     assert "  content: |\n    [Unit]\n    Description=kubelet 1.31.2\n" in text
-    assert re.search(r"\n +- --initial-cluster-state=new\n", text)  # etcd's manifest
+    assert re.search(r'\n +- "--initial-cluster-state=new"\n', text)  # etcd's manifest
 
 
 def test_phone_home_lines_come_before_any_user_value() -> None:

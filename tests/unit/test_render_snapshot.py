@@ -2,8 +2,9 @@
 
 The snapshot (tests/unit/data/user_data.json) holds `yaml.safe_load` of the user-data
 of a few representative nodes: master and worker, every shipped minor, operator
-extensions, hostile SSH keys. A change to how user-data is written must leave what
-cloud-init reads the same; a change to what a node gets regenerates the snapshot:
+extensions, hostile SSH keys, a master with etcd as a unit and the cluster's VIP. A
+change to how user-data is written must leave what cloud-init reads the same; a change
+to what a node gets regenerates the snapshot:
 
     .venv/bin/python -m tests.unit.test_render_snapshot
 
@@ -88,10 +89,19 @@ PLAIN_MASTER = dataclasses.replace(
     etcd_disk=None,
     extensions=Extensions(),
 )
+# A lab master: etcd as a systemd unit, keepalived holding the cluster's VIP.
+SYSTEMD_VIP_MASTER = dataclasses.replace(
+    PLAIN_MASTER, masters=MASTER.masters, etcd_mode="systemd", vip="10.42.0.5", vni=4242
+)
 NODES = {
     f"{name}-{minor}": dataclasses.replace(ctx, kubernetes_version=f"{minor}.2")
     for minor in ("1.30", "1.31")
-    for name, ctx in (("master", MASTER), ("worker", WORKER), ("plain-master", PLAIN_MASTER))
+    for name, ctx in (
+        ("master", MASTER),
+        ("worker", WORKER),
+        ("plain-master", PLAIN_MASTER),
+        ("systemd-vip-master", SYSTEMD_VIP_MASTER),
+    )
 }
 
 

@@ -216,8 +216,18 @@ async def test_cluster_lifecycle_codes(client: TestClient[Any, Any]) -> None:
     assert created.status == 201
     same = await client.put("/v1/clusters/demo", json=CLUSTER, headers=ADMIN)
     assert same.status == 200
-    other = {**CLUSTER, "image": "other"}
+    other = {**CLUSTER, "masters": {**CLUSTER["masters"], "count": 3}}
     await error_of(await client.put("/v1/clusters/demo", json=other, headers=ADMIN), 409)
+    skip = {**CLUSTER, "kubernetes_version": "1.33.0"}
+    error = await error_of(await client.put("/v1/clusters/demo", json=skip, headers=ADMIN), 422)
+    assert "one minor at a time" in error["message"]
+    down = {**CLUSTER, "kubernetes_version": "1.30.4"}
+    error = await error_of(await client.put("/v1/clusters/demo", json=down, headers=ADMIN), 422)
+    assert "cannot go down" in error["message"]
+    rolled = await client.put(
+        "/v1/clusters/demo", json={**CLUSTER, "image": "other"}, headers=ADMIN
+    )
+    assert (await rolled.json())["status"]["phase"] == "Upgrading"
     gone = await client.delete("/v1/clusters/demo", headers=ADMIN)
     assert gone.status == 202
     assert (await gone.json())["status"]["phase"] == "Deleting"

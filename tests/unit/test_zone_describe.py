@@ -85,3 +85,41 @@ def test_no_token_anywhere_says_where_to_put_one(
     monkeypatch.setattr(zone_client, "DEFAULT_TOKEN_FILE", tmp_path / "absent-token")
     with pytest.raises(SystemExit, match="--zone-token"):
         resolve_context(None, None, None, {})
+
+
+def test_describe_shows_the_rollout_and_the_latest_events_first() -> None:
+    upgrading = {
+        **CLUSTER,
+        "status": {
+            **CLUSTER["status"],
+            "phase": "Upgrading",
+            "message": "1/3 nodes at 1.31.2; waiting for master m2 to become Ready",
+            "rollout": {
+                "state": "Rolling",
+                "progress": "1/3 nodes at 1.31.2",
+                "message": "waiting for master m2 to become Ready",
+            },
+            "events": [
+                {
+                    "at": "c-2",
+                    "kind": "remediation",
+                    "node": "w1",
+                    "role": "worker",
+                    "message": "replacing worker w1 by w2: crash-loop",
+                },
+                {
+                    "at": "c-1",
+                    "kind": "drain",
+                    "node": "w1",
+                    "role": "worker",
+                    "message": "drain hook answered 200 in 0.1 s",
+                },
+            ],
+        },
+    }
+    lines = describe(upgrading, lambda stamp: stamp.removeprefix("c-")).splitlines()
+    at = lines.index("Rollout: Rolling, 1/3 nodes at 1.31.2")
+    assert lines[at + 1] == "  waiting for master m2 to become Ready"
+    events = lines[lines.index("Events (newest first):") + 1 :]
+    assert events[0].split()[:4] == ["2", "ago", "remediation", "w1"]
+    assert events[1].endswith("drain hook answered 200 in 0.1 s")

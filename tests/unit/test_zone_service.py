@@ -102,7 +102,8 @@ async def test_create_allocates_places_and_makes_the_cas(service: ZoneService) -
     assert sorted(nodes) == ["m1", "m2", "m3", "w1", "w2"]
     assert len({nodes[m]["host"] for m in ("m1", "m2", "m3")}) == 3
     assert nodes["m1"]["address"] == "10.128.0.10"
-    assert status["api_endpoint"] == "10.128.0.10:6443"
+    assert status["api_endpoint"] == "10.128.0.5:6443"  # the VIP (alloc.VIP_OFFSET)
+    assert status["vip"] == "10.128.0.5"
     assert status["phase"] == "Provisioning"
     assert {n["phase"] for n in nodes.values()} == {"Pending"}
     assert set(service.pki.ca_certificates("demo")) == {"kubernetes", "etcd", "front-proxy"}
@@ -130,11 +131,11 @@ async def test_same_spec_again_changes_nothing(service: ZoneService) -> None:
     assert again["status"]["nodes"] == first["status"]["nodes"]
 
 
-async def test_changing_anything_but_workers_is_a_conflict(service: ZoneService) -> None:
+async def test_changing_the_masters_count_is_a_conflict(service: ZoneService) -> None:
     await register(service)
     await service.put_cluster("demo", spec())
     with pytest.raises(Conflict, match=r"only workers\.count"):
-        await service.put_cluster("demo", spec(memory_mib=1024))
+        await service.put_cluster("demo", spec(masters=5))
 
 
 async def test_scale_up_and_down(service: ZoneService) -> None:
