@@ -172,18 +172,16 @@ async def delete_image(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _tail_bytes(request: web.Request) -> int:
-    given = request.query.get("tail_bytes", str(console.DEFAULT_TAIL_BYTES))
-    if not given.isdigit() or not 1 <= int(given) <= console.MAX_TAIL_BYTES:
-        raise MalformedRequest(
-            f"tail_bytes {given[:20]!r} must be a whole number from 1 to "
-            f"{console.MAX_TAIL_BYTES} (default {console.DEFAULT_TAIL_BYTES})"
-        )
-    return int(given)
+def tail_bytes(request: web.Request) -> int:
+    """The console's tail_bytes parameter (400 outside its bounds)."""
+    try:
+        return console.tail_bytes(request.query.get("tail_bytes"))
+    except ValueError as exc:
+        raise MalformedRequest(str(exc)) from exc
 
 
 async def node_console(request: web.Request) -> web.Response:
-    key, limit = _key(request), _tail_bytes(request)
+    key, limit = _key(request), tail_bytes(request)
     data = await asyncio.to_thread(request.app[SERVICE].console, key, limit)
     return web.Response(
         text=data.decode("utf-8", errors="replace"), content_type="text/plain", charset="utf-8"

@@ -69,7 +69,7 @@ class BootWatch:
             path = console.log_path(self.nodes_dir, record.key)
             data = await asyncio.to_thread(console.tail, path, CONSOLE_BYTES)
             message = boot_failure(self.timeout_s, console.last_lines(data), path)
-            if await self.store.set_phase(record.key, Phase.FAILED, message):
+            if await self.store.set_phase(record.key, Phase.FAILED, message, event="failed"):
                 log.error("%s: %s", record.key, message)
                 failed.append(record.key)
         return failed

@@ -91,7 +91,7 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> None:
 
 def cmd_get(args: argparse.Namespace, config: Config) -> None:
     node = client_for(args, config).get_node(args.cluster, args.node)
-    tables.emit(node, args.output, lambda: tables.nodes([node]))
+    tables.emit(node, args.output, lambda: tables.nodes([node]) + tables.node_events(node))
 
 
 def cmd_list(args: argparse.Namespace, config: Config) -> None:
@@ -153,6 +153,7 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("name", choices=["lab", "lab-cloudinit"])
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
     build.set_defaults(func=cmd_image_build)
+    zone_cli.add_image_commands(image)
 
     def with_output(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")

@@ -18,8 +18,8 @@ class ApiError(Exception):
 
 
 def call_json(client: http.Client, method: str, path: str, **kwargs: Any) -> Any:
-    """One request; the JSON answer (None for an empty one), ApiError for 4xx/5xx with the
-    error shape of API.md when the server sent one."""
+    """One request; the JSON answer (None for an empty one; the text of a text/plain one),
+    ApiError for 4xx/5xx with the error shape of API.md when the server sent one."""
     response = client.request(method, path, **kwargs)
     if response.status_code >= 400:
         try:
@@ -28,6 +28,8 @@ def call_json(client: http.Client, method: str, path: str, **kwargs: Any) -> Any
         except (ValueError, KeyError, TypeError):
             raise ApiError(response.status_code, "http", response.text) from None
         raise ApiError(response.status_code, code, message)
+    if response.headers.get("content-type", "").startswith("text/plain"):
+        return response.text  # a console log
     return response.json() if response.content else None
 
 

@@ -16,6 +16,19 @@ MAX_TAIL_BYTES = 1024 * 1024
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
 
 
+def tail_bytes(given: str | None) -> int:
+    """The `tail_bytes` query parameter (None: the default); ValueError saying the bounds
+    (the agent's and the zone's relay's)."""
+    if given is None:
+        return DEFAULT_TAIL_BYTES
+    if not given.isdigit() or not 1 <= int(given) <= MAX_TAIL_BYTES:
+        raise ValueError(
+            f"tail_bytes {given[:20]!r} must be a whole number from 1 to "
+            f"{MAX_TAIL_BYTES} (default {DEFAULT_TAIL_BYTES})"
+        )
+    return int(given)
+
+
 def log_path(nodes_dir: Path, key: NodeKey) -> Path:
     return nodes_dir / key.cluster / key.name / CONSOLE_LOG
 

@@ -127,6 +127,7 @@ class Agent:
             key_type=certificates.key_type(config),
             ttl=certificates.ttl(config),
             fraction=config.pki.renew_fraction,
+            on_renewed=self._renewed,
         )
         self.zone = self._zone_client(config)
         self.health = HealthBook()
@@ -258,7 +259,13 @@ class Agent:
             domain_type=self.domain_type,
             records=self.store.all(),
             health=self.health.get,
+            images=self.image_service.all(),
         )
+
+    async def _renewed(self, cluster: str, node: str, names: list[str]) -> None:
+        key = NodeKey(cluster=cluster, name=node)
+        if self.store.get(key) is not None:  # not for a node deleted meanwhile
+            await self.store.add_event(key, "certificate-renewed", f"renewed {', '.join(names)}")
 
     def _trust_zone_ca(self, ca_file: Path) -> None:
         """The zone's CA verifies the zone's client certificate on the API, unless

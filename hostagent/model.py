@@ -318,6 +318,17 @@ class NodeStatus(BaseModel):
     )
 
 
+class NodeEventBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(
+        description="created, spec-changed, started, restarted, phoned-home, "
+        "certificate-renewed, failed, deleting"
+    )
+    message: str
+    at: str
+
+
 class Node(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -325,6 +336,10 @@ class Node(BaseModel):
     name: str
     spec: NodeSpec
     status: NodeStatus
+    events: list[NodeEventBody] | None = Field(
+        default=None,
+        description="GET of one node: its last 50 events, oldest first (null in lists)",
+    )
 
 
 class NodeList(BaseModel):

@@ -31,7 +31,7 @@ from hostagent.errors import (
 )
 from hostagent.images import ImageCatalog
 from hostagent.imagesource import ImagePhase
-from hostagent.model import Node, NodeHealth, NodeKey, NodeSpec, NodeStatus, Phase
+from hostagent.model import Node, NodeEventBody, NodeHealth, NodeKey, NodeSpec, NodeStatus, Phase
 from hostagent.nodehealth import HealthBook
 from hostagent.store import NodeRecord, Store
 from pki import layout
@@ -92,7 +92,11 @@ class NodeService:
         self.health = health or HealthBook()
 
     def get(self, key: NodeKey) -> Node:
-        return self._node(self._existing(key))
+        node = self._node(self._existing(key))
+        events = [
+            NodeEventBody(kind=e.kind, message=e.message, at=e.at) for e in self.store.events(key)
+        ]
+        return node.model_copy(update={"events": events})
 
     def all(self) -> list[Node]:
         return [self._node(record) for record in self.store.all()]

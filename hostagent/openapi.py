@@ -134,7 +134,7 @@ IMAGE_PATH = {
         "responses": {"204": {"description": "removed"}, **WRITE_ERRORS},
     },
 }
-CONSOLE_PATH = {
+CONSOLE_PATH: dict[str, Any] = {
     "parameters": NAME_PARAMS,
     "get": {
         "summary": "The end of the node's serial console log (rotated by size)",

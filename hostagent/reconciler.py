@@ -235,7 +235,7 @@ class Reconciler:
             + ("DELETE the node again" if record.deleting else "PUT the node again or DELETE it")
         )
         log.error("%s: %s", key, message)
-        await self.store.set_phase(key, Phase.FAILED, message)
+        await self.store.set_phase(key, Phase.FAILED, message, event="failed")
 
     async def reconcile(self, key: NodeKey) -> None:
         record = self.store.get(key)
@@ -269,8 +269,10 @@ class Reconciler:
             domain_id = None
             if step is Step.START:
                 self.starts.note(key)
+                was = self._record(key).phase
                 domain_id = await p.virt.start(key.domain)
                 p.hook.reached(Point.START)
+                await self._started(key, was)
             if domain_id is None:
                 info = await p.virt.domain(key.domain, self.host_id)
                 domain_id = info.domain_id if info else None
@@ -278,6 +280,18 @@ class Reconciler:
             p.hook.reached(Point.RUNNING)
         else:
             await self._teardown(step, key)
+
+    async def _started(self, key: NodeKey, was: Phase) -> None:
+        """The event of a start: the first, or again after the VM stopped by itself."""
+        if was in (Phase.RUNNING, Phase.READY):
+            starts = len(self.starts.recent(key))
+            message = (
+                f"the VM had stopped by itself (phase {was.value}); started again "
+                f"({starts} starts in the last {self.starts.window_s:.0f}s)"
+            )
+            await self.store.add_event(key, "restarted", message)
+        else:
+            await self.store.add_event(key, "started", f"domain {key.domain} started")
 
     async def _teardown(self, step: Step, key: NodeKey) -> None:
         p = self.provisioner

@@ -44,6 +44,15 @@ CREATE TABLE IF NOT EXISTS transitions (
     at      TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS transitions_node ON transitions (cluster, name, id);
+CREATE TABLE IF NOT EXISTS node_events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL,
+    name    TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    message TEXT NOT NULL,
+    at      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS node_events_node ON node_events (cluster, name, id);
 CREATE TABLE IF NOT EXISTS peers (
     cluster    TEXT PRIMARY KEY,
     peers      TEXT NOT NULL,
@@ -82,6 +91,19 @@ class NodeRecord:
 @dataclass(frozen=True)
 class Transition:
     phase: Phase
+    message: str
+    at: str
+
+
+MAX_NODE_EVENTS = 50  # a node keeps its last this many events
+
+
+@dataclass(frozen=True)
+class NodeEvent:
+    """Something that happened to a node: created, spec-changed, started, restarted (after
+    its VM stopped by itself), phoned-home, certificate-renewed, failed (why), deleting."""
+
+    kind: str
     message: str
     at: str
 
@@ -127,16 +149,31 @@ class Store:
                 (Phase.DELETING, stamp, key.cluster, key.name),
             )
             _log(db, key, Phase.DELETING, "delete requested", stamp)
+            _event(db, key, "deleting", "delete requested", stamp)
 
         await self._db.write(work)
 
     async def set_phase(
-        self, key: NodeKey, phase: Phase, message: str = "", *, domain_id: int | None = None
+        self,
+        key: NodeKey,
+        phase: Phase,
+        message: str = "",
+        *,
+        domain_id: int | None = None,
+        event: str | None = None,
     ) -> bool:
         """Record a phase; returns False (and writes nothing) when nothing changed. A node
         being deleted reads Deleting until it is gone or its deletion Failed: a pass that
-        began before the DELETE (and says Running at its end) does not hide it."""
-        return await self._db.write(lambda db: _set_phase(db, key, phase, message, domain_id))
+        began before the DELETE (and says Running at its end) does not hide it. event: a
+        node event of this kind with the message, in the same write (when it changed)."""
+
+        def work(db: Connection) -> bool:
+            changed = _set_phase(db, key, phase, message, domain_id)
+            if changed and event is not None:
+                _event(db, key, event, message, now())
+            return changed
+
+        return await self._db.write(work)
 
     async def set_ready(self, key: NodeKey, guest: dict[str, Any]) -> None:
         def work(db: Connection) -> None:
@@ -147,6 +184,7 @@ class Store:
                 (Phase.READY, json.dumps(guest), stamp, key.cluster, key.name),
             )
             _log(db, key, Phase.READY, "guest phoned home", stamp)
+            _event(db, key, "phoned-home", "the guest booted and phoned home", stamp)
 
         await self._db.write(work)
 
@@ -156,8 +194,22 @@ class Store:
             db.execute(
                 "DELETE FROM transitions WHERE cluster = ? AND name = ?", (key.cluster, key.name)
             )
+            db.execute(
+                "DELETE FROM node_events WHERE cluster = ? AND name = ?", (key.cluster, key.name)
+            )
 
         await self._db.write(work)
+
+    async def add_event(self, key: NodeKey, kind: str, message: str) -> None:
+        await self._db.write(lambda db: _event(db, key, kind, message, now()))
+
+    def events(self, key: NodeKey) -> list[NodeEvent]:
+        """The node's last MAX_NODE_EVENTS events, oldest first."""
+        rows = self._db.reader.execute(
+            "SELECT kind, message, at FROM node_events WHERE cluster = ? AND name = ? ORDER BY id",
+            (key.cluster, key.name),
+        ).fetchall()
+        return [NodeEvent(row["kind"], row["message"], row["at"]) for row in rows]
 
     def transitions(self, key: NodeKey) -> list[Transition]:
         rows = self._db.reader.execute(
@@ -323,6 +375,7 @@ def _create(db: Connection, key: NodeKey, spec: NodeSpec, token: str, stamp: str
         (key.cluster, key.name, spec.model_dump_json(), token, Phase.PENDING, stamp),
     )
     _log(db, key, Phase.PENDING, "accepted", stamp)
+    _event(db, key, "created", f"accepted: image {spec.image}, {spec.kubernetes_version}", stamp)
     record = _get(db, key)
     assert record is not None
     return record
@@ -335,6 +388,7 @@ def _update_spec(db: Connection, key: NodeKey, spec: NodeSpec, stamp: str) -> No
         (spec.model_dump_json(), Phase.PENDING, "spec changed", stamp, key.cluster, key.name),
     )
     _log(db, key, Phase.PENDING, "spec changed", stamp)
+    _event(db, key, "spec-changed", "the node is created again at the new spec", stamp)
 
 
 def _set_phase(
@@ -433,6 +487,19 @@ def _image_record(row: Row) -> ImageRecord:
 
 def _peers(text: str) -> list[Peer]:
     return [Peer(item["address"], frozenset(item["macs"])) for item in json.loads(text)]
+
+
+def _event(db: Connection, key: NodeKey, kind: str, message: str, stamp: str) -> None:
+    """Keep the event as the node's latest; the oldest beyond MAX_NODE_EVENTS go."""
+    db.execute(
+        "INSERT INTO node_events (cluster, name, kind, message, at) VALUES (?, ?, ?, ?, ?)",
+        (key.cluster, key.name, kind, message, stamp),
+    )
+    db.execute(
+        "DELETE FROM node_events WHERE cluster = ? AND name = ? AND id <= (SELECT id FROM "
+        "node_events WHERE cluster = ? AND name = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        (key.cluster, key.name, key.cluster, key.name, MAX_NODE_EVENTS),
+    )
 
 
 def _log(db: Connection, key: NodeKey, phase: Phase, message: str, stamp: str) -> None:

@@ -49,6 +49,13 @@ def nodes(items: list[dict[str, Any]]) -> str:
     return render(rows)
 
 
+def node_events(node: dict[str, Any]) -> str:
+    """A node's events (GET of one node), oldest first, after its row."""
+    events = node.get("events") or []
+    lines = [f"  {age(e['at'])} ago  {e['kind']:<12}  {e['message']}" for e in events]
+    return "\n".join(["", "Events (oldest first):", *lines]) if lines else ""
+
+
 def _health(health: dict[str, Any] | None) -> str:
     """ok, or why not (an older agent sends no health: -)."""
     if health is None:

@@ -30,6 +30,7 @@ from hostagent import __version__
 from hostagent.capacity import Resources
 from hostagent.config import Config
 from hostagent.errors import ConfigError
+from hostagent.imagesource import ImageInfo
 from hostagent.model import NodeHealth, NodeKey
 from hostagent.store import NodeRecord
 from hostagent.zonetls import CertificateStatus, ZoneIdentity
@@ -49,9 +50,11 @@ def host_report(
     domain_type: str | None,
     records: Iterable[NodeRecord],
     health: Callable[[NodeKey], NodeHealth],
+    images: Iterable[ImageInfo] = (),
 ) -> dict[str, Any]:
     """The body of `PUT /v1/hosts/{host}` (pure). domain_type is None until libvirt
-    answered the probe; health: each node's (nodehealth)."""
+    answered the probe; health: each node's (nodehealth); images: the host's (the zone
+    delivers its catalogue's by them)."""
     records = list(records)
     networks = {(r.key.cluster, r.spec.network.vni) for r in records}
     return {
@@ -80,6 +83,15 @@ def host_report(
             for r in records
         ],
         "networks": [{"cluster": c, "vni": v} for c, v in sorted(networks)],
+        "images": [
+            {
+                "name": i.name,
+                "digest": i.digest,
+                "phase": i.status.phase.value,
+                "message": i.status.message,
+            }
+            for i in images
+        ],
     }
 
 

@@ -98,8 +98,12 @@ class Renewer:
         backoff_initial: float = 5.0,
         backoff_max: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        on_renewed: Callable[[str, str, list[str]], Awaitable[None]] | None = None,
     ) -> None:
+        """on_renewed(cluster, node, certificate names): told after each renewal that
+        rotated certificates (the agent keeps it as a node event)."""
         self.backend = backend
+        self.on_renewed = on_renewed
         self.targets = targets
         self.key_type = key_type
         self.ttl = ttl
@@ -178,6 +182,8 @@ class Renewer:
             return self._failed(target, state, exc)
         if outcome.rotated:
             log.info("node %s/%s: renewed %s", *_key(target), ", ".join(outcome.rotated))
+            if self.on_renewed is not None:
+                await self.on_renewed(*_key(target), list(outcome.rotated))
         state.retry_at = 0.0
         state.status = replace(
             self._scheduled(target.directory),

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ssl
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from common import http
 from common.errors import HostAgentError
 from common.files import same_secret
 from hostagent import __version__
 from hostagent.api import STATUS as AGENT_STATUS
-from hostagent.api import Handler, error_middleware
+from hostagent.api import Handler, error_middleware, tail_bytes
 from hostagent.errors import Forbidden, Invalid, Unauthorized, Unavailable
+from hostagent.imageservice import parse_source
 from hostagent.zone.auth import HostToken, parse_host_token
+from hostagent.zone.catalogue import Catalogue
 from hostagent.zone.controlplane import ControlPlane
 from hostagent.zone.model import CertificateRequest, ClusterSpec, HostReport, SignRequest
 from hostagent.zone.openapi import zone_openapi
+from hostagent.zone.relay import ConsoleRelay
 from hostagent.zone.service import ZoneService, parse_body
 from hostagent.zone.store import Stale
 from pki import controlca
@@ -34,6 +39,8 @@ STATUS: dict[type[HostAgentError], int] = {
 }
 
 SERVICE = web.AppKey("service", ZoneService)
+CATALOGUE = web.AppKey("catalogue", Catalogue)
+RELAY = web.AppKey("relay", ConsoleRelay)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 HOST_SECRET = web.AppKey("host_secret", str)
 METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics")
@@ -215,6 +222,37 @@ async def delete_cluster(request: web.Request) -> web.Response:
     return web.json_response(view, status=202)
 
 
+async def node_console(request: web.Request) -> web.Response:
+    _admin(request)
+    limit = tail_bytes(request)
+    match = request.match_info
+    text = await request.app[RELAY].console(match["cluster"], match["node"], limit)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+async def put_image(request: web.Request) -> web.Response:
+    _admin(request)
+    source = parse_source(await request.read())
+    view, created = await request.app[CATALOGUE].put(request.match_info["image"], source)
+    return web.json_response(view, status=201 if created else 200)
+
+
+async def get_image(request: web.Request) -> web.Response:
+    _admin(request)
+    return web.json_response(request.app[CATALOGUE].get(request.match_info["image"]))
+
+
+async def list_images(request: web.Request) -> web.Response:
+    _admin(request)
+    return web.json_response({"items": request.app[CATALOGUE].all()})
+
+
+async def delete_image(request: web.Request) -> web.Response:
+    _admin(request)
+    await request.app[CATALOGUE].delete(request.match_info["image"])
+    return web.Response(status=204)
+
+
 async def pki_ca(request: web.Request) -> web.Response:
     service, cluster = request.app[SERVICE], request.match_info["cluster"]
     service.check_pki(_host(request), cluster)
@@ -261,9 +299,14 @@ def zone_app(
     heartbeat_s: float,
     control: ControlPlane,
     zone_view: Callable[[], dict[str, Any]],
+    agents_tls: ssl.SSLContext | None = None,
 ) -> web.Application:
+    """agents_tls: how the console relay calls agents (the Deliverer's; None: the
+    system's CAs, no client certificate)."""
     app = web.Application(middlewares=[errors, auth], client_max_size=8 * 1024 * 1024)
     app[SERVICE] = service
+    app[CATALOGUE] = Catalogue(service)
+    app[RELAY] = ConsoleRelay(service, agents_tls or http.tls_context())
     app[ADMIN_TOKEN] = admin_token
     app[HOST_SECRET] = host_secret
     app[METRICS] = metrics_text
@@ -278,11 +321,17 @@ def zone_app(
     app.router.add_post("/v1/hosts/{host}/certificate", post_certificate)
     app.router.add_get("/v1/hosts", list_hosts)
     app.router.add_delete("/v1/hosts/{host}", delete_host)
+    app.router.add_get("/v1/images", list_images)
+    image = "/v1/images/{image}"
+    app.router.add_put(image, put_image)
+    app.router.add_get(image, get_image)
+    app.router.add_delete(image, delete_image)
     app.router.add_get("/v1/clusters", list_clusters)
     cluster = "/v1/clusters/{cluster}"
     app.router.add_put(cluster, put_cluster)
     app.router.add_get(cluster, get_cluster)
     app.router.add_delete(cluster, delete_cluster)
+    app.router.add_get(cluster + "/nodes/{node}/console", node_console)
     app.router.add_get(cluster + "/pki/ca", pki_ca)
     app.router.add_post(cluster + "/pki/sign", pki_sign)
     app.router.add_get(cluster + "/pki/service-account", pki_service_account)

@@ -1,5 +1,5 @@
-"""The zone's verbs of the `hostagent` command: `zone serve|host-token|hosts` and
-`cluster create|scale|upgrade|get|list|describe|delete`."""
+"""The zone's verbs of the `hostagent` command: `zone serve|host-token|hosts`,
+`cluster create|scale|upgrade|get|list|describe|console|delete` and `image push|list|rm`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from hostagent import tables
 from hostagent.config import Config
+from hostagent.console import DEFAULT_TAIL_BYTES
 from hostagent.errors import StoreUnavailable
 from hostagent.zone.client import RolloutStopped, ZoneClient, resolve_context
 from hostagent.zone.config import load_zone_config
@@ -156,6 +157,73 @@ def cmd_cluster_delete(args: argparse.Namespace, _: Config) -> None:
         client.wait(args.name, "Gone", timeout_s=args.timeout, progress=print)
 
 
+def cmd_cluster_console(args: argparse.Namespace, _: Config) -> None:
+    print(_client(args).console(args.name, args.node, args.tail_bytes), end="")
+
+
+def image_source(args: argparse.Namespace) -> dict[str, Any]:
+    """The ImageSource of `image push`'s flags (the zone checks it: 422 with the reason)."""
+    source: dict[str, Any] = {"url": args.url, "sha256": args.sha256, "format": args.format}
+    for part in ("kernel", "initrd"):
+        url, digest = getattr(args, f"{part}_url"), getattr(args, f"{part}_sha256")
+        if url is not None or digest is not None:
+            source[part] = {"url": url, "sha256": digest}
+    if args.cmdline is not None:
+        source["cmdline"] = args.cmdline
+    return source
+
+
+def cmd_image_push(args: argparse.Namespace, _: Config) -> None:
+    view = _client(args).put_image(args.name, image_source(args))
+    print(f"image {view['name']}: {view['digest']} in the zone's catalogue")
+
+
+def cmd_image_list(args: argparse.Namespace, _: Config) -> None:
+    images = _client(args).images()
+
+    def table() -> str:
+        rows = [("IMAGE", "DIGEST", "CLUSTERS", "HOSTS")] + [
+            (
+                i["name"],
+                i["digest"][:19],
+                ", ".join(i["used_by"]) or "-",
+                ", ".join(f"{h['host']} {h['phase']}" for h in i["hosts"]) or "-",
+            )
+            for i in images
+        ]
+        return tables.render(rows)
+
+    tables.emit({"items": images}, args.output, table)
+
+
+def cmd_image_rm(args: argparse.Namespace, _: Config) -> None:
+    _client(args).delete_image(args.name)
+    print(f"image {args.name}: removed from the zone's catalogue")
+
+
+def add_image_commands(image: Any) -> None:
+    """`hostagent image push|list|rm`: the zone's image catalogue."""
+    push = image.add_parser("push", help="add an image to the zone's catalogue by URL and sha256")
+    push.add_argument("name")
+    push.add_argument("--url", required=True, help="the qcow2 root disk, or a tar of an image")
+    push.add_argument("--sha256", required=True, help="its sha256 (hex)")
+    push.add_argument("--format", choices=["qcow2", "tar"], default="qcow2")
+    for part in ("kernel", "initrd"):
+        push.add_argument(f"--{part}-url", help=f"the {part} of a qcow2 image")
+        push.add_argument(f"--{part}-sha256", help=f"the {part}'s sha256 (hex)")
+    push.add_argument("--cmdline", help="the kernel command line of a qcow2 image")
+    _zone_flags(push)
+    push.set_defaults(agent_config=False, func=cmd_image_push)
+    listing = image.add_parser("list", help="the zone's image catalogue and the hosts' copies")
+    listing.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    _zone_flags(listing)
+    listing.set_defaults(agent_config=False, func=cmd_image_list)
+    remove = image.add_parser("rm", help="remove an image no cluster names from the catalogue")
+    remove.add_argument("name")
+    _zone_flags(remove)
+    remove.set_defaults(agent_config=False, func=cmd_image_rm)
+
+
 def _zone_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--zone",
@@ -228,6 +296,11 @@ def add_commands(sub: Any) -> None:
     upgrade.add_argument("--image", help="also roll to this image")
     verb("get", "the cluster as JSON", cmd_cluster_get)
     verb("describe", "the cluster as a tree", cmd_cluster_describe)
+    console = verb("console", "the end of a node's serial console", cmd_cluster_console)
+    console.add_argument("node")
+    console.add_argument(
+        "--tail-bytes", type=int, default=DEFAULT_TAIL_BYTES, help="at most this many bytes"
+    )
     verb("delete", "delete the cluster from every host", cmd_cluster_delete, wait=True)
     listing = verbs.add_parser("list", help="every cluster")
     listing.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")

@@ -110,6 +110,22 @@ class ZoneClient:
         result: dict[str, Any] = self._call("DELETE", f"/v1/clusters/{name}")
         return result
 
+    def put_image(self, name: str, source: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("PUT", f"/v1/images/{name}", json=source)
+        return result
+
+    def images(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/images")["items"]
+        return result
+
+    def delete_image(self, name: str) -> None:
+        self._call("DELETE", f"/v1/images/{name}")
+
+    def console(self, cluster: str, node: str, tail_bytes: int) -> str:
+        path = f"/v1/clusters/{cluster}/nodes/{node}/console"
+        result: str = self._call("GET", path, params={"tail_bytes": tail_bytes})
+        return result
+
     def remove_host(self, host: str) -> None:
         self._call("DELETE", f"/v1/hosts/{host}")
 

@@ -21,8 +21,10 @@ from typing import Any
 from common import http
 from common.backoff import Backoff
 from hostagent.errors import StoreUnavailable
+from hostagent.imagesource import ImagePhase
 from hostagent.zone.config import AgentsConfig
-from hostagent.zone.desired import peers_digest
+from hostagent.zone.desired import HostWork, peers_digest
+from hostagent.zone.hostimages import reported
 from hostagent.zone.service import ZoneService
 
 log = logging.getLogger(__name__)
@@ -116,10 +118,18 @@ class Deliverer:
         store = self.service.store
         work = self.service.work(host)
         acked = store.deliveries(host)
-        settled = True
+        images = await self._images(host, url, token, work, acked)
+        settled = "" not in images.values()  # an image downloading: look again shortly
         for key, spec in work.nodes.items():
             digest = spec.spec_hash()
             if acked.get(("node", key)) == digest:
+                continue
+            problem = images.get(spec.image)
+            if problem is not None:  # its image is not Ready on the host: not sent yet
+                if problem:
+                    self._not_sent(key, problem)
+                else:
+                    self.service.refused.pop(key, None)
                 continue
             # Fields at their defaults are left out, as from the spec's hash: an agent that
             # predates a field (the zone's generation) takes the specs that do not use it.
@@ -156,6 +166,39 @@ class Deliverer:
                 await store.set_delivery(host, "peers", key, None)
         return settled
 
+    async def _images(
+        self, host: str, url: str, token: str | None, work: HostWork, acked: dict[Any, str]
+    ) -> dict[str, str]:
+        """Each catalogue image the host's nodes name, PUT to its agent unless the agent
+        acknowledged that content; the images not Ready there, with why their nodes wait:
+        "" while it downloads, or the failure. Images not in the catalogue are the host's
+        own and not listed."""
+        report = self.service.store.host(host)
+        waiting: dict[str, str] = {}
+        for name in sorted({spec.image for spec in work.nodes.values()}):
+            image = self.service.store.image(name)
+            if image is None:
+                continue
+            status, body = 0, None
+            if acked.get(("image", name)) != image.digest:
+                source = image.source.model_dump(mode="json", exclude_none=True)
+                status, body = await self._call("PUT", url, token, _image_path(name), source)
+                if status in (200, 201):
+                    await self.service.store.set_delivery(host, "image", name, image.digest)
+            elif report is not None and (entry := reported(report.report, image)) is not None:
+                status, body = 200, {"status": {"phase": entry.phase, "message": entry.message}}
+            else:  # an agent that reports no images, or its report lags: ask it
+                status, body = await self._call("GET", url, token, _image_path(name))
+            problem = _image_problem(host, name, status, body)
+            if problem is not None:
+                waiting[name] = problem
+        return waiting
+
+    def _not_sent(self, key: str, problem: str) -> None:
+        if self.service.refused.get(key) != problem:
+            log.warning("%s: %s", key, problem)
+        self.service.refused[key] = problem
+
     def _refused(self, host: str, key: str, status: int, body: Any) -> None:
         if status not in (400, 409, 422, 507):
             raise AgentError(f"PUT {key} answered {status}: {_message(body)}")
@@ -176,6 +219,26 @@ class Deliverer:
             return response.status_code, json.loads(text) if text else None
         except (http.HTTPError, TimeoutError, ValueError) as exc:
             raise AgentError(f"{method} {url}{path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _image_problem(host: str, name: str, status: int, body: Any) -> str | None:
+    """From the agent's answer about an image: None when Ready, "" while it downloads, the
+    failure (a pull that failed, a refused PUT); AgentError for anything else."""
+    if status in (200, 201) and isinstance(body, dict):
+        phase = body.get("status", {}).get("phase")
+        if phase == ImagePhase.READY.value:
+            return None
+        if phase == ImagePhase.DOWNLOADING.value:
+            return ""
+        message = body.get("status", {}).get("message", "")
+        return f"host {host} could not pull image {name}: {message}"
+    if status in (404, 409, 422):
+        return f"host {host} refused image {name} ({status}): {_message(body)}"
+    raise AgentError(f"image {name} on host {host}: answered {status}: {_message(body)}")
+
+
+def _image_path(name: str) -> str:
+    return f"/v1/images/{name}"
 
 
 def _node_path(key: str) -> str:

@@ -46,20 +46,24 @@ from hostagent.zone.keys import (
     events_value,
     gateway_value,
     host_value,
+    image_value,
     node_value,
 )
 from hostagent.zone.liveness import report_due
 from hostagent.zone.mirror import Mirror
 from hostagent.zone.model import ClusterSpec, HostReport
 from hostagent.zone.store import (
+    CatalogueImage,
     ClusterEvent,
     ClusterRecord,
     Gateway,
     HostCertificate,
     HostRecord,
     HostRemoval,
+    ImageCheck,
     NodeRecord,
     Stale,
+    naming,
 )
 
 log = logging.getLogger(__name__)
@@ -429,6 +433,38 @@ class EtcdZoneStore:
         op: Op = Delete(target) if digest is None else Put(target, digest.encode())
         await self._write(lambda mirror: _Plan([], [op], None), fenced=True)
 
+    # --- the image catalogue ---------------------------------------------------------
+
+    async def put_image(self, image: CatalogueImage, check: ImageCheck) -> bool:
+        """Store image after check (on the copy the write compares with); True when the
+        name is new (the same source again changes nothing)."""
+        key = self.layout.image(image.name)
+
+        def plan(mirror: Mirror) -> _Plan[bool]:
+            current = mirror.images.get(image.name)
+            check(current, _naming(mirror, image.name))
+            if current is not None and current.source == image.source:
+                return _Plan([], [], False)
+            return _Plan([_same(mirror, key)], [Put(key, image_value(image))], current is None)
+
+        return await self._write(plan)
+
+    async def delete_image(self, name: str, check: ImageCheck) -> None:
+        key = self.layout.image(name)
+
+        def plan(mirror: Mirror) -> _Plan[None]:
+            check(mirror.images.get(name), _naming(mirror, name))
+            return _Plan([_same(mirror, key)], [Delete(key)], None)
+
+        await self._write(plan)
+
+    def images(self) -> list[CatalogueImage]:
+        mirror = self._view()
+        return [mirror.images[name] for name in sorted(mirror.images)]
+
+    def image(self, name: str) -> CatalogueImage | None:
+        return self._view().images.get(name)
+
     # --- replicas and the leader ------------------------------------------------------
 
     async def register(self, replica: str, value: bytes, lease: int) -> None:
@@ -504,6 +540,11 @@ class EtcdZoneStore:
 
 def _same(mirror: Mirror, key: str) -> Compare:
     return unchanged(key, mirror.mod(key))
+
+
+def _naming(mirror: Mirror, image: str) -> list[str]:
+    nodes = [n for name in mirror.nodes for n in mirror.nodes[name].values()]
+    return naming(image, mirror.clusters.values(), nodes)
 
 
 def _generation(mirror: Mirror, host: str) -> int:

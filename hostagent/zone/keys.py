@@ -14,6 +14,7 @@ One key per record, under a configurable prefix P (default ``/hostagent/zone/``)
     P events/<cluster>                 the cluster's last events (remediations, drain
                                        hooks, stopped rollouts), a JSON list
     P gateways/<cluster>/<host>        the host's address on the cluster network
+    P images/<name>                    an image of the catalogue: its source, created_at
     P deliveries/<host>/<kind>/<key>   the digest the host's agent acknowledged
     P alloc/<kind>/<value>             the cluster holding a VNI or range (kind: vni,
                                        node-subnet, pod-cidr, service-cidr)
@@ -34,9 +35,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from hostagent.imagesource import ImageSource
 from hostagent.model import Role
 from hostagent.zone.model import STORED, ClusterSpec, HostReport
 from hostagent.zone.store import (
+    CatalogueImage,
     ClusterEvent,
     ClusterRecord,
     Gateway,
@@ -80,6 +83,9 @@ class Layout:
     def events(self, cluster: str) -> str:
         return f"{self.prefix}events/{cluster}"
 
+    def image(self, name: str) -> str:
+        return f"{self.prefix}images/{name}"
+
     def gateway(self, cluster: str, host: str) -> str:
         return f"{self.prefix}gateways/{cluster}/{host}"
 
@@ -111,6 +117,7 @@ class Layout:
     def parse(self, key: str) -> tuple[str, ...]:
         """A key as (kind, names...): ("hosts", host, "report"), ("clusters", name),
         ("nodes", cluster, node), ("events", cluster), ("gateways", cluster, host),
+        ("images", name),
         ("deliveries", host, kind, key), ("alloc", kind, value), ("certificates", host),
         ("replicas", id), ("leader",); () for a key of no known kind."""
         rest = key.removeprefix(self.prefix)
@@ -129,6 +136,7 @@ class Layout:
             "gateways": 2,
             "certificates": 1,
             "replicas": 1,
+            "images": 1,
         }
         last_free = {"deliveries": 3, "alloc": 2}
         if kind in counts:
@@ -184,6 +192,16 @@ def cluster_record(name: str, value: bytes) -> ClusterRecord:
         deleting=data["deleting"],
         vip=data.get("vip"),
     )
+
+
+def image_value(image: CatalogueImage) -> bytes:
+    data = {"source": image.source.model_dump(mode="json"), "created_at": image.created_at}
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def image_record(name: str, value: bytes) -> CatalogueImage:
+    data = json.loads(value)
+    return CatalogueImage(name, ImageSource.model_validate(data["source"]), data["created_at"])
 
 
 def node_value(node: NodeRecord) -> bytes:

@@ -22,9 +22,11 @@ from hostagent.zone.keys import (
     cluster_record,
     gateway_record,
     host_record,
+    image_record,
     node_record,
 )
 from hostagent.zone.store import (
+    CatalogueImage,
     ClusterEvent,
     ClusterRecord,
     Gateway,
@@ -56,6 +58,7 @@ class Mirror:
     certificates: dict[str, HostCertificate] = field(default_factory=dict)  # host ->
     events: dict[str, list[ClusterEvent]] = field(default_factory=dict)  # cluster -> its last
     replicas: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> registration
+    images: dict[str, CatalogueImage] = field(default_factory=dict)  # the catalogue, by name
     leader: tuple[str, int] | None = None  # the leading replica and its key's revision
     alive: dict[str, int] = field(default_factory=dict)  # host -> its live lease
     # Told the hosts whose work a watched change may have changed (the leader's Deliverer
@@ -67,7 +70,8 @@ class Mirror:
         """Start again from a full listing at revision."""
         indexes: list[dict[Any, Any]] = [self.mods, self.hosts, self.clusters, self.nodes]
         indexes += [self.nodes_on, self.gateways, self.gateways_on, self.deliveries]
-        for index in [*indexes, self.certificates, self.replicas, self.alive, self.events]:
+        indexes += [self.certificates, self.replicas, self.alive, self.events, self.images]
+        for index in indexes:
             index.clear()
         self.leader = None
         for kv in kvs:
@@ -161,6 +165,8 @@ class Mirror:
                 self.events[cluster] = events_of(value)
             case ("replicas", replica):
                 self.replicas[replica] = json.loads(value)
+            case ("images", name):
+                self.images[name] = image_record(name, value)
             case ("leader",):  # written once per term: its mod revision is its create revision
                 self.leader = (value.decode(), revision)
 
@@ -186,6 +192,8 @@ class Mirror:
                 self.events.pop(cluster, None)
             case ("replicas", replica):
                 self.replicas.pop(replica, None)
+            case ("images", name):
+                self.images.pop(name, None)
             case ("leader",):
                 self.leader = None
 

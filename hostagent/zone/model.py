@@ -168,6 +168,16 @@ class ReportedNetwork(_Lenient):
     vni: Annotated[int, Field(strict=True, ge=1, le=16_777_215)]
 
 
+class ReportedImage(_Lenient):
+    """An image the host holds (docs/zone.md, "Images"): pulled (digest sha256:<hex>) or
+    a folder the operator placed (no digest)."""
+
+    name: str
+    digest: str | None = None
+    phase: str
+    message: str = ""
+
+
 class HostReport(_Lenient):
     """What an agent sends at registration and with every heartbeat (docs/zone.md)."""
 
@@ -183,6 +193,8 @@ class HostReport(_Lenient):
     version: str = ""
     nodes: list[ReportedNode] = Field(default_factory=list, max_length=10_000)
     networks: list[ReportedNetwork] = Field(default_factory=list, max_length=10_000)
+    # None: an agent older than image reports (the zone asks it for each image instead)
+    images: list[ReportedImage] | None = Field(default=None, max_length=10_000)
 
     @field_validator("api_url")
     @classmethod

@@ -142,4 +142,8 @@ def health(observed: Iterable[Observed]) -> list[NodeHealth]:
 
 def remediated(events: Iterable[ClusterEvent]) -> list[Remediated]:
     """The replacements made, from the cluster's events (the window's bookkeeping)."""
-    return [Remediated(e.node, e.role, e.at) for e in events if e.kind == REMEDIATION]
+    return [
+        Remediated(e.node, e.role, e.at)
+        for e in events
+        if e.kind == REMEDIATION and e.role is not None
+    ]

@@ -6,8 +6,9 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from hostagent.imagesource import ImageSource
 from hostagent.model import ErrorResponse
-from hostagent.openapi import json_body, name_parameters
+from hostagent.openapi import CONSOLE_PATH, IMAGE_SOURCE_EXAMPLE, json_body, name_parameters
 from hostagent.zone.model import CertificateRequest, ClusterSpec, HostReport, SignRequest
 
 _JSON = "application/json"
@@ -83,6 +84,8 @@ CERTIFICATE_REQUEST_EXAMPLE = {
 }
 _NAME = name_parameters(cluster=EXAMPLE_NAMES["cluster"])
 _HOST = name_parameters(host=EXAMPLE_NAMES["host"])
+_IMAGE = name_parameters(image="debian-12")
+_NODE = name_parameters(cluster=EXAMPLE_NAMES["cluster"], node="m1")
 
 
 def _paths() -> dict[str, Any]:
@@ -143,6 +146,19 @@ def _paths() -> dict[str, Any]:
                 requestBody=json_body("CertificateRequest", CERTIFICATE_REQUEST_EXAMPLE),
             ),
         },
+        "/v1/images": {"get": op("The zone's image catalogue, each with its hosts' copies")},
+        "/v1/images/{image}": {
+            "parameters": _IMAGE,
+            "put": op(
+                "Add (201) or keep (200) an image of the catalogue: the agent's ImageSource; "
+                "409 for another source while a cluster names it",
+                "200",
+                "201",
+                requestBody=json_body("ImageSource", IMAGE_SOURCE_EXAMPLE),
+            ),
+            "get": op("The image, the clusters naming it and its hosts' copies"),
+            "delete": op("Remove an image no cluster names from the catalogue", "204"),
+        },
         "/v1/clusters": {"get": op("Every cluster with its status")},
         "/v1/clusters/{cluster}": {
             "parameters": _NAME,
@@ -155,6 +171,14 @@ def _paths() -> dict[str, Any]:
             ),
             "get": op("The cluster with its allocation and each node's host and phase"),
             "delete": op("Delete the cluster from every host", "202"),
+        },
+        "/v1/clusters/{cluster}/nodes/{node}/console": {
+            "parameters": _NODE,
+            "get": {
+                **CONSOLE_PATH["get"],
+                "summary": "The end of the node's serial console, relayed from its host's agent",
+                "responses": {**CONSOLE_PATH["get"]["responses"], **ERRORS},
+            },
         },
         "/v1/clusters/{cluster}/pki/ca": {"parameters": _NAME, "get": op("The cluster's CAs")},
         "/v1/clusters/{cluster}/pki/sign": {
@@ -175,7 +199,14 @@ def zone_openapi(version: str) -> dict[str, Any]:
     _, schemas = models_json_schema(
         [
             (m, "validation")
-            for m in (ClusterSpec, HostReport, SignRequest, CertificateRequest, ErrorResponse)
+            for m in (
+                ClusterSpec,
+                HostReport,
+                SignRequest,
+                CertificateRequest,
+                ImageSource,
+                ErrorResponse,
+            )
         ],
         ref_template="#/components/schemas/{model}",
     )

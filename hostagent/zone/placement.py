@@ -9,6 +9,9 @@ best host it fits on, by its role's preference:
 - a worker: the host with the fewest nodes of this cluster, then the most memory free after
   the node, then the host id.
 
+Between hosts equal by these counts, one that already holds the cluster's image comes first
+(it boots the node without a download), then the memory and the host id decide.
+
 Masters share a failure domain or a host only when nothing else has room, and
 Placement.warnings says so. A node that fits nowhere fails the whole call: PlacementError,
 nothing assigned.
@@ -46,6 +49,7 @@ class HostOffer:
     # QEMU overhead the host adds per VM: base + per_gib * ceil(memory_mib / 1024).
     overhead_base_mib: int = 192
     overhead_per_gib_mib: int = 16
+    has_image: bool = False  # the cluster's image is Ready on the host
 
 
 @dataclass(frozen=True)
@@ -128,9 +132,10 @@ def _order(node: NodeRequest) -> tuple[int, tuple[str, ...], str]:
 # --- the plan ------------------------------------------------------------------------------
 
 _Shape = tuple[Role, int, int, int]  # role, vcpus, memory_mib, disk_gib
-# (masters in the host's failure domain, masters on the host, nodes on the host, minus the
-#  memory free after the node, host id); the first two are 0 for workers. Smallest is best.
-_Key = tuple[int, int, int, int, str]
+# (masters in the host's failure domain, masters on the host, nodes on the host, 0 when
+#  the host has the image, minus the memory free after the node, host id); the first two are
+#  0 for workers. Smallest is best.
+_Key = tuple[int, int, int, int, int, str]
 _Amount = Callable[["_Host"], float]  # a resource's amount on a host
 
 
@@ -188,10 +193,11 @@ class _Planner:
 
     def key(self, host: _Host, node: NodeRequest) -> _Key:
         left = host.memory_mib - host.memory_cost(node.memory_mib)  # free after the node
+        fetch = 0 if host.offer.has_image else 1
         if node.role != Role.MASTER:
-            return (0, 0, host.nodes, -left, host.offer.id)
+            return (0, 0, host.nodes, fetch, -left, host.offer.id)
         in_domain = len(self.domain_masters.get(host.offer.failure_domain, ()))
-        return (in_domain, len(host.masters), host.nodes, -left, host.offer.id)
+        return (in_domain, len(host.masters), host.nodes, fetch, -left, host.offer.id)
 
     def assign(self, node: NodeRequest) -> None:
         host = self._best(node)

@@ -175,6 +175,7 @@ class Zone:
             heartbeat_s=self.config.hosts.heartbeat_interval_s,
             control=self.control,
             zone_view=self.zone_view,
+            agents_tls=self.agents_tls,
         )
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()

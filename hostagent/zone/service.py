@@ -39,11 +39,13 @@ from hostagent.store import now as stamp
 from hostagent.zone import alloc, desired, observe
 from hostagent.zone.config import ZoneServerConfig
 from hostagent.zone.desired import HostWork, host_work
+from hostagent.zone.hostimages import holds
 from hostagent.zone.model import ClusterSpec, HostReport, HostState
 from hostagent.zone.placement import HostOffer, NodeRequest, PlacementError, place
 from hostagent.zone.rollout import Shape, shape_of, version_change_problem
 from hostagent.zone.status import cluster_view, host_state, host_view
 from hostagent.zone.store import (
+    ClusterEvent,
     ClusterRecord,
     Gateway,
     HostRecord,
@@ -94,7 +96,7 @@ class ZoneService:
         """Store a host's report; True when it registered for the first time. Deliveries
         the report contradicts (a node the agent no longer has, another spec) are
         forgotten, so the host's delivery task sends them again."""
-        _name("host", host)
+        valid_name("host", host)
         before = self.store.host(host)
         was_ready = before is not None and self._state(before) is HostState.READY
         created = await self.store.put_host(host, report, self.clock())
@@ -106,17 +108,34 @@ class ZoneService:
         ]
         for key in stale:
             await self.store.set_delivery(host, "node", key, None)
+        images_lost = await self._images_lost(host, report)
         # An agent that lost a node may have lost its state and its peer lists with it:
         # send the peers of those clusters again too.
         lost = {key.partition("/")[0] for key in stale}
         for kind, key in list(self.store.deliveries(host)):
             if kind == "peers" and key in lost:
                 await self.store.set_delivery(host, "peers", key, None)
-        if created or not was_ready or stale:
+        if created or not was_ready or stale or images_lost:
             if not was_ready and not created:
                 log.info("host %s is reporting again", host)
             self.on_change([host])
         return created
+
+    async def _images_lost(self, host: str, report: HostReport) -> list[str]:
+        """Forget the image deliveries a report contradicts (the agent no longer holds the
+        image at that digest: collected, or its state lost); the images forgotten. An agent
+        that reports no images contradicts nothing."""
+        if report.images is None:
+            return []
+        held = {(i.name, i.digest) for i in report.images}
+        lost = [
+            name
+            for (kind, name), digest in self.store.deliveries(host).items()
+            if kind == "image" and (name, digest) not in held
+        ]
+        for name in lost:
+            await self.store.set_delivery(host, "image", name, None)
+        return lost
 
     def hosts_view(self) -> list[dict[str, Any]]:
         timeout = self.config.hosts.heartbeat_timeout_s
@@ -130,7 +149,7 @@ class ZoneService:
         the zone still wants (checked in the removal's own transaction); the nodes it held
         that were being removed are forgotten, so a deletion waiting for a dead host
         completes."""
-        _name("host", host)
+        valid_name("host", host)
         if self.store.host(host) is None:
             raise NotFound(f"host {host} is not registered")
         removal = await self.store.remove_host(host)
@@ -149,9 +168,11 @@ class ZoneService:
     def _state(self, record: HostRecord) -> HostState:
         return host_state(record, self.clock(), self.config.hosts.heartbeat_timeout_s)
 
-    def _offers(self) -> list[HostOffer]:
+    def _offers(self, image: str) -> list[HostOffer]:
         """Every Ready host with an underlay, offering what is left after its reported
-        allocation and the zone's nodes it has not reported yet."""
+        allocation and the zone's nodes it has not reported yet, and whether it holds
+        image (at the catalogue's digest when the catalogue has it)."""
+        catalogued = self.store.image(image)
         placed: dict[str, list[NodeRecord]] = {}
         for node in self.store.nodes():
             placed.setdefault(node.host, []).append(node)
@@ -183,6 +204,7 @@ class ZoneService:
                     free,
                     report.overhead.base_mib,
                     report.overhead.per_gib_mib,
+                    has_image=holds(report, image, catalogued),
                 )
             )
         return offers
@@ -190,7 +212,7 @@ class ZoneService:
     # --- clusters --------------------------------------------------------------------
 
     async def put_cluster(self, name: str, spec: ClusterSpec) -> tuple[dict[str, Any], bool]:
-        _name("cluster", name)
+        valid_name("cluster", name)
         async with self._lock:
             for _ in range(DECISION_ATTEMPTS):
                 try:
@@ -224,6 +246,8 @@ class ZoneService:
         # put_cluster decides again).
         record, nodes, gateways = self._plan(name, spec)
         await self.store.create_cluster(record, nodes, gateways)
+        placed = ", ".join(f"{n.name}@{n.host}" for n in nodes)
+        await self._event(name, "created", f"vni {record.vni}, {record.node_subnet}: {placed}")
         log.info(
             "cluster %s: vni %d, nodes %s, on %s",
             name,
@@ -245,7 +269,7 @@ class ZoneService:
             _request(n, Role.WORKER, spec)
             for n in alloc.node_names(Role.WORKER, spec.workers.count)
         ]
-        assignments = self._place(name, requests, {})
+        assignments = self._place(name, spec.image, requests, {})
         nodes, gateways = self._materialise(record, spec, requests, assignments, [], [])
         return record, nodes, gateways
 
@@ -277,9 +301,13 @@ class ZoneService:
         )
 
     def _place(
-        self, cluster: str, requests: list[NodeRequest], placed: dict[str, tuple[Role, str]]
+        self,
+        cluster: str,
+        image: str,
+        requests: list[NodeRequest],
+        placed: dict[str, tuple[Role, str]],
     ) -> dict[str, str]:
-        offers = self._offers()
+        offers = self._offers(image)
         if requests and not offers:
             raise OutOfCapacity(
                 f"cluster {cluster}: no Ready host with an underlay address is registered "
@@ -363,19 +391,17 @@ class ZoneService:
             names = [f"w{next(free)}" for _ in range(want - len(workers))]
             requests = [_request(n, Role.WORKER, spec) for n in names]
             placed = {n.name: (n.role, n.host) for n in live}
-            assignments = self._place(name, requests, placed)
+            assignments = self._place(name, spec.image, requests, placed)
             add, gateways = self._materialise(
                 current, spec, requests, assignments, nodes, self.store.gateways(name)
             )
         await self.store.scale(name, spec, add, gateways, remove)
-        log.info(
-            "cluster %s: workers %d -> %d (added %s, removing %s)",
-            name,
-            len(workers),
-            want,
-            ", ".join(f"{n.name}@{n.host}" for n in add) or "none",
-            ", ".join(remove) or "none",
-        )
+        added = ", ".join(f"{n.name}@{n.host}" for n in add) or "none"
+        change = f"workers {len(workers)} -> {want} (added {added}, removing "
+        change += f"{', '.join(remove) or 'none'})"
+        if want != len(workers):  # not for a change of how it rolls or drains
+            await self._event(name, "scaled", change)
+        log.info("cluster %s: %s", name, change)
         self.on_change({n.host for n in [*live, *add]})
 
     def _check_rollout(
@@ -446,7 +472,7 @@ class ZoneService:
             raise NotFound(f"cluster {cluster} does not exist")
         live = [n for n in self.store.nodes(cluster) if not n.deleting]
         placed = {n.name: (n.role, n.host) for n in live if n.name != instead_of}
-        self._place(cluster, [_request(name, Role.WORKER, record.spec)], placed)
+        self._place(cluster, record.spec.image, [_request(name, Role.WORKER, record.spec)], placed)
 
     async def replace_workers(self, cluster: str, add: list[str], remove: list[str]) -> None:
         """In one write: new workers placed, and the workers `remove` marked for removal."""
@@ -459,7 +485,9 @@ class ZoneService:
                 live = [n for n in nodes if not n.deleting]
                 requests = [_request(n, Role.WORKER, record.spec) for n in add]
                 placed = {n.name: (n.role, n.host) for n in live if n.name not in remove}
-                assignments = self._place(cluster, requests, placed) if requests else {}
+                assignments = (
+                    self._place(cluster, record.spec.image, requests, placed) if requests else {}
+                )
                 new, gateways = self._materialise(
                     record, record.spec, requests, assignments, nodes, self.store.gateways(cluster)
                 )
@@ -483,7 +511,7 @@ class ZoneService:
         self.on_change({n.host for n in self.store.nodes(cluster)})
 
     def cluster(self, name: str) -> dict[str, Any]:
-        record = self.store.cluster(_name("cluster", name))
+        record = self.store.cluster(valid_name("cluster", name))
         if record is None:
             raise NotFound(f"cluster {name} does not exist")
         return self._view(record)
@@ -509,17 +537,24 @@ class ZoneService:
             self.refused,
             rollout=rollout,
             events=self.store.events(record.name),
+            catalogue={i.name: i for i in self.store.images()},
         )
 
     async def delete_cluster(self, name: str) -> dict[str, Any]:
-        record = self.store.cluster(_name("cluster", name))
+        record = self.store.cluster(valid_name("cluster", name))
         if record is None:
             raise NotFound(f"cluster {name} does not exist")
         if not record.deleting:
             await self.store.mark_cluster_deleting(name)
+            hosts = sorted({n.host for n in self.store.nodes(name)})
+            await self._event(name, "deleted", f"deleting from {', '.join(hosts) or 'no host'}")
             log.info("cluster %s: deleting", name)
         self.on_change({n.host for n in self.store.nodes(name)})
         return self.cluster(name)
+
+    async def _event(self, cluster: str, kind: str, message: str) -> None:
+        """An event of the whole cluster (created, scaled, deleted)."""
+        await self.store.add_event(cluster, ClusterEvent(self.clock(), kind, "", None, message))
 
     # --- for the Deliverer -----------------------------------------------------------
 
@@ -603,7 +638,7 @@ class ZoneService:
     def check_pki(self, host: str, cluster: str, cert: str | None = None) -> None:
         """A host may use a cluster's CAs only while it runs a node of the cluster, and
         sign only the certificates its nodes' roles have."""
-        _name("cluster", cluster)
+        valid_name("cluster", cluster)
         roles = {
             n.role.value for n in self.store.nodes(cluster) if n.host == host and not n.deleting
         }
@@ -620,7 +655,7 @@ class ZoneService:
             )
 
 
-def _name(kind: str, value: str) -> str:
+def valid_name(kind: str, value: str) -> str:
     try:
         return check_name(kind, value)
     except ValueError as exc:

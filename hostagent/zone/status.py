@@ -6,11 +6,14 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from hostagent.imagesource import ImagePhase
 from hostagent.model import Phase
 from hostagent.zone.desired import api_endpoint, node_shape
+from hostagent.zone.hostimages import reported
 from hostagent.zone.model import UNKNOWN, ClusterPhase, HostState
 from hostagent.zone.rollout import Plan
 from hostagent.zone.store import (
+    CatalogueImage,
     ClusterEvent,
     ClusterRecord,
     HostCertificate,
@@ -87,6 +90,19 @@ def _reported(node: NodeRecord, host: HostRecord | None) -> Any:
     )
 
 
+def _image_wait(view: dict[str, Any], host: HostRecord | None, image: CatalogueImage) -> None:
+    """A node not on its host yet: its image's state there, as the host reports it (the
+    pull failed: Failed with the agent's message; downloading: Pending, waiting)."""
+    entry = None if host is None else reported(host.report, image)
+    if host is None or entry is None:
+        return
+    if entry.phase == ImagePhase.FAILED.value:
+        view["phase"] = Phase.FAILED.value
+        view["message"] = f"host {host.id} could not pull image {image.name}: {entry.message}"
+    elif entry.phase == ImagePhase.DOWNLOADING.value:
+        view["message"] = f"waiting for image {image.name} to download on host {host.id}"
+
+
 def cluster_phase(deleting: bool, nodes: Iterable[Mapping[str, Any]]) -> tuple[str, str]:
     if deleting:
         return ClusterPhase.DELETING.value, ""
@@ -116,7 +132,7 @@ def event_view(event: ClusterEvent) -> dict[str, Any]:
         "at": datetime.fromtimestamp(event.at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "kind": event.kind,
         "node": event.node,
-        "role": event.role.value,
+        "role": event.role and event.role.value,
         "message": event.message,
     }
 
@@ -131,15 +147,20 @@ def cluster_view(
     *,
     rollout: Plan | None = None,
     events: Iterable[ClusterEvent] = (),
+    catalogue: Mapping[str, CatalogueImage] | None = None,
 ) -> dict[str, Any]:
     """rollout: the plan of the cluster's rollout while one is on (phase Upgrading, its
-    progress and, stopped or waiting, why in the message)."""
+    progress and, stopped or waiting, why in the message); catalogue: the zone's images
+    the nodes name (a node its host does not have yet waits for its image there)."""
     members = list(nodes)
     views = []
     for node in members:
         view = node_view(node, hosts, now, timeout_s, refused)
         shape = node_shape(cluster, node)
         view["kubernetes_version"], view["image"] = shape.kubernetes_version, shape.image
+        image = (catalogue or {}).get(shape.image)
+        if image is not None and view["phase"] == "Pending" and not view["message"]:
+            _image_wait(view, hosts.get(node.host), image)
         views.append(view)
     phase, message = cluster_phase(cluster.deleting, views)
     if rollout is not None and not cluster.deleting:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from hostagent.imagesource import ImageSource
 from hostagent.model import Role
 from hostagent.sqlite import Connection, Database, Row, read_only
 from hostagent.store import now
@@ -70,14 +71,41 @@ class NodeRecord:
 
 @dataclass(frozen=True)
 class ClusterEvent:
-    """Something the zone did to a cluster's node (a remediation, a drain hook's answer, a
-    rollout that stopped); the cluster keeps its last MAX_EVENTS."""
+    """Something that happened to a cluster or the zone did to one of its nodes (created,
+    scaled, deleted; a remediation, a drain hook's answer, a rollout that stopped); the
+    cluster keeps its last MAX_EVENTS."""
 
     at: float  # seconds since the epoch
-    kind: str  # "remediation", "drain" or "rollout"
-    node: str
-    role: Role
+    kind: str  # "created", "scaled", "deleted", "remediation", "drain" or "rollout"
+    node: str  # "" for an event of the whole cluster
+    role: Role | None
     message: str
+
+
+@dataclass(frozen=True)
+class CatalogueImage:
+    """An image of the zone's catalogue: the agent's ImageSource under a name."""
+
+    name: str
+    source: ImageSource
+    created_at: str
+
+    @property
+    def digest(self) -> str:
+        """As the agents show it: sha256:<the source's digest>."""
+        return f"sha256:{self.source.digest()}"
+
+
+# Decides, inside a catalogue write, on the image as stored (None: absent) and the clusters
+# naming it; raises (Conflict, NotFound) to write nothing.
+ImageCheck = Callable[[CatalogueImage | None, list[str]], None]
+
+
+def naming(image: str, clusters: Iterable[ClusterRecord], nodes: Iterable[NodeRecord]) -> list[str]:
+    """The clusters whose spec, or one of whose nodes (a rollout under way), names image."""
+    names = {c.name for c in clusters if c.spec.image == image}
+    names |= {n.cluster for n in nodes if n.shape is not None and n.shape.image == image}
+    return sorted(names)
 
 
 @dataclass(frozen=True)
@@ -140,6 +168,10 @@ class ZoneStore(Protocol):
     async def add_event(self, cluster: str, event: ClusterEvent) -> None: ...
     def deliveries(self, host: str) -> dict[tuple[str, str], str]: ...
     async def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None: ...
+    def images(self) -> list[CatalogueImage]: ...
+    def image(self, name: str) -> CatalogueImage | None: ...
+    async def put_image(self, image: CatalogueImage, check: ImageCheck) -> bool: ...
+    async def delete_image(self, name: str, check: ImageCheck) -> None: ...
     def token_generation(self, host: str) -> int: ...
     def certificates(self) -> dict[str, HostCertificate]: ...
     async def record_certificate(
@@ -196,6 +228,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE TABLE IF NOT EXISTS events (
     cluster TEXT PRIMARY KEY,
     events  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    name       TEXT PRIMARY KEY,
+    source     TEXT NOT NULL,
+    created_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS host_certificates (
     host       TEXT PRIMARY KEY,
@@ -434,6 +471,41 @@ class SqliteZoneStore:
         """Record what host acknowledged for (kind, key); None forgets it."""
         await self.db.write(lambda db: _set_delivery(db, host, kind, key, digest))
 
+    # --- the image catalogue ---------------------------------------------------------
+
+    def images(self) -> list[CatalogueImage]:
+        rows = self.db.reader.execute("SELECT * FROM images ORDER BY name").fetchall()
+        return [_image(row) for row in rows]
+
+    def image(self, name: str) -> CatalogueImage | None:
+        return _get_image(self.db.reader, name)
+
+    async def put_image(self, image: CatalogueImage, check: ImageCheck) -> bool:
+        """Store image after check; True when the name is new (the same source again
+        changes nothing)."""
+
+        def work(db: Connection) -> bool:
+            current = _get_image(db, image.name)
+            check(current, _naming(db, image.name))
+            if current is not None and current.source == image.source:
+                return False
+            db.execute(
+                "INSERT INTO images (name, source, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET source = excluded.source, "
+                "created_at = excluded.created_at",
+                (image.name, image.source.model_dump_json(), image.created_at),
+            )
+            return current is None
+
+        return await self.db.write(work)
+
+    async def delete_image(self, name: str, check: ImageCheck) -> None:
+        def work(db: Connection) -> None:
+            check(_get_image(db, name), _naming(db, name))
+            db.execute("DELETE FROM images WHERE name = ?", (name,))
+
+        await self.db.write(work)
+
     # --- the hosts' client certificates ----------------------------------------------
 
     def token_generation(self, host: str) -> int:
@@ -484,6 +556,22 @@ def _token_generation(db: Connection, host: str) -> int:
 def _get_cluster(db: Connection, name: str) -> ClusterRecord | None:
     row = db.execute("SELECT * FROM clusters WHERE name = ?", (name,)).fetchone()
     return None if row is None else _cluster(row)
+
+
+def _get_image(db: Connection, name: str) -> CatalogueImage | None:
+    row = db.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()
+    return None if row is None else _image(row)
+
+
+def _image(row: Row) -> CatalogueImage:
+    source = ImageSource.model_validate_json(row["source"])
+    return CatalogueImage(row["name"], source, row["created_at"])
+
+
+def _naming(db: Connection, image: str) -> list[str]:
+    clusters = [_cluster(row) for row in db.execute("SELECT * FROM clusters")]
+    nodes = [_node(row) for row in db.execute("SELECT * FROM nodes WHERE shape IS NOT NULL")]
+    return naming(image, clusters, nodes)
 
 
 def _remove_host(db: Connection, host: str) -> HostRemoval:
@@ -611,9 +699,11 @@ def shape_of_json(data: dict[str, Any]) -> Shape:
 
 def events_json(events: list[ClusterEvent]) -> str:
     """The last MAX_EVENTS of events as the stores keep them."""
-    data = [{**dataclasses.asdict(e), "role": e.role.value} for e in events[-MAX_EVENTS:]]
+    data = [
+        {**dataclasses.asdict(e), "role": e.role and e.role.value} for e in events[-MAX_EVENTS:]
+    ]
     return json.dumps(data, separators=(",", ":"))
 
 
 def events_of(text: str | bytes) -> list[ClusterEvent]:
-    return [ClusterEvent(**{**e, "role": Role(e["role"])}) for e in json.loads(text)]
+    return [ClusterEvent(**{**e, "role": e["role"] and Role(e["role"])}) for e in json.loads(text)]

@@ -171,8 +171,16 @@ async def test_renewer_keeps_the_node_key_type(tmp_path: Path) -> None:
     backend = LocalBackend(tmp_path / "state")
     _, worker = nodes(new_cluster())
     await provision_node(backend, worker, tmp_path / "w1", key_type=KeyType.RSA)
-    renewer = Renewer(backend, lambda: [RenewalTarget(worker, tmp_path / "w1")], fraction=1e-9)
+    told: list[tuple[str, str, list[str]]] = []
+
+    async def renewed(cluster: str, node: str, names: list[str]) -> None:
+        told.append((cluster, node, names))
+
+    target = RenewalTarget(worker, tmp_path / "w1")
+    renewer = Renewer(backend, lambda: [target], fraction=1e-9, on_renewed=renewed)
     await renewer.run_once()
     assert renewer.status()[(worker.cluster, "w1")].renewals_total == 4
+    ((cluster, node, names),) = told  # the agent keeps it as a node event
+    assert (cluster, node, len(names)) == (worker.cluster, "w1", 4)
     check_node_set(tmp_path / "w1", worker, KeyType.RSA)
     assert layout.files_for("worker")

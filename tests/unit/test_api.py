@@ -259,9 +259,10 @@ async def test_get_and_list(client: TestClient[Any, Any]) -> None:
     assert got.status == 200
     node = await got.json()
     assert {k: node["spec"][k] for k in SPEC} == SPEC
+    assert [e["kind"] for e in node["events"]] == ["created"]
     listed = await client.get("/v1/nodes", headers=AUTH)
     assert listed.status == 200
-    assert await listed.json() == {"items": [node]}
+    assert await listed.json() == {"items": [{**node, "events": None}]}  # GET of one only
 
 
 async def test_empty_list(client: TestClient[Any, Any]) -> None:

@@ -84,6 +84,8 @@ async def test_a_guest_that_does_not_phone_home_fails_with_its_console(
     assert record.message.count("Linux version") == 9  # the last 10 lines
     assert str(log) in record.message
     assert await late.check() == []  # Failed stays Failed, no second message
+    assert [e.kind for e in store.events(KEY)][-1:] == ["failed"]
+    assert store.events(KEY)[-1].message == record.message  # the node's events say why
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from hostagent.metrics import Metrics
 from hostagent.model import NodeKey, NodeSpec, Phase
 from hostagent.provisioner import Provisioner
 from hostagent.reconciler import Reconciler
-from hostagent.store import NodeRecord, Store
+from hostagent.store import MAX_NODE_EVENTS, NodeRecord, Store
 from hostagent.virt.libvirt import Libvirt
 from pki.errors import BackendUnavailable
 from tests.conftest import require
@@ -385,3 +385,46 @@ async def test_a_paused_vm_is_destroyed_when_its_node_is_deleted(
             conn.lookupByName(world.key.domain)
     finally:
         conn.close()
+
+
+async def test_node_events_come_in_order_for_create_crash_restart_and_delete(
+    world: World,
+) -> None:
+    await world.put()
+    await until(lambda: world.node().phase is Phase.RUNNING)
+    await world.store.set_ready(world.key, {"hostname": "m1"})
+    crashed = libvirt.open("test:///default")
+    try:
+        crashed.lookupByName(world.key.domain).destroy()  # the VM stops by itself
+    finally:
+        crashed.close()
+    world.reconciler.enqueue(world.key)
+    await until(lambda: [e.kind for e in world.store.events(world.key)][-1:] == ["restarted"])
+    await world.store.mark_deleting(world.key)
+    kinds = [e.kind for e in world.store.events(world.key)]
+    assert kinds == ["created", "started", "phoned-home", "restarted", "deleting"]
+    restarted = world.store.events(world.key)[3]
+    assert "stopped by itself (phase Ready)" in restarted.message
+    assert "2 starts in the last" in restarted.message
+    world.reconciler.enqueue(world.key)
+    await until(lambda: world.store.get(world.key) is None)
+    assert world.store.events(world.key) == []  # they go with the node
+
+
+async def test_a_node_keeps_its_last_events_only(world: World) -> None:
+    await world.store.create(world.key, SPEC, "0123456789abcdef")
+    for i in range(MAX_NODE_EVENTS + 5):
+        await world.store.add_event(world.key, "restarted", f"restart {i}")
+    events = world.store.events(world.key)
+    assert len(events) == MAX_NODE_EVENTS
+    assert events[0].message == "restart 5"
+    assert events[-1].message == f"restart {MAX_NODE_EVENTS + 4}"
+
+
+async def test_a_failed_node_says_why_in_its_events(world: World, mocker: MockerFixture) -> None:
+    cause = ProvisioningError("the define failed on purpose")
+    mocker.patch.object(world.provisioner, "define", side_effect=cause)
+    await world.put()
+    await until(lambda: world.node().phase is Phase.FAILED)
+    last = world.store.events(world.key)[-1]
+    assert last.kind == "failed" and "the define failed on purpose" in last.message

@@ -25,9 +25,11 @@ def host(
     vcpus: float = 16,
     memory_mib: int = 32768,
     disk_gib: int = 500,
+    has_image: bool = False,
     **overhead: int,
 ) -> HostOffer:
-    return HostOffer(id, domain, Resources(vcpus, memory_mib, disk_gib), **overhead)
+    resources = Resources(vcpus, memory_mib, disk_gib)
+    return HostOffer(id, domain, resources, **overhead, has_image=has_image)
 
 
 def node(
@@ -213,6 +215,20 @@ def test_workers_tie_break_by_free_memory_then_host_id() -> None:
     assert place([node("w1")], hosts).assignments == {"w1": "h3"}
     equal = [host("h3"), host("h2"), host("h1")]
     assert place([node("w1")], equal).assignments == {"w1": "h1"}
+
+
+def test_a_host_holding_the_image_wins_a_tie_before_memory_and_id() -> None:
+    hosts = [host("h1", memory_mib=64000), host("h2", has_image=True), host("h3")]
+    assert place([node("w1")], hosts).assignments == {"w1": "h2"}
+    # ... but spreading comes first: the second worker goes to the roomiest other host
+    assert place(workers(2), hosts).assignments == {"w1": "h2", "w2": "h1"}
+
+
+def test_masters_keep_their_domains_over_a_host_holding_the_image() -> None:
+    hosts = [host("h1", "rack-1", has_image=True), host("h2", "rack-1", has_image=True)]
+    hosts.append(host("h3", "rack-2"))
+    got = place(masters(2), hosts).assignments
+    assert got == {"m1": "h1", "m2": "h3"}  # m1: the image breaks the tie; m2: rack-2
 
 
 def test_memory_after_the_node_counts_the_hosts_own_overhead() -> None:

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from hostagent import __version__
 from hostagent.capacity import Resources
 from hostagent.config import CapacityConfig, Config, NetworkConfig, ZoneConfig
+from hostagent.imagesource import ImageInfo, ImagePhase, ImageStatus
 from hostagent.metrics import Metrics
 from hostagent.model import NodeHealth, NodeKey, NodeSpec, Phase
 from hostagent.store import Store
@@ -71,6 +72,14 @@ SICK = NodeHealth(
 )
 
 
+PULLED = ImageInfo(
+    name="debian-12",
+    origin="pulled",
+    digest="sha256:" + "ab" * 32,
+    status=ImageStatus(phase=ImagePhase.FAILED, message="digest mismatch", updated_at="t"),
+)
+
+
 def reporter(cfg: Config, store: Store, health: NodeHealth = SICK) -> Any:
     return lambda: host_report(
         cfg,
@@ -80,6 +89,7 @@ def reporter(cfg: Config, store: Store, health: NodeHealth = SICK) -> Any:
         domain_type="kvm",
         records=store.all(),
         health=lambda key: health,
+        images=[PULLED],
     )
 
 
@@ -137,6 +147,14 @@ async def test_the_report_is_the_body_of_docs_zone_md(
             }
         ],
         "networks": [{"cluster": "demo", "vni": 4100}],
+        "images": [
+            {
+                "name": "debian-12",
+                "digest": "sha256:" + "ab" * 32,
+                "phase": "Failed",
+                "message": "digest mismatch",
+            }
+        ],
     }
     (taken,) = HostReport.model_validate(zone.reports[0][1]).nodes
     assert taken.health == ReportedHealth.model_validate(SICK.model_dump())
