@@ -6,7 +6,12 @@ served per second, p50/p99 latency, zone and etcd CPU (psutil, % of one core), h
 on every replica at the end and Ready->NotReady flaps seen by polling GET /v1/hosts; with
 etcd also the failover: the leader replica SIGKILLed, the time until a survivor shows
 another leader, and the heartbeats that failed over meanwhile (each simulated host has the
-three replicas as its URL list, a different one first: common.failover).
+three replicas as its URL list, a different one first: common.failover). Halfway through
+the measurement a cluster of 100 nodes (3 masters, 97 workers) is created: the time until
+the zone answers (placed, allocations acknowledged) and until every node was delivered to
+the stand-in agent all simulated hosts point at (tests/unit/test_zone_driver.StandInAgent:
+acknowledges every PUT). At the end, with the hosts still beating, the (leading) zone is
+sent SIGTERM: the time it took to exit.
 
 The load generator runs on the same 2 cores as the zones and etcd: its own CPU is given.
 Run:  .venv/bin/python -m bench.zone_load [--hosts 1000] [--seconds 45] [--interval 5]
@@ -32,22 +37,30 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from aiohttp.test_utils import TestServer
 
 from common import http
 from common.failover import FAILOVER_STATUS, Urls, first_serving
 from common.files import ensure_secret
 from hostagent.zone.auth import host_token
 from tests import etcd
-from tests.etcd import _free_port
+from tests.fakezone import free_port
+from tests.unit.test_zone_driver import StandInAgent
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = 20  # simulated hosts per HTTP connection pool
+AGENT_TOKEN = "bench-agent"  # every simulated host's agent is the one stand-in
+BIG: dict[str, Any] = {
+    "kubernetes_version": "1.31.2",
+    "masters": {"count": 3, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
+    "workers": {"count": 97, "vcpus": 1, "memory_mib": 256, "disk_gib": 1},
+}
 
 
-def report(i: int) -> dict[str, Any]:
+def report(i: int, agent_url: str) -> dict[str, Any]:
     return {
-        "api_url": f"https://10.{i // 250}.{i % 250}.1:8470",
-        "api_token": f"token-{i}",
+        "api_url": agent_url,
+        "api_token": AGENT_TOKEN,
         "underlay_address": f"10.{i // 250}.{i % 250}.1",
         "failure_domain": f"rack-{i % 20}",
         "allocatable": {"vcpus": 32, "memory_mib": 131072, "disk_gib": 2000},
@@ -112,9 +125,10 @@ async def host_loop(
     measure_from: float,
     stop: float,
     stats: Stats,
+    agent_url: str,
 ) -> None:
     headers = {"Authorization": f"Bearer {host_token(secret, f'h{i}')}"}
-    body = report(i)
+    body = report(i, agent_url)
     await asyncio.sleep(random.uniform(0, interval))
     while time.monotonic() < stop:
         started = time.monotonic()
@@ -177,6 +191,10 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
     zones: list[subprocess.Popen[bytes]] = []
     urls: list[str] = []
     result: dict[str, Any] = {"backend": backend, "hosts": hosts}
+    agent = StandInAgent(AGENT_TOKEN)
+    agent.server = TestServer(agent.app(), host="127.0.0.1")
+    await agent.server.start_server()
+    agent_url = str(agent.server.make_url("")).rstrip("/")
     try:
         if backend == "etcd":
             members = etcd.cluster(3)
@@ -186,7 +204,7 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
         else:
             store, names = "", ["z0"]
         for name in names:
-            port = _free_port()
+            port = free_port()
             extra = f'[replica]\nid = "{name}"\n' if backend == "etcd" else ""
             path = work / f"{name}.toml"
             path.write_text(zone_config(state, port, interval, store + extra))
@@ -221,10 +239,14 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
                     measure_from,
                     stop,
                     stats,
+                    agent_url,
                 )
                 for i in range(hosts)
             ]
             flaps = [0]
+            big = asyncio.create_task(
+                big_cluster(client, urls[0], admin, agent, measure_from + seconds / 2, stop + 60)
+            )
 
             async def measured() -> tuple[float, float, float]:
                 await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
@@ -236,6 +258,7 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
             )
             await asyncio.gather(*loops)
             zone_before, etcd_before, me_before = await before_task
+            result["cluster_100"] = await big
             ready = await states
             span = stop - measure_from
             lat = sorted(stats.latencies)
@@ -254,10 +277,32 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
                     "flaps": flaps[0],
                 }
             )
+            alive = list(range(len(zones)))
             if backend == "etcd":
-                result["failover"] = await failover(client, zones, urls, admin, secret)
+                result["failover"] = await failover(
+                    client, zones, urls, admin, secret, agent, agent_url
+                )
+                alive = [i for i, z in enumerate(zones) if z.poll() is None]
+            tail = [
+                host_loop(
+                    i,
+                    Urls([urls[alive[i % len(alive)]]]),
+                    pools[i // GROUP],
+                    secret,
+                    interval,
+                    float("inf"),
+                    time.monotonic() + 2 * interval,
+                    Stats(),
+                    agent_url,
+                )
+                for i in range(hosts)
+            ]
+            term = asyncio.create_task(sigterm(zones[alive[-1]], interval))
+            await asyncio.gather(*tail)
+            result["sigterm_exit_s"] = await term
         return result
     finally:
+        await agent.server.close()
         for zone in zones:
             if zone.poll() is None:
                 zone.terminate()
@@ -272,15 +317,55 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
+async def big_cluster(
+    client: http.AsyncClient,
+    url: str,
+    admin: str,
+    agent: StandInAgent,
+    at: float,
+    deadline: float,
+) -> dict[str, Any]:
+    """At time `at`, create a cluster of 100 nodes: seconds until the zone answered (placed)
+    and until the stand-in agent holds every node (delivered)."""
+    await asyncio.sleep(max(0.0, at - time.monotonic()))
+    headers = {"Authorization": f"Bearer {admin}"}
+    started = time.monotonic()
+    response = await client.put(f"{url}/v1/clusters/big", json=BIG, headers=headers)
+    placed = time.monotonic() - started
+    if response.status_code != 201:
+        return {"status": response.status_code, "error": response.text[:300]}
+    count = BIG["masters"]["count"] + BIG["workers"]["count"]
+    while sum(key.startswith("big/") for key in agent.nodes) < count:
+        if time.monotonic() > deadline:
+            return {"placed_s": round(placed, 2), "delivered": len(agent.nodes)}
+        await asyncio.sleep(0.05)
+    return {"placed_s": round(placed, 2), "delivered_s": round(time.monotonic() - started, 2)}
+
+
+async def sigterm(zone: subprocess.Popen[bytes], after: float) -> float | None:
+    """SIGTERM a zone while the hosts beat: seconds until it exited (None: not in 60 s)."""
+    await asyncio.sleep(after)
+    started = time.monotonic()
+    zone.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.to_thread(zone.wait, 60)
+    except subprocess.TimeoutExpired:
+        return None
+    return round(time.monotonic() - started, 2)
+
+
 async def failover(
     client: http.AsyncClient,
     zones: list[subprocess.Popen[bytes]],
     urls: list[str],
     admin: str,
     secret: str,
+    agent: StandInAgent,
+    agent_url: str,
 ) -> dict[str, Any]:
-    """SIGKILL the leader replica: when a survivor shows another leader, and when a survivor
-    acknowledges a write (a host's report)."""
+    """SIGKILL the leader replica: when a survivor acknowledges a write (a host's report),
+    when a survivor shows another leader, and when a cluster created on a survivor right
+    after the kill reached its agent (the first delivery: the new leader's work)."""
     headers = {"Authorization": f"Bearer {admin}"}
 
     async def leader(url: str) -> str | None:
@@ -288,7 +373,8 @@ async def failover(
             view = (await client.get(f"{url}/v1/zone", headers=headers)).json()
         except (http.HTTPError, ValueError):
             return None
-        return view.get("leader")
+        leader = view.get("leader")
+        return str(leader) if leader else None
 
     old = await leader(urls[0])
     if old is None:
@@ -298,15 +384,24 @@ async def failover(
     killed = time.monotonic()
     survivors = [u for i, u in enumerate(urls) if i != index]
     beat = {"Authorization": f"Bearer {host_token(secret, 'h0')}"}
-    response = await client.put(f"{survivors[0]}/v1/hosts/h0", json=report(0), headers=beat)
+    response = await client.put(
+        f"{survivors[0]}/v1/hosts/h0", json=report(0, agent_url), headers=beat
+    )
     written = time.monotonic() - killed
+    small = {**BIG, "workers": {**BIG["workers"], "count": 0}}
+    created = await client.put(f"{survivors[0]}/v1/clusters/after", json=small, headers=headers)
     while time.monotonic() - killed < 30:
         now = await leader(survivors[0])
         if now is not None and now != old:
             break
         await asyncio.sleep(0.05)
     took = time.monotonic() - killed
+    while "after/m1" not in agent.nodes and time.monotonic() - killed < 60:
+        await asyncio.sleep(0.05)
+    delivered = time.monotonic() - killed if "after/m1" in agent.nodes else None
     return {
+        "delivered_after_s": None if delivered is None else round(delivered, 2),
+        "create_status": created.status_code,
         "killed": old,
         "new_leader": now,
         "new_leader_after_s": round(took, 2),

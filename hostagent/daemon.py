@@ -221,6 +221,7 @@ class Agent:
                 self._zone_report,
                 identity=self.identity,
                 timeout_s=config.zone.timeout_s,
+                urls=config.zone.urls,
             )
         return ZoneClient(
             config.zone.url,

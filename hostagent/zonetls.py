@@ -6,8 +6,10 @@ with its one-time host token ([zone] token_file, read at each attempt, so a new 
 works without a restart). From then on it calls the zone with the certificate only, and
 renews it by the same call, authenticated by the certificate, at 2/3 of its lifetime; a
 failure is retried with the common backoff, and an expired certificate falls back to
-the token. The files: <state_dir>/zone-tls/client.pem (key and certificate together,
-0600, replaced atomically) and ca.crt (the zone's control-plane CA).
+the token. With several zone URLs (the zone's replicas) each attempt moves on to the next
+replica when one is unreachable or answers 503, as the heartbeats do. The files:
+<state_dir>/zone-tls/client.pem (key and certificate together, 0600, replaced
+atomically) and ca.crt (the zone's control-plane CA).
 
 `tls` is the one SSL context of every call to the zone (heartbeats, the zone PKI
 backend): it trusts [zone] ca_file and presents the current certificate; a renewal loads
@@ -28,6 +30,7 @@ from typing import Any
 
 from common import http
 from common.backoff import Backoff
+from common.failover import FAILOVER_STATUS, Urls, first_serving
 from common.files import write_atomically
 from hostagent.config import Config, read_secret
 from hostagent.errors import ConfigError
@@ -63,6 +66,10 @@ class CertificateFailed(Exception):
         self.refused = refused
 
 
+class _Unserved(CertificateFailed):
+    """This replica did not serve (unreachable, or 503): the next one may."""
+
+
 class ZoneIdentity:
     def __init__(
         self,
@@ -73,7 +80,8 @@ class ZoneIdentity:
         retry_max_s: float = 300.0,
     ) -> None:
         assert config.zone.url is not None and config.zone.token_file is not None
-        self.url = config.zone.url.rstrip("/")
+        self.url = config.zone.url.rstrip("/")  # the replica that answered last
+        self._urls = Urls(config.zone.urls or (config.zone.url,))
         self.host_id = config.host_id
         self._token_file = config.zone.token_file
         self._timeout_s = config.zone.timeout_s
@@ -173,20 +181,11 @@ class ZoneIdentity:
                 raise CertificateFailed(f"certificate {what}: {exc}") from exc
             headers["Authorization"] = f"Bearer {token}"
         key_pem, csr_pem = controlca.host_csr(self.host_id)
-        url = f"{self.url}/v1/hosts/{self.host_id}/certificate"
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                response = await session.post(url, json={"csr": csr_pem}, headers=headers)
-        except (http.HTTPError, TimeoutError, OSError) as exc:
-            tls = http.is_tls_error(exc)
-            kind = "TLS with the zone failed ([zone] ca_file?)" if tls else "unreachable zone"
-            raise CertificateFailed(f"certificate {what}: {kind}: {exc!r}", tls) from exc
-        if response.status_code != 201:
-            raise CertificateFailed(
-                f"certificate {what}: the zone answered {response.status_code}: "
-                f"{_message(response)}",
-                response.status_code == 401,
-            )
+
+        async def post(url: str) -> http.Response:
+            return await self._post(session, url, what, headers, {"csr": csr_pem})
+
+        response = await first_serving(self._urls, post, lambda e: isinstance(e, _Unserved))
         try:
             answer = response.json()
             cert_pem, ca_pem = str(answer["certificate"]), str(answer["ca"])
@@ -206,6 +205,34 @@ class ZoneIdentity:
             self.not_after,
             self.renew_at(),
         )
+
+    async def _post(
+        self,
+        session: http.AsyncClient,
+        url: str,
+        what: str,
+        headers: dict[str, str],
+        body: dict[str, str],
+    ) -> http.Response:
+        """One replica's answer of 201; _Unserved when it did not serve."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                response = await session.post(
+                    f"{url}/v1/hosts/{self.host_id}/certificate", json=body, headers=headers
+                )
+        except (http.HTTPError, TimeoutError, OSError) as exc:
+            tls = http.is_tls_error(exc)
+            kind = "TLS with the zone failed ([zone] ca_file?)" if tls else "unreachable zone"
+            raise _Unserved(f"certificate {what}: {kind} {url}: {exc!r}", tls) from exc
+        if response.status_code != 201:
+            failed = _Unserved if response.status_code == FAILOVER_STATUS else CertificateFailed
+            raise failed(
+                f"certificate {what}: the zone {url} answered {response.status_code}: "
+                f"{_message(response)}",
+                response.status_code == 401,
+            )
+        self.url = url
+        return response
 
     def _save(self, pem: str, ca_pem: str) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -35,11 +35,24 @@ def ensure_ca(directory: Path) -> tuple[Path, Path]:
 
 def issue_server_cert(ca_dir: Path, name: str, address: str, out: Path) -> tuple[Path, Path]:
     """<out>/<name>.crt and .key: a server certificate for address, signed by the lab CA."""
+    return issue_cert(ca_dir, name, [address], out)
+
+
+def issue_cert(
+    ca_dir: Path, name: str, addresses: list[str], out: Path, *, client: bool = False
+) -> tuple[Path, Path]:
+    """<out>/<name>.crt and .key, signed by the CA in ca_dir (made on first use): for the
+    addresses (none: a client only) and name; client: also for TLS clients (an etcd
+    member's peer certificate, an etcd client's)."""
     ca_cert_path, ca_key_path = ensure_ca(ca_dir)
     ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
     ca_key = keys.load_private_key(ca_key_path.read_text())
     key = keys.generate_key(keys.KeyType.ECDSA)
     now = dt.datetime.now(dt.UTC)
+    names: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] if addresses else []
+    if client:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -48,13 +61,8 @@ def issue_server_cert(ca_dir: Path, name: str, address: str, out: Path) -> tuple
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + LIFETIME)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address(address)), x509.DNSName(name)]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([*names, x509.DNSName(name)]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     out.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ def _settings(args: argparse.Namespace) -> LabSettings:
         root=args.root,
         domain_type=getattr(args, "domain_type", "qemu"),
         failure_domains=getattr(args, "failure_domains", None),
+        zone_replicas=getattr(args, "zone_replicas", 1),
     )
 
 
@@ -120,6 +121,13 @@ def add_commands(sub: Any) -> None:
             parser.add_argument("--hosts", type=int, default=3, help="how many hosts (1..200)")
             parser.add_argument(
                 "--failure-domains", type=int, help="spread hosts round-robin over this many"
+            )
+            parser.add_argument(
+                "--zone-replicas",
+                type=int,
+                default=1,
+                help="zone replicas; more than 1: on a 3-member etcd cluster (default 1: "
+                "one zone on SQLite)",
             )
             parser.add_argument(
                 "--domain-type",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import signal
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -77,3 +78,40 @@ def wait_exited(pids: Iterable[int], timeout: float) -> list[int]:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def running(pid_file: Path, marker: str) -> int | None:
+    """The PID in pid_file while that process runs with marker among its arguments (not
+    a recycled PID); None otherwise."""
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return None
+    argv = cmdline(pid)
+    if argv is None or marker not in argv or not alive(pid):
+        return None
+    return pid
+
+
+def stop(pid_file: Path, marker: str, timeout: float) -> int | None:
+    """SIGTERM the process of pid_file (see running), SIGKILL after timeout; remove the pid
+    file; the PID stopped, if any."""
+    pid = running(pid_file, marker)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if wait_exited([pid], timeout):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            wait_exited([pid], 10.0)
+    pid_file.unlink(missing_ok=True)
+    return pid
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (exists and is no zombie)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -117,6 +117,11 @@ class ZoneClient:
         result: list[dict[str, Any]] = self._call("GET", "/v1/hosts")["items"]
         return result
 
+    def zone(self) -> dict[str, Any]:
+        """GET /v1/zone: the replicas, the leader and the store."""
+        result: dict[str, Any] = self._call("GET", "/v1/zone")
+        return result
+
     def wait(
         self,
         name: str,

@@ -330,7 +330,7 @@ class _KeepAliveStream:
 
     def __init__(self, etcd: Etcd) -> None:
         self.etcd = etcd
-        self._queue: asyncio.Queue[int] | None = None
+        self._queue: asyncio.Queue[int | None] | None = None
         self._waiting: dict[int, list[asyncio.Future[int]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._opening = asyncio.Lock()
@@ -372,16 +372,20 @@ class _KeepAliveStream:
             channel = await etcd._connected()
         except _Retry as exc:
             raise StoreUnavailable(f"etcd {etcd.endpoint}: {exc}") from exc
-        queue = self._queue = asyncio.Queue()
+        queue: asyncio.Queue[int | None] = asyncio.Queue()
+        self._queue = queue
 
         async def requests() -> AsyncIterator[Any]:
-            while True:
-                yield rpc.LeaseKeepAliveRequest(ID=await queue.get())
+            # None ends the requests (the stream is done): gRPC's task that reads them then
+            # ends too, instead of being left pending when the process exits.
+            while (lease := await queue.get()) is not None:
+                yield rpc.LeaseKeepAliveRequest(ID=lease)
 
         call = rpc.LeaseStub(channel).LeaseKeepAlive(requests())
-        self._reader = asyncio.create_task(self._read(call, channel), name="etcd-lease-keeper")
+        reader = self._read(call, channel, queue)
+        self._reader = asyncio.create_task(reader, name="etcd-lease-keeper")
 
-    async def _read(self, call: Any, channel: Any) -> None:
+    async def _read(self, call: Any, channel: Any, queue: asyncio.Queue[int | None]) -> None:
         why = "the stream ended"
         try:
             async for response in call:
@@ -396,6 +400,7 @@ class _KeepAliveStream:
             _reraise_if_cancelled()
             why = "the connection was closed"
         finally:
+            queue.put_nowait(None)
             call.cancel()
             failed = StoreUnavailable(f"etcd {self.etcd.endpoint}: lease renewals failed: {why}")
             for futures in self._waiting.values():

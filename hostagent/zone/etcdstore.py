@@ -96,8 +96,9 @@ class EtcdZoneStore:
         self._live = False
         self._follower: asyncio.Task[None] | None = None
         # While this replica leads: the create revision of its leader key. The leader's
-        # writes (deliveries) compare it in their transaction, so a replica that lost the
-        # lead, even one paused past its lease that still believes it leads, cannot write.
+        # writes (`fenced`: deliveries, removals of what agents deleted) compare it in
+        # their transaction, so a replica that lost the lead, even one paused past its lease
+        # that still believes it leads, cannot write.
         self.fence: int | None = None
 
     async def start(self) -> None:
@@ -183,13 +184,37 @@ class EtcdZoneStore:
                 f"{self.etcd.request_timeout_s} s"
             )
 
-    async def _write(self, plan: Callable[[Mirror], _Plan[T]]) -> T:
-        """Decide on the mirror, write, and decide again while another write won."""
+    async def _write(self, plan: Callable[[Mirror], _Plan[T]], *, fenced: bool = False) -> T:
+        """Decide on the mirror, write, and decide again while another write won; fenced:
+        only while this replica leads (see fenced)."""
+        commit = self.fenced if fenced else self._commit
         for _ in range(ATTEMPTS):
             step = plan(self._view())
-            if not step.ops or (await self._commit(step.compares, step.ops)).succeeded:
+            if not step.ops or (await commit(step.compares, step.ops)).succeeded:
                 return step.answer
         raise StoreUnavailable(f"the zone's state kept changing over {ATTEMPTS} attempts")
+
+    async def fenced(self, compares: list[Compare], ops: list[Op]) -> TxnResult:
+        """Commit (as _commit) a write the leader makes: while this replica believes it
+        leads, the transaction also compares the leader key's create revision with its
+        term, so a replica that lost the lead without noticing (paused, partitioned)
+        writes nothing and gets NotLeader. A replica that does not lead writes unfenced
+        (a heartbeat clearing a host's deliveries, an admin's removal: any replica's).
+        Use it (or _write(..., fenced=True)) for every write of the leader's loops."""
+        fence = self.fence
+        if fence is None:
+            return await self._commit(compares, ops)
+        self._view()
+        leader = Compare(self.layout.leader, "create", "==", fence)
+        result = await self.etcd.txn([leader, *compares], ops)
+        # The leader key is written once per term: its mod revision is its create revision.
+        if not result.succeeded and result.current.get(self.layout.leader, 0) != fence:
+            raise NotLeader(
+                f"this zone replica no longer leads (its leader key of revision {fence} is "
+                "gone): the leader's write was refused"
+            )
+        await self._caught_up(result)
+        return result
 
     async def put_host(self, host: str, report: HostReport, at: float) -> bool:
         """A heartbeat renews the host's lease; the report is written (with the alive key,
@@ -346,7 +371,7 @@ class EtcdZoneStore:
                 ops.append(Delete(layout.gateway(cluster, node.host)))
             return _Plan(compares, ops, None)
 
-        await self._write(plan)
+        await self._write(plan, fenced=True)  # the leader's, once an agent removed it
 
     async def remove_cluster(self, name: str) -> None:
         layout = self.layout
@@ -364,7 +389,7 @@ class EtcdZoneStore:
             ]
             return _Plan([_same(mirror, layout.cluster(name))], ops, None)
 
-        await self._write(plan)
+        await self._write(plan, fenced=True)  # the leader's, once no host holds a node
 
     async def replace_node(self, node: NodeRecord) -> None:
         """Write a node's record anew (a re-creation in place); Stale when the node is gone
@@ -380,7 +405,7 @@ class EtcdZoneStore:
             written = replace(written, generation=node.generation)
             return _Plan([_same(mirror, key)], [Put(key, node_value(written))], None)
 
-        await self._leader_write(plan)
+        await self._write(plan, fenced=True)
 
     def events(self, cluster: str) -> list[ClusterEvent]:
         return list(self._view().events.get(cluster, []))
@@ -395,51 +420,14 @@ class EtcdZoneStore:
             value = events_value([*kept, event])
             return _Plan([_same(mirror, key)], [Put(key, value)], None)
 
-        await self._leader_write(plan)
-
-    async def _leader_write(self, plan: Callable[[Mirror], _Plan[T]]) -> T:
-        """_write for the leader's own decisions (rollouts, remediations, their events):
-        while this replica leads, its transaction also compares the leader key's create
-        revision (its fence), so a replica that lost the lead cannot write (NotLeader)."""
-        fence = self.fence
-        if fence is None:
-            return await self._write(plan)
-        leader = Compare(self.layout.leader, "create", "==", fence)
-        for _ in range(ATTEMPTS):
-            step = plan(self._view())
-            if not step.ops:
-                return step.answer
-            result = await self.etcd.txn([leader, *step.compares], step.ops)
-            if result.succeeded:
-                await self._caught_up(result)
-                return step.answer
-            # The leader key is written once per term: its mod revision is its create one.
-            if result.current.get(self.layout.leader) != fence:
-                raise NotLeader(
-                    f"this zone replica no longer leads (its leader key of revision {fence} "
-                    "is gone): the write was refused"
-                )
-            await self._caught_up(result)
-        raise StoreUnavailable(f"the zone's state kept changing over {ATTEMPTS} attempts")
+        await self._write(plan, fenced=True)
 
     async def set_delivery(self, host: str, kind: str, key: str, digest: str | None) -> None:
-        """Record what an agent acknowledged; fenced by the leader key while this replica
-        leads (NotLeader when it no longer does: nothing is written)."""
+        """Record what an agent acknowledged; fenced (NotLeader when this replica no longer
+        leads: nothing is written)."""
         target = self.layout.delivery(host, kind, key)
         op: Op = Delete(target) if digest is None else Put(target, digest.encode())
-        fence = self.fence
-        if fence is None:
-            await self._write(lambda mirror: _Plan([], [op], None))
-            return
-        self._view()
-        leader = self.layout.leader
-        result = await self.etcd.txn([Compare(leader, "create", "==", fence)], [op])
-        if not result.succeeded:
-            raise NotLeader(
-                f"this zone replica no longer leads (its leader key of revision {fence} is "
-                "gone): the delivery's record was refused"
-            )
-        await self._caught_up(result)
+        await self._write(lambda mirror: _Plan([], [op], None), fenced=True)
 
     # --- replicas and the leader ------------------------------------------------------
 

@@ -35,7 +35,7 @@ from hostagent.zone.config import (
     StoreConfig,
     ZoneServerConfig,
 )
-from hostagent.zone.etcd import Delete
+from hostagent.zone.etcd import Delete, Put, absent
 from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.server import Zone
 from hostagent.zoneclient import ZoneClient
@@ -260,6 +260,20 @@ async def test_a_leader_paused_past_its_lease_cannot_record_a_delivery(
         await old.store.set_delivery("h9", "node", "demo/m1", "digest")
     _, kvs = await old.store.etcd.list_prefix(key)
     assert kvs == []  # etcd refused it: nothing written
+    # Every write of the leader's loops goes through the same fence (store.fenced).
+    marker = f"{harness.prefix}fenced-marker"
+    with pytest.raises(NotLeader, match="no longer leads"):
+        await old.store.fenced([absent(marker)], [Put(marker, b"old leader")])
+
+    async def new_fenced() -> bool:
+        return any(z is not old and z.store.fence is not None for z in zones)
+
+    await until(new_fenced, 10)
+    new = next(z for z in zones if z is not old and z.store.fence is not None)
+    assert isinstance(new.store, EtcdZoneStore)
+    assert (await new.store.fenced([absent(marker)], [Put(marker, b"new")])).succeeded
+    _, kvs = await old.store.etcd.list_prefix(marker)
+    assert [kv.value for kv in kvs] == [b"new"]
     old.store.fence = None  # for the fixture's stop: it is no leader any more
 
 

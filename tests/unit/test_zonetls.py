@@ -21,6 +21,7 @@ from cryptography import x509
 from hostagent.config import Config, ZoneConfig
 from hostagent.zonetls import ZoneIdentity
 from pki import controlca
+from tests.fakezone import free_port
 
 TOKEN = "host.h1.1.mac"
 
@@ -169,3 +170,29 @@ async def test_a_refused_certificate_is_replaced_with_the_token(
         task.cancel()
     bearers = [bearer for bearer, _ in stand_in.calls[:3]]
     assert bearers == [f"Bearer {TOKEN}", None, f"Bearer {TOKEN}"]
+
+
+async def test_the_bootstrap_moves_on_from_a_dead_and_a_503_replica(
+    tmp_path: Path, zone: tuple[StandIn, str]
+) -> None:
+    """Zone replicas: the first URL refuses connections, the second answers 503 (its store
+    is out of reach); the bootstrap goes on to the third in the same attempt."""
+    stand_in, url = zone
+    busy = StandIn(failures=[503] * 10)
+    app = web.Application()
+    app.router.add_post("/v1/hosts/{host}/certificate", busy.handle)
+    dead = f"http://127.0.0.1:{free_port()}"
+    token_file = tmp_path / "zone-token"
+    token_file.write_text(TOKEN + "\n")
+    async with TestServer(app) as server:
+        urls = [dead, str(server.make_url("")).rstrip("/"), url]
+        zone_config = ZoneConfig.model_validate({"url": urls, "token_file": token_file})
+        config = Config(host_id="h1", state_dir=tmp_path, zone=zone_config)
+        agent = ZoneIdentity(config, retry_initial_s=5.0, retry_max_s=5.0)
+        task = asyncio.create_task(agent.run())
+        try:
+            await asyncio.wait_for(agent.ready.wait(), 4)  # before any retry's backoff
+        finally:
+            task.cancel()
+    assert len(busy.calls) == 1 and len(stand_in.calls) == 1
+    assert agent.url == url and agent.problem is None
