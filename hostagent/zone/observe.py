@@ -8,6 +8,8 @@ sees what the old one saw (rollout.plan and remediation.decide remember nothing)
 - Unhealthy: its agent says so (ReportedHealth), or its host stopped reporting (since the
   host's last heartbeat). Never earlier than its current incarnation was created, so a
   replacement is not blamed for what its predecessor did.
+- Applying: its host reports it at another spec than the zone sent (it has not taken the
+  new one yet): what it reports is its old incarnation's.
 - etcd: what a master's guest last said of its own etcd member (ReportedHealth.etcd),
   counted only when checked after its current incarnation was created.
 """
@@ -37,6 +39,7 @@ class Observed:
     unhealthy_since: float | None
     reason: str
     etcd: bool | None = None
+    applying: bool = False
 
 
 def epoch(stamp: str) -> float:
@@ -69,7 +72,8 @@ def observe(
         failed = up and current and reported is not None and reported.phase == Phase.FAILED.value
         since, reason = _unhealthy(node, host, reported, up, current)
         etcd = _etcd(node, reported) if current else None
-        found.append(Observed(node, ready, failed, since, reason, etcd))
+        applying = reported is not None and digest is not None and not current
+        found.append(Observed(node, ready, failed, since, reason, etcd, applying))
     return found
 
 
@@ -119,6 +123,14 @@ def rolling(cluster: ClusterRecord, nodes: Iterable[NodeRecord]) -> bool:
     """Whether a live node runs another shape than the spec wants: a rollout is on."""
     wanted = target(cluster)
     return any(node_shape(cluster, n) != wanted.shape(n.role) for n in nodes if not n.deleting)
+
+
+def rollout_on(cluster: ClusterRecord, observed: Sequence[Observed]) -> bool:
+    """Whether a rollout is on: a live node runs another shape than the spec wants, or its
+    host has not taken the spec the zone last sent it (the last node re-created: until
+    its agent has the new spec, the Ready it reports is its old incarnation's)."""
+    live = [o for o in observed if not o.node.deleting]
+    return rolling(cluster, (o.node for o in live)) or any(o.applying for o in live)
 
 
 def etcd_healthy(cluster: ClusterRecord, observed: Iterable[Observed]) -> bool:

@@ -182,6 +182,26 @@ async def test_an_upgrade_rolls_masters_one_at_a_time_then_workers_with_surge(
     assert "3/6 nodes at 1.31.2" in progress  # the masters first
 
 
+async def test_the_last_master_counts_until_its_agent_has_taken_the_new_spec(
+    zone: Zone,
+) -> None:
+    await created(zone, spec(workers=0))
+    # m3's agent keeps reporting its old incarnation, Ready, at the spec it had.
+    zone.held["m3"] = zone.service.work(zone.nodes()["m3"]["host"]).nodes["demo/m3"].spec_hash()
+    await zone.service.put_cluster("demo", spec("1.31.2", workers=0))
+    for _ in range(6):
+        await zone.reports()
+        await zone.roller.step("demo")
+    assert {v["kubernetes_version"] for v in zone.nodes().values()} == {"1.31.2"}  # all sent
+    status = zone.service.cluster("demo")["status"]
+    assert (status["phase"], status["rollout"]["state"]) == ("Upgrading", "Rolling")
+    assert status["message"] == "2/3 nodes at 1.31.2; waiting for master m3 to become Ready"
+    del zone.held["m3"]
+    await zone.reports()
+    status = zone.service.cluster("demo")["status"]
+    assert (status["phase"], status["rollout"]) == ("Ready", None)
+
+
 async def test_with_etcd_as_a_unit_the_next_master_waits_for_every_member_reported_healthy(
     zone: Zone,
 ) -> None:
