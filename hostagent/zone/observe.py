@@ -8,8 +8,8 @@ sees what the old one saw (rollout.plan and remediation.decide remember nothing)
 - Unhealthy: its agent says so (ReportedHealth), or its host stopped reporting (since the
   host's last heartbeat). Never earlier than its current incarnation was created, so a
   replacement is not blamed for what its predecessor did.
-- Applying: its host reports it at another spec than the zone sent (it has not taken the
-  new one yet): what it reports is its old incarnation's.
+- Applying: its host reports it at another spec (spec_hash) than the zone sent (it has
+  not taken the new one yet): what it reports is its old incarnation's.
 - etcd: what a master's guest last said of its own etcd member (ReportedHealth.etcd),
   counted only when checked after its current incarnation was created.
 """
@@ -72,8 +72,9 @@ def observe(
         failed = up and current and reported is not None and reported.phase == Phase.FAILED.value
         since, reason = _unhealthy(node, host, reported, up, current)
         etcd = _etcd(node, reported) if current else None
-        applying = reported is not None and digest is not None and not current
-        found.append(Observed(node, ready, failed, since, reason, etcd, applying))
+        # An agent that reports no spec_hash says nothing about which spec it runs.
+        known = reported is not None and bool(reported.spec_hash) and digest is not None
+        found.append(Observed(node, ready, failed, since, reason, etcd, known and not current))
     return found
 
 
