@@ -148,7 +148,10 @@ def _node_files(files: WriteFiles, ctx: NodeContext, derived: Derived, body: Bod
     reload = body("units/hostagent-cert-reload.service.j2")
     files.unit("hostagent-cert-reload.service", reload, enable=False)
     files.unit("hostagent-cert-reload.timer", body("units/hostagent-cert-reload.timer.j2"))
-    health = body("units/hostagent-health.sh.j2", phone_home_env=PHONE_HOME_ENV)
+    etcd_unit = ctx.role == "master" and ctx.etcd_mode == "systemd"
+    health = body(
+        "units/hostagent-health.sh.j2", phone_home_env=PHONE_HOME_ENV, etcd_unit=etcd_unit
+    )
     files.file("/usr/local/sbin/hostagent-health", health, "0755")
     files.unit("hostagent-health.service", body("units/hostagent-health.service.j2"), enable=False)
     files.unit("hostagent-health.timer", body("units/hostagent-health.timer.j2"))

@@ -288,9 +288,20 @@ class NodeKey(_Strict):
         return f"{self.cluster}/{self.name}"
 
 
+class EtcdHealth(BaseModel):
+    """What a master running etcd as a unit last said of its own member: healthy when the
+    member answered /health true; checked_at when the agent got the report (UTC)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    healthy: bool
+    checked_at: str
+
+
 class NodeHealth(BaseModel):
     """Whether the node works once created (docs/operations.md, "Node health"): reason is
-    one of the nodehealth.Reason values, since when it was first seen (UTC, ISO 8601)."""
+    one of the nodehealth.Reason values, since when it was first seen (UTC, ISO 8601);
+    etcd: its etcd member's last report (None: the guest reports none)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -298,6 +309,7 @@ class NodeHealth(BaseModel):
     reason: str = ""
     message: str = ""
     since: str | None = None
+    etcd: EtcdHealth | None = None
 
 
 class NodeStatus(BaseModel):

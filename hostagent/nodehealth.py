@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hostagent.config import HealthConfig
-from hostagent.model import NodeHealth, NodeKey, Phase
+from hostagent.model import EtcdHealth, NodeHealth, NodeKey, Phase
 
 HEALTHY = NodeHealth()
 
@@ -93,28 +93,47 @@ def silence(
     return now - max(watched_from, last_start or watched_from, report or watched_from)
 
 
+def etcd_report(report: Mapping[str, Any]) -> bool | None:
+    """Whether the guest's health report says its etcd member is healthy (None: the
+    report has no "etcd"). ValueError when "etcd" is not {"healthy": true|false}."""
+    etcd = report.get("etcd")
+    if etcd is None:
+        return None
+    if not isinstance(etcd, dict) or not isinstance(etcd.get("healthy"), bool):
+        raise ValueError('"etcd" must be {"healthy": true} or {"healthy": false}')
+    healthy: bool = etcd["healthy"]
+    return healthy
+
+
 class HealthBook:
     """When each guest last reported (monotonic seconds), the last verdict of each node and
-    since when it holds (a wall-clock string). Kept in memory: after a restart the agent
-    gives every guest a full report_timeout_s again. clock: the monotonic seconds of the
-    reports, the same as the reconciler's start history."""
+    since when it holds (a wall-clock string), and what a master last said of its etcd
+    member. Kept in memory: after a restart the agent gives every guest a full
+    report_timeout_s again, and knows no etcd health until the next report. clock: the
+    monotonic seconds of the reports, the same as the reconciler's start history."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._health: dict[NodeKey, NodeHealth] = {}
         self._reports: dict[NodeKey, float] = {}
+        self._etcd: dict[NodeKey, EtcdHealth] = {}
 
-    def reported(self, key: NodeKey) -> None:
+    def reported(self, key: NodeKey, etcd_healthy: bool | None = None, now: str = "") -> None:
+        """A report from the guest; with etcd_healthy, its etcd member's health as of now."""
         self._reports[key] = self.clock()
+        if etcd_healthy is not None:
+            self._etcd[key] = EtcdHealth(healthy=etcd_healthy, checked_at=now)
 
     def last_report(self, key: NodeKey) -> float | None:
         return self._reports.get(key)
 
     def get(self, key: NodeKey) -> NodeHealth:
-        return self._health.get(key, HEALTHY)
+        health = self._health.get(key, HEALTHY)
+        etcd = self._etcd.get(key)
+        return health if etcd is None else health.model_copy(update={"etcd": etcd})
 
     def record(self, key: NodeKey, verdict: Verdict | None, now: str) -> NodeHealth:
-        before = self.get(key)
+        before = self._health.get(key, HEALTHY)
         if verdict is None:
             health = HEALTHY
         elif before.reason == verdict.reason.value:
@@ -131,6 +150,7 @@ class HealthBook:
         wanted = set(keys)
         self._health = {k: v for k, v in self._health.items() if k in wanted}
         self._reports = {k: v for k, v in self._reports.items() if k in wanted}
+        self._etcd = {k: v for k, v in self._etcd.items() if k in wanted}
 
     def unhealthy(self) -> dict[tuple[str, str], str]:
         """(cluster, node) -> reason of each unhealthy node (the metric's labels)."""

@@ -32,8 +32,9 @@ from hostagent.errors import (
 from hostagent.images import ImageCatalog
 from hostagent.imagesource import ImagePhase
 from hostagent.model import Node, NodeEventBody, NodeHealth, NodeKey, NodeSpec, NodeStatus, Phase
-from hostagent.nodehealth import HealthBook
+from hostagent.nodehealth import HealthBook, etcd_report
 from hostagent.store import NodeRecord, Store
+from hostagent.store import now as store_now
 from pki import layout
 from pki.files import read_expiries
 
@@ -129,10 +130,15 @@ class NodeService:
         return self.get(key)
 
     def guest_health(self, key: NodeKey, token: str | None, body: bytes) -> NodeHealth:
-        """The guest's periodic report (its health timer): it is alive. The body is
-        checked like a phone-home's and not kept."""
-        self._guest_report(key, token, body)
-        self.health.reported(key)
+        """The guest's periodic report (its health timer): it is alive, and a master running
+        etcd as a unit says whether its member is healthy (kept as health.etcd). The body
+        is checked like a phone-home's; the rest of it is not kept."""
+        report = self._guest_report(key, token, body)
+        try:
+            etcd_healthy = etcd_report(report)
+        except ValueError as exc:
+            raise MalformedRequest(f"the guest's health report: {exc}") from exc
+        self.health.reported(key, etcd_healthy, store_now())
         return self.health.get(key)
 
     def _guest_report(self, key: NodeKey, token: str | None, body: bytes) -> dict[str, Any]:

@@ -109,8 +109,9 @@ heartbeat_timeout_s = {settings.heartbeat_s * 4}
 ca_file = "{settings.root / "ca" / "ca.crt"}"
 retry_initial_s = 0.5
 retry_max_s = 5.0
-{settings.zone_extra_toml}"""
+"""
         + _replica_toml(zone, replica)
+        + settings.zone_extra_toml
     )
     return replica.config
 

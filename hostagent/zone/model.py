@@ -144,13 +144,23 @@ class Overhead(_Lenient):
     per_gib_mib: Annotated[int, Field(strict=True, ge=0)] = 16
 
 
+class ReportedEtcd(_Lenient):
+    """A master's own etcd member as its guest last reported it to the agent."""
+
+    healthy: Annotated[bool, Field(strict=True)]
+    checked_at: str
+
+
 class ReportedHealth(_Lenient):
-    """The agent's verdict on a node once created (docs/operations.md, "Node health")."""
+    """The agent's verdict on a node once created (docs/operations.md, "Node health");
+    etcd: its etcd member's last report (masters running etcd as a unit; older agents and
+    other nodes send none)."""
 
     healthy: Annotated[bool, Field(strict=True)] = True
     reason: str = ""
     message: str = ""
     since: str | None = None
+    etcd: ReportedEtcd | None = None
 
 
 class ReportedNode(_Lenient):

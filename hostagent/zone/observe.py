@@ -8,6 +8,10 @@ sees what the old one saw (rollout.plan and remediation.decide remember nothing)
 - Unhealthy: its agent says so (ReportedHealth), or its host stopped reporting (since the
   host's last heartbeat). Never earlier than its current incarnation was created, so a
   replacement is not blamed for what its predecessor did.
+- Applying: its host reports it at another spec (spec_hash) than the zone sent (it has
+  not taken the new one yet): what it reports is its old incarnation's.
+- etcd: what a master's guest last said of its own etcd member (ReportedHealth.etcd),
+  counted only when checked after its current incarnation was created.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from hostagent.model import Phase, Role
+from hostagent.model import EtcdMode, Phase, Role
 from hostagent.zone.desired import node_shape, node_spec
 from hostagent.zone.model import HostState, ReportedNode
 from hostagent.zone.remediation import NodeHealth, Remediated
@@ -34,6 +38,8 @@ class Observed:
     failed: bool
     unhealthy_since: float | None
     reason: str
+    etcd: bool | None = None
+    applying: bool = False
 
 
 def epoch(stamp: str) -> float:
@@ -65,8 +71,20 @@ def observe(
         ready = up and current and reported is not None and reported.phase == Phase.READY.value
         failed = up and current and reported is not None and reported.phase == Phase.FAILED.value
         since, reason = _unhealthy(node, host, reported, up, current)
-        found.append(Observed(node, ready, failed, since, reason))
+        etcd = _etcd(node, reported) if current else None
+        # An agent that reports no spec_hash says nothing about which spec it runs.
+        known = reported is not None and bool(reported.spec_hash) and digest is not None
+        found.append(Observed(node, ready, failed, since, reason, etcd, known and not current))
     return found
+
+
+def _etcd(node: NodeRecord, reported: ReportedNode | None) -> bool | None:
+    """The master's etcd member healthy or not, None without a report since this
+    incarnation was created (one from before its re-creation says nothing of it)."""
+    etcd = reported.health.etcd if reported is not None else None
+    if node.deleting or etcd is None or epoch(etcd.checked_at) < epoch(node.created_at):
+        return None
+    return etcd.healthy
 
 
 def _reported(node: NodeRecord, host: HostRecord | None) -> ReportedNode | None:
@@ -108,11 +126,26 @@ def rolling(cluster: ClusterRecord, nodes: Iterable[NodeRecord]) -> bool:
     return any(node_shape(cluster, n) != wanted.shape(n.role) for n in nodes if not n.deleting)
 
 
-def etcd_healthy(observed: Iterable[Observed]) -> bool:
-    """Whether the cluster's etcd is healthy, the rollout's gate between two masters.
-    Today: every master Ready and healthy (the guests' etcd is not asked yet)."""
+def rollout_on(cluster: ClusterRecord, observed: Sequence[Observed]) -> bool:
+    """Whether a rollout is on: a live node runs another shape than the spec wants, or its
+    host has not taken the spec the zone last sent it (the last node re-created: until
+    its agent has the new spec, the Ready it reports is its old incarnation's)."""
+    live = [o for o in observed if not o.node.deleting]
+    return rolling(cluster, (o.node for o in live)) or any(o.applying for o in live)
+
+
+def etcd_healthy(cluster: ClusterRecord, observed: Iterable[Observed]) -> bool:
+    """Whether the cluster's etcd is healthy, the rollout's gate between two masters: every
+    master Ready and healthy, and its etcd member healthy by its guest's latest report.
+    With etcd as a unit (etcd_mode systemd) every master must have reported its member
+    healthy since it was (re-)created; a static-pod master without an etcd report counts
+    by its readiness alone."""
+    unit = cluster.spec.etcd_mode is EtcdMode.SYSTEMD
     masters = [o for o in observed if o.node.role is Role.MASTER and not o.node.deleting]
-    return all(o.ready and o.unhealthy_since is None for o in masters)
+    return all(
+        o.ready and o.unhealthy_since is None and (o.etcd or (o.etcd is None and not unit))
+        for o in masters
+    )
 
 
 def rollout_plan(cluster: ClusterRecord, observed: Sequence[Observed], now: float) -> Plan:
@@ -128,7 +161,7 @@ def rollout_plan(cluster: ClusterRecord, observed: Sequence[Observed], now: floa
         )
         for o in observed
     ]
-    return plan(target(cluster), nodes, etcd_healthy(observed), now)
+    return plan(target(cluster), nodes, etcd_healthy(cluster, observed), now)
 
 
 def health(observed: Iterable[Observed]) -> list[NodeHealth]:

@@ -111,7 +111,7 @@ class Roller:
         observed = service.observed(record)
         nodes = [o.node for o in observed]
         step_running = False
-        if observe.rolling(record, nodes):
+        if observe.rollout_on(record, observed):
             plan = observe.rollout_plan(record, observed, service.clock())
             if plan.stopped:
                 await self._stopped(record, plan)

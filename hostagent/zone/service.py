@@ -526,8 +526,9 @@ class ZoneService:
         nodes = self.store.nodes(record.name)
         hosts = {h: r for h in {n.host for n in nodes} if (r := self.store.host(h)) is not None}
         rollout = None
-        if not record.deleting and observe.rolling(record, nodes):
-            rollout = observe.rollout_plan(record, self.observed(record), self.clock())
+        observed = [] if record.deleting else self.observed(record)
+        if observed and observe.rollout_on(record, observed):
+            rollout = observe.rollout_plan(record, observed, self.clock())
         return cluster_view(
             record,
             nodes,

@@ -397,10 +397,35 @@ async def test_the_guest_reports_its_health_with_the_node_token(
     await error_of(await client.post(path, data=b"[1]", headers=node_auth), 400, "malformed")
     response = await client.post(path, json={"kubelet": "active"}, headers=node_auth)
     assert response.status == 200
-    assert await response.json() == {"healthy": True, "reason": "", "message": "", "since": None}
+    healthy = {"healthy": True, "reason": "", "message": "", "since": None, "etcd": None}
+    assert await response.json() == healthy
     assert service.health.last_report(key) is not None
     phase = store.get(key)
     assert phase is not None and phase.phase is record.phase  # a report is not a phone-home
+
+
+async def test_a_master_reports_its_etcd_member_and_the_agent_keeps_the_last(
+    client: TestClient[Any, Any], store: Store, service: NodeService
+) -> None:
+    await put(client)
+    key = NodeKey(cluster="alpha", name="m1")
+    record = store.get(key)
+    assert record is not None
+    path = "/v1/phone-home/alpha/m1/health"
+    node_auth = {"Authorization": f"Bearer {record.token}"}
+    for bad in ({"etcd": True}, {"etcd": {"healthy": "yes"}}, {"etcd": {}}):
+        await error_of(await client.post(path, json=bad, headers=node_auth), 400, "malformed")
+    assert service.health.get(key).etcd is None
+    sick = await client.post(path, json={"etcd": {"healthy": False}}, headers=node_auth)
+    first = (await sick.json())["etcd"]
+    assert first["healthy"] is False
+    await client.post(path, json={"etcd": {"healthy": True}}, headers=node_auth)
+    await client.post(path, json={"kubelet": "active"}, headers=node_auth)  # says nothing
+    node = await (await client.get(NODE, headers=AUTH)).json()
+    etcd = node["status"]["health"]["etcd"]
+    assert etcd["healthy"] is True
+    assert etcd["checked_at"] >= first["checked_at"]
+    assert node["status"]["health"]["healthy"] is True
 
 
 async def test_get_and_list_show_the_nodes_health(
@@ -415,6 +440,7 @@ async def test_get_and_list_show_the_nodes_health(
         "reason": "vm-not-running",
         "message": "the VM is not running",
         "since": "2026-12-07T05:00:00Z",
+        "etcd": None,
     }
     node = await (await client.get(NODE, headers=AUTH)).json()
     assert node["status"]["health"] == sick

@@ -17,11 +17,12 @@ from hostagent.errors import LibvirtUnavailable
 from hostagent.images import ImageCatalog
 from hostagent.loops import HealthMonitor
 from hostagent.metrics import Metrics
-from hostagent.model import NodeHealth, NodeKey, Phase
+from hostagent.model import EtcdHealth, NodeHealth, NodeKey, Phase
 from hostagent.nodehealth import (
     HealthBook,
     Observation,
     Reason,
+    etcd_report,
     judge,
     reports_health,
     silence,
@@ -99,6 +100,31 @@ def test_since_holds_while_the_reason_does() -> None:
     assert book.unhealthy() == {("alpha", "w1"): "crash-loop"}
     assert book.record(key, None, "t4") == NodeHealth()
     assert book.unhealthy() == {}
+
+
+def test_a_masters_etcd_report_is_kept_beside_the_verdict_until_the_node_goes() -> None:
+    assert etcd_report({"kubelet": "active"}) is None
+    assert etcd_report({"etcd": {"healthy": False}}) is False
+    for bad in ({"etcd": True}, {"etcd": {"healthy": "true"}}, {"etcd": []}):
+        with pytest.raises(ValueError, match="etcd"):
+            etcd_report(bad)
+    book = HealthBook()
+    key = NodeKey(cluster="alpha", name="m1")
+    book.reported(key, True, "t1")
+    book.reported(key)  # a report without etcd leaves the last word on it
+    assert book.get(key).etcd == EtcdHealth(healthy=True, checked_at="t1")
+    down = judge(replace(FINE, running=False), CONFIG, WINDOW_S)
+    assert book.record(key, down, "t2").etcd is None  # the verdict alone
+    sick = book.get(key)
+    assert (sick.healthy, sick.since, sick.etcd) == (
+        False,
+        "t2",
+        EtcdHealth(healthy=True, checked_at="t1"),
+    )
+    book.reported(key, False, "t3")
+    assert book.get(key).etcd == EtcdHealth(healthy=False, checked_at="t3")
+    book.keep_only([])
+    assert book.get(key) == NodeHealth()
 
 
 # --- on the reconciler ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -359,6 +360,72 @@ def test_every_node_keeps_reporting_its_health(minor: str, role: str) -> None:
     assert "hostagent-health.service" not in enabled  # the timer starts it
     lines = [line.strip() for line in render_user_data(ctx).splitlines()]
     assert "PHONE_HOME_HEALTH_INTERVAL_S=45" in lines  # what a lab guest greps
+
+
+# The guest's commands, stubbed: curl answers etcd's /health with $ETCD_HEALTH (fails
+# when empty) and keeps what it would post to the agent in $POSTED.
+FAKE_CURL = """#!/bin/sh
+for arg in "$@"; do
+  case "$arg" in
+    */health) [ "$arg" = https://127.0.0.1:2379/health ] || url=$arg ;;
+  esac
+done
+case "$*" in
+  *127.0.0.1:2379/health*) [ -n "$ETCD_HEALTH" ] && echo "$ETCD_HEALTH" && exit 0; exit 7 ;;
+esac
+while [ $# -gt 0 ]; do
+  [ "$1" = --data-binary ] && printf '%s' "$2" > "$POSTED"
+  shift
+done
+echo "$url" >> "$POSTED.url"
+"""
+
+
+def run_health_script(tmp_path: Path, script: str, etcd_health: str) -> dict[str, Any]:
+    """The rendered health script run with stub commands: the JSON it posts."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in (("curl", FAKE_CURL), ("systemctl", "#!/bin/sh\necho active\n")):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    env_file = tmp_path / "phone-home.env"
+    env_file.write_text(
+        "PHONE_HOME_URL=http://10.42.0.1:8471/v1/phone-home/alpha/m1\nPHONE_HOME_TOKEN=secret\n"
+    )
+    runnable = tmp_path / "hostagent-health"
+    runnable.write_text(script.replace(". /etc/hostagent/phone-home.env", f". {env_file}"))
+    posted = tmp_path / "posted.json"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "ETCD_HEALTH": etcd_health, "POSTED": str(posted)}
+    subprocess.run(["sh", str(runnable)], env=env, check=True, timeout=30)
+    assert (tmp_path / "posted.json.url").read_text().split() == [
+        "http://10.42.0.1:8471/v1/phone-home/alpha/m1/health"
+    ]
+    (tmp_path / "posted.json.url").unlink()
+    report: dict[str, Any] = json.loads(posted.read_text())
+    return report
+
+
+@pytest.mark.parametrize("minor", supported_minors())
+def test_a_master_with_etcd_as_a_unit_reports_its_members_health(
+    tmp_path: Path, minor: str
+) -> None:
+    ctx = context("master", kubernetes_version=f"{minor}.4", etcd_mode="systemd")
+    script = files_by_path(user_data(ctx))["/usr/local/sbin/hostagent-health"]["content"]
+    etcd = layout.ETCD_HEALTHCHECK_CLIENT
+    assert f"--cacert {layout.ETCD_CA.cert} --cert {etcd.cert} \\\n    --key {etcd.key}" in script
+    answers = {
+        '{"health":"true","reason":""}': True,  # etcd 3.5
+        '{"health": "true"}': True,  # etcd 3.4
+        '{"health":"false","reason":"RAFT NO LEADER"}': False,
+        "": False,  # not answering
+    }
+    for answer, healthy in answers.items():
+        report = run_health_script(tmp_path, script, answer)
+        assert report == {"kubelet": "active", "etcd": {"healthy": healthy}}, answer
+    for other in (context("master"), context("worker")):  # etcd in a pod, or none
+        plain = files_by_path(user_data(other))["/usr/local/sbin/hostagent-health"]["content"]
+        assert "2379" not in plain
+        assert run_health_script(tmp_path, plain, '{"health":"true"}') == {"kubelet": "active"}
 
 
 @pytest.mark.parametrize("interval", [0, 4, 3601])

@@ -64,6 +64,7 @@ class Zone:
         self.not_ready: set[str] = set()
         self.unhealthy: dict[str, float] = {}  # node -> since
         self.held: dict[str, str] = {}  # node -> the spec hash its agent still reports
+        self.etcd: dict[str, dict[str, Any]] = {}  # node -> its etcd member's last report
         self.full = False  # every host reports all its memory allocated
 
     async def reports(self, hosts: Iterable[int] = (1, 2, 3, 4)) -> None:
@@ -77,6 +78,8 @@ class Zone:
                 if name in self.unhealthy:
                     since = iso(self.unhealthy[name])
                     health = {"healthy": False, "reason": "crash-loop", "since": since}
+                if name in self.etcd:
+                    health["etcd"] = self.etcd[name]
                 phase = "Running" if name in self.not_ready else "Ready"
                 nodes.append(
                     {
@@ -183,6 +186,70 @@ async def test_an_upgrade_rolls_masters_one_at_a_time_then_workers_with_surge(
     assert zone.service.cluster("demo")["status"]["phase"] == "Ready"
     progress = [v["status"]["rollout"]["progress"] for v in seen if v["status"]["rollout"]]
     assert "3/6 nodes at 1.31.2" in progress  # the masters first
+
+
+async def test_the_last_master_counts_until_its_agent_has_taken_the_new_spec(
+    zone: Zone,
+) -> None:
+    await created(zone, spec(workers=0))
+    # m3's agent keeps reporting its old incarnation, Ready, at the spec it had.
+    zone.held["m3"] = zone.service.work(zone.nodes()["m3"]["host"]).nodes["demo/m3"].spec_hash()
+    await zone.service.put_cluster("demo", spec("1.31.2", workers=0))
+    for _ in range(6):
+        await zone.reports()
+        await zone.roller.step("demo")
+    assert {v["kubernetes_version"] for v in zone.nodes().values()} == {"1.31.2"}  # all sent
+    status = zone.service.cluster("demo")["status"]
+    assert (status["phase"], status["rollout"]["state"]) == ("Upgrading", "Rolling")
+    assert status["message"] == "2/3 nodes at 1.31.2; waiting for master m3 to become Ready"
+    del zone.held["m3"]
+    await zone.reports()
+    status = zone.service.cluster("demo")["status"]
+    assert (status["phase"], status["rollout"]) == ("Ready", None)
+
+
+async def test_with_etcd_as_a_unit_the_next_master_waits_for_every_member_reported_healthy(
+    zone: Zone,
+) -> None:
+    def etcd(healthy: bool) -> dict[str, Any]:
+        return {"healthy": healthy, "checked_at": iso(time.time())}  # the agent's wall clock
+
+    await created(zone, spec(workers=0, etcd_mode="systemd"))
+    zone.etcd = {name: etcd(True) for name in ("m1", "m2", "m3")}
+    await zone.reports()
+    await zone.service.put_cluster("demo", spec("1.31.2", workers=0, etcd_mode="systemd"))
+    await zone.roller.step("demo")  # m1 re-created at 1.31.2 and Ready again ...
+    assert zone.nodes()["m1"]["kubernetes_version"] == "1.31.2"
+    # ... but its member's last report is from before: not a word on the new one.
+    for report in (None, etcd(False)):
+        if report is not None:
+            zone.etcd["m1"] = report
+        for _ in range(3):
+            await zone.reports()
+            await zone.roller.step("demo")
+        assert zone.nodes()["m2"]["kubernetes_version"] == "1.30.5"
+        assert "waiting for etcd to be healthy" in zone.service.cluster("demo")["status"]["message"]
+    zone.etcd["m1"] = etcd(True)
+    await zone.reports()
+    await zone.roller.step("demo")
+    assert zone.nodes()["m2"]["kubernetes_version"] == "1.31.2"
+
+
+async def test_a_master_without_an_etcd_report_counts_by_readiness_with_etcd_in_a_pod(
+    zone: Zone,
+) -> None:
+    await created(zone, spec(workers=0))
+    # m1 and m2 have no etcd report: their readiness counts; m3's member says it is sick.
+    zone.etcd = {"m3": {"healthy": False, "checked_at": iso(time.time() + 60)}}
+    await zone.service.put_cluster("demo", spec("1.31.2", workers=0))
+    for _ in range(3):
+        await zone.reports()
+        await zone.roller.step("demo")
+    assert {v["kubernetes_version"] for v in zone.nodes().values()} == {"1.30.5"}
+    assert "waiting for etcd to be healthy" in zone.service.cluster("demo")["status"]["message"]
+    del zone.etcd["m3"]
+    await zone.settle()
+    assert {v["kubernetes_version"] for v in zone.nodes().values()} == {"1.31.2"}
 
 
 async def test_a_skipped_or_lowered_minor_is_refused_with_the_reason(zone: Zone) -> None:

@@ -143,6 +143,7 @@ async def test_the_report_is_the_body_of_docs_zone_md(
                     "reason": "vm-not-running",
                     "message": "gone",
                     "since": "2026-12-07T05:00:00Z",
+                    "etcd": None,
                 },
             }
         ],
