@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from hostagent.errors import StoreFull
 from hostagent.imagesource import ImagePhase, ImageSource
 from hostagent.model import NodeKey, NodeSpec, Phase
 from hostagent.sqlite import Connection, Database, Row
 from network.model import Peer
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -167,13 +171,23 @@ class Store:
         began before the DELETE (and says Running at its end) does not hide it. event: a
         node event of this kind with the message, in the same write (when it changed)."""
 
-        def work(db: Connection) -> bool:
+        def work(db: Connection, with_event: bool = True) -> bool:
             changed = _set_phase(db, key, phase, message, domain_id)
-            if changed and event is not None:
+            if changed and event is not None and with_event:
                 _event(db, key, event, message, now())
             return changed
 
-        return await self._db.write(work)
+        try:
+            return await self._db.write(work)
+        except StoreFull:
+            if event is None:
+                raise
+        # The phase matters more than its event: on a disk too full for both (a Failed
+        # that names the full disk), record the phase alone.
+        log.warning(
+            "%s: the disk is too full for the %r event; recording the phase only", key, event
+        )
+        return await self._db.write(lambda db: work(db, with_event=False))
 
     async def set_ready(self, key: NodeKey, guest: dict[str, Any]) -> None:
         def work(db: Connection) -> None:

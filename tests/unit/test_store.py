@@ -177,6 +177,25 @@ async def test_set_phase_without_change_returns_false_and_writes_nothing(store: 
     assert store.transitions(KEY) == transitions
 
 
+async def test_set_phase_on_a_disk_too_full_for_its_event_records_the_phase_alone(
+    store: Store, mocker: MockerFixture
+) -> None:
+    await store.create(KEY, SPEC, "tok")
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL  # what sqlite3 sets on a full disk
+    real_event = store_module._event
+
+    def event(db: Any, key: NodeKey, kind: str, message: str, stamp: str) -> None:
+        if kind == "failed":
+            raise full
+        real_event(db, key, kind, message, stamp)
+
+    mocker.patch.object(store_module, "_event", side_effect=event)
+    assert await store.set_phase(KEY, Phase.FAILED, "disk full", event="failed") is True
+    assert (record(store).phase, record(store).message) == (Phase.FAILED, "disk full")
+    assert [e.kind for e in store.events(KEY)] == ["created"]
+
+
 async def test_set_phase_message_change_is_a_change(store: Store) -> None:
     await store.create(KEY, SPEC, "tok")
     await store.set_phase(KEY, Phase.PENDING, "attempt 1 failed")
