@@ -124,9 +124,14 @@ def zone_config(state_dir: Path, port: int, interval: float, store: str) -> str:
     )
 
 
-def serve(path: Path, log: Path) -> subprocess.Popen[bytes]:
+def serve(path: Path, log: Path, profile: Path | None) -> subprocess.Popen[bytes]:
+    """A zone process; with profile, under bench.zone_profiled (profile and loop lag to
+    profile/<name>.prof and .lag.json)."""
+    command = ["-m", "hostagent", "zone", "serve", "--zone-config", str(path)]
+    if profile is not None:
+        command = ["-m", "bench.zone_profiled", str(profile / path.stem), *command[2:]]
     return subprocess.Popen(
-        [sys.executable, "-m", "hostagent", "zone", "serve", "--zone-config", str(path)],
+        [sys.executable, *command],
         cwd=ROOT,
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
@@ -224,7 +229,9 @@ async def poll_states(
     return ready
 
 
-async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict[str, Any]:
+async def run(
+    backend: str, hosts: int, seconds: float, interval: float, profile: Path | None
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"zone-load-{backend}-"))
     state = work / "state"
     state.mkdir(mode=0o700)
@@ -249,7 +256,7 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
             extra = f'[replica]\nid = "{name}"\n' if backend == "etcd" else ""
             path = work / f"{name}.toml"
             path.write_text(zone_config(state, port, interval, store + extra))
-            zones.append(serve(path, work / f"{name}.log"))
+            zones.append(serve(path, work / f"{name}.log", profile))
             urls.append(f"http://127.0.0.1:{port}")
         # A connection per simulated host, as every agent has its own, in small pools:
         # httpx's pool assigns requests in time linear in its connections, so one pool of
@@ -357,6 +364,9 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
                 zone.wait()
         for member in members:
             member.__exit__()
+        if profile is not None:
+            for log in work.glob("*.log"):
+                log.replace(profile / log.name)
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
@@ -459,9 +469,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=45.0)
     parser.add_argument("--interval", type=float, default=5.0)
     parser.add_argument("--backends", default="sqlite,etcd")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="run the zones under cProfile with a loop-lag probe; profiles, lag figures "
+        "and the zones' logs go to PROFILE/<backend>/",
+    )
     args = parser.parse_args()
     for backend in args.backends.split(","):
-        result = asyncio.run(run(backend, args.hosts, args.seconds, args.interval))
+        profile = None
+        if args.profile is not None:
+            profile = args.profile / backend
+            profile.mkdir(parents=True, exist_ok=True)
+        result = asyncio.run(run(backend, args.hosts, args.seconds, args.interval, profile))
         print(json.dumps(result), flush=True)
 
 
