@@ -36,6 +36,7 @@ from typing import Any
 import psutil
 from aiohttp import web
 
+from bench.zone_profiled import figures, probe
 from common import http
 from common.failover import FAILOVER_STATUS, Urls, first_serving
 from common.files import ensure_secret
@@ -302,10 +303,20 @@ async def run(
                 return cpu(zone_procs), cpu(etcd_procs), cpu([me])
 
             before_task = asyncio.create_task(measured())
+            # The generator's own loop lag: a beat is timed by this loop, so a late wake-up
+            # here counts in the latencies as if the zone had been slow.
+            lags: list[float] = []
+
+            async def lag_probe() -> None:
+                await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
+                await probe(lags)
+
+            lag_task = asyncio.create_task(lag_probe())
             states = asyncio.create_task(
                 poll_states(client, urls, admin, stop, flaps)  # from the start: flaps too
             )
             await asyncio.gather(*loops)
+            lag_task.cancel()
             zone_before, etcd_before, me_before = await before_task
             result["cluster_100"] = await big
             ready = await states
@@ -322,6 +333,7 @@ async def run(
                     "zone_cpu_pct": round(100 * (cpu(zone_procs) - zone_before) / span, 1),
                     "etcd_cpu_pct": round(100 * (cpu(etcd_procs) - etcd_before) / span, 1),
                     "loadgen_cpu_pct": round(100 * (cpu([me]) - me_before) / span, 1),
+                    "loadgen_loop_lag": figures(lags),
                     "ready_at_end": ready,
                     "flaps": flaps[0],
                 }
