@@ -363,6 +363,11 @@ async def run(
             await asyncio.gather(*tail)
             result["sigterm_exit_s"] = await term
         return result
+    except BaseException:
+        for log in sorted(work.glob("*.log")):  # the work folder goes: say what they said
+            tail = log.read_text(errors="replace").splitlines()[-20:]
+            print(f"--- {log.name}, last lines:", *tail, sep="\n", file=sys.stderr)
+        raise
     finally:
         await agent.close()
         for zone in zones:
