@@ -438,7 +438,7 @@ async def test_the_agent_and_the_cli_fail_over_from_a_dead_first_url(
     assert [(h["host"], h["state"]) for h in hosts] == [("h1", "Ready")]
 
 
-SHUTDOWN_S = 4.0  # the replicas' shutdown_timeout_s in the SIGTERM test
+SHUTDOWN_S = 8.0  # the replicas' shutdown_timeout_s in the SIGTERM test
 
 
 async def exited(process: subprocess.Popen[bytes]) -> float:
