@@ -36,6 +36,7 @@ from typing import Any
 import psutil
 from aiohttp import web
 
+from bench.zone_profiled import figures, probe
 from common import http
 from common.failover import FAILOVER_STATUS, Urls, first_serving
 from common.files import ensure_secret
@@ -124,9 +125,14 @@ def zone_config(state_dir: Path, port: int, interval: float, store: str) -> str:
     )
 
 
-def serve(path: Path, log: Path) -> subprocess.Popen[bytes]:
+def serve(path: Path, log: Path, profile: Path | None) -> subprocess.Popen[bytes]:
+    """A zone process; with profile, under bench.zone_profiled (profile and loop lag to
+    profile/<name>.prof and .lag.json)."""
+    command = ["-m", "hostagent", "zone", "serve", "--zone-config", str(path)]
+    if profile is not None:
+        command = ["-m", "bench.zone_profiled", str(profile / path.stem), *command[2:]]
     return subprocess.Popen(
-        [sys.executable, "-m", "hostagent", "zone", "serve", "--zone-config", str(path)],
+        [sys.executable, *command],
         cwd=ROOT,
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
@@ -224,7 +230,9 @@ async def poll_states(
     return ready
 
 
-async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict[str, Any]:
+async def run(
+    backend: str, hosts: int, seconds: float, interval: float, profile: Path | None
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"zone-load-{backend}-"))
     state = work / "state"
     state.mkdir(mode=0o700)
@@ -249,7 +257,7 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
             extra = f'[replica]\nid = "{name}"\n' if backend == "etcd" else ""
             path = work / f"{name}.toml"
             path.write_text(zone_config(state, port, interval, store + extra))
-            zones.append(serve(path, work / f"{name}.log"))
+            zones.append(serve(path, work / f"{name}.log", profile))
             urls.append(f"http://127.0.0.1:{port}")
         # A connection per simulated host, as every agent has its own, in small pools:
         # httpx's pool assigns requests in time linear in its connections, so one pool of
@@ -295,10 +303,20 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
                 return cpu(zone_procs), cpu(etcd_procs), cpu([me])
 
             before_task = asyncio.create_task(measured())
+            # The generator's own loop lag: a beat is timed by this loop, so a late wake-up
+            # here counts in the latencies as if the zone had been slow.
+            lags: list[float] = []
+
+            async def lag_probe() -> None:
+                await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
+                await probe(lags)
+
+            lag_task = asyncio.create_task(lag_probe())
             states = asyncio.create_task(
                 poll_states(client, urls, admin, stop, flaps)  # from the start: flaps too
             )
             await asyncio.gather(*loops)
+            lag_task.cancel()
             zone_before, etcd_before, me_before = await before_task
             result["cluster_100"] = await big
             ready = await states
@@ -315,6 +333,7 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
                     "zone_cpu_pct": round(100 * (cpu(zone_procs) - zone_before) / span, 1),
                     "etcd_cpu_pct": round(100 * (cpu(etcd_procs) - etcd_before) / span, 1),
                     "loadgen_cpu_pct": round(100 * (cpu([me]) - me_before) / span, 1),
+                    "loadgen_loop_lag": figures(lags),
                     "ready_at_end": ready,
                     "flaps": flaps[0],
                 }
@@ -344,6 +363,11 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
             await asyncio.gather(*tail)
             result["sigterm_exit_s"] = await term
         return result
+    except BaseException:
+        for log in sorted(work.glob("*.log")):  # the work folder goes: say what they said
+            tail = log.read_text(errors="replace").splitlines()[-20:]
+            print(f"--- {log.name}, last lines:", *tail, sep="\n", file=sys.stderr)
+        raise
     finally:
         await agent.close()
         for zone in zones:
@@ -357,6 +381,9 @@ async def run(backend: str, hosts: int, seconds: float, interval: float) -> dict
                 zone.wait()
         for member in members:
             member.__exit__()
+        if profile is not None:
+            for log in work.glob("*.log"):
+                log.replace(profile / log.name)
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
@@ -459,9 +486,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=45.0)
     parser.add_argument("--interval", type=float, default=5.0)
     parser.add_argument("--backends", default="sqlite,etcd")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="run the zones under cProfile with a loop-lag probe; profiles, lag figures "
+        "and the zones' logs go to PROFILE/<backend>/",
+    )
     args = parser.parse_args()
     for backend in args.backends.split(","):
-        result = asyncio.run(run(backend, args.hosts, args.seconds, args.interval))
+        profile = None
+        if args.profile is not None:
+            profile = args.profile / backend
+            profile.mkdir(parents=True, exist_ok=True)
+        result = asyncio.run(run(backend, args.hosts, args.seconds, args.interval, profile))
         print(json.dumps(result), flush=True)
 
 

@@ -10,7 +10,9 @@ cluster and gateway and validated every host's report: hosts squared per round),
 a sample of passes and scaled to the whole round. No root, no libvirt, no CA (the PKI
 backend is a stand-in: making CAs is not what is measured).
 With --etcd URL the same rounds run on the etcd store (a one-time prefix on that member,
-deleted after; no old path to compare with there).
+deleted after with the hosts' leases; no old path to compare with there). Its hosts'
+leases last LEASE_S: setting up 1,000 hosts and their clusters takes longer than the
+default 15 s, and a host whose lease lapsed is NotReady, which placement refuses.
 Run:  .venv/bin/python -m bench.zone_pass [--hosts 250,500,1000,2000] [--sample 40]
       [--etcd http://127.0.0.1:2379]
 """
@@ -34,6 +36,8 @@ from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.model import STORED, ClusterSpec, HostReport
 from hostagent.zone.service import ZoneService
 from hostagent.zone.store import HostRecord, SqliteZoneStore, ZoneStore
+
+LEASE_S = 3600  # the etcd hosts' lease TTL: longer than any set-up
 
 CLUSTER = ClusterSpec.model_validate(
     {
@@ -102,7 +106,8 @@ async def open_store(tmp: Path, etcd: str | None) -> ZoneStore:
         store = SqliteZoneStore(tmp / "zone.db")
     else:
         client = Etcd([etcd], Tls(), dial_timeout_s=2.0, request_timeout_s=30.0)
-        store = EtcdZoneStore(client, f"/bench-zone-pass/{uuid.uuid4().hex}/")
+        prefix = f"/bench-zone-pass/{uuid.uuid4().hex}/"
+        store = EtcdZoneStore(client, prefix, host_lease_ttl_s=LEASE_S)
     await store.start()
     return store
 
@@ -143,6 +148,8 @@ async def measure(hosts: int, sample: int, rounds: int, etcd: str | None) -> dic
             old_ms = (time.perf_counter() - start) * 1000 * hosts / sample
         else:  # leave the member as it was
             assert isinstance(store, EtcdZoneStore)
+            for lease in set(store.mirror.alive.values()):
+                await store.etcd.revoke(lease)
             await store.etcd.txn([], [Delete(store.layout.prefix, prefix=True)])
         await store.close()
         return {

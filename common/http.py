@@ -124,8 +124,10 @@ def async_client(
     trust_env: bool = False,
     max_connections: int = MAX_CONNECTIONS,
 ) -> httpx.AsyncClient:
-    """An asynchronous client for one event loop; keeps up to max_connections open (the
-    zone: one per agent)."""
+    """An asynchronous client for one event loop; keeps up to max_connections open. httpx
+    assigns each request in time linear in the open connections: rather many small
+    clients than one large one (the zone's Deliverer: a client of one connection per
+    agent)."""
     limits = httpx.Limits(
         max_connections=max_connections, max_keepalive_connections=max_connections
     )

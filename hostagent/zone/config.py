@@ -165,6 +165,10 @@ class RemediationConfig(_Section):
 
 class ZoneServerConfig(_Section):
     state_dir: Path = Path("/var/lib/hostagent-zone")
+    # SIGTERM: the longest the zone takes to stop (hand over the lead, finish the requests
+    # under way, close the store) before it exits regardless; the unit's TimeoutStopSec
+    # is above it
+    shutdown_timeout_s: Annotated[float, Field(gt=0, le=600)] = 20.0
     api: ApiConfig = ApiConfig(listen=DEFAULT_ZONE_LISTEN)
     hosts: HostsConfig = HostsConfig()
     agents: AgentsConfig = AgentsConfig()

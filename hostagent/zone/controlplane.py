@@ -3,13 +3,16 @@ disk, the certificates it issues to hosts, its own client certificate, and the T
 contexts of its server (asking for client certificates) and of its calls to agents.
 
 The CA is `[control_ca] cert_file`/`key_file` when given, else <state_dir>/control-ca/
-ca.crt and ca.key, made on the first start (the key 0600). It is never a cluster's CA:
-the clusters' PKI lives in [pki]."""
+ca.crt and ca.key, made on the first start (the key 0600; under a lock on the folder, as
+replicas sharing a state_dir start at once). It is never a cluster's CA: the clusters' PKI
+lives in [pki]."""
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import logging
+import os
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -106,8 +109,16 @@ def _ensure_ca(directory: Path) -> tuple[Path, Path]:
     cert, key = directory / "ca.crt", directory / "ca.key"
     if cert.exists() and key.exists():
         return cert, key
-    cert_pem, key_pem = controlca.make_ca()
-    write_atomically(key, key_pem.encode(), 0o600)
-    write_atomically(cert, cert_pem.encode(), 0o644)
-    log.info("made the zone's control-plane CA %s (key %s)", cert, key)
+    # Two replicas making a CA each at once could leave one's key beside the other's
+    # certificate: the first makes it, the others wait and take it.
+    lock = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (cert.exists() and key.exists()):
+            cert_pem, key_pem = controlca.make_ca()
+            write_atomically(key, key_pem.encode(), 0o600)
+            write_atomically(cert, cert_pem.encode(), 0o644)
+            log.info("made the zone's control-plane CA %s (key %s)", cert, key)
+    finally:
+        os.close(lock)  # and the lock with it
     return cert, key

@@ -43,15 +43,14 @@ class Deliverer:
         self._kicks: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failing: dict[str, str] = {}
-        self._http: http.AsyncClient | None = None
+        # One client per host: httpx's pool assigns each request in time linear in its
+        # open connections, so one pool for every agent cost the zone more than its
+        # heartbeats at 1,000 hosts.
+        self._http: dict[str, http.AsyncClient] = {}
         self.passes = 0
         self._closed = False
 
     async def start(self) -> None:
-        self._http = http.async_client(
-            tls=self._tls,
-            timeout_s=self.config.request_timeout_s,
-        )
         self.service.on_change = self.kick
         self.kick(self.service.hosts_with_work())
 
@@ -64,8 +63,9 @@ class Deliverer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        if self._http is not None:
-            await self._http.aclose()
+        clients, self._http = list(self._http.values()), {}
+        for client in clients:
+            await client.aclose()
 
     def kick(self, hosts: Any) -> None:
         """Make each host's task run a pass soon (starting the task when it has none)."""
@@ -134,7 +134,7 @@ class Deliverer:
             # Fields at their defaults are left out, as from the spec's hash: an agent that
             # predates a field (the zone's generation) takes the specs that do not use it.
             payload = spec.model_dump(mode="json", exclude_defaults=True)
-            status, body = await self._call("PUT", url, token, _node_path(key), payload)
+            status, body = await self._call(host, "PUT", url, token, _node_path(key), payload)
             if status in (200, 201):
                 await store.set_delivery(host, "node", key, digest)
                 self.service.refused.pop(key, None)
@@ -145,12 +145,13 @@ class Deliverer:
             if acked.get(("peers", cluster)) == digest:
                 continue
             payload = {"peers": [peer.body() for peer in peers]}
-            status, body = await self._call("PUT", url, token, _peers_path(cluster), payload)
+            path = _peers_path(cluster)
+            status, body = await self._call(host, "PUT", url, token, path, payload)
             if status != 200:
                 raise AgentError(f"PUT peers of {cluster} answered {status}: {_message(body)}")
             await store.set_delivery(host, "peers", cluster, digest)
         for key in work.remove:
-            status, body = await self._call("DELETE", url, token, _node_path(key))
+            status, body = await self._call(host, "DELETE", url, token, _node_path(key))
             if status == 404:
                 await store.set_delivery(host, "node", key, None)
                 await self.service.node_gone(host, key)
@@ -160,7 +161,8 @@ class Deliverer:
                 raise AgentError(f"DELETE {key} answered {status}: {_message(body)}")
         for kind, key in list(acked):
             if kind == "peers" and key not in work.peers:
-                status, body = await self._call("DELETE", url, token, _peers_path(key))
+                path = _peers_path(key)
+                status, body = await self._call(host, "DELETE", url, token, path)
                 if status not in (204, 404):
                     raise AgentError(f"DELETE peers of {key} answered {status}: {_message(body)}")
                 await store.set_delivery(host, "peers", key, None)
@@ -208,13 +210,17 @@ class Deliverer:
         self.service.refused[key] = message
 
     async def _call(
-        self, method: str, url: str, token: str | None, path: str, body: Any = None
+        self, host: str, method: str, url: str, token: str | None, path: str, body: Any = None
     ) -> tuple[int, Any]:
-        assert self._http is not None, "start() first"
+        client = self._http.get(host)
+        if client is None:
+            client = self._http[host] = http.async_client(
+                tls=self._tls, timeout_s=self.config.request_timeout_s, max_connections=1
+            )
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             async with asyncio.timeout(self.config.request_timeout_s):  # for the whole call
-                response = await self._http.request(method, url + path, json=body, headers=headers)
+                response = await client.request(method, url + path, json=body, headers=headers)
             text = response.text
             return response.status_code, json.loads(text) if text else None
         except (http.HTTPError, TimeoutError, ValueError) as exc:

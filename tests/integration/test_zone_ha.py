@@ -7,6 +7,7 @@ StandInAgent of the driver's unit tests, on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from hostagent.zone.etcd import Delete, Put, absent
 from hostagent.zone.etcdstore import EtcdZoneStore
 from hostagent.zone.server import Zone
 from hostagent.zoneclient import ZoneClient
+from tests import etcd
 from tests.conftest import etcd_client
 from tests.etcd import Member
 from tests.fakezone import free_port
@@ -309,11 +311,14 @@ async def test_heartbeats_to_any_replica_and_a_silent_host_is_not_ready_on_every
     await until(lambda: states("Ready"), 5)
 
 
-def serve(harness: Harness, name: str) -> tuple[subprocess.Popen[bytes], str]:
+def serve(
+    harness: Harness, name: str, shutdown_timeout_s: float = 20.0
+) -> tuple[subprocess.Popen[bytes], str]:
     zone_config = config(harness.tmp_path, harness.endpoint, harness.prefix, name)
     path = harness.tmp_path / f"{name}.toml"
     path.write_text(
         f"""state_dir = "{zone_config.state_dir}"
+shutdown_timeout_s = {shutdown_timeout_s}
 [api]
 listen = "{zone_config.api.listen}"
 [hosts]
@@ -431,3 +436,92 @@ async def test_the_agent_and_the_cli_fail_over_from_a_dead_first_url(
     finally:
         cli.close()
     assert [(h["host"], h["state"]) for h in hosts] == [("h1", "Ready")]
+
+
+SHUTDOWN_S = 8.0  # the replicas' shutdown_timeout_s in the SIGTERM test
+
+
+async def exited(process: subprocess.Popen[bytes]) -> float:
+    """Seconds until the process exits (at most SHUTDOWN_S + 10)."""
+    start = time.monotonic()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        await asyncio.to_thread(process.wait, SHUTDOWN_S + 10)
+    return time.monotonic() - start
+
+
+async def test_a_sigterm_stops_a_replica_within_its_shutdown_timeout(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """SIGTERM while the replica leads with a heartbeat half sent (aiohttp stops reading
+    at shutdown: the body never comes), and SIGTERM of the replica that took over while
+    etcd is down: both replicas exit within shutdown_timeout_s, and the lead passes."""
+    processes: list[subprocess.Popen[bytes]] = []
+    state_dir = tmp_path / "zone"
+    state_dir.mkdir(mode=0o700)
+    for secret in ("api-token", "host-secret"):
+        ensure_secret(state_dir / secret)
+    member = etcd.start()  # its own member: this test stops it
+    own = replace(harness, endpoint=member.endpoint)
+    writer: asyncio.StreamWriter | None = None
+    try:
+        urls = {}
+        for name in ("sa", "sb"):
+            process, url = serve(own, name, SHUTDOWN_S)
+            processes.append(process)
+            urls[name] = url
+
+        async def leader() -> str | None:
+            for url in urls.values():
+                view = await own.zone_view(url)
+                if view is not None and view["leader"] and len(view["replicas"]) == len(urls):
+                    return str(view["leader"])
+            return None
+
+        async def has_leader() -> bool:
+            return await leader() is not None
+
+        await until(has_leader, 60)
+        first = await leader()
+        assert first is not None
+        process = processes[list(urls).index(first)]
+        host, port = urls[first].removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"PUT /v1/hosts/h1 HTTP/1.1\r\nHost: {host}\r\n"
+            f"{own.host('h1')['Authorization'].join(['Authorization: ', ''])}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 400\r\n\r\n{".encode()
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the handler reads the body: the request is under way
+        process.send_signal(signal.SIGTERM)
+        took = await exited(process)
+        assert process.returncode == 0, (
+            process.returncode,
+            (tmp_path / f"{first}.log").read_text(),
+        )
+        assert took < SHUTDOWN_S, took
+        del urls[first]
+
+        async def taken_over() -> bool:
+            now = await leader()
+            return now is not None and now != first
+
+        await until(taken_over, 10)  # at once: the stopped leader revoked its lease
+        second = next(iter(urls))
+        member.kill()
+        process = processes[list(("sa", "sb")).index(second)]
+        process.send_signal(signal.SIGTERM)
+        took = await exited(process)
+        log = (tmp_path / f"{second}.log").read_text()
+        assert process.returncode is not None, "still running"
+        assert took < SHUTDOWN_S + 1.0, (took, log)
+        if process.returncode != 0:  # the store could not be closed in time: said so
+            assert "did not stop within shutdown_timeout_s" in log, log
+    finally:
+        if writer is not None:
+            writer.close()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        member.__exit__()

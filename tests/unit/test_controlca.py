@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import multiprocessing
 import ssl
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +147,22 @@ def test_the_zone_makes_its_ca_once_with_a_private_key(tmp_path: Path) -> None:
     first.refresh_zone_cert()
     assert first.zone_cert_file.stat().st_mode & 0o777 == 0o600
     assert first.agents_tls(None, None) is not None
+
+
+def _ca_of(state_dir: str, start: Any) -> str:
+    start.wait()  # all at once
+    return ControlPlane(ControlCaConfig(), Path(state_dir)).ca_pem
+
+
+def test_replicas_starting_at_once_on_one_state_dir_make_one_ca(tmp_path: Path) -> None:
+    """Processes, as replicas are: each makes the CA if it finds none; all end with the
+    same CA and a key that belongs to it (a mismatched pair stops a zone at start)."""
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(6, mp_context=context) as pool:
+        start = manager.Barrier(6, timeout=60)
+        cas = list(pool.map(_ca_of, [str(tmp_path)] * 6, [start] * 6))
+    assert len(set(cas)) == 1
+    assert ControlPlane(ControlCaConfig(), tmp_path).ca_pem == cas[0]
 
 
 def test_a_given_ca_is_used_and_a_wrong_one_is_a_clear_error(tmp_path: Path) -> None:

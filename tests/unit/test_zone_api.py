@@ -15,11 +15,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from hostagent.zone import api
 from hostagent.zone.api import zone_app
 from hostagent.zone.auth import HostToken, host_token, parse_host_token
 from hostagent.zone.config import ControlCaConfig, ZoneServerConfig
 from hostagent.zone.controlplane import ControlPlane
-from hostagent.zone.service import ZoneService
+from hostagent.zone.service import ZoneService, parse_body
 from pki.local import LocalBackend
 from tests.conftest import StoreFactory
 from tests.rawhttp import bearer_error
@@ -125,6 +126,35 @@ async def test_a_host_registers_only_for_itself(client: TestClient[Any, Any]) ->
     assert [h["host"] for h in hosts["items"]] == ["h1"]
     assert "api_token" not in hosts["items"][0]
     await error_of(await client.get("/v1/hosts", headers=as_host("h1")), 403)
+
+
+async def test_a_repeated_heartbeat_is_not_validated_again(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Most heartbeats repeat the host's last report byte for byte: it is parsed once; a
+    changed report is parsed (and refused when invalid, the last good one kept)."""
+    parsed: list[str] = []
+
+    def counting(model: type[Any], body: bytes, what: str) -> Any:
+        parsed.append(what)
+        return parse_body(model, body, what)
+
+    monkeypatch.setattr(api, "parse_body", counting)
+    for _ in range(3):
+        response = await client.put("/v1/hosts/h1", json=report(1), headers=as_host("h1"))
+        assert response.status in (200, 201)
+    assert parsed == ["host report"]
+    busy = {**report(1), "allocated": {"vcpus": 2, "memory_mib": 512, "disk_gib": 5}}
+    assert (await client.put("/v1/hosts/h1", json=busy, headers=as_host("h1"))).status == 200
+    assert len(parsed) == 2
+    bad = {**busy, "allocated": {**busy["allocated"], "vcpus": -1}}
+    await error_of(await client.put("/v1/hosts/h1", json=bad, headers=as_host("h1")), 422)
+    await error_of(await client.put("/v1/hosts/h1", json=bad, headers=as_host("h1")), 422)
+    assert len(parsed) == 4
+    hosts = await (await client.get("/v1/hosts", headers=ADMIN)).json()
+    assert hosts["items"][0]["allocated"]["vcpus"] == 2
+    assert (await client.put("/v1/hosts/h1", json=busy, headers=as_host("h1"))).status == 200
+    assert len(parsed) == 4
 
 
 @pytest.mark.parametrize(
