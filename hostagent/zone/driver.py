@@ -184,13 +184,13 @@ class Deliverer:
             status, body = 0, None
             if acked.get(("image", name)) != image.digest:
                 source = image.source.model_dump(mode="json", exclude_none=True)
-                status, body = await self._call("PUT", url, token, _image_path(name), source)
+                status, body = await self._call(host, "PUT", url, token, _image_path(name), source)
                 if status in (200, 201):
                     await self.service.store.set_delivery(host, "image", name, image.digest)
             elif report is not None and (entry := reported(report.report, image)) is not None:
                 status, body = 200, {"status": {"phase": entry.phase, "message": entry.message}}
             else:  # an agent that reports no images, or its report lags: ask it
-                status, body = await self._call("GET", url, token, _image_path(name))
+                status, body = await self._call(host, "GET", url, token, _image_path(name))
             problem = _image_problem(host, name, status, body)
             if problem is not None:
                 waiting[name] = problem
