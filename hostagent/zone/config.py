@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hostagent.config import ApiConfig, VaultConfig
 from hostagent.errors import ConfigError, validation_problems
+from hostagent.zone.liveness import DEFAULT_REPORT_INTERVAL_S
 
 DEFAULT_ZONE_CONFIG_PATH = Path("/etc/hostagent/zone.toml")
 DEFAULT_ZONE_LISTEN = "127.0.0.1:8471"
@@ -26,9 +27,9 @@ class HostsConfig(_Section):
     heartbeat_interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
     heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 20.0
     # backend "etcd": a host is NotReady once its lease expires (unset: 3 x the interval),
-    # and its full report is written only when it changes or this often
+    # and (either backend) its full report is written only when it changes or this often
     lease_ttl_s: Annotated[float, Field(ge=2, le=3600)] | None = None
-    report_interval_s: Annotated[float, Field(gt=0)] = 60.0
+    report_interval_s: Annotated[float, Field(gt=0)] = DEFAULT_REPORT_INTERVAL_S
 
     @model_validator(mode="after")
     def _timeout(self) -> HostsConfig:

@@ -10,12 +10,13 @@ kB, is written only when it changed or once every ``report_interval_s``.
 from __future__ import annotations
 
 import math
-from typing import Any
+
+DEFAULT_REPORT_INTERVAL_S = 60.0
 
 
 def report_due(
-    stored: dict[str, Any] | None,
-    report: dict[str, Any],
+    stored: object | None,
+    report: object,
     written_at: float,
     now: float,
     report_interval_s: float,

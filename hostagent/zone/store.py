@@ -25,6 +25,7 @@ from hostagent.imagesource import ImageSource
 from hostagent.model import Role
 from hostagent.sqlite import Connection, Database, Row, read_only
 from hostagent.store import now
+from hostagent.zone.liveness import DEFAULT_REPORT_INTERVAL_S, report_due
 from hostagent.zone.model import STORED, ClusterSpec, HostReport
 from hostagent.zone.rollout import Shape
 
@@ -245,8 +246,14 @@ CREATE TABLE IF NOT EXISTS host_certificates (
 class SqliteZoneStore:
     """ZoneStore in one SQLite file, opened as the agent's store is (hostagent/sqlite.py)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, report_interval_s: float = DEFAULT_REPORT_INTERVAL_S) -> None:
         self.db = Database(path, SCHEMA)
+        self.report_interval_s = report_interval_s
+        # A heartbeat with an unchanged report is not written (an fsync each, the cost of a
+        # zone of many hosts): the host's report as last written and when, and its latest
+        # heartbeat, which a restart loses (the row's is at most report_interval_s older).
+        self._written: dict[str, tuple[str, float]] = {}
+        self._beats: dict[str, float] = {}
         # A zone.db made before clusters had a VIP: its clusters keep none (NULL).
         self.db.add_column("clusters", "vip", "TEXT")
         # Each host's report as last validated, with the JSON it came from: a report is
@@ -270,7 +277,16 @@ class SqliteZoneStore:
     # --- hosts -----------------------------------------------------------------------
 
     async def put_host(self, host: str, report: HostReport, at: float) -> bool:
-        """Store a host's latest report; True when the host registered for the first time."""
+        """Store a host's latest report; True when the host registered for the first time.
+        An unchanged report is written again only every report_interval_s
+        (liveness.report_due); in between only the heartbeat's time is kept, in memory."""
+        text = report.model_dump_json()
+        written = self._written.get(host)
+        if written is not None and not report_due(
+            written[0], text, written[1], at, self.report_interval_s
+        ):
+            self._beats[host] = at
+            return False
 
         def work(db: Connection) -> bool:
             known = db.execute("SELECT 1 FROM hosts WHERE id = ?", (host,)).fetchone()
@@ -278,11 +294,14 @@ class SqliteZoneStore:
                 "INSERT INTO hosts (id, report, registered_at, last_heartbeat) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
                 "report = excluded.report, last_heartbeat = excluded.last_heartbeat",
-                (host, report.model_dump_json(), now(), at),
+                (host, text, now(), at),
             )
             return known is None
 
-        return await self.db.write(work)
+        first = await self.db.write(work)
+        self._written[host] = (text, at)
+        self._beats[host] = at
+        return first
 
     def hosts(self) -> list[HostRecord]:
         rows = self.db.reader.execute("SELECT * FROM hosts ORDER BY id").fetchall()
@@ -298,7 +317,8 @@ class SqliteZoneStore:
         if cached is None or cached[0] != text:
             cached = (text, parse_report(text))
             self._reports[row["id"]] = cached
-        return HostRecord(row["id"], cached[1], row["registered_at"], row["last_heartbeat"])
+        beat = max(row["last_heartbeat"], self._beats.get(row["id"], 0.0))
+        return HostRecord(row["id"], cached[1], row["registered_at"], beat)
 
     async def remove_host(self, host: str) -> HostRemoval:
         """Forget the host, unless it holds a node the zone still wants; the nodes it held
@@ -306,6 +326,8 @@ class SqliteZoneStore:
         removal = await self.db.write(lambda db: _remove_host(db, host))
         if not removal.live:
             self._reports.pop(host, None)
+            self._written.pop(host, None)
+            self._beats.pop(host, None)
         return removal
 
     # --- clusters and nodes ----------------------------------------------------------

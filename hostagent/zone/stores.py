@@ -13,7 +13,9 @@ def make_store(config: ZoneServerConfig) -> ZoneStore:
     """The configured store, not started yet (Zone.start starts it)."""
     store = config.store
     if store.backend == "sqlite":
-        return SqliteZoneStore(config.state_dir / "zone.db")
+        return SqliteZoneStore(
+            config.state_dir / "zone.db", report_interval_s=config.hosts.report_interval_s
+        )
     etcd = Etcd(
         store.endpoints,
         Tls(store.ca_file, store.cert_file, store.key_file),
