@@ -182,7 +182,11 @@ def test_crash_looping_and_silent_workers_are_drained_and_replaced(lab: Day2Lab)
     start = time.monotonic()
     poll(lambda: lab.replaced("w2", "w4"), 300, "w2 replaced by a Ready w4", 1.0)
     silent_s = time.monotonic() - start
-    print(f"replaced: crash-looping worker in {crash_s:.0f} s, silent one in {silent_s:.0f} s")
+    (w1_at, _, _), (w2_at, _, _) = lab.remediations("day2")
+    print(
+        f"replaced: crash-looping worker in {crash_s:.0f} s, silent one in {silent_s:.0f} s, "
+        f"{w2_at - w1_at:.1f} s between the two (window {WINDOW_S:.0f} s)"
+    )
     # The silent guest: the report timeout, the zone's unhealthy_for_s, then the drain,
     # the new worker's boot and the old one's removal, within a minute and a half.
     assert silent_s < REPORT_TIMEOUT_S + UNHEALTHY_FOR_S + 90
