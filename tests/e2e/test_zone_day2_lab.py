@@ -3,7 +3,9 @@ a worker whose VM is destroyed until it crash-loops, and a worker whose guest st
 reporting (its VM paused), are both replaced by new workers within the configured time,
 and the cluster's drain hook (a webhook server on the lab's bridge address) is called
 before each removal, the events saying so; a hook that does not answer in time is given
-up after its timeout. Its own lab root, bridge, subnet and veth
+up after its timeout. A second cluster with 2 of its 3 workers silenced at once sees one
+replaced (its budget, max(1, 10 %) of 4 nodes) and the other held for the rest of the
+remediation window, then replaced after it. Its own lab root, bridge, subnet and veth
 prefix; run it under `flock /tmp/lab.lock` (one lab on a machine at a time)."""
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -31,8 +34,11 @@ ROOT = Path("/var/lib/hostagent-lab-day2")
 SUBNET = "10.254.15.0/24"
 UNHEALTHY_FOR_S = 5.0
 REPORT_TIMEOUT_S = 12.0
-# The guests report every 5 s; the agent judges every second; the zone replaces a node
-# unhealthy for 5 s, one per 5 s window (the cluster has 3 nodes: budget 1).
+WINDOW_S = 30.0
+# The guests report every 5 s; the agent judges every second; the zone looks every second
+# and replaces a node unhealthy for 5 s, one per 30 s window (a cluster of at most 10
+# nodes: budget 1). The first test's second replacement comes more than 30 s after its
+# first (the new worker's boot, the report timeout, unhealthy_for_s): not held.
 AGENT_EXTRA = f"""
 [health]
 report_interval_s = 5
@@ -45,7 +51,7 @@ interval_s = 1.0
 
 [remediation]
 unhealthy_for_s = {UNHEALTHY_FOR_S}
-window_s = 5.0
+window_s = {WINDOW_S}
 """
 POOL = {"vcpus": 1, "memory_mib": 256, "disk_gib": 1}
 HOOK_TIMEOUT_S = 3.0
@@ -92,15 +98,24 @@ class Day2Lab:
         self.settings, self.zone, self.hook = settings, zone, hook
         self.plan = settings.plan()
 
-    def nodes(self) -> dict[str, dict[str, Any]]:
-        return {n["name"]: n for n in self.zone.cluster("day2")["status"]["nodes"]}
+    def nodes(self, cluster: str = "day2") -> dict[str, dict[str, Any]]:
+        return {n["name"]: n for n in self.zone.cluster(cluster)["status"]["nodes"]}
+
+    def remediations(self, cluster: str) -> list[tuple[float, str, str]]:
+        """The cluster's remediation events, oldest first: (at, node, message)."""
+        events = self.zone.cluster(cluster)["status"]["events"][::-1]
+        return [
+            (datetime.fromisoformat(e["at"]).timestamp(), e["node"], e["message"])
+            for e in events
+            if e["kind"] == "remediation"
+        ]
 
     def virsh(self, host: str, *argv: str) -> str:
         command = ["virsh", "-c", "qemu:///system", *argv]
         return lab_hosts.exec_in(self.plan.host(host), command, check=False).stdout
 
-    def replaced(self, node: str, by: str) -> bool:
-        nodes = self.nodes()
+    def replaced(self, node: str, by: str, cluster: str = "day2") -> bool:
+        nodes = self.nodes(cluster)
         return node not in nodes and nodes.get(by, {}).get("phase") == "Ready"
 
 
@@ -167,7 +182,11 @@ def test_crash_looping_and_silent_workers_are_drained_and_replaced(lab: Day2Lab)
     start = time.monotonic()
     poll(lambda: lab.replaced("w2", "w4"), 300, "w2 replaced by a Ready w4", 1.0)
     silent_s = time.monotonic() - start
-    print(f"replaced: crash-looping worker in {crash_s:.0f} s, silent one in {silent_s:.0f} s")
+    (w1_at, _, _), (w2_at, _, _) = lab.remediations("day2")
+    print(
+        f"replaced: crash-looping worker in {crash_s:.0f} s, silent one in {silent_s:.0f} s, "
+        f"{w2_at - w1_at:.1f} s between the two (window {WINDOW_S:.0f} s)"
+    )
     # The silent guest: the report timeout, the zone's unhealthy_for_s, then the drain,
     # the new worker's boot and the old one's removal, within a minute and a half.
     assert silent_s < REPORT_TIMEOUT_S + UNHEALTHY_FOR_S + 90
@@ -185,3 +204,46 @@ def test_crash_looping_and_silent_workers_are_drained_and_replaced(lab: Day2Lab)
     assert "guest-not-reporting" in events[3]["message"]
     lab.zone.delete_cluster("day2")
     lab.zone.wait("day2", "Gone", timeout_s=300)
+
+
+def test_two_bad_workers_of_three_only_the_budget_is_replaced(lab: Day2Lab) -> None:
+    spec = {
+        "kubernetes_version": "1.31.2",
+        "image": "lab",
+        "masters": {"count": 1, **POOL},
+        "workers": {"count": 3, **POOL},
+    }
+    lab.zone.put_cluster("day2b", spec)
+    poll(lambda: lab.zone.cluster("day2b")["status"]["phase"] == "Ready", 600, "Ready", 1.0)
+    nodes = lab.nodes("day2b")
+    for worker in ("w1", "w2"):  # both guests silenced at once
+        lab.virsh(nodes[worker]["host"], "suspend", f"day2b-{worker}")
+
+    first = poll(lambda: lab.remediations("day2b"), 120, "a first remediation", 0.5)
+    assert len(first) == 1, first
+    first_at, gone, message = first[0]
+    assert gone in ("w1", "w2") and message.startswith(f"replacing worker {gone} by w4")
+    held = "w2" if gone == "w1" else "w1"
+    # The zone decides every second; until first_at + WINDOW_S the budget (1 for these 4
+    # nodes) is spent. Watched until 5 s before the window ends (same clock as the zone's,
+    # one machine): some 20 Roller passes, each of which would have replaced the held
+    # worker if the budget allowed it (it is past unhealthy_for_s for all of them).
+    watch_until = first_at + WINDOW_S - 5.0
+    passes = 0
+    while time.time() < watch_until:
+        assert len(lab.remediations("day2b")) == 1, "a second replacement within the window"
+        nodes = lab.nodes("day2b")
+        assert held in nodes and "w5" not in nodes, sorted(nodes)
+        passes += 1
+        time.sleep(0.5)
+    assert passes > 10
+    poll(lambda: lab.replaced(gone, "w4", "day2b"), 300, f"{gone} replaced by a Ready w4", 1.0)
+
+    second = poll(lambda: lab.remediations("day2b")[1:], 120, "the second remediation", 0.5)
+    second_at, node, message = second[0]
+    assert node == held and message.startswith(f"replacing worker {held} by w5")
+    waited = second_at - first_at
+    print(f"day2b: {gone} replaced, {held} held for {waited:.1f} s (window {WINDOW_S:.0f} s)")
+    assert WINDOW_S <= waited < WINDOW_S + 30
+    lab.zone.delete_cluster("day2b")
+    lab.zone.wait("day2b", "Gone", timeout_s=300)
