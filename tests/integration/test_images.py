@@ -142,7 +142,7 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
         {"host_id": "h1", "state_dir": str(tmp_path), "images": {"download_attempts": 2}}
     )
     store = Store(config.database)
-    layout = ImageLayout(config.images)
+    layout = ImageLayout(config.pulled_images)
     puller: ImagePuller
     metrics = Metrics(dict, lambda: 0, dict, dict, image_bytes=lambda: puller.held_bytes())
     puller = ImagePuller(
