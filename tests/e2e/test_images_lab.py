@@ -46,9 +46,8 @@ ROOT = Path("/var/lib/hostagent-lab-img-test")
 SUBNET = "10.254.16.0/24"
 REPO = Path(__file__).resolve().parents[2]
 HOSTS = ("h1", "h2", "h3")
-BOOT_TIMEOUT_S = (
-    45.0  # a lab guest phones home within ~30 s under TCG; a late one still turns Ready
-)
+# A lab guest phones home within ~30 s under TCG; one later than this still turns Ready.
+BOOT_TIMEOUT_S = 45.0
 UNUSED_TTL_S = 5.0
 GC_INTERVAL_S = 1.0
 AGENT_EXTRA = f"""
