@@ -27,6 +27,7 @@ from cloudconfig import context
 from cloudconfig.addons import calico
 from common.names import DNS1123_LABEL
 from hostagent.errors import ConfigError, validation_problems
+from hostagent.images import PULLED
 
 DEFAULT_CONFIG_PATH = Path("/etc/hostagent/hostagent.toml")
 
@@ -333,6 +334,9 @@ class Config(_Section):
     host_id: str = Field(default_factory=socket.gethostname)
     state_dir: Path = Path("/var/lib/hostagent")
     image_dir: Path | None = None
+    # Where pulled images live, this agent's alone (its start and its collection remove
+    # what it does not know): hosts sharing an image_dir (the lab's) need one each.
+    pulled_dir: Path | None = None
     api: AgentApiConfig = AgentApiConfig()
     phone_home: PhoneHomeConfig = PhoneHomeConfig()
     libvirt: LibvirtConfig = LibvirtConfig()
@@ -381,6 +385,10 @@ class Config(_Section):
     @property
     def images(self) -> Path:
         return self.image_dir or self.state_dir / "images"
+
+    @property
+    def pulled_images(self) -> Path:
+        return self.pulled_dir or self.images / PULLED
 
     @property
     def nodes_dir(self) -> Path:

@@ -98,7 +98,7 @@ class Agent:
         self.store = Store(config.database)
         self.image_puller = ImagePuller(
             self.store,
-            ImageLayout(config.images),
+            ImageLayout(config.pulled_images),
             config.image_cache,
             qemu_img_timeout_s=config.libvirt.qemu_img_timeout_s,
             counted=lambda ok: self.metrics.image_pulled(ok),

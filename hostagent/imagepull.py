@@ -240,9 +240,11 @@ class ImagePuller:
             )
 
     async def sweep(self) -> int:
-        """Remove the folders no image record names any more; the bytes freed."""
+        """Remove the folders no image record names any more; the bytes freed. A Failed
+        record names none: nothing of its pull stayed, and the folder of its digest (the
+        same content, pulled under another name) is that other image's to keep or free."""
         async with self._placing:
-            named = {record.digest for record in self.store.images()}
+            named = {r.digest for r in self.store.images() if r.phase is not ImagePhase.FAILED}
             return await asyncio.to_thread(_remove_unnamed, self.layout.by_digest, named)
 
 

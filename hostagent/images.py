@@ -26,12 +26,12 @@ class Image:
 
 
 class ImageLayout:
-    """Where pulled images live: finished ones by digest, downloads in a work folder
-    each (removed when the agent starts: a download restarts from its record)."""
+    """Where pulled images live (`<image_dir>/.pulled` unless `pulled_dir` says):
+    finished ones by digest, downloads in a work folder each (removed when the agent
+    starts: a download restarts from its record)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.pulled = root / PULLED
+    def __init__(self, pulled: Path) -> None:
+        self.pulled = pulled
         self.by_digest = self.pulled / "sha256"
         self.partial = self.pulled / "partial"
 
@@ -41,6 +41,8 @@ class ImageLayout:
 
 class PulledImages(Protocol):
     """What the catalog asks about pulled images (the ImagePuller answers)."""
+
+    layout: ImageLayout
 
     def ready_digest(self, name: str) -> str | None: ...
 
@@ -77,7 +79,6 @@ class ImageCatalog:
 
     def __init__(self, root: Path, pulled: PulledImages | None = None) -> None:
         self.root = root
-        self.layout = ImageLayout(root)
         self.pulled = pulled
 
     def folder_image(self, name: str) -> Image | None:
@@ -90,7 +91,7 @@ class ImageCatalog:
         if image is not None or self.pulled is None:
             return image
         digest = self.pulled.ready_digest(name)
-        return None if digest is None else read_folder(name, self.layout.folder(digest))
+        return None if digest is None else read_folder(name, self.pulled.layout.folder(digest))
 
     def folder_names(self) -> list[str]:
         if not self.root.is_dir():

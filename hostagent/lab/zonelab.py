@@ -152,6 +152,7 @@ def write_agent_config(settings: LabSettings, plan: LabPlan, host: HostPlan) -> 
 host_id = "{host.name}"
 state_dir = "{host.state_dir}"
 image_dir = "{settings.images}"
+pulled_dir = "{host.state_dir / "pulled"}"
 
 [api]
 listen = "{address}:{AGENT_PORT}"

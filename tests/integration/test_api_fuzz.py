@@ -207,7 +207,7 @@ def agent(tmp_path: Path) -> Iterator[Target]:
     )
     store = Store(tmp_path / "state.db")
     # One attempt per pull: the examples name images.example.com, which is not reached.
-    layout = ImageLayout(config.images)
+    layout = ImageLayout(config.pulled_images)
     puller = ImagePuller(
         store,
         layout,

@@ -142,7 +142,7 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
         {"host_id": "h1", "state_dir": str(tmp_path), "images": {"download_attempts": 2}}
     )
     store = Store(config.database)
-    layout = ImageLayout(config.images)
+    layout = ImageLayout(config.pulled_images)
     puller: ImagePuller
     metrics = Metrics(dict, lambda: 0, dict, dict, image_bytes=lambda: puller.held_bytes())
     puller = ImagePuller(
@@ -394,6 +394,34 @@ async def test_an_unused_image_is_collected_after_its_time(agent: Agent, tmp_pat
     assert await early.collect() == []  # unused from now on: its time starts
     assert await late.collect() == ["pulled"]
     assert agent.puller.held_bytes() == 0
+
+
+async def test_a_failed_copy_of_the_same_content_keeps_nothing(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """A corrupted copy under another name fails; the good one (the same digest: the same
+    content) is collected all the same once unused, the failed record staying."""
+    source = publish(agent, tmp_path)
+    disk = agent.files.content["disk.qcow2"]
+    agent.files.content["corrupt.qcow2"] = disk[:-1] + bytes([disk[-1] ^ 0xFF])
+    await put_image(agent, "bad", {**source, "url": f"{agent.base}/corrupt.qcow2"}, 201)
+    await until("Failed", lambda: phase_of(agent, "bad", "Failed"))
+    await put_image(agent, "pulled", source, 201)
+    ready = await until("Ready", lambda: phase_of(agent, "pulled", "Ready"))
+    folder = agent.layout.folder(ready["digest"].removeprefix("sha256:"))
+    assert agent.store.image("bad").digest == folder.name  # type: ignore[union-attr]
+    late = ImageCollector(
+        agent.store,
+        agent.puller,
+        agent.config.image_cache,
+        agent.metrics.image_removed,
+        list,
+        clock=lambda: time.time() + agent.config.image_cache.unused_ttl_s + 60,
+    )
+    assert await late.collect() == ["pulled"]
+    assert not folder.exists()
+    assert agent.puller.held_bytes() == 0
+    assert agent.store.image("bad").phase is ImagePhase.FAILED  # type: ignore[union-attr]
 
 
 async def test_a_node_waits_for_its_image_then_boots_from_it(

@@ -164,7 +164,7 @@ async def start_host(tmp_path: Path, index: int) -> Host:
         }
     )
     store = Store(config.database)
-    layout = ImageLayout(config.images)
+    layout = ImageLayout(config.pulled_images)
     puller: ImagePuller
     metrics = Metrics(dict, lambda: 0, dict, dict, image_bytes=lambda: puller.held_bytes())
     puller = ImagePuller(

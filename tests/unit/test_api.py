@@ -83,7 +83,8 @@ def store(tmp_path: Path) -> Iterator[Store]:
 @pytest.fixture
 def puller(tmp_path: Path, store: Store) -> ImagePuller:
     config = Config(host_id="h1", state_dir=tmp_path, image_dir=tmp_path / "images")
-    return ImagePuller(store, ImageLayout(config.images), config.image_cache, qemu_img_timeout_s=10)
+    layout = ImageLayout(config.pulled_images)
+    return ImagePuller(store, layout, config.image_cache, qemu_img_timeout_s=10)
 
 
 @pytest.fixture

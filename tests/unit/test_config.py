@@ -71,6 +71,14 @@ def test_derived_paths(tmp_path: Path) -> None:
 def test_image_dir_overrides_images(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, f'image_dir = "{tmp_path}/img"\n'))
     assert config.images == tmp_path / "img"
+    assert config.pulled_images == tmp_path / "img" / ".pulled"
+
+
+def test_pulled_dir_is_the_agents_own(tmp_path: Path) -> None:
+    text = f'image_dir = "{tmp_path}/shared"\npulled_dir = "{tmp_path}/h1/pulled"\n'
+    config = load_config(write(tmp_path, text))
+    assert config.images == tmp_path / "shared"
+    assert config.pulled_images == tmp_path / "h1" / "pulled"
 
 
 def test_explicit_values_are_loaded(tmp_path: Path) -> None:
