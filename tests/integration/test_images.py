@@ -129,18 +129,20 @@ def qcow2(path: Path) -> bytes:
     return path.read_bytes()
 
 
-@pytest.fixture
-async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
-    require(shutil.which("qemu-img") is not None, "needs qemu-utils")
-    files = Files()
-    server_app = web.Application()
-    server_app[FILES] = files
-    server_app.router.add_get("/{path}", serve_file)
-    server = TestServer(server_app, host="127.0.0.1")
-    await server.start_server()
-    config = Config.model_validate(
-        {"host_id": "h1", "state_dir": str(tmp_path), "images": {"download_attempts": 2}}
-    )
+@dataclass
+class AgentParts:
+    """An agent's image and node parts, wired as the daemon wires them, and its API."""
+
+    store: Store
+    layout: ImageLayout
+    puller: ImagePuller
+    metrics: Metrics
+    images: ImageService
+    service: NodeService
+    app: web.Application
+
+
+def agent_parts(config: Config, token: str) -> AgentParts:
     store = Store(config.database)
     layout = ImageLayout(config.pulled_images)
     puller: ImagePuller
@@ -150,8 +152,7 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     )
     catalog = ImageCatalog(config.images, puller)
     images = ImageService(store, catalog, puller)
-    physical = Resources(vcpus=8, memory_mib=16384, disk_gib=200)
-    service = NodeService(config, store, catalog, physical, lambda _key: None)
+    service = NodeService(config, store, catalog, Resources(8, 16384, 200), lambda _key: None)
 
     async def nothing() -> dict[str, Any]:
         return {}
@@ -161,13 +162,37 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
 
     app = api_app(
         service,
-        TOKEN,
+        token,
         peers=StoredPeers(store, lambda _cluster: None),
         host_info=nothing,
         healthy=healthy,
         metrics_text=metrics.render,
         images=images,
     )
+    return AgentParts(store, layout, puller, metrics, images, service, app)
+
+
+async def file_server(files: Files) -> TestServer:
+    """A loopback HTTP server of files (started)."""
+    app = web.Application()
+    app[FILES] = files
+    app.router.add_get("/{path}", serve_file)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+@pytest.fixture
+async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
+    require(shutil.which("qemu-img") is not None, "needs qemu-utils")
+    files = Files()
+    server = await file_server(files)
+    config = Config.model_validate(
+        {"host_id": "h1", "state_dir": str(tmp_path), "images": {"download_attempts": 2}}
+    )
+    parts = agent_parts(config, TOKEN)
+    store, layout, puller, metrics = parts.store, parts.layout, parts.puller, parts.metrics
+    images, service, app = parts.images, parts.service, parts.app
     try:
         async with TestClient(TestServer(app)) as client:
             yield Agent(

@@ -25,20 +25,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from hostagent import console
-from hostagent.api import api_app
 from hostagent.capacity import Resources
 from hostagent.config import ApiConfig, Config
 from hostagent.imagepull import ImagePuller
-from hostagent.images import ImageCatalog, ImageLayout
 from hostagent.imageservice import ImageService
-from hostagent.metrics import Metrics
 from hostagent.model import NodeHealth, NodeKey
-from hostagent.networks import StoredPeers
-from hostagent.nodes import NodeService
 from hostagent.store import Store
 from hostagent.zone.auth import host_token
 from hostagent.zone.config import AgentsConfig, HostsConfig, ZoneServerConfig
@@ -46,7 +40,7 @@ from hostagent.zone.server import Zone
 from hostagent.zoneclient import host_report
 from tests.conftest import require
 from tests.fakezone import free_port
-from tests.integration.test_images import FILES, Files, qcow2, serve_file, sha256
+from tests.integration.test_images import Files, agent_parts, file_server, qcow2, sha256
 
 pytestmark = pytest.mark.integration
 
@@ -163,32 +157,8 @@ async def start_host(tmp_path: Path, index: int) -> Host:
             "network": {"underlay_address": f"10.250.0.{10 + index}"},
         }
     )
-    store = Store(config.database)
-    layout = ImageLayout(config.pulled_images)
-    puller: ImagePuller
-    metrics = Metrics(dict, lambda: 0, dict, dict, image_bytes=lambda: puller.held_bytes())
-    puller = ImagePuller(
-        store, layout, config.image_cache, qemu_img_timeout_s=30, counted=metrics.image_pulled
-    )
-    catalog = ImageCatalog(config.images, puller)
-    images = ImageService(store, catalog, puller)
-    service = NodeService(config, store, catalog, Resources(8, 16384, 200), lambda _key: None)
-
-    async def nothing() -> dict[str, Any]:
-        return {}
-
-    async def healthy() -> bool:
-        return True
-
-    app = api_app(
-        service,
-        AGENT_TOKEN,
-        peers=StoredPeers(store, lambda _cluster: None),
-        host_info=nothing,
-        healthy=healthy,
-        metrics_text=metrics.render,
-        images=images,
-    )
+    parts = agent_parts(config, AGENT_TOKEN)
+    store, images, puller, app = parts.store, parts.images, parts.puller, parts.app
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     return Host(host_id, config, store, images, puller, server)
@@ -198,11 +168,7 @@ async def start_host(tmp_path: Path, index: int) -> Host:
 async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
     require(shutil.which("qemu-img") is not None, "needs qemu-utils")
     files = Files()
-    file_app = web.Application()
-    file_app[FILES] = files
-    file_app.router.add_get("/{path}", serve_file)
-    file_server = TestServer(file_app, host="127.0.0.1")
-    await file_server.start_server()
+    files_server = await file_server(files)
     zone = Zone(
         ZoneServerConfig(
             state_dir=tmp_path / "zone",
@@ -218,7 +184,7 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
         for i in (1, 2, 3):
             hosts.append(await start_host(tmp_path, i))
         async with aiohttp.ClientSession() as session:
-            lab = Lab(tmp_path, zone, files, f"http://127.0.0.1:{file_server.port}", session)
+            lab = Lab(tmp_path, zone, files, f"http://127.0.0.1:{files_server.port}", session)
             lab.hosts = {h.id: h for h in hosts}
             beating = asyncio.create_task(lab.heartbeats())
 
@@ -239,7 +205,7 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
             await host.server.close()
             await host.puller.close()
             host.store.close()
-        await file_server.close()
+        await files_server.close()
 
 
 async def until(what: str, check: Callable[[], Awaitable[Any]]) -> Any:
