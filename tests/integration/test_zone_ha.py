@@ -311,6 +311,27 @@ async def test_heartbeats_to_any_replica_and_a_silent_host_is_not_ready_on_every
     await until(lambda: states("Ready"), 5)
 
 
+async def named_leader(harness: Harness, urls: dict[str, str]) -> str | None:
+    """The leader the first answering replica names once it sees every replica in urls."""
+    for url in urls.values():
+        view = await harness.zone_view(url)
+        if view is not None and view["leader"] and len(view["replicas"]) == len(urls):
+            return str(view["leader"])
+    return None
+
+
+async def agreed_leader(harness: Harness, urls: dict[str, str]) -> str:
+    """named_leader, waited for (60 s)."""
+
+    async def has_leader() -> bool:
+        return await named_leader(harness, urls) is not None
+
+    await until(has_leader, 60)
+    found = await named_leader(harness, urls)
+    assert found is not None
+    return found
+
+
 def serve(
     harness: Harness, name: str, shutdown_timeout_s: float = 20.0
 ) -> tuple[subprocess.Popen[bytes], str]:
@@ -360,19 +381,7 @@ async def test_a_sigkilled_leader_replica_is_replaced_within_its_ttl(harness: Ha
             processes.append(process)
             urls[name] = url
 
-        async def leader() -> str | None:
-            for url in urls.values():
-                view = await harness.zone_view(url)
-                if view is not None and view["leader"] and len(view["replicas"]) == len(urls):
-                    return str(view["leader"])
-            return None
-
-        async def has_leader() -> bool:
-            return await leader() is not None
-
-        await until(has_leader, 60)
-        old = await leader()
-        assert old is not None
+        old = await agreed_leader(harness, urls)
         agent_url = await harness.agent("h1")
         survivor = next(url for name, url in urls.items() if name != old)
         assert await harness.beat(survivor, "h1", agent_url) == 201
@@ -382,7 +391,7 @@ async def test_a_sigkilled_leader_replica_is_replaced_within_its_ttl(harness: Ha
         del urls[old]
 
         async def taken_over() -> bool:
-            now = await leader()
+            now = await named_leader(harness, urls)
             return now is not None and now != old
 
         took = await until(taken_over, TTL + 20)
@@ -470,19 +479,7 @@ async def test_a_sigterm_stops_a_replica_within_its_shutdown_timeout(
             processes.append(process)
             urls[name] = url
 
-        async def leader() -> str | None:
-            for url in urls.values():
-                view = await own.zone_view(url)
-                if view is not None and view["leader"] and len(view["replicas"]) == len(urls):
-                    return str(view["leader"])
-            return None
-
-        async def has_leader() -> bool:
-            return await leader() is not None
-
-        await until(has_leader, 60)
-        first = await leader()
-        assert first is not None
+        first = await agreed_leader(own, urls)
         process = processes[list(urls).index(first)]
         host, port = urls[first].removeprefix("http://").split(":")
         _, writer = await asyncio.open_connection(host, int(port))
@@ -503,7 +500,7 @@ async def test_a_sigterm_stops_a_replica_within_its_shutdown_timeout(
         del urls[first]
 
         async def taken_over() -> bool:
-            now = await leader()
+            now = await named_leader(own, urls)
             return now is not None and now != first
 
         await until(taken_over, 10)  # at once: the stopped leader revoked its lease
