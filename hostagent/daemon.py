@@ -5,7 +5,6 @@ hostview.py, the background loops live in loops.py."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -19,6 +18,7 @@ from typing import Any
 import psutil
 from aiohttp import web
 
+from common import tasks as tasks_
 from common.files import ensure_secret
 from hostagent import __version__, capacity, certificates
 from hostagent.access import KvmDevice, check_qemu_can_reach, kvm_device
@@ -408,11 +408,7 @@ class Agent:
     async def stop(self) -> None:
         """Stop serving; running VMs are left alone (they are adopted at the next start).
         Safe at any point of a start that failed, and before start."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await tasks_.cancel(*self._tasks)
         await self.image_puller.close()
         await self.runner.cleanup()
         await self.sites.runner.cleanup()
@@ -440,7 +436,5 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
     await stop.wait()
     notifier.notify("STOPPING=1")
     log.info("stopping; VMs keep running")
-    watchdog.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watchdog
+    await tasks_.cancel(watchdog)
     await agent.stop()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from common import http
+from common import tasks as tasks_
 from common.backoff import Backoff
 from common.errors import ProvisioningError
 from common.files import write_atomically
@@ -123,10 +124,7 @@ class ImagePuller:
 
     async def cancel(self, name: str) -> None:
         task = self._tasks.pop(name, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await tasks_.cancel(task)
 
     async def close(self) -> None:
         for name in list(self._tasks):

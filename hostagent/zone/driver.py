@@ -19,6 +19,7 @@ import ssl
 from typing import Any
 
 from common import http
+from common import tasks as tasks_
 from common.backoff import Backoff
 from hostagent.errors import StoreUnavailable
 from hostagent.imagesource import ImagePhase
@@ -57,11 +58,7 @@ class Deliverer:
     async def close(self) -> None:
         self._closed = True
         tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await tasks_.cancel(*tasks)
         self._tasks.clear()
         clients, self._http = list(self._http.values()), {}
         for client in clients:

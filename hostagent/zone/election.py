@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 
+from common import tasks as tasks_
 from common.backoff import Backoff
 from hostagent.errors import StoreUnavailable
 from hostagent.zone.etcdstore import EtcdZoneStore
@@ -59,10 +60,7 @@ class Election:
     async def close(self) -> None:
         """Stop campaigning; a leader steps down and revokes its lease, so that another
         replica takes over at once instead of after the TTL."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks_.cancel(self._task)
         await self._step_down()
         if self.lease is not None:
             with contextlib.suppress(StoreUnavailable):
@@ -114,9 +112,7 @@ class Election:
                     continue
                 await mirror.until(partial(_moved, mirror, leader), max(min(left, 1.0), 0.05))
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            await tasks_.cancel(keeper)
 
     async def _keep(self, lease: int) -> None:
         """Renew the lease every third of its TTL; a failed renewal is retried until the

@@ -17,12 +17,12 @@ SQLite store does, for the service to decide again (a new cluster, a scale).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
+from common import tasks as tasks_
 from common.backoff import Backoff
 from hostagent.errors import NotLeader, StoreUnavailable
 from hostagent.store import now
@@ -114,10 +114,7 @@ class EtcdZoneStore:
         self._follower = asyncio.create_task(self._follow(), name="etcd-watch")
 
     async def close(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+        await tasks_.cancel(self._follower)
         self._live = False
         await self.keeper.close()
         await self.etcd.close()

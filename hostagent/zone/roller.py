@@ -19,6 +19,7 @@ import ssl
 from collections.abc import Sequence
 
 from common import http
+from common import tasks as tasks_
 from common.errors import HostAgentError
 from hostagent.errors import ConfigError, StoreUnavailable
 from hostagent.model import Role
@@ -63,11 +64,7 @@ class Roller:
     async def close(self) -> None:
         self.service.on_rollout = lambda cluster: None
         tasks = [t for t in [self._loop, *self._tasks.values()] if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await tasks_.cancel(*tasks)
         self._tasks.clear()
         if self._http is not None:
             await self._http.aclose()

@@ -4,7 +4,6 @@ the HTTP server, and runs them until SIGTERM."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -16,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from common import tasks as tasks_
 from common.backoff import Backoff
 from common.files import ensure_secret
 from hostagent import __version__
@@ -222,10 +222,7 @@ class Zone:
             log.info("renewed the zone's client certificate %s", self.control.zone_cert_file)
 
     async def stop(self) -> None:
-        if self._renewal is not None:
-            self._renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewal
+        await tasks_.cancel(self._renewal)
         if self.election is not None:
             await self.election.close()
         await self._follow()
@@ -251,9 +248,7 @@ async def serve(config: ZoneServerConfig, environ: Mapping[str, str]) -> None:
     watchdog = asyncio.create_task(notifier.feed_watchdog(lambda: True))
     await stop.wait()
     notifier.notify("STOPPING=1")
-    watchdog.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watchdog
+    await tasks_.cancel(watchdog)
     # asyncio.wait, not a timeout around the stop: a task that ignores its cancellation
     # would hold a cancelled stop() as long as it likes.
     stopping = asyncio.create_task(zone.stop(), name="zone-stop")
